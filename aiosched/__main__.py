@@ -1,0 +1,5 @@
+import sys
+
+from aiosched.cli import main
+
+sys.exit(main())

@@ -1,0 +1,712 @@
+"""`aiosched bench`: throughput and latency of a synthetic workload.
+
+Two drivers, one workload and one set of metrics:
+- offline (default): an AsyncEngine in this process; prompts are token ids, so no
+  tokenizer is needed. `--compare sync,async` runs both scheduling modes on the same
+  prompts in one process and prints the ratios; `--random-weights SHAPE` benchmarks
+  a random-weight model of a known shape without a checkpoint.
+- serving (`--base-url http://host:port`): any OpenAI-compatible /v1/completions
+  endpoint, streamed; prompts are sent as token-id lists.
+
+Metrics (per request, then mean / median / p99): TTFT (send to first token), TPOT
+((e2e - TTFT) / (output tokens - 1)), ITL (gap between consecutive token arrivals),
+e2e latency; and req/s, output tok/s, total tok/s over the run. Offline runs also
+report the engine loop's time split per step (schedule / update / wait, from
+`engine.timings`) and, with `--profile DIR`, the accelerator's idle share from a
+torch profiler trace of a window of steps.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiosched.config import EngineConfig
+from aiosched.engine_args import add_engine_arguments, engine_config_from_args
+
+# ---------------------------------------------------------------- arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    w = parser.add_argument_group("workload")
+    w.add_argument("--dataset", choices=["random"], default="random")
+    w.add_argument("--input-len", type=int, default=128, help="random prompt tokens per request (after the shared prefix)")
+    w.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
+    w.add_argument("--prefix-len", type=int, default=0, help="tokens of one shared prefix put before every prompt")
+    w.add_argument("--num-prompts", type=int, default=64)
+    w.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no limit)")
+    w.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (default inf: all at once)")
+    w.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
+    w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the prompts, arrivals and per-request sampling seeds")
+    w.add_argument("--vocab-size", type=int, default=None, help="prompt token ids are drawn from [0, N) (offline default: the model's vocab; serving: 10000)")
+    w.add_argument("--num-warmups", type=int, default=2, help="requests run before timing (compilation, graph capture, caches)")
+
+    o = parser.add_argument_group("output")
+    o.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the raw numbers as JSON")
+    o.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    o.add_argument("--label", default=None, help="free-form label stored in the JSON")
+
+    d = parser.add_argument_group("driver")
+    d.add_argument("--base-url", default=None, help="benchmark a running OpenAI-compatible server instead of an in-process engine")
+    d.add_argument("--endpoint", default="/v1/completions")
+    d.add_argument("--served-model-name", default=None, help="'model' field of the requests (default: the first of /v1/models)")
+    d.add_argument("--compare", default=None, metavar="MODES", help="offline: run each scheduling mode on the same workload, e.g. 'sync,async'")
+    d.add_argument("--random-weights", default=None, metavar="SHAPE",
+                   help="offline: a random-weight model of this shape (llama-3.2-1b, qwen3-0.6b, or a config.json path), built on the device")
+    d.add_argument("--profile", default=None, metavar="DIR", help="offline: after the timed run, trace a window of steps with the torch profiler into DIR")
+    d.add_argument("--profile-start-step", type=int, default=20, help="engine steps into the profiled run before tracing starts")
+    d.add_argument("--profile-steps", type=int, default=30, help="engine steps traced")
+    add_engine_arguments(parser)
+
+
+# ---------------------------------------------------------------- workload
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_len: int
+    seeds: list[int]
+
+    @property
+    def num_input_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def make_workload(num_prompts: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0, prefix_len: int = 0) -> Workload:
+    """Random token-id prompts: one shared prefix (prefix_len) + input_len unique tokens each."""
+    if num_prompts < 1 or input_len < 0 or output_len < 1 or prefix_len < 0 or input_len + prefix_len < 1:
+        raise ValueError("workload: need num_prompts >= 1, output_len >= 1 and a non-empty prompt")
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    rng = random.Random(seed)
+    prefix = [rng.randrange(vocab_size) for _ in range(prefix_len)]
+    prompts = [prefix + [rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+    seeds = [rng.getrandbits(62) for _ in range(num_prompts)]
+    return Workload(prompts, output_len, seeds)
+
+
+# ---------------------------------------------------------------- one request's record
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    prompt_len: int = 0
+    output_len: int = 0
+    ttft: float = 0.0  # seconds
+    latency: float = 0.0  # seconds, send to last token
+    itl: list[float] = field(default_factory=list)  # gaps between token arrivals
+    error: str = ""
+
+
+SendFn = Callable[[int], Awaitable[RequestResult]]
+
+
+class _Recorder:
+    """Token-arrival timing for one request."""
+
+    def __init__(self, prompt_len: int) -> None:
+        self.res = RequestResult(prompt_len=prompt_len)
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        if self.res.output_len == 0:
+            self.res.ttft = now - self.t0
+        else:
+            self.res.itl.append(now - self.last)
+        self.last = now
+        self.res.output_len += n
+
+    def done(self, ok: bool = True, error: str = "") -> RequestResult:
+        self.res.latency = time.perf_counter() - self.t0
+        self.res.ok = ok and self.res.output_len > 0
+        self.res.error = error or ("" if self.res.ok else "no tokens received")
+        return self.res
+
+
+# ---------------------------------------------------------------- the driver loop
+
+
+async def run_workload(send: SendFn, n: int, request_rate: float, max_concurrency: int | None, seed: int,
+                       progress: bool = True, desc: str = "bench") -> tuple[list[RequestResult], float]:
+    """Send requests 0..n-1 (Poisson arrivals at `request_rate`, at most
+    `max_concurrency` in flight); return the results and the wall time."""
+    rng = random.Random(seed + 1)
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    pbar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=n, desc=desc, file=sys.stderr, leave=False)
+        except ImportError:
+            pbar = None
+
+    async def one(i: int) -> RequestResult:
+        if sem is not None:
+            async with sem:
+                r = await send(i)
+        else:
+            r = await send(i)
+        if pbar is not None:
+            pbar.update(1)
+        return r
+
+    t0 = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.create_task(one(i)))
+        if math.isfinite(request_rate) and request_rate > 0 and i + 1 < n:
+            await asyncio.sleep(rng.expovariate(request_rate))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - t0
+    if pbar is not None:
+        pbar.close()
+    return list(results), duration
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _stats(xs: list[float], prefix: str) -> dict[str, float]:
+    """mean / median / p99 / std in milliseconds."""
+    if not xs:
+        return {f"mean_{prefix}_ms": 0.0, f"median_{prefix}_ms": 0.0, f"p99_{prefix}_ms": 0.0, f"std_{prefix}_ms": 0.0}
+    ys = sorted(xs)
+    k = (len(ys) - 1) * 0.99
+    lo, hi = math.floor(k), math.ceil(k)
+    p99 = ys[lo] + (ys[hi] - ys[lo]) * (k - lo)
+    return {
+        f"mean_{prefix}_ms": statistics.fmean(ys) * 1e3,
+        f"median_{prefix}_ms": statistics.median(ys) * 1e3,
+        f"p99_{prefix}_ms": p99 * 1e3,
+        f"std_{prefix}_ms": (statistics.pstdev(ys) if len(ys) > 1 else 0.0) * 1e3,
+    }
+
+
+METRIC_KEYS = [
+    "completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens",
+    "request_throughput", "output_throughput", "total_token_throughput",
+    *[f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99", "std")],
+]
+
+
+def compute_metrics(results: list[RequestResult], duration: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_len for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    tpots = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    m: dict[str, Any] = {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration if duration > 0 else 0.0,
+        "output_throughput": out_tokens / duration if duration > 0 else 0.0,
+        "total_token_throughput": (in_tokens + out_tokens) / duration if duration > 0 else 0.0,
+    }
+    m.update(_stats([r.ttft for r in ok], "ttft"))
+    m.update(_stats(tpots, "tpot"))
+    m.update(_stats([g for r in ok for g in r.itl], "itl"))
+    m.update(_stats([r.latency for r in ok], "e2el"))
+    errors = sorted({r.error for r in results if not r.ok})
+    if errors:
+        m["errors"] = errors[:10]
+    return m
+
+
+# ---------------------------------------------------------------- offline driver
+
+
+def _timings_snapshot(engine: Any) -> dict[str, float]:
+    t = engine.timings
+    return {"steps": t.steps, "schedule_s": t.schedule_s, "update_s": t.update_s, "wait_s": t.wait_s}
+
+
+def engine_split(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
+    """Per-step time split of the engine loop over the timed window.
+
+    schedule: building SchedulerOutputs; update: applying outputs and streaming them;
+    wait: awaiting the executor (model time not hidden by overlap); other: the rest of
+    the wall time (the event loop running the benchmark's own tasks, idling)."""
+    steps = int(after["steps"] - before["steps"])
+    sch = after["schedule_s"] - before["schedule_s"]
+    upd = after["update_s"] - before["update_s"]
+    wait = after["wait_s"] - before["wait_s"]
+    per = 1e3 / steps if steps else 0.0
+    wall = wall_s if wall_s > 0 else 1.0
+    return {
+        "steps": steps,
+        "mean_step_ms": wall_s * per,
+        "schedule_ms_per_step": sch * per,
+        "update_ms_per_step": upd * per,
+        "wait_ms_per_step": wait * per,
+        "other_ms_per_step": max(wall_s - sch - upd - wait, 0.0) * per,
+        "scheduler_share": (sch + upd) / wall,  # Python scheduling work, share of the step
+        "schedule_share": sch / wall,
+        "update_share": upd / wall,
+        "wait_share": wait / wall,
+    }
+
+
+def _free_device_memory() -> None:
+    gc.unfreeze()  # the engine freezes the heap after load; let the dead engine's cycles be collected
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def random_weights_config(shape: str, dest_dir: str) -> dict[str, Any]:
+    """Engine overrides for a random-weight model of `shape`: a model dir holding only
+    config.json, and the loader told to build random weights on the device."""
+    if os.path.isfile(shape):
+        with open(shape) as f:
+            cfg = json.load(f)
+    else:
+        try:
+            from executors.random_checkpoint import shape_config
+        except ImportError as e:
+            raise ValueError(f"random-weights: shape {shape!r} needs executors.random_checkpoint ({e})") from None
+        cfg = shape_config(shape)
+    os.makedirs(dest_dir, exist_ok=True)
+    with open(os.path.join(dest_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return {"model": dest_dir, "load_format": "random"}
+
+
+async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload: Workload | None, label: str,
+                       profile_dir: str | None = None) -> tuple[dict[str, Any], Workload]:
+    from aiosched.engine import AsyncEngine
+    from aiosched.sampling_params import SamplingParams
+
+    engine = AsyncEngine(config)
+    await engine.start()
+    try:
+        assert engine.info is not None
+        if workload is None:
+            workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.vocab_size or engine.info.vocab_size,
+                                     args.seed, args.prefix_len)
+
+        def params(i: int, max_tokens: int) -> SamplingParams:
+            return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos, seed=workload.seeds[i])
+
+        async def send(i: int, max_tokens: int | None = None) -> RequestResult:
+            prompt = workload.prompts[i]
+            rec = _Recorder(len(prompt))
+            try:
+                async for out in engine.generate(prompt, params(i, max_tokens or workload.output_len)):
+                    rec.tokens(len(out.new_token_ids))
+            except Exception as e:  # a failed request is counted, not fatal
+                return rec.done(False, f"{type(e).__name__}: {e}")
+            return rec.done()
+
+        if args.num_warmups > 0:
+            nw = min(args.num_warmups, len(workload.prompts))
+            await asyncio.gather(*[send(i, min(workload.output_len, 16)) for i in range(nw)])
+        torch = sys.modules.get("torch")
+        if torch is not None and config.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+        prof_task = None
+        prof_result: dict[str, Any] = {}
+        if profile_dir is not None:
+            prof_task = asyncio.create_task(_profile_window(engine, profile_dir, label, args.profile_start_step, args.profile_steps, prof_result))
+
+        stats0 = engine.stats()
+        t_before = _timings_snapshot(engine)
+        results, duration = await run_workload(send, len(workload.prompts), args.request_rate, args.max_concurrency, args.seed,
+                                               progress=not args.disable_tqdm, desc=label)
+        t_after = _timings_snapshot(engine)
+        stats1 = engine.stats()
+        if prof_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                if not prof_task.done():
+                    prof_task.cancel()
+                await prof_task
+        metrics = compute_metrics(results, duration)
+        metrics["engine"] = engine_split(t_before, t_after, duration)
+        metrics["engine"]["scheduler_steps"] = stats1.get("steps", 0) - stats0.get("steps", 0)
+        metrics["engine"]["preemptions"] = stats1.get("preemptions", 0) - stats0.get("preemptions", 0)
+        metrics["engine"]["prefix_cache_hit_rate"] = stats1.get("prefix_cache_hit_rate", 0.0)
+        metrics["engine"]["num_kv_blocks"] = engine.info.num_kv_blocks
+        metrics["engine"]["device"] = engine.info.device
+        metrics["engine"]["dtype"] = engine.info.dtype
+        metrics["engine"]["runner"] = engine.info.runner
+        metrics["engine"]["async_scheduling"] = config.async_scheduling
+        fast = getattr(getattr(engine._executor, "runner", None), "fast", None)
+        if fast is not None and getattr(fast, "stats", None):
+            metrics["engine"]["runner_steps"] = dict(fast.stats)  # CUDA path: graph replays vs eager steps (all runs)
+        if profile_dir is not None:
+            metrics["profile"] = prof_result
+        return metrics, workload
+    finally:
+        await engine.shutdown()
+        del engine
+        _free_device_memory()
+
+
+# ---------------------------------------------------------------- profiling
+
+
+async def _profile_window(engine: Any, out_dir: str, label: str, start_step: int, num_steps: int, result: dict[str, Any]) -> None:
+    """Trace `num_steps` engine steps with the torch profiler, starting `start_step`
+    steps into the run; write a Chrome trace and fill `result` with the idle analysis."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    t = engine.timings
+    base = t.steps
+    while t.steps - base < start_step:
+        await asyncio.sleep(0.0005)
+    acts = [ProfilerActivity.CPU]
+    if torch.cuda.is_available() and engine.config.device.startswith("cuda"):
+        acts.append(ProfilerActivity.CUDA)
+    prof = profile(activities=acts)
+    prof.start()
+    s0 = t.steps
+    w0 = time.perf_counter()
+    try:
+        while t.steps - s0 < num_steps:
+            await asyncio.sleep(0.0005)
+    finally:
+        steps = t.steps - s0
+        wall = time.perf_counter() - w0
+        if torch.cuda.is_available() and engine.config.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        prof.stop()
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"trace_{label}.json")
+        prof.export_chrome_trace(path)
+        result.update(trace_idle_analysis(path))
+        result.update({"trace": path, "traced_steps": steps, "traced_wall_ms": wall * 1e3})
+        if steps:
+            result["traced_step_ms"] = wall * 1e3 / steps
+
+
+_DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def trace_idle_analysis(trace_path: str, step_gap_us: float = 20.0) -> dict[str, Any]:
+    """Accelerator busy/idle from a Chrome trace's device timeline.
+
+    Busy = union of kernel/memcpy/memset intervals; span = first start to last end;
+    idle share = 1 - busy/span. Gaps longer than `step_gap_us` are counted separately:
+    inside a CUDA graph kernels follow each other within a few microseconds, so long
+    gaps are the accelerator waiting for the host (between steps)."""
+    with open(trace_path) as f:
+        data = json.load(f)
+    events = data.get("traceEvents", data) if isinstance(data, dict) else data
+    iv = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+                for e in events if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in _DEVICE_CATS)
+    if not iv:
+        return {"device_events": 0, "idle_share": None, "note": "no accelerator events in the trace (CPU run)"}
+    busy = 0.0
+    gaps: list[float] = []
+    cur_s, cur_e = iv[0]
+    for s, e in iv[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = iv[-1][1] - iv[0][0] if iv else 0.0
+    span = max(span, max(e for _, e in iv) - iv[0][0])
+    long_gaps = [g for g in gaps if g > step_gap_us]
+    return {
+        "device_events": len(iv),
+        "span_us": span,
+        "busy_us": busy,
+        "idle_us": span - busy,
+        "idle_share": (span - busy) / span if span > 0 else 0.0,
+        "long_gaps": len(long_gaps),
+        "long_gap_idle_us": sum(long_gaps),
+        "long_gap_idle_share": sum(long_gaps) / span if span > 0 else 0.0,
+        "max_gap_us": max(gaps) if gaps else 0.0,
+        "step_gap_threshold_us": step_gap_us,
+    }
+
+
+# ---------------------------------------------------------------- serving driver
+
+
+def _httpx() -> Any:
+    try:
+        import httpx
+    except ImportError:  # some environments ship the client under its new name
+        import httpx2 as httpx  # type: ignore[no-redef]
+    return httpx
+
+
+async def _serving_run(args: argparse.Namespace, label: str) -> tuple[dict[str, Any], Workload]:
+    httpx = _httpx()
+    base = args.base_url.rstrip("/")
+    workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.vocab_size or 10000, args.seed, args.prefix_len)
+    limits = httpx.Limits(max_connections=args.max_concurrency or 1000, max_keepalive_connections=args.max_concurrency or 1000)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
+        model = args.served_model_name
+        if model is None:
+            try:
+                r = await client.get(base + "/v1/models")
+                data = r.json().get("data") or []
+                model = data[0]["id"] if data else "default"
+            except Exception:
+                model = "default"
+
+        async def send(i: int, max_tokens: int | None = None) -> RequestResult:
+            prompt = workload.prompts[i]
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens or workload.output_len, "temperature": args.temperature,
+                    "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos, "seed": workload.seeds[i]}
+            rec = _Recorder(len(prompt))
+            usage_tokens = None
+            try:
+                async with client.stream("POST", base + args.endpoint, json=body) as resp:
+                    if resp.status_code != 200:
+                        text = (await resp.aread()).decode(errors="replace")[:200]
+                        return rec.done(False, f"HTTP {resp.status_code}: {text}")
+                    async for line in resp.aiter_lines():
+                        line = line.strip()
+                        if not line.startswith("data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == "[DONE]":
+                            break
+                        chunk = json.loads(payload)
+                        if chunk.get("error"):
+                            return rec.done(False, str(chunk["error"])[:200])
+                        if chunk.get("usage") and chunk["usage"].get("completion_tokens") is not None:
+                            usage_tokens = int(chunk["usage"]["completion_tokens"])
+                        for ch in chunk.get("choices") or []:
+                            if ch.get("text") or ch.get("token_ids"):
+                                rec.tokens(len(ch["token_ids"]) if ch.get("token_ids") else 1)
+            except Exception as e:
+                return rec.done(False, f"{type(e).__name__}: {e}")
+            res = rec.done()
+            if res.ok and usage_tokens is not None:
+                res.output_len = usage_tokens  # chunks may hold several tokens (or an empty text)
+            return res
+
+        if args.num_warmups > 0:
+            await asyncio.gather(*[send(i, min(workload.output_len, 16)) for i in range(min(args.num_warmups, len(workload.prompts)))])
+        results, duration = await run_workload(send, len(workload.prompts), args.request_rate, args.max_concurrency, args.seed,
+                                               progress=not args.disable_tqdm, desc=label)
+    return compute_metrics(results, duration), workload
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt_table(runs: dict[str, dict[str, Any]], ratios: dict[str, float] | None) -> str:
+    names = list(runs)
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(title: str, key: str, fmt: str = "{:.2f}", sub: str | None = None) -> None:
+        vals = []
+        for n in names:
+            src = runs[n].get(sub, {}) if sub else runs[n]
+            v = src.get(key)
+            vals.append("-" if v is None else fmt.format(v))
+        rows.append((title, vals))
+
+    add("Successful requests", "completed", "{:d}")
+    add("Failed requests", "failed", "{:d}")
+    add("Duration (s)", "duration_s")
+    add("Total input tokens", "total_input_tokens", "{:d}")
+    add("Total output tokens", "total_output_tokens", "{:d}")
+    add("Request throughput (req/s)", "request_throughput")
+    add("Output throughput (tok/s)", "output_throughput", "{:.1f}")
+    add("Total throughput (tok/s)", "total_token_throughput", "{:.1f}")
+    for m, title in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")):
+        for s in ("mean", "median", "p99"):
+            add(f"{s.capitalize()} {title} (ms)", f"{s}_{m}_ms")
+    if any("engine" in r for r in runs.values()):
+        add("Engine steps", "steps", "{:d}", "engine")
+        add("Mean step (ms)", "mean_step_ms", "{:.3f}", "engine")
+        add("  schedule (ms/step)", "schedule_ms_per_step", "{:.3f}", "engine")
+        add("  update (ms/step)", "update_ms_per_step", "{:.3f}", "engine")
+        add("  wait on model (ms/step)", "wait_ms_per_step", "{:.3f}", "engine")
+        add("  other (ms/step)", "other_ms_per_step", "{:.3f}", "engine")
+        add("Scheduler share of step", "scheduler_share", "{:.1%}", "engine")
+        add("Wait share of step", "wait_share", "{:.1%}", "engine")
+    if any("profile" in r for r in runs.values()):
+        add("Accelerator idle share (trace)", "idle_share", "{:.1%}", "profile")
+        add("  in gaps > 20 us", "long_gap_idle_share", "{:.1%}", "profile")
+        add("Traced step (ms)", "traced_step_ms", "{:.3f}", "profile")
+    header = ["metric", *names] + (["ratio " + "/".join(reversed(names[:2]))] if ratios else [])
+    lines = []
+    ratio_for = {
+        "Request throughput (req/s)": "request_throughput",
+        "Output throughput (tok/s)": "output_throughput",
+        "Total throughput (tok/s)": "total_token_throughput",
+        "Mean TPOT (ms)": "mean_tpot_ms",
+        "Mean ITL (ms)": "mean_itl_ms",
+        "Mean E2E latency (ms)": "mean_e2el_ms",
+        "Mean TTFT (ms)": "mean_ttft_ms",
+        "Mean step (ms)": "mean_step_ms",
+    }
+    table = [header]
+    for title, vals in rows:
+        r = [title, *vals]
+        if ratios:
+            k = ratio_for.get(title)
+            r.append(f"{ratios[k]:.3f}" if k and k in ratios else "")
+        table.append(r)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for j, row in enumerate(table):
+        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def compare_ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """b / a for the headline metrics (e.g. async / sync)."""
+    keys = ["request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "mean_e2el_ms"]
+    out = {k: (b[k] / a[k] if a.get(k) else float("nan")) for k in keys}
+    if "engine" in a and "engine" in b and a["engine"].get("mean_step_ms"):
+        out["mean_step_ms"] = b["engine"]["mean_step_ms"] / a["engine"]["mean_step_ms"]
+    return out
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _modes(args: argparse.Namespace) -> list[str]:
+    if not args.compare:
+        return []
+    modes = [m.strip() for m in args.compare.split(",") if m.strip()]
+    for m in modes:
+        if m not in ("sync", "async"):
+            raise ValueError(f"compare: modes are 'sync' and 'async', got {m!r}")
+    if len(set(modes)) != len(modes):
+        raise ValueError("compare: a mode is named twice")
+    return modes
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by `args`; return the JSON-able report."""
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError("max-concurrency must be >= 1")
+    if not args.request_rate > 0:
+        raise ValueError("request-rate must be > 0 (inf: all at once)")
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "label": args.label,
+        "workload": {"dataset": args.dataset, "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+                     "prefix_len": args.prefix_len, "max_concurrency": args.max_concurrency,
+                     "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
+                     "ignore_eos": args.ignore_eos, "temperature": args.temperature, "seed": args.seed},
+        "runs": {},
+    }
+    if args.base_url:
+        if args.compare or args.random_weights or args.profile:
+            raise ValueError("base-url: --compare, --random-weights and --profile apply to offline runs only")
+        metrics, _ = await _serving_run(args, "serving")
+        report["mode"] = "serving"
+        report["base_url"] = args.base_url
+        report["runs"]["serving"] = metrics
+        return report
+
+    report["mode"] = "offline"
+    with tempfile.TemporaryDirectory(prefix="aiosched-bench-") as tmp:
+        extra: dict[str, Any] = {}
+        if args.random_weights:
+            extra = random_weights_config(args.random_weights, os.path.join(tmp, "model"))
+            report["random_weights"] = args.random_weights
+        base = engine_config_from_args(args, **extra)
+        modes = _modes(args) or ["async" if base.async_scheduling else "sync"]
+        report["engine_config"] = {k: v for k, v in _config_dict(base).items() if k != "async_scheduling"}
+        workload = None
+        for mode in modes:
+            cfg = base.replace(async_scheduling=(mode == "async"))
+            metrics, workload = await _offline_run(cfg, args, workload, mode)
+            report["runs"][mode] = metrics
+        if args.profile:
+            for mode in modes:
+                cfg = base.replace(async_scheduling=(mode == "async"))
+                pm, _ = await _offline_run(cfg, args, workload, f"profile_{mode}", profile_dir=args.profile)
+                report["runs"][mode]["profile"] = pm.get("profile", {})
+    if len(report["runs"]) == 2:
+        a, b = list(report["runs"].values())
+        report["ratios"] = compare_ratios(a, b)
+        report["ratios_of"] = "/".join(reversed(list(report["runs"])))
+    return report
+
+
+def _config_dict(cfg: EngineConfig) -> dict[str, Any]:
+    import msgspec
+
+    return msgspec.to_builtins(cfg)
+
+
+def print_report(report: dict[str, Any], file: Any = None) -> None:
+    file = file or sys.stdout
+    w = report["workload"]
+    print(f"\n=== aiosched bench ({report['mode']}) === input {w['input_len']} (+{w['prefix_len']} shared) / output {w['output_len']}, "
+          f"{w['num_prompts']} prompts, concurrency {w['max_concurrency'] or 'inf'}, rate {w['request_rate'] or 'inf'}", file=file)
+    print(_fmt_table(report["runs"], report.get("ratios")), file=file)
+    for name, run in report["runs"].items():
+        if run.get("errors"):
+            print(f"[{name}] errors: {run['errors']}", file=file)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    return str(o)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(clean(report), f, indent=2, default=_json_default)
+
+
+def main(args: argparse.Namespace) -> int:
+    from aiosched.event_loop import run
+
+    report = run(run_bench(args))
+    print_report(report)
+    if args.json_path:
+        write_json(report, args.json_path)
+        print(f"raw numbers: {args.json_path}")
+    return 0 if all(r["failed"] == 0 for r in report["runs"].values()) else 1
+
+
+if __name__ == "__main__":  # `python -m aiosched.bench ...`: no other subcommand's imports
+    _p = argparse.ArgumentParser(prog="aiosched bench", description=__doc__.splitlines()[0])
+    add_arguments(_p)
+    sys.exit(main(_p.parse_args()))

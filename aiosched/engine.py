@@ -1,0 +1,461 @@
+"""AsyncEngine: the public entry point. One event loop owns the scheduler coroutine.
+
+The loop keeps up to `max_concurrent_batches` steps in flight: with async
+scheduling it builds and submits step N+1 before awaiting step N's output, so the
+accelerator never waits for Python. The engine reaches executors only through
+`executors.base` (interface + registry).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import itertools
+import logging
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+
+from aiosched.async_scheduler import AsyncScheduler
+from aiosched.config import EngineConfig
+from aiosched.detokenizer import IncrementalDetokenizer
+from aiosched.errors import EngineDeadError, EngineNotRunningError, EngineOverloadedError
+from aiosched.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from aiosched.protocol import Logprobs, RunnerOutput, SchedulerOutput, WorkerInfo
+from aiosched.request import Request
+from aiosched.request_stream import RequestStream
+from aiosched.sampling_params import SamplingParams
+from aiosched.scheduler import Scheduler, StepUpdate
+from aiosched.structured import validate_structured
+from aiosched.tokenizer import Tokenizer
+from executors.base import Executor, create_executor
+
+log = logging.getLogger("aiosched")
+
+
+@dataclass
+class _Group:
+    """One generate() call: `n` parallel samples sharing a stream (and prompt blocks).
+
+    With `best_of > n`, `best_of` samples run and only the final output is sent: the
+    `n` with the highest cumulative logprob, re-indexed 0..n-1."""
+
+    user_id: str
+    prompt: str | None
+    stream: RequestStream
+    children: list[str] = field(default_factory=list)  # internal request ids, by sample index
+    latest: dict[int, CompletionOutput] = field(default_factory=dict)
+    num_finished: int = 0
+    n: int = 1  # samples returned
+    want_logprobs: bool = False  # the user asked for per-token logprobs
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # by prompt position; [0] is None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def best_of(self) -> bool:
+        return len(self.children) > self.n
+
+
+@dataclass
+class _Tracked:
+    """Engine-side state of one live sample."""
+
+    group: _Group
+    index: int
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float | None = None  # set once the worker returns logprobs
+
+
+@dataclass
+class EngineTimings:
+    """Where the engine loop's time goes (for the scheduler-vs-model split)."""
+
+    steps: int = 0
+    schedule_s: float = 0.0  # building SchedulerOutputs
+    update_s: float = 0.0  # applying outputs, detokenizing, streaming
+    wait_s: float = 0.0  # awaiting the executor (model time not hidden by overlap)
+    started: float = 0.0
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer: Tokenizer | None = None
+        self.info: WorkerInfo | None = None
+        self.scheduler: Scheduler | None = None
+        self._executor: Executor | None = None
+        self._live: dict[str, _Tracked] = {}  # internal id -> state
+        self._by_user_id: dict[str, _Group] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._wakeup = anyio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._dead: BaseException | None = None
+        self._running = False
+        self.timings = EngineTimings()
+
+    # ---- lifecycle ----
+
+    @classmethod
+    def from_config(cls, config: "EngineConfig | dict[str, Any] | str | os.PathLike[str] | None" = None, **overrides: Any) -> "AsyncEngine":
+        return cls(EngineConfig.load(config, **overrides))
+
+    async def start(self) -> "AsyncEngine":
+        if self._running:
+            return self
+        # The tokenizer (and its EOS ids) must be the runner's model's. The fake runner runs
+        # only a model dir it is given, never the embedded default model.
+        fake_without_model = self.config.runner == "fake" and self.config.model is None
+        model_dir = None if fake_without_model else self.config.resolved_model
+        if model_dir is not None and os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+            self.tokenizer = Tokenizer(model_dir)
+        self._executor = create_executor(self.config)
+        try:
+            self.info = await self._executor.start()
+        except BaseException:
+            await self._executor.shutdown()
+            raise
+        # Long-lived objects (model, tokenizer, modules) leave the GC's view: full
+        # collections then stay short and do not stall the loop.
+        gc.collect()
+        gc.freeze()
+        sched_cls = AsyncScheduler if self.config.async_scheduling else Scheduler
+        self.scheduler = sched_cls(self.config, self.info.num_kv_blocks, self.info.max_model_len)
+        # A plain task, not a task group held open across calls: start() and shutdown()
+        # may run in different tasks (web-framework lifespans, test fixtures).
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="aiosched-engine")
+        self._running = True
+        self.timings.started = time.perf_counter()
+        return self
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._running = False
+        self._fail_all(EngineDeadError("engine was shut down"))
+        if self._executor is not None:
+            await self._executor.shutdown()
+
+    async def __aenter__(self) -> "AsyncEngine":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # ---- requests ----
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> RequestStream:
+        """Queue a request; await the result for the final output or `async for` to stream.
+
+        Raises ValueError (naming the field) for bad input, EngineOverloadedError when
+        the waiting queue is full, EngineDeadError when the engine died."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is dead: {self._dead}")
+        if not self._running or self.scheduler is None or self.info is None:
+            raise EngineNotRunningError("engine is not running: use `async with engine:` or `await engine.start()`")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate(self.info.vocab_size)
+        self._check_supported(params)
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        self._check_fits(prompt_ids, params)
+        if self.scheduler.num_waiting >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(f"{self.scheduler.num_waiting} requests are waiting (max_waiting_requests={self.config.max_waiting_requests})")
+        user_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if not isinstance(user_id, str) or not user_id:
+            raise ValueError("request_id must be a non-empty string")
+        if user_id in self._by_user_id:
+            raise ValueError(f"request_id {user_id!r} is already in use by a running request")
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        eos = [] if self.tokenizer is None else self.tokenizer.eos_token_ids
+        group = _Group(user_id, prompt_text, RequestStream(user_id, lambda: self._abort_group(group)), n=params.n,
+                       want_logprobs=params.logprobs is not None, prompt_ids=prompt_ids)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None] * len(prompt_ids)
+        num_samples = max(params.n, params.best_of or 0)
+        worker_params = params
+        if num_samples > params.n and params.logprobs is None:
+            # best_of ranks samples by cumulative logprob: the worker must compute it.
+            worker_params = msgspec.structs.replace(params, logprobs=0)
+        self._by_user_id[user_id] = group
+        serial = next(self._ids)
+        for index in range(num_samples):
+            internal = f"{user_id}#{serial}.{index}"
+            # Each sample gets its own seed stream; the same user seed gives the same samples.
+            req = Request(internal, prompt_ids, worker_params, base_seed + index, eos)
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output)
+            self._live[internal] = _Tracked(group, index, detok)
+            group.children.append(internal)
+            self.scheduler.add_request(req)
+        self._wakeup.set()
+        return group.stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort by the id given to (or returned from) generate(); all its samples."""
+        group = self._by_user_id.get(request_id)
+        if group is not None:
+            self._abort_group(group)
+
+    def _abort_group(self, group: _Group) -> None:
+        for internal in list(group.children):
+            self._abort_internal(internal)
+
+    def _abort_internal(self, internal: str) -> None:
+        if self.scheduler is None or internal not in self._live:
+            return
+        req = self.scheduler.requests.get(internal)
+        self.scheduler.finish_request(internal, "abort")
+        if req is not None:
+            self._emit(StepUpdate(req), final_text="")
+        else:
+            self._forget(internal)
+
+    def _check_supported(self, params: SamplingParams) -> None:
+        assert self.info is not None
+        needs = {"logprobs": ("logprobs", params.logprobs is not None),
+                 "best_of": ("logprobs", params.best_of is not None and params.best_of > params.n),
+                 "prompt_logprobs": ("prompt_logprobs", params.prompt_logprobs is not None)}
+        for name, (feature, used) in needs.items():
+            if used and feature not in self.info.features:
+                raise ValueError(f"{name}: not supported by the {self.info.runner!r} runner")
+        if params.structured is not None:
+            if "structured_output" not in self.info.features:
+                raise ValueError(f"structured: not supported by the {self.info.runner!r} runner of this model "
+                                 "(needs tokenizer.json in the model dir and the llguidance package)")
+            # Cheap (cached per spec, no torch): a bad spec fails here, before any scheduling.
+            validate_structured(params.structured)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        assert self.info is not None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer.json in the model dir; pass token ids")
+            ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            text = None
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.info.vocab_size:
+                    raise ValueError(f"prompt: token id {t!r} is out of range [0, {self.info.vocab_size})")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        return text, ids
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        assert self.info is not None and self.scheduler is not None
+        max_len = self.info.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt: {len(ids)} tokens, but max_model_len is {max_len} (the prompt must leave room for one new token)")
+        if len(ids) + params.max_tokens > max_len:
+            raise ValueError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len ({max_len})")
+        need = self.scheduler.kv.blocks_needed(len(ids) + params.max_tokens)
+        if need > self.info.num_kv_blocks:
+            raise ValueError(f"max_tokens: the request needs up to {need} KV blocks but the cache has {self.info.num_kv_blocks}; lower max_tokens or the prompt length")
+
+    # ---- the loop ----
+
+    async def _loop(self) -> None:
+        assert self.scheduler is not None and self._executor is not None
+        sched, ex = self.scheduler, self._executor
+        in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
+        max_batches = ex.max_concurrent_batches
+        t = self.timings
+        try:
+            while True:
+                if not in_flight and not sched.has_unfinished() and not sched._freed_for_worker:
+                    self._wakeup = anyio.Event()
+                    await self._wakeup.wait()
+                while len(in_flight) < max_batches:
+                    t0 = time.perf_counter()
+                    so = sched.schedule()
+                    t.schedule_s += time.perf_counter() - t0
+                    if so.is_empty and not so.freed_req_ids:
+                        break
+                    in_flight.append((so, ex.submit(so)))
+                    if so.is_empty:
+                        break
+                if not in_flight:
+                    await anyio.sleep(0.001)  # nothing runnable right now (e.g. all blocked); don't spin
+                    continue
+                so, fut = in_flight.popleft()
+                t0 = time.perf_counter()
+                out: RunnerOutput = await fut
+                t1 = time.perf_counter()
+                t.wait_s += t1 - t0
+                self._process(so, out)
+                t.update_s += time.perf_counter() - t1
+                t.steps += 1
+        except anyio.get_cancelled_exc_class():
+            for _, fut in in_flight:
+                fut.cancel()
+            raise
+        except BaseException as e:  # the engine must never take the host app down
+            log.exception("engine loop died")
+            self._dead = e if isinstance(e, EngineDeadError) else EngineDeadError(f"engine loop failed: {e!r}")
+            self._fail_all(self._dead)
+
+    def _process(self, so: SchedulerOutput, out: RunnerOutput) -> None:
+        assert self.scheduler is not None
+        now = time.monotonic()
+        lps: dict[str, Logprobs] | None = None
+        if out.logprobs is not None:
+            lps = {rid: lp for rid, lp in zip(out.req_ids, out.logprobs) if lp is not None}
+        if out.prompt_logprobs:
+            self._add_prompt_logprobs(so, out.prompt_logprobs)
+        for upd in self.scheduler.update_from_output(so, out):
+            if upd.req.first_token_time is None and upd.new_token_ids:
+                upd.req.first_token_time = now
+            self._emit(upd, logprobs=lps.get(upd.req.req_id) if lps else None)
+
+    def _add_prompt_logprobs(self, so: SchedulerOutput, plp: dict[str, Logprobs]) -> None:
+        """A chunk [start, end) of the prompt gives the logprobs of prompt tokens start+1 ..
+        min(end, prompt_len)-1. Stored by position, so recomputation (preemption) is idempotent."""
+        for sr in so.scheduled:
+            lp = plp.get(sr.req_id)
+            tr = self._live.get(sr.req_id)
+            if lp is None or tr is None or tr.group.prompt_logprobs is None:
+                continue
+            store, prompt = tr.group.prompt_logprobs, tr.group.prompt_ids
+            for i, v in enumerate(lp.token_logprobs):
+                pos = sr.num_computed_tokens + 1 + i
+                if pos >= len(prompt):
+                    break
+                store[pos] = TokenLogprob(prompt[pos], v, list(zip(lp.top_token_ids[i], lp.top_logprobs[i])))
+
+    def _emit(self, upd: StepUpdate, final_text: str | None = None, logprobs: Logprobs | None = None) -> None:
+        """Turn a request's new tokens into a RequestOutput on its stream."""
+        assert self.scheduler is not None
+        req = upd.req
+        tr = self._live.get(req.req_id)
+        if tr is None:
+            return
+        new_text = ""
+        if tr.detok is not None and upd.new_token_ids:
+            new_text, stop = tr.detok.add_tokens(upd.new_token_ids)
+            if stop is not None and not req.is_finished:
+                self.scheduler.finish_request(req.req_id, "stop", stop)
+        if req.is_finished and tr.detok is not None:
+            new_text += tr.detok.flush()
+        tr.text += new_text
+        tr.token_ids.extend(upd.new_token_ids)
+        group = tr.group
+        if logprobs is not None and upd.new_token_ids:
+            # Tokens past a stop were dropped by the scheduler: keep their logprobs aligned.
+            cum = tr.cumulative_logprob or 0.0
+            for i, tok in enumerate(upd.new_token_ids[: len(logprobs.token_logprobs)]):
+                cum += logprobs.token_logprobs[i]
+                if group.want_logprobs:
+                    tr.logprobs.append(TokenLogprob(tok, logprobs.token_logprobs[i],
+                                                    list(zip(logprobs.top_token_ids[i], logprobs.top_logprobs[i]))))
+            tr.cumulative_logprob = cum
+        comp = CompletionOutput(
+            index=tr.index,
+            text=tr.text,
+            token_ids=list(tr.token_ids),
+            new_text=new_text,
+            new_token_ids=upd.new_token_ids,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            logprobs=list(tr.logprobs) if group.want_logprobs else None,
+            cumulative_logprob=tr.cumulative_logprob,
+        )
+        group.latest[tr.index] = comp
+        if req.is_finished:
+            group.num_finished += 1
+            self._forget(req.req_id)
+        done = group.num_finished == len(group.children)
+        if group.best_of and not done:
+            return  # best_of: only the final choice is sent
+        outputs = [comp]
+        if done and group.best_of:
+            ranked = sorted(group.latest.values(), key=lambda c: (-(c.cumulative_logprob if c.cumulative_logprob is not None else float("-inf")), c.index))
+            outputs = [msgspec.structs.replace(c, index=i, new_text=c.text, new_token_ids=list(c.token_ids)) for i, c in enumerate(ranked[: group.n])]
+        elif done and len(group.children) > 1:  # the final output carries every sample
+            outputs = [c if c is comp else msgspec.structs.replace(c, new_text="", new_token_ids=[]) for _, c in sorted(group.latest.items())]
+        prompt_lps = None
+        if group.prompt_logprobs is not None and (done or not group.prompt_logprobs_sent):
+            prompt_lps = list(group.prompt_logprobs)  # in the first output and the final one
+            group.prompt_logprobs_sent = True
+        out = RequestOutput(
+            request_id=group.user_id,
+            prompt=group.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outputs,
+            finished=done,
+            metrics=RequestMetrics(
+                arrival_time=req.arrival_time,
+                first_scheduled_time=req.first_scheduled_time,
+                first_token_time=req.first_token_time,
+                last_token_time=time.monotonic(),
+                finished_time=time.monotonic() if done else None,
+                num_cached_prompt_tokens=req.num_cached_prompt_tokens,
+                num_preemptions=req.num_preemptions,
+            ),
+            prompt_logprobs=prompt_lps,
+        )
+        try:
+            group.stream.put(out)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass  # the consumer left; the request was aborted
+
+    def _forget(self, internal: str) -> None:
+        tr = self._live.pop(internal, None)
+        if tr is not None and all(c not in self._live for c in tr.group.children):
+            self._by_user_id.pop(tr.group.user_id, None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        if self.scheduler is not None:
+            for rid in list(self.scheduler.requests):
+                self.scheduler.finish_request(rid, "abort")
+        for internal, tr in list(self._live.items()):
+            tr.group.stream.fail(exc)
+            self._forget(internal)
+
+    # ---- introspection ----
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler
+        if s is None:
+            return {}
+        return {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_usage": s.kv.usage,
+            "kv_free_blocks": s.kv.num_free_blocks,
+            "kv_num_blocks": s.kv.num_blocks,
+            "prefix_cache_queries": s.kv.stats.queries,
+            "prefix_cache_hits": s.kv.stats.hits,
+            "prefix_cache_hit_rate": s.kv.stats.hit_rate,
+            "preemptions": s.stats.preemptions,
+            "generated_tokens": s.stats.generated_tokens,
+            "discarded_tokens": s.stats.discarded_tokens,
+            "steps": s.stats.steps,
+            "spec_draft_tokens": s.stats.draft_tokens,
+            "spec_accepted_tokens": s.stats.accepted_tokens,
+            # accepted / proposed drafts, and tokens per verified (request, step): 1 + accepted drafts
+            "spec_acceptance_rate": s.stats.accepted_tokens / s.stats.draft_tokens if s.stats.draft_tokens else 0.0,
+            "spec_mean_accepted_len": s.stats.spec_step_tokens / s.stats.spec_steps if s.stats.spec_steps else 0.0,
+        }

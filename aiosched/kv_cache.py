@@ -1,0 +1,203 @@
+"""Paged KV cache bookkeeping with prefix caching. Pure Python: no torch here.
+
+The pool hands out fixed-size block ids; the worker owns the memory behind them.
+A full block is identified by a hash chain over its tokens (each hash includes the
+parent's), so equal prefixes map to equal blocks. Blocks with no owner but a hash
+stay reusable until evicted, least recently freed first.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from aiosched.request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, found in the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class BlockPool:
+    """Ref-counted blocks; free blocks kept in an LRU (front = next to evict)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.ref_cnt = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cached: dict[int, int] = {}  # hash -> block id
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        assert n <= len(self.free), "caller checks num_free first"
+        out = []
+        for _ in range(n):
+            b, _ = self.free.popitem(last=False)
+            h = self.block_hash[b]
+            if h is not None:  # evict: its content is about to be overwritten
+                del self.cached[h]
+                self.block_hash[b] = None
+            self.ref_cnt[b] = 1
+            out.append(b)
+        return out
+
+    def touch(self, blocks: list[int]) -> None:
+        """Take a reference on cache hits (reviving free cached blocks)."""
+        for b in blocks:
+            if self.ref_cnt[b] == 0:
+                del self.free[b]
+            self.ref_cnt[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        # Reverse order: a sequence's tail blocks are evicted before its head.
+        for b in reversed(blocks):
+            self.ref_cnt[b] -= 1
+            assert self.ref_cnt[b] >= 0, f"block {b} freed twice"
+            if self.ref_cnt[b] == 0:
+                self.free[b] = None
+
+    def register(self, b: int, h: int) -> None:
+        if self.block_hash[b] is None and h not in self.cached:
+            self.block_hash[b] = h
+            self.cached[h] = b
+
+    def lookup(self, h: int) -> int | None:
+        return self.cached.get(h)
+
+
+def hash_block(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class KVCacheManager:
+    """Per-request block tables over one BlockPool."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks)
+        self.blocks: dict[str, list[int]] = {}
+        self.hashes: dict[str, list[int]] = {}  # hashes of the request's full blocks so far
+        self.num_registered: dict[str, int] = {}  # leading blocks already offered to the cache
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _block_hashes(self, req: Request, num_full: int) -> list[int]:
+        """Extend and return the request's hash chain up to `num_full` blocks."""
+        hs = self.hashes.setdefault(req.req_id, [])
+        bs = self.block_size
+        toks = req.all_token_ids
+        while len(hs) < num_full:
+            i = len(hs)
+            hs.append(hash_block(hs[-1] if hs else None, tuple(toks[i * bs : (i + 1) * bs])))
+        return hs
+
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """Cached blocks matching the request's known tokens (not yet referenced).
+
+        At least one token is left to compute so the step produces logits."""
+        if not self.enable_caching:
+            return []
+        max_blocks = (len(req.all_token_ids) - 1) // self.block_size
+        hits: list[int] = []
+        for h in self._block_hashes(req, max_blocks):
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def allocate(self, req: Request, num_new_tokens: int, cached: list[int] | None = None) -> list[int] | None:
+        """Blocks to add so the request holds num_computed + num_new_tokens tokens.
+
+        `cached` are prefix hits for a request being admitted. Returns the new block
+        ids (cached ones first) or None if the pool cannot supply them."""
+        have = self.blocks.get(req.req_id)
+        need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - (len(have) if have else 0)
+        if not cached:  # hot path: a running request, usually needing no new block
+            if need <= 0:
+                return []
+            if need > self.pool.num_free:
+                return None
+            new = self.pool.allocate(need)
+            if have is None:
+                self.blocks[req.req_id] = new
+            else:
+                have.extend(new)
+            return list(new)
+        need -= len(cached)
+        # Hits sitting in the free list stop being allocatable once we touch them.
+        revived = sum(1 for b in cached if self.pool.ref_cnt[b] == 0)
+        if need + revived > self.pool.num_free:
+            return None
+        self.pool.touch(cached)
+        new = self.pool.allocate(max(need, 0))
+        self.blocks.setdefault(req.req_id, []).extend(cached + new)
+        return cached + new
+
+    def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.stats.queries += num_prompt_tokens
+        self.stats.hits += num_hit_tokens
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register hashes of blocks whose tokens are all known and scheduled."""
+        if not self.enable_caching:
+            return
+        n_tokens = req.num_computed_tokens
+        if n_tokens > len(req.all_token_ids):
+            n_tokens = len(req.all_token_ids)
+        num_full = n_tokens // self.block_size
+        done = self.num_registered.get(req.req_id, 0)
+        if num_full <= done:
+            return
+        blocks = self.blocks.get(req.req_id, [])
+        num_full = min(num_full, len(blocks))
+        hashes = self._block_hashes(req, num_full)
+        for i in range(done, num_full):
+            self.pool.register(blocks[i], hashes[i])
+        self.num_registered[req.req_id] = num_full
+
+    def free(self, req: Request) -> None:
+        self.pool.release(self.blocks.pop(req.req_id, []))
+        self.hashes.pop(req.req_id, None)
+        self.num_registered.pop(req.req_id, None)
+
+    def check_invariants(self) -> None:
+        """Every block is free (ref 0, in the LRU) or owned (ref > 0); counts add up; a
+        block table never holds a block twice; the hash index and the blocks' hashes agree."""
+        owned: dict[int, int] = {}
+        for rid, bl in self.blocks.items():
+            assert len(set(bl)) == len(bl), f"{rid}: a block appears twice in its table"
+            for b in bl:
+                owned[b] = owned.get(b, 0) + 1
+        assert len(self.pool.free) + len(owned) == self.pool.num_blocks
+        for b in range(self.pool.num_blocks):
+            assert self.pool.ref_cnt[b] == owned.get(b, 0), f"block {b}: ref {self.pool.ref_cnt[b]} != owners {owned.get(b, 0)}"
+            assert (b in self.pool.free) == (self.pool.ref_cnt[b] == 0), f"block {b} free-list mismatch"
+            h = self.pool.block_hash[b]
+            assert h is None or self.pool.cached.get(h) == b, f"block {b} has a hash the index does not map to it"
+        for h, b in self.pool.cached.items():
+            assert self.pool.block_hash[b] == h

@@ -1,0 +1,64 @@
+"""Scheduler-side state of one request (plain dataclass, no torch)."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from aiosched.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    req_id: str  # internal, unique for the engine's lifetime
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    seed: int
+    eos_token_ids: list[int]
+    arrival_time: float = field(default_factory=time.monotonic)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is computed or scheduled
+    # Async scheduling: tokens scheduled to be sampled whose value has not arrived.
+    num_output_placeholders: int = 0
+    # Speculative decoding: draft slots of this request's steps in flight (each may add
+    # up to that many tokens beyond its one placeholder; an upper bound until it lands).
+    num_spec_slack: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Token count at which the request stops for length (before max_model_len)."""
+        return self.num_prompt_tokens + self.sampling.max_tokens

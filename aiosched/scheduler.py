@@ -1,0 +1,279 @@
+"""Continuous batching over a paged KV cache: the sync (one step at a time) scheduler.
+
+Each step: running requests first (decodes and unfinished prefill chunks), then
+waiting requests fill the token budget (chunked prefill). When blocks run out the
+latest running request is preempted (recompute later). The output is a diff for
+the worker: new requests in full, the rest as deltas. `AsyncScheduler` is a small
+subclass that schedules one step ahead of the outputs.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiosched.config import EngineConfig
+from aiosched.kv_cache import KVCacheManager
+from aiosched.protocol import NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
+from aiosched.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    preemptions: int = 0
+    generated_tokens: int = 0
+    discarded_tokens: int = 0  # sampled for requests that had already finished
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    spec_steps: int = 0  # (request, step) pairs verified with draft slots
+    spec_step_tokens: int = 0  # tokens those produced (accepted drafts + one each)
+
+
+@dataclass
+class StepUpdate:
+    """What one step's output did to one request."""
+
+    req: Request
+    new_token_ids: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._freed_for_worker: list[str] = []  # worker must forget these
+        self._step_id = 0
+        self.stats = SchedulerStats()
+
+    # ---- requests in and out ----
+
+    def add_request(self, req: Request) -> None:
+        self.requests[req.req_id] = req
+        self.waiting.append(req)
+
+    def finish_request(self, req_id: str, reason: str, stop_reason: int | str | None = None) -> None:
+        """Finish (stop, length) or abort. Blocks return to the pool at once: any step
+        still in flight for this request runs before any later step that reuses them."""
+        req = self.requests.pop(req_id, None)
+        if req is None or req.is_finished:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._freed_for_worker.append(req_id)
+        else:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- scheduling ----
+
+    def _num_new_tokens(self, req: Request) -> int:
+        """Tokens the request could compute now. Sync: every known token is known."""
+        assert req.num_output_placeholders == 0, "sync scheduler: output still pending"
+        if len(req.all_token_ids) >= self._stop_length(req):
+            return 0
+        return len(req.all_token_ids) - req.num_computed_tokens
+
+    def _stop_length(self, req: Request) -> int:
+        return min(req.max_total_tokens, self.max_model_len)
+
+    def _can_admit(self, req: Request) -> bool:
+        return True
+
+    def _uses_spec(self, req: Request) -> bool:
+        # Speculative decoding on, and the request uses no feature the verifier lacks.
+        sp = req.sampling
+        return (self.config.speculative is not None and sp.speculative and sp.structured is None and sp.logprobs is None
+                and sp.prompt_logprobs is None and sp.min_tokens == 0 and not sp.logit_bias and not sp.bad_token_ids
+                and sp.presence_penalty == 0.0 and sp.frequency_penalty == 0.0 and sp.repetition_penalty == 1.0)
+
+    def _draft_slots(self, req: Request, budget: int) -> int:
+        # Draft slots for a decode step, counted against the upper bound of the
+        # request's length once its steps in flight land.
+        assert self.config.speculative is not None
+        total = len(req.all_token_ids) + req.num_output_placeholders + req.num_spec_slack
+        return max(0, min(self.config.speculative.num_tokens, self._stop_length(req) - total - 1, budget - 1))
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        new_reqs: list[NewRequestData] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(self._num_new_tokens(req), budget)
+            d = 0
+            if n == 1 and self._uses_spec(req):
+                d = self._draft_slots(req, budget)
+                if d == 0 and req.num_spec_slack:
+                    n = 0  # its position is known only once its speculative step lands
+                n += d
+            if n <= 0:
+                i += 1
+                continue
+            new_blocks = self.kv.allocate(req, n)
+            while new_blocks is None:  # out of blocks: preempt from the back
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate(req, n)
+            if new_blocks is None:
+                break
+            scheduled.append(self._schedule_tokens(req, n, new_blocks, d))
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if not self._can_admit(req):
+                break
+            # Prompt logprobs need every prompt position computed: no prefix-cache hits.
+            cached = self.kv.find_cached_prefix(req) if req.sampling.prompt_logprobs is None else []
+            num_cached = len(cached) * self.config.block_size
+            n = min(len(req.all_token_ids) - num_cached, budget)
+            req.num_computed_tokens = num_cached
+            new_blocks = self.kv.allocate(req, n, cached)
+            if new_blocks is None:
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if req.num_preemptions == 0:
+                self.kv.record_lookup(req.num_prompt_tokens, num_cached)
+                req.num_cached_prompt_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            new_reqs.append(
+                NewRequestData(
+                    req_id=req.req_id,
+                    token_ids=list(req.all_token_ids),
+                    prompt_len=req.num_prompt_tokens,
+                    sampling=req.sampling,
+                    seed=req.seed,
+                    eos_token_ids=[] if req.sampling.ignore_eos else req.eos_token_ids,
+                )
+            )
+            scheduled.append(self._schedule_tokens(req, n, new_blocks))
+            budget -= n
+
+        self._step_id += 1
+        self.stats.steps += 1
+        freed, self._freed_for_worker = self._freed_for_worker, []
+        return SchedulerOutput(
+            step_id=self._step_id,
+            new_requests=new_reqs,
+            scheduled=scheduled,
+            freed_req_ids=freed,
+            total_num_tokens=self.config.max_num_batched_tokens - budget,
+        )
+
+    def _schedule_tokens(self, req: Request, n: int, new_blocks: list[int], draft_slots: int = 0) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        req.num_computed_tokens += n
+        # Sample when this step reaches the end of the sequence (known + placeholders).
+        sample = draft_slots > 0 or req.num_computed_tokens == len(req.all_token_ids) + req.num_output_placeholders
+        if sample:
+            req.num_output_placeholders += 1
+        # Speculative: KV reserved for the drafts; the step yields 1..1+draft_slots tokens.
+        req.num_spec_slack += draft_slots
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
+        self.kv.cache_full_blocks(req)
+        return ScheduledRequest(req_id=req.req_id, num_tokens=n, num_computed_tokens=start, new_block_ids=new_blocks, sample=sample,
+                                num_draft_slots=draft_slots)
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute later: drop its blocks and worker state, back to the front of the queue.
+
+        A token already in flight for it stays valid (its KV was intact when that step
+        ran) and is appended when it arrives; the request is not re-admitted before."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(req)
+        self._freed_for_worker.append(req.req_id)
+
+    # ---- outputs ----
+
+    def update_from_output(self, so: SchedulerOutput, out: RunnerOutput) -> list[StepUpdate]:
+        """Resolve placeholders with real tokens; apply stop conditions."""
+        updates: list[StepUpdate] = []
+        slots = {sr.req_id: sr.num_draft_slots for sr in so.scheduled if sr.num_draft_slots} if self.config.speculative else None
+        for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
+            req = self.requests.get(req_id)
+            if req is None:  # finished or aborted while this step was in flight
+                self.stats.discarded_tokens += len(tokens)
+                continue
+            d = slots.get(req_id, 0) if slots else 0
+            if d:
+                # The step was counted as yielding 1 + d tokens (KV reserved, positions
+                # bounded): correct by what it did yield. Rejected drafts' KV slots lie
+                # past the computed count and are simply recomputed over later.
+                assert 1 <= len(tokens) <= 1 + d, f"{req_id}: {len(tokens)} tokens from a step with {d} draft slots"
+                req.num_spec_slack -= d
+                if req.status is RequestStatus.RUNNING:
+                    req.num_computed_tokens -= 1 + d - len(tokens)
+                self.stats.spec_steps += 1
+                self.stats.spec_step_tokens += len(tokens)
+            req.num_output_placeholders -= 1
+            assert req.num_output_placeholders >= 0, f"{req_id}: placeholder count went negative"
+            upd = StepUpdate(req)
+            for t in tokens:
+                req.all_token_ids.append(t)
+                upd.new_token_ids.append(t)
+                self.stats.generated_tokens += 1
+                reason = self._check_stop(req, t)
+                if reason is not None:
+                    self.finish_request(req_id, *reason)
+                    break
+            if req.status is RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(req)
+            updates.append(upd)
+        self.stats.draft_tokens += out.num_draft_tokens
+        self.stats.accepted_tokens += out.num_accepted_tokens
+        return updates
+
+    def _check_stop(self, req: Request, token: int) -> tuple[str, int | str | None] | None:
+        sp = req.sampling
+        if req.num_output_tokens >= sp.min_tokens:
+            if not sp.ignore_eos and token in req.eos_token_ids:
+                return ("stop", None)
+            if token in sp.stop_token_ids:
+                return ("stop", token)
+        if req.num_output_tokens >= sp.max_tokens or len(req.all_token_ids) >= self.max_model_len:
+            return ("length", None)
+        return None
+
+    def check_invariants(self) -> None:
+        self.kv.check_invariants()
+        for req in self.running:
+            assert req.num_output_placeholders >= 0
+            assert 0 <= req.num_spec_slack
+            assert req.status is RequestStatus.RUNNING
+        for req in self.waiting:
+            assert req.num_computed_tokens == 0
+        assert len(self.running) + len(self.waiting) == len(self.requests)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The CUDA fast-path table in one device call (issue 4). Run from the repo root:
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile (default: all)
+# Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio).
+set -uo pipefail
+OUT=${OUT:-/tmp/aiosched-gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+STAGES=${*:-env tests decode hf tpu c256 profile}
+SHAPE=${SHAPE:-llama-3.2-1b}
+LOG="$OUT/run.log"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+say() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+BENCH="python3 -m aiosched.bench --random-weights $SHAPE --device cuda --disable-tqdm --ignore-eos --num-kv-blocks 8192"
+
+if has env; then
+  say env
+  { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv;
+    python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())'; } 2>&1 | tee -a "$LOG"
+fi
+if has tests; then
+  say kernel tests
+  python3 -m pytest -q -p no:cacheprovider $(ls tests/test_triton_kernels.py tests/test_cuda_runner.py 2>/dev/null) 2>&1 | tail -25 | tee -a "$LOG" "$OUT/tests.log"
+fi
+if has decode; then
+  say decode-step microbench
+  python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best,fused,torch --kernel-profile --json "$OUT/decode.json" 2>&1 | tee -a "$LOG"
+fi
+if has hf; then
+  say HF transformers generate baseline
+  python3 benchmarks/hf_baseline.py --shape "$SHAPE" --input-len 230 --output-len 120 --batch-sizes 1,3 --json "$OUT/hf.json" 2>&1 | grep -v Warning | tee -a "$LOG"
+fi
+if has tpu; then
+  say "tpu-inference workload: 230/120, 200 prompts, concurrency 3"
+  $BENCH --input-len 230 --output-len 120 --num-prompts 200 --max-concurrency 3 --max-num-seqs 256 --max-num-batched-tokens 512 \
+    --no-enable-prefix-caching --compare sync,async --json "$OUT/bench_tpu.json" 2>&1 | tee -a "$LOG"
+fi
+if has c256; then
+  say "concurrency 256: 230/120, 1000 prompts"
+  $BENCH --input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+    --no-enable-prefix-caching --compare sync,async --json "$OUT/bench_c256.json" 2>&1 | tee -a "$LOG"
+fi
+if has profile; then
+  say "profile: idle share between steps (tpu workload, 60 prompts)"
+  $BENCH --input-len 230 --output-len 120 --num-prompts 60 --max-concurrency 3 --max-num-seqs 256 --max-num-batched-tokens 512 \
+    --no-enable-prefix-caching --compare sync,async --profile /tmp/aiosched-prof --profile-start-step 50 --profile-steps 40 \
+    --json "$OUT/bench_profile.json" 2>&1 | tee -a "$LOG"
+fi
+say done

@@ -1,0 +1,174 @@
+"""N-gram speculative decoding: output tok/s and tokens per step, with and without
+speculation, sync and async, in one process; greedy outputs are checked identical.
+
+Workloads:
+  code    the shipped default model (trained on CPython stdlib source) on code prompts
+          that invite copying (a function, then a request to repeat/extend it)
+  random  a repetitive token-id workload on a random-weight model: the tiny test
+          model by default, or `--random-weights SHAPE` (e.g. llama-3.2-1b on a GPU)
+
+  python benchmarks/spec_bench.py                      # CPU, both workloads
+  python benchmarks/spec_bench.py --device cuda --random-weights llama-3.2-1b --workloads random
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aiosched import AsyncEngine, SamplingParams  # noqa: E402
+from aiosched.config import EngineConfig  # noqa: E402
+
+CODE_FUNCS = [
+    '''def merge_sorted(a, b):
+    """Merge two sorted lists into one sorted list."""
+    result = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] <= b[j]:
+            result.append(a[i])
+            i += 1
+        else:
+            result.append(b[j])
+            j += 1
+    result.extend(a[i:])
+    result.extend(b[j:])
+    return result
+''',
+    '''class Stack:
+    def __init__(self):
+        self._items = []
+
+    def push(self, item):
+        self._items.append(item)
+
+    def pop(self):
+        if not self._items:
+            raise IndexError("pop from empty stack")
+        return self._items.pop()
+
+    def __len__(self):
+        return len(self._items)
+''',
+    '''def parse_header(line):
+    """Split a 'Key: value' header line."""
+    if ":" not in line:
+        raise ValueError("invalid header line: %r" % (line,))
+    key, value = line.split(":", 1)
+    return key.strip().lower(), value.strip()
+''',
+]
+
+
+def code_prompts(n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        f = CODE_FUNCS[i % len(CODE_FUNCS)]
+        first = f.splitlines()[0]
+        if i % 2 == 0:  # repeat it (a copy with a new name)
+            out.append(f"{f}\n\n# The same function again, unchanged:\n\n{first}\n")
+        else:  # extend it: a second version right below
+            out.append(f"{f}\n\n{f}\n\n# Version 3, with the same body:\n\n{first}\n")
+    return out
+
+
+def random_prompts(n: int, vocab: int) -> list[list[int]]:
+    """Token ids with repeated phrases (a period of 5..12 tokens, several repeats)."""
+    out = []
+    for i in range(n):
+        period = 5 + i % 8
+        phrase = [(i * 131 + j * 17) % (vocab - 10) + 5 for j in range(period)]
+        out.append((phrase * (1 + 64 // period))[:64])
+    return out
+
+
+async def run_once(config: EngineConfig, prompts: list[Any], params: SamplingParams) -> dict[str, Any]:
+    async with AsyncEngine(config) as eng:
+        await eng.generate(prompts[0], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+        s0 = dict(eng.stats())
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*[eng.generate(p, params) for p in prompts])
+        wall = time.perf_counter() - t0
+        s1 = eng.stats()
+    gen = sum(len(o.token_ids) for o in outs)
+    steps = s1["steps"] - s0["steps"]
+    draft = s1["spec_draft_tokens"] - s0["spec_draft_tokens"]
+    acc = s1["spec_accepted_tokens"] - s0["spec_accepted_tokens"]
+    return {
+        "tokens": [o.token_ids for o in outs],
+        "out_tok_s": gen / wall, "wall_s": wall, "generated": gen, "steps": steps,
+        "tokens_per_step": gen / steps if steps else 0.0,
+        "acceptance_rate": acc / draft if draft else 0.0,
+        "mean_accepted_len": s1["spec_mean_accepted_len"],
+    }
+
+
+async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: SamplingParams, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for async_scheduling in (False, True):
+        ref = None
+        for use_spec in (False, True):
+            cfg = EngineConfig.load(dict(base, async_scheduling=async_scheduling, speculative=spec if use_spec else None))
+            r = await run_once(cfg, prompts, params)
+            toks = r.pop("tokens")
+            if ref is None:
+                ref = toks
+            r.update(workload=name, mode="async" if async_scheduling else "sync", spec=use_spec,
+                     identical_to_no_spec=(toks == ref))
+            rows.append(r)
+            print(f"{name:7s} {r['mode']:5s} spec={str(use_spec):5s} {r['out_tok_s']:8.1f} tok/s  {r['tokens_per_step']:5.2f} tok/step  "
+                  f"steps={r['steps']:5d}  accept={r['acceptance_rate']:.2f}  mean_len={r['mean_accepted_len']:.2f}  "
+                  f"identical={r['identical_to_no_spec']}", flush=True)
+    return rows
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--random-weights", default=None, metavar="SHAPE", help="random workload on this shape (default: the tiny test model)")
+    ap.add_argument("--workloads", default="code,random")
+    ap.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step (k)")
+    ap.add_argument("--ngram-min", type=int, default=1)
+    ap.add_argument("--ngram-max", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=4, help="concurrent requests")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--cpu-threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args()
+    spec = {"method": "ngram", "num_tokens": args.num_tokens, "ngram_min": args.ngram_min, "ngram_max": args.ngram_max}
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    common: dict[str, Any] = {"device": args.device}
+    if args.cpu_threads:
+        common["cpu_threads"] = args.cpu_threads
+    rows: list[dict[str, Any]] = []
+    wl = args.workloads.split(",")
+    if "code" in wl:
+        rows += await bench("code", dict(common, model=None), code_prompts(args.requests), params, spec)
+    if "random" in wl:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.random_weights:
+                from aiosched.bench import random_weights_config
+
+                base = dict(common, **random_weights_config(args.random_weights, os.path.join(tmp, "model")))
+                vocab = json.load(open(os.path.join(tmp, "model", "config.json")))["vocab_size"]
+            else:
+                from executors.random_checkpoint import write_random_checkpoint
+
+                d = write_random_checkpoint(os.path.join(tmp, "tiny"), arch="llama", seed=3)
+                base = dict(common, model=str(d))
+                vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
+            rows += await bench("random", base, random_prompts(args.requests, vocab), params, spec)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

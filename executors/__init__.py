@@ -1,0 +1,1 @@
+"""Executors: where model steps run. The engine reaches them only through `base`."""

@@ -1,0 +1,90 @@
+"""Paged attention in plain torch: the clear, tested reference used on the CPU.
+
+Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]. A request's
+token at position p lives in slot block_table[p // block_size] * block_size + p % block_size.
+`store_kv` writes the whole batch's new K/V before any request reads the cache, so two
+requests sharing prefix blocks in one step (the second reading what the first writes)
+see the same values a later step would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    query_start_loc: list[int]  # [B + 1] host ints: request i's tokens are [qsl[i], qsl[i+1])
+    seq_lens: list[int]  # [B] tokens in context after this step (cached + new)
+    block_tables: list[list[int]]  # [B] host block ids
+    block_size: int
+    # Device copies for kernels (filled by the runner when a kernel backend needs them).
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: list[int], seq_len: int) -> torch.Tensor:
+    """[seq_len, kv_heads, head_dim] for one request, read through its block table."""
+    bs = cache.shape[1]
+    nblocks = -(-seq_len // bs)
+    idx = torch.tensor(block_table[:nblocks], device=cache.device)
+    return cache.index_select(0, idx).flatten(0, 1)[:seq_len]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each request's new queries over its whole cached context.
+
+    q: [T, Hq, D] -> [T, Hq, D]. Query j of request i sits at position
+    seq_len - q_len + j and sees keys at positions <= its own."""
+    if len(q) == meta.num_reqs:  # decode-only step: one batched computation
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k_cache.shape[2]
+    for i in range(meta.num_reqs):
+        s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        q_len, seq_len = e - s, meta.seq_lens[i]
+        k = gather_kv(k_cache, meta.block_tables[i], seq_len).to(q.dtype)
+        v = gather_kv(v_cache, meta.block_tables[i], seq_len).to(q.dtype)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out[s:e] = _causal_attention(q[s:e], k, v, scale)
+    return out
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [q_len, H, D] at the last q_len positions of k/v: [seq_len, H, D]. Plain math in
+    float32 (CPU SDPA picks a path that is ~1000x slower on these small shapes)."""
+    q_len, seq_len = q.shape[0], k.shape[0]
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    if q_len > 1:
+        qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        scores.masked_fill_(torch.arange(seq_len, device=q.device).unsqueeze(0) > qpos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per request: gather every request's blocks padded to the longest, mask the tail."""
+    B, bs = meta.num_reqs, k_cache.shape[1]
+    max_blocks = -(-max(meta.seq_lens) // bs)
+    table = torch.tensor([t[:max_blocks] + [0] * (max_blocks - min(len(t), max_blocks)) for t in meta.block_tables], device=q.device)
+    k = k_cache[table].flatten(1, 2).float()  # [B, L, Hkv, D]
+    v = v_cache[table].flatten(1, 2).float()
+    groups = q.shape[1] // k.shape[2]
+    qg = q.float().view(B, k.shape[2], groups, q.shape[2])  # [B, Hkv, G, D]
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    lens = torch.tensor(meta.seq_lens, device=q.device)
+    pad = torch.arange(k.shape[1], device=q.device).unsqueeze(0) >= lens.unsqueeze(1)  # [B, L]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgl,blhd->bhgd", scores.softmax(dim=-1), v)
+    return out.reshape(B, q.shape[1], q.shape[2]).to(q.dtype)

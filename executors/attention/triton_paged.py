@@ -1,0 +1,337 @@
+"""Paged attention in Triton for CUDA: a split-K decode kernel and a varlen kernel.
+
+Both read K/V through block tables from any paged layout with a unit stride on the
+head dim: the caller passes `k_cache`, `v_cache` as 3- or 4-d views indexed
+[block, offset in block, kv head, dim] (e.g. `cache[..., 0::2, :]` for a layout with
+K and V interleaved on the head axis); only their strides are used.
+
+- `paged_decode_attention`: one query token per request (decode-only steps, the CUDA
+  graph path). Grid (requests, kv heads, splits): each program handles the G = Hq/Hkv
+  query heads of one KV head (GQA packed into the rows of one `tl.dot`) over one
+  chunk of the context (flash-decoding). The split count is a function of the batch
+  size only, so a graph captured for a batch size stays valid for any sequence
+  lengths; the chunk size is computed on the device from each request's length. With
+  more than one split a second small kernel merges the partial softmaxes.
+- `paged_varlen_attention`: any mix of prefill chunks and decodes (causal, over the
+  cached prefix and this step's tokens, which must already be in the cache). Grid
+  (query tiles, kv heads); a tile is up to BLOCK_Q consecutive query tokens of one
+  request times the G heads of one KV head. The tile -> request map is built on the
+  host from the query lengths (`varlen_tiles`).
+
+Kernels accumulate in float32; inputs may be fp16/bf16/fp32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs: the module imports, the kernels are unavailable
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAVE_TRITON = False
+
+_LOG2E = 1.4426950408889634
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def num_decode_splits(batch: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 16) -> int:
+    """Splits of the context per (request, kv head): enough programs to fill the SMs twice."""
+    return max(1, min(max_splits, (2 * num_sms) // max(1, batch * num_kv_heads)))
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, rows_ptr, out_ptr, part_ptr, ml_ptr,
+        sm_scale,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_bt,
+        stride_ob, stride_oh,
+        G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, PREC: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+        seq_len = tl.load(lens_ptr + b)
+        if HAS_ROWS:  # block-table row of each request (persistent tables indexed by request slot)
+            bt_row = tl.load(rows_ptr + b).to(tl.int64)
+        else:
+            bt_row = b
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = sp * chunk
+        end = tl.minimum(start + chunk, seq_len)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        hmask = offs_h < G
+        heads = kvh * G + offs_h
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            blk = tl.load(bt_ptr + bt_row * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            off = offs_n % PAGE
+            k = tl.load(k_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
+                        mask=nmask[None, :], other=0.0)  # [D, BLOCK_N]
+            s = tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * qk_scale
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                        mask=nmask[:, None], other=0.0)  # [BLOCK_N, D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC).to(tl.float32)
+            m_i = m_new
+
+        if NUM_SPLITS == 1:
+            o = acc / l_i[:, None]
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+        else:
+            # partials: [B, Hq, NUM_SPLITS, D] and (m, l): [B, Hq, NUM_SPLITS, 2], contiguous
+            row = (b * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + sp
+            tl.store(part_ptr + row[:, None] * D + offs_d[None, :], acc, mask=hmask[:, None])
+            tl.store(ml_ptr + row * 2, m_i, mask=hmask)
+            tl.store(ml_ptr + row * 2 + 1, l_i, mask=hmask)
+
+    @triton.jit
+    def _decode_reduce_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
+                              D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        nh = tl.num_programs(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        smask = offs_s < NUM_SPLITS
+        offs_d = tl.arange(0, D)
+        row = (b * nh + h) * NUM_SPLITS + offs_s
+        m = tl.load(ml_ptr + row * 2, mask=smask, other=float("-inf"))
+        l = tl.load(ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
+        acc = tl.load(part_ptr + row[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _varlen_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, cuq_ptr, tiles_ptr, rows_ptr, out_ptr,
+        sm_scale,
+        stride_qt, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_bt,
+        stride_ot, stride_oh,
+        G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAGE: tl.constexpr, HAS_ROWS: tl.constexpr, PREC: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        r = tl.load(tiles_ptr + tile * 2)
+        if HAS_ROWS:
+            bt_row = tl.load(rows_ptr + r).to(tl.int64)
+        else:
+            bt_row = r.to(tl.int64)
+        q0 = tl.load(tiles_ptr + tile * 2 + 1)  # first query of the tile, relative to the request
+        q_start = tl.load(cuq_ptr + r)
+        q_len = tl.load(cuq_ptr + r + 1) - q_start
+        seq_len = tl.load(lens_ptr + r)
+        ctx = seq_len - q_len  # tokens before this step's queries
+
+        rows = tl.arange(0, BLOCK_M)
+        qi = q0 + rows // G
+        head = kvh * G + rows % G
+        rmask = (qi < q_len) & (rows < BLOCK_Q * G)
+        offs_d = tl.arange(0, D)
+        tok = (q_start + qi).to(tl.int64)
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        qpos = ctx + qi  # absolute position of each row's query
+        qk_scale = sm_scale * 1.4426950408889634
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        last = tl.minimum(ctx + q0 + BLOCK_Q, seq_len)  # keys beyond the tile's last query are masked anyway
+        for n0 in range(0, last, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < last
+            blk = tl.load(bt_ptr + bt_row * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            off = offs_n % PAGE
+            k = tl.load(k_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
+                        mask=nmask[None, :], other=0.0)
+            s = tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * qk_scale
+            causal = (offs_n[None, :] <= qpos[:, None]) & nmask[None, :]
+            s = tl.where(causal, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with no key yet (masked rows)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                        mask=nmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC).to(tl.float32)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None])
+
+
+def _kv_strides(cache: torch.Tensor) -> tuple[int, int, int]:
+    if cache.dim() != 4 or cache.stride(-1) != 1:
+        raise ValueError("kv cache view must be [blocks, block_size, kv_heads, head_dim] with a unit stride on head_dim")
+    return cache.stride(0), cache.stride(1), cache.stride(2)
+
+
+class DecodeWorkspace:
+    """Preallocated split-K partials for up to `max_batch` requests (graph-safe: no allocation per call)."""
+
+    def __init__(self, max_batch: int, num_heads: int, head_dim: int, max_splits: int, device: Any) -> None:
+        self.part = torch.empty(max_batch * num_heads * max_splits * head_dim, dtype=torch.float32, device=device)
+        self.ml = torch.empty(max_batch * num_heads * max_splits * 2, dtype=torch.float32, device=device)
+        self.max_batch, self.num_heads, self.max_splits = max_batch, num_heads, max_splits
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
+                           workspace: DecodeWorkspace | None = None, block_n: int = 32, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (one token per request; its K/V already written) -> out [B, Hq, D].
+
+    block_tables: [B, max_blocks], or with `rows` [B] any [R, max_blocks] table whose row
+    rows[b] belongs to request b (persistent per-slot tables: nothing gathered per step)."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    page = k_cache.shape[1]
+    if Hq % Hkv or D & (D - 1) or D < 16:
+        raise ValueError(f"unsupported shape: {Hq} heads over {Hkv} kv heads, head_dim {D}")
+    G = Hq // Hkv
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if num_splits is None:
+        num_splits = num_decode_splits(B, Hkv, _num_sms(q.device))
+    sk = _kv_strides(k_cache)
+    sv = _kv_strides(v_cache)
+    if num_splits > 1:
+        if workspace is not None and B <= workspace.max_batch and Hq == workspace.num_heads and num_splits <= workspace.max_splits:
+            part, ml = workspace.part, workspace.ml
+        else:
+            part = torch.empty(B * Hq * num_splits * D, dtype=torch.float32, device=q.device)
+            ml = torch.empty(B * Hq * num_splits * 2, dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out  # unused
+    _decode_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, rows if rows is not None else seq_lens, out, part, ml, scale,
+        q.stride(0), q.stride(1), *sk, *sv, block_tables.stride(0), out.stride(0), out.stride(1),
+        G=G, BLOCK_H=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, PAGE=page, NUM_SPLITS=num_splits,
+        HAS_ROWS=rows is not None, PREC=_prec(q), num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), D=D, NUM_SPLITS=num_splits,
+                                       BLOCK_S=_next_pow2(num_splits), num_warps=1)
+    return out
+
+
+def varlen_tiles(query_lens: list[int], block_q: int) -> list[int]:
+    """Flat [request, first query] pairs of every query tile (host side)."""
+    tiles: list[int] = []
+    for r, n in enumerate(query_lens):
+        for q0 in range(0, n, block_q):
+            tiles += (r, q0)
+    return tiles
+
+
+def varlen_block_q(num_q_heads: int, num_kv_heads: int, max_query_len: int) -> int:
+    """Query tokens per tile: 64 rows per tile for prefill, one token for decode-only."""
+    G = num_q_heads // num_kv_heads
+    if max_query_len <= 1:
+        return 1
+    return max(1, 64 // G) if G <= 64 else 1
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, cu_query_lens: torch.Tensor, tiles: torch.Tensor, block_q: int, scale: float,
+                           out: torch.Tensor | None = None, block_n: int = 64, rows: torch.Tensor | None = None,
+                           num_tiles: int | None = None) -> torch.Tensor:
+    """q [T, Hq, D] (all requests' query tokens, packed) -> out [T, Hq, D].
+
+    seq_lens[r]: request r's tokens in the cache after this step (context + its queries);
+    cu_query_lens [R + 1]; tiles: int32 flat pairs from `varlen_tiles(query_lens, block_q)`."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    if out is None:
+        out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    if num_tiles is None:
+        num_tiles = tiles.numel() // 2
+    if num_tiles == 0:
+        return out
+    block_m = max(16, _next_pow2(block_q * G))
+    _varlen_kernel[(num_tiles, Hkv)](
+        q, k_cache, v_cache, block_tables, seq_lens, cu_query_lens, tiles, rows if rows is not None else seq_lens, out, scale,
+        q.stride(0), q.stride(1), *_kv_strides(k_cache), *_kv_strides(v_cache), block_tables.stride(0), out.stride(0), out.stride(1),
+        G=G, BLOCK_Q=block_q, BLOCK_M=block_m, D=D, BLOCK_N=block_n, PAGE=k_cache.shape[1],
+        HAS_ROWS=rows is not None, PREC=_prec(q), num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def _prec(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 exact; bf16/fp16 ignore it
+
+
+_SMS: dict[Any, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+# ---------------------------------------------------------------- float32 reference (tests)
+
+
+def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                              seq_lens: list[int], query_lens: list[int], scale: float) -> torch.Tensor:
+    """Causal attention in float32, request by request, gathering K/V through the block tables."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    page = k_cache.shape[1]
+    G = Hq // Hkv
+    out = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
+    t = 0
+    for r, (L, n) in enumerate(zip(seq_lens, query_lens)):
+        pos = torch.arange(L, device=q.device)
+        blocks = block_tables[r, pos // page].long()
+        k = k_cache[blocks, pos % page].float()  # [L, Hkv, D]
+        v = v_cache[blocks, pos % page].float()
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+        qr = q[t:t + n].float()  # [n, Hq, D]
+        s = torch.einsum("qhd,khd->hqk", qr, k) * scale
+        qpos = torch.arange(L - n, L, device=q.device)
+        s = s.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+        out[t:t + n] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+        t += n
+    return out
+

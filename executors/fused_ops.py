@@ -1,0 +1,387 @@
+"""Fused elementwise ops for the CUDA path (Triton), with plain-torch equivalents.
+
+Each op here replaces several torch kernels (and their intermediates in device
+memory) by one pass:
+- `rms_norm(x, w, eps)`                      x -> x * rsqrt(mean(x^2) + eps) * w
+- `add_rms_norm(x, residual, w, eps)`        residual += x; x = rms_norm(residual)   (in place, one read of each)
+- `silu_and_mul(gate_up)`                    [T, 2I] -> silu(gate) * up              [T, I]
+- `rope_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache, slots)`
+  rotates q and k in place (rotate-half / NeoX layout, as HF Llama and Qwen) and
+  writes k, v into their paged-cache slots (slot = block * block_size + offset; a
+  negative slot skips the write, for padded rows).
+
+The Triton versions are used when the tensors are on a CUDA device and Triton is
+importable (or TRITON_INTERPRET=1 for tests on CPU); `*_ref` are the torch versions.
+Statistics are computed in float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAVE_TRITON = False
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and (t.is_cuda or _INTERPRET)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ---------------------------------------------------------------- references
+
+
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r = (x.float() + residual.float()).to(residual.dtype)
+    return rms_norm_ref(r, w, eps), r
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    g, u = gate_up.chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g.float()) * u.float()).to(gate_up.dtype)
+
+
+def rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; cos_sin [max_pos, D] = cat(cos[:, :D/2], sin[:, :D/2])."""
+    D = x.shape[-1]
+    cs = cos_sin[positions.long()].float()
+    cos, sin = cs[:, None, : D // 2], cs[:, None, D // 2 :]
+    x1, x2 = x.float()[..., : D // 2], x.float()[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------- kernels
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
+                         BLOCK: tl.constexpr, ADD: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        if ADD:
+            r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+            x = x + r
+            xr = x.to(r_ptr.dtype.element_ty)
+            tl.store(r_ptr + row * stride_r + offs, xr, mask=mask)
+            x = xr.to(tl.float32)
+        var = tl.sum(x * x, 0) / N
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.rsqrt(var + eps) * w
+        tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * stride_x + N + offs, mask=mask, other=0.0).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+                           stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
+                           HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+                           HALF: tl.constexpr, PAGE: tl.constexpr, WRITE_CACHE: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        offs_d = tl.arange(0, HALF)
+        cos = tl.load(cs_ptr + pos * stride_cs + offs_d).to(tl.float32)
+        sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)
+
+        hq = tl.arange(0, BLOCK_HQ)
+        mq = hq < HQ
+        qp = q_ptr + t * stride_qt + hq[:, None] * stride_qh + offs_d[None, :]
+        q1 = tl.load(qp, mask=mq[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(qp + HALF, mask=mq[:, None], other=0.0).to(tl.float32)
+        tl.store(qp, (q1 * cos[None, :] - q2 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mq[:, None])
+        tl.store(qp + HALF, (q2 * cos[None, :] + q1 * sin[None, :]).to(q_ptr.dtype.element_ty), mask=mq[:, None])
+
+        hk = tl.arange(0, BLOCK_HKV)
+        mk = hk < HKV
+        kp = k_ptr + t * stride_kt + hk[:, None] * stride_kh + offs_d[None, :]
+        k1 = tl.load(kp, mask=mk[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(kp + HALF, mask=mk[:, None], other=0.0).to(tl.float32)
+        r1 = k1 * cos[None, :] - k2 * sin[None, :]
+        r2 = k2 * cos[None, :] + k1 * sin[None, :]
+        tl.store(kp, r1.to(k_ptr.dtype.element_ty), mask=mk[:, None])
+        tl.store(kp + HALF, r2.to(k_ptr.dtype.element_ty), mask=mk[:, None])
+        if WRITE_CACHE:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            if slot >= 0:
+                blk = slot // PAGE
+                off = slot % PAGE
+                kc = kc_ptr + blk * stride_kcb + off * stride_kco + hk[:, None] * stride_kch + offs_d[None, :]
+                tl.store(kc, r1.to(kc_ptr.dtype.element_ty), mask=mk[:, None])
+                tl.store(kc + HALF, r2.to(kc_ptr.dtype.element_ty), mask=mk[:, None])
+                vp = v_ptr + t * stride_vt + hk[:, None] * stride_vh + offs_d[None, :]
+                vc = vc_ptr + blk * stride_vcb + off * stride_vco + hk[:, None] * stride_vch + offs_d[None, :]
+                tl.store(vc, tl.load(vp, mask=mk[:, None], other=0.0).to(vc_ptr.dtype.element_ty), mask=mk[:, None])
+                tl.store(vc + HALF, tl.load(vp + HALF, mask=mk[:, None], other=0.0).to(vc_ptr.dtype.element_ty), mask=mk[:, None])
+
+    @triton.jit
+    def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, lnw_ptr, M, N, K, stride_xm, stride_wn, stride_om, eps,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            NORM: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr):
+        """out = f(rms_norm?(x) @ W.T) for few rows (M <= BLOCK_M, padded to 16 for the MMA).
+
+        NORM: x rows are RMS-normalised (times lnw) in the prologue (each program recomputes
+        the row statistics: cheap next to its weight tile). EPI 0: store; 1: out += y (the
+        residual stream, in place); 2: W is [gate; up] stacked, out = silu(gate) * up (N = rows / 2)."""
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        mmask = offs_m < M
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        if NORM:
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mmask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(xk * xk, 1)
+            rstd = tl.rsqrt(ss / K + eps)
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if EPI == 2:
+            u_rows = w_ptr + (offs_n + N)[:, None].to(tl.int64) * stride_wn
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            kmask = kk < K
+            xk = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if NORM:
+                lw = tl.load(lnw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                xk = (xk.to(tl.float32) * rstd[:, None] * lw[None, :]).to(w_ptr.dtype.element_ty)
+            else:
+                xk = xk.to(w_ptr.dtype.element_ty)
+            w = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            acc += tl.dot(xk, tl.trans(w), input_precision=PREC)
+            if EPI == 2:
+                u = tl.load(u_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+                acc2 += tl.dot(xk, tl.trans(u), input_precision=PREC)
+        o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        omask = mmask[:, None] & nmask[None, :]
+        if EPI == 1:
+            r = tl.load(o_ptrs, mask=omask, other=0.0).to(tl.float32)
+            y = r + acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        elif EPI == 2:
+            g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            y = g / (1.0 + tl.exp(-g)) * acc2.to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            y = acc
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+    @triton.jit
+    def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, N, stride_x, NUM_CHUNKS, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, 0)
+        i = tl.min(tl.where(x == m, offs, N), 0)  # first index of the max
+        tl.store(val_ptr + row * NUM_CHUNKS + c, m)
+        tl.store(idx_ptr + row * NUM_CHUNKS + c, i)
+
+    @triton.jit
+    def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, NUM_CHUNKS, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_C)
+        mask = offs < NUM_CHUNKS
+        v = tl.load(val_ptr + row * NUM_CHUNKS + offs, mask=mask, other=float("-inf"))
+        i = tl.load(idx_ptr + row * NUM_CHUNKS + offs, mask=mask, other=2147483647)
+        m = tl.max(v, 0)
+        best = tl.min(tl.where(v == m, i, 2147483647), 0)
+        tl.store(out_ptr + row, best.to(out_ptr.dtype.element_ty))
+
+# ---------------------------------------------------------------- wrappers
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    if not use_triton(x):
+        y = rms_norm_ref(x, w, eps)
+        return out.copy_(y) if out is not None else y
+    x2 = x.reshape(-1, x.shape[-1])
+    o = torch.empty_like(x2) if out is None else out.view(-1, x.shape[-1])
+    N = x2.shape[1]
+    _rms_norm_kernel[(x2.shape[0],)](x2, x2, w, o, x2.stride(0), x2.stride(0), o.stride(0), N, eps,
+                                     BLOCK=_next_pow2(N), ADD=False, num_warps=_norm_warps(N))
+    return o.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x; x = rms_norm(residual) * w. Both in place; returns (x, residual)."""
+    if not use_triton(x):
+        y, r = add_rms_norm_ref(x, residual, w, eps)
+        residual.copy_(r)
+        x.copy_(y)
+        return x, residual
+    N = x.shape[-1]
+    x2, r2 = x.view(-1, N), residual.view(-1, N)
+    _rms_norm_kernel[(x2.shape[0],)](x2, r2, w, x2, x2.stride(0), r2.stride(0), x2.stride(0), N, eps,
+                                     BLOCK=_next_pow2(N), ADD=True, num_warps=_norm_warps(N))
+    return x, residual
+
+
+def _norm_warps(n: int) -> int:
+    return 4 if n <= 2048 else 8
+
+
+def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    if not use_triton(gate_up):
+        y = silu_and_mul_ref(gate_up)
+        return out.copy_(y) if out is not None else y
+    x2 = gate_up.reshape(-1, gate_up.shape[-1])
+    N = x2.shape[1] // 2
+    o = torch.empty(x2.shape[0], N, dtype=gate_up.dtype, device=gate_up.device) if out is None else out.view(-1, N)
+    BLOCK = 1024
+    _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, o, x2.stride(0), o.stride(0), N, BLOCK=BLOCK, num_warps=4)
+    return o.view(*gate_up.shape[:-1], N)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                   k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> None:
+    """q [T, Hq, D], k/v [T, Hkv, D] (views into the qkv projection are fine: unit stride
+    on D). Rotates q, k in place; writes k, v to the cache views [blocks, page, Hkv, D]."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    write = k_cache is not None
+    if not use_triton(q):
+        q.copy_(rope_ref(q, positions, cos_sin))
+        k.copy_(rope_ref(k, positions, cos_sin))
+        if write:
+            assert v_cache is not None and slots is not None
+            keep = slots >= 0
+            s = slots[keep].long()
+            page = k_cache.shape[1]
+            k_cache[s // page, s % page] = k[keep].to(k_cache.dtype)
+            v_cache[s // page, s % page] = v[keep].to(v_cache.dtype)
+        return
+    if T == 0:
+        return
+    if write:
+        assert v_cache is not None and slots is not None
+        kc, vc, sl = k_cache, v_cache, slots
+        skc = (kc.stride(0), kc.stride(1), kc.stride(2))
+        svc = (vc.stride(0), vc.stride(1), vc.stride(2))
+        page = kc.shape[1]
+    else:
+        kc = vc = k
+        sl = positions
+        skc = svc = (0, 0, 0)
+        page = 1
+    _rope_cache_kernel[(T,)](q, k, v, positions, cos_sin, kc, vc, sl,
+                             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
+                             *skc, *svc, HQ=Hq, HKV=Hkv, BLOCK_HQ=_next_pow2(Hq), BLOCK_HKV=_next_pow2(Hkv), HALF=D // 2,
+                             PAGE=page, WRITE_CACHE=write, num_warps=4)
+
+
+# ---------------------------------------------------------------- skinny GEMM (decode at small batch)
+
+SKINNY_MAX_M = 16  # rows handled by `skinny_linear`; larger batches go to cuBLAS
+# Where the skinny kernel beats cuBLAS + separate norm/act/add kernels (H100, Llama-3.2-1B shape,
+# benchmarks/decode_step.py): one row (decode step 1.26 vs 1.39 ms); at 3 rows they tie.
+SKINNY_PREFERRED_MAX_M = 2
+_SKINNY_CFG: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+
+
+def skinny_config(n: int, k: int, epi: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Defaults are the H100 sweep's winners
+    (decode_step.py --tune): gate_up+SiLU (64, 128, 8, 4), LM head (64, 256, 8, 3),
+    o / down projections (16, 512, 4, 3)."""
+    cfg = _SKINNY_CFG.get((n, k, epi))
+    if cfg is not None:
+        return cfg
+    if epi == 2:
+        return (64, 128 if k >= 128 else _next_pow2(k), 8, 4)
+    if n >= 32768:
+        return (64, 256 if k >= 256 else _next_pow2(k), 8, 3)
+    return (16, 512 if k >= 512 else _next_pow2(k), 4, 3)
+
+
+def set_skinny_config(n: int, k: int, epi: int, cfg: tuple[int, int, int, int]) -> None:
+    _SKINNY_CFG[(n, k, epi)] = cfg
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6, epilogue: str = "store") -> torch.Tensor:
+    """y = rms_norm?(x) @ w.T for x [M <= 16, K], w [N, K] (contiguous rows), one Triton kernel.
+
+    epilogue "store": out = y; "residual": out += y (in place); "silu_mul": w is [gate; up]
+    ([2N, K]) and out = silu(gate) * up. With `norm_weight`, x is RMS-normalised first."""
+    M, K = x.shape
+    epi = {"store": 0, "residual": 1, "silu_mul": 2}[epilogue]
+    N = w.shape[0] // 2 if epi == 2 else w.shape[0]
+    if not use_triton(x) or M > SKINNY_MAX_M:
+        h = rms_norm_ref(x, norm_weight, eps) if norm_weight is not None else x
+        y = torch.nn.functional.linear(h, w)
+        if epi == 2:
+            y = silu_and_mul_ref(y)
+        if epi == 1:
+            assert out is not None
+            return out.add_(y)
+        return out.copy_(y) if out is not None else y
+    if out is None:
+        assert epi != 1, "the residual epilogue needs `out`"
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    bn, bk, nw, ns = skinny_config(N, K, epi)
+    _skinny_gemm_kernel[(triton.cdiv(N, bn),)](x, w, out, norm_weight if norm_weight is not None else w, M, N, K,
+                                               x.stride(0), w.stride(0), out.stride(0), eps,
+                                               BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, NORM=norm_weight is not None, EPI=epi,
+                                               PREC="ieee" if w.dtype == torch.float32 else "tf32",
+                                               num_warps=nw, num_stages=ns)
+    return out
+
+
+# ---------------------------------------------------------------- argmax over a wide row (greedy / Gumbel-max sampling)
+
+_ARGMAX_BLOCK = 4096
+
+
+def argmax_workspace(max_rows: int, n: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    chunks = (n + _ARGMAX_BLOCK - 1) // _ARGMAX_BLOCK
+    return (torch.empty(max_rows * chunks, dtype=torch.float32, device=device),
+            torch.empty(max_rows * chunks, dtype=torch.int32, device=device))
+
+
+def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None,
+                workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Index of each row's maximum (first on ties), for [M, N] with large N: one program per
+    (row, 4096-wide chunk), then one per row; torch's argmax runs one block per row."""
+    M, N = x.shape
+    if out is None:
+        out = torch.empty(M, dtype=torch.long, device=x.device)
+    if not use_triton(x):
+        return out.copy_(x.argmax(-1))
+    chunks = (N + _ARGMAX_BLOCK - 1) // _ARGMAX_BLOCK
+    if workspace is not None and workspace[0].numel() >= M * chunks:
+        vals, idxs = workspace
+    else:
+        vals, idxs = argmax_workspace(M, N, x.device)
+    _argmax_partial_kernel[(M, chunks)](x, vals, idxs, N, x.stride(0), chunks, BLOCK=_ARGMAX_BLOCK, num_warps=8)
+    _argmax_final_kernel[(M,)](vals, idxs, out, chunks, BLOCK_C=_next_pow2(chunks), num_warps=1)
+    return out

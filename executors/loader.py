@@ -1,0 +1,146 @@
+"""Load a local Hugging Face layout dir (config.json + safetensors) into our torch model.
+
+Weights are read tensor by tensor (`safe_open`), converted to the target dtype and
+copied straight into the parameters, including the fused q/k/v and gate/up matrices.
+`shard_fn` lets a tensor-parallel rank read only its slice of each tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from executors.models import check_architecture
+from executors.models.llama import LlamaForCausalLM, ModelArgs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model: {model_dir} has no config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    check_architecture(cfg)
+    return cfg
+
+
+def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            files = sorted({d / name for name in json.load(f)["weight_map"].values()})
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"model: {index.name} in {d} lists shards that are missing: {', '.join(absent)}")
+        return files
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: no *.safetensors in {d} (use load_format='random' for random weights)")
+    return files
+
+
+def iter_tensors(model_dir: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
+    """(name, lazy slice handle) for every tensor in the checkpoint."""
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name)
+
+
+# HF name -> (our parameter name, index of the part in a fused matrix or None)
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+
+
+def _fused_rows(model: LlamaForCausalLM, fused: str, part: int) -> slice:
+    a = model.args
+    if fused == "qkv_proj":
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        starts = [0, q, q + kv, q + 2 * kv]
+    else:
+        starts = [0, a.intermediate_size, 2 * a.intermediate_size]
+    return slice(starts[part], starts[part + 1])
+
+
+def _target(model: LlamaForCausalLM, name: str) -> tuple[torch.Tensor, slice | None] | None:
+    """The parameter an HF tensor goes into, and its rows if it is part of a fused matrix."""
+    m = _LAYER.match(name)
+    if m:
+        layer, block, proj, kind = m.groups()
+        ours, part = _FUSED.get(proj, (proj, None))
+        mod = getattr(model.layers[int(layer)], block)
+        rows = None if part is None else _fused_rows(model, ours, part)
+        return getattr(getattr(mod, ours), kind), rows
+    if name.startswith("model.layers."):
+        path = name[len("model.") :]
+    elif name == "lm_head.weight":
+        if model.lm_head is None:
+            return None  # tied: the embedding serves as the head
+        path = name
+    elif name.startswith("model."):
+        path = name[len("model.") :]
+    else:
+        return None
+    try:
+        return model.get_parameter(path), None
+    except AttributeError:
+        return None
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike[str],
+                 shard_fn: Callable[[str, Any], torch.Tensor] | None = None) -> None:
+    """Copy every checkpoint tensor into the model; raise if a parameter is left unset."""
+    loaded: set[int] = set()
+    for name, handle in iter_tensors(model_dir):
+        tgt = _target(model, name)
+        if tgt is None:
+            continue
+        param, rows = tgt
+        tensor = shard_fn(name, handle) if shard_fn else handle[:]
+        with torch.no_grad():
+            dst = param if rows is None else param[rows]
+            if dst.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(tensor.to(param.dtype))
+        loaded.add(id(param))
+    if model.lm_head is not None and id(model.lm_head.weight) not in loaded and id(model.embed_tokens.weight) in loaded:
+        # No lm_head.weight in the checkpoint although config.json does not say tied:
+        # such checkpoints tie implicitly, so the embedding serves as the head.
+        model.lm_head = None
+    missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks weights for: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def init_random_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
+    """Random weights on the model's device (benchmarks without a checkpoint)."""
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def build_model(model_dir: str, dtype: str, device: str, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+    cfg = read_config(model_dir)
+    args = ModelArgs.from_hf(cfg)
+    torch_dtype = _DTYPES[dtype]
+    with torch.device(device):
+        model = LlamaForCausalLM(args).to(torch_dtype)
+    if load_format == "random":
+        init_random_weights(model, seed)
+    else:
+        load_weights(model, model_dir)
+    return model.eval()

@@ -1,0 +1,362 @@
+"""Llama-family decoder in JAX: Llama (llama3 rope scaling), Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Pure functions over a params pytree, so the runner can `jax.jit` one step program per
+bucketed shape. Loads HF-layout checkpoints (config.json + *.safetensors) without torch:
+safetensors files are read with a small header parser and `np.memmap`, so bfloat16
+tensors work (numpy has no bf16; `ml_dtypes`, a jax dependency, provides it).
+
+Layout choices:
+- Linear weights are stored [in, out] (x @ W); q/k/v are fused into one matrix and
+  gate/up into another (one GEMM each instead of three and two).
+- Layer weights are stacked on a leading axis [L, ...]. With `scan_layers=True` (the
+  runner's default on CPU) the layers run under `lax.scan` (compile time independent of
+  depth) and the KV cache is
+  one array [L, num_blocks, block_size, 2 * kv_heads, head_dim] carried through the
+  scan and updated in place. With `scan_layers=False` the layers are unrolled, the
+  cache is a tuple of per-layer arrays (what a per-layer Pallas kernel needs on TPU)
+  and the runner passes the layer weights as a list of per-layer dicts (the default on
+  GPU and TPU: a while loop on a GPU costs a host round trip per iteration).
+- K and V heads are interleaved on the head axis (K at even, V at odd indices), the
+  layout of the Pallas TPU ragged paged attention kernel, so the same cache serves both
+  attention implementations.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from executors.attention import jax_paged
+from executors.models import check_architecture
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    """What the forward pass needs from config.json (hashable: a jit static argument)."""
+
+    arch: str  # config.json's architectures[0]
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None  # sorted items of the HF dict
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaArch":
+        arch = check_architecture(cfg)
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"model: hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
+        if cfg.get("use_sliding_window", False):
+            raise ValueError("model: sliding-window attention is not supported by the JAX runner")
+        n_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // n_heads
+        # transformers >= 5 writes `rope_parameters` (theta included); older files
+        # have `rope_theta` and `rope_scaling`.
+        rp = cfg.get("rope_parameters") or {}
+        scaling = dict(cfg.get("rope_scaling") or {})
+        if rp:
+            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rtype = scaling.get("rope_type", scaling.get("type", "default"))
+        if rtype not in ("default", "linear", "llama3"):
+            raise ValueError(f"model: rope type {rtype!r} is not supported (default, linear, llama3)")
+        scaling["rope_type"] = rtype
+        scaling.pop("type", None)
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            arch=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=n_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=None if rtype == "default" else tuple(sorted(scaling.items())),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=attention_bias and arch in ("LlamaForCausalLM", "MistralForCausalLM"),  # HF Llama: attention_bias covers o_proj too
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str) -> "LlamaArch":
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return cls.from_hf_config(json.load(f))
+
+    @property
+    def qkv_out(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+
+def rope_inv_freq(arch: LlamaArch) -> np.ndarray:
+    """Inverse frequencies, float32, computed the way transformers computes them."""
+    d = arch.head_dim
+    inv = (1.0 / (np.float32(arch.rope_theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)))).astype(np.float32)
+    if arch.rope_scaling is None:
+        return inv
+    s = dict(arch.rope_scaling)
+    factor = np.float32(s["factor"])
+    if s["rope_type"] == "linear":
+        return (inv / factor).astype(np.float32)
+    # llama3: long wavelengths scaled by `factor`, short kept, a smooth ramp between.
+    low, high = np.float32(s["low_freq_factor"]), np.float32(s["high_freq_factor"])
+    old = np.float32(s["original_max_position_embeddings"])
+    low_wl, high_wl = old / low, old / high
+    wavelen = np.float32(2 * math.pi) / inv
+    inv_l = np.where(wavelen > low_wl, inv / factor, inv).astype(np.float32)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return np.where(medium, smoothed, inv_l).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint loading (no torch)
+# ---------------------------------------------------------------------------
+
+_ST_DTYPES = {
+    "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Memory-mapped arrays of one .safetensors file (bf16 as ml_dtypes.bfloat16)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    base = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dt = _ST_DTYPES.get(meta["dtype"])
+        if dt is None:
+            raise ValueError(f"model: {path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        a, b = meta["data_offsets"]
+        out[name] = mm[base + a: base + b].view(dt).reshape(meta["shape"])
+    return out
+
+
+def _checkpoint_tensors(model_dir: str) -> dict[str, np.ndarray]:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    tensors: dict[str, np.ndarray] = {}
+    for p in files:
+        tensors.update(read_safetensors(p))
+    return tensors
+
+
+def has_checkpoint(model_dir: str) -> bool:
+    return bool(glob.glob(os.path.join(model_dir, "*.safetensors")))
+
+
+def load_params(arch: LlamaArch, model_dir: str, dtype: Any, device: Any) -> Params:
+    """HF names -> the stacked, fused, [in, out] layout, placed on `device` in `dtype`."""
+    t = _checkpoint_tensors(model_dir)
+    if not t:
+        raise ValueError(f"model: no *.safetensors files in {model_dir}")
+    for k in list(t):  # some checkpoints drop the "model." prefix
+        if not k.startswith("model.") and not k.startswith("lm_head."):
+            t["model." + k] = t.pop(k)
+
+    def get(name: str) -> np.ndarray:
+        if name not in t:
+            raise ValueError(f"model: tensor {name} missing from the checkpoint in {model_dir}")
+        return np.asarray(t[name], dtype=np.float32)
+
+    def put(x: np.ndarray) -> jax.Array:
+        return jax.device_put(jnp.asarray(x, dtype=dtype), device)
+
+    L = arch.num_layers
+    layers: dict[str, list[np.ndarray]] = {}
+
+    def add(key: str, x: np.ndarray) -> None:
+        layers.setdefault(key, []).append(x)
+
+    for i in range(L):
+        p = f"model.layers.{i}."
+        q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+        add("wqkv", np.concatenate([q, k, v], axis=0).T)
+        add("wo", get(p + "self_attn.o_proj.weight").T)
+        if arch.qkv_bias:
+            add("bqkv", np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+        if arch.o_bias:
+            add("bo", get(p + "self_attn.o_proj.bias"))
+        if arch.qk_norm:
+            add("q_norm", get(p + "self_attn.q_norm.weight"))
+            add("k_norm", get(p + "self_attn.k_norm.weight"))
+        add("wgu", np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0).T)
+        add("wd", get(p + "mlp.down_proj.weight").T)
+        if arch.mlp_bias:
+            add("bgu", np.concatenate([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")]))
+            add("bd", get(p + "mlp.down_proj.bias"))
+        add("in_norm", get(p + "input_layernorm.weight"))
+        add("post_norm", get(p + "post_attention_layernorm.weight"))
+    params: Params = {
+        "embed": put(get("model.embed_tokens.weight")),
+        "norm": put(get("model.norm.weight")),
+        "layers": {k: put(np.stack(v)) for k, v in layers.items()},
+    }
+    if not arch.tie_word_embeddings and "lm_head.weight" in t:
+        params["lm_head"] = put(get("lm_head.weight").T)
+    return params
+
+
+def random_params(arch: LlamaArch, dtype: Any, device: Any, seed: int = 0, std: float = 0.02) -> Params:
+    """Random weights made on the device (no checkpoint): for benchmarks of a model shape."""
+    L, H, I, D = arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "wqkv": (L, H, arch.qkv_out), "wo": (L, arch.num_heads * D, H),
+        "wgu": (L, H, 2 * I), "wd": (L, I, H),
+    }
+    if arch.qkv_bias:
+        shapes["bqkv"] = (L, arch.qkv_out)
+    if arch.o_bias:
+        shapes["bo"] = (L, H)
+    if arch.mlp_bias:
+        shapes["bgu"], shapes["bd"] = (L, 2 * I), (L, H)
+    ones = {"in_norm": (L, H), "post_norm": (L, H)}
+    if arch.qk_norm:
+        ones.update(q_norm=(L, D), k_norm=(L, D))
+
+    @jax.jit
+    def make(key: jax.Array) -> Params:
+        keys = jax.random.split(key, len(shapes) + 2)
+        layers = {n: (std * jax.random.normal(k, s, jnp.float32)).astype(dtype) for (n, s), k in zip(shapes.items(), keys)}
+        layers.update({n: jnp.ones(s, dtype) for n, s in ones.items()})
+        p: Params = {"embed": (std * jax.random.normal(keys[-2], (arch.vocab_size, H), jnp.float32)).astype(dtype),
+                     "norm": jnp.ones((H,), dtype), "layers": layers}
+        if not arch.tie_word_embeddings:
+            p["lm_head"] = (std * jax.random.normal(keys[-1], (H, arch.vocab_size), jnp.float32)).astype(dtype)
+        return p
+
+    with jax.default_device(device):
+        return make(jax.random.key(seed))
+
+
+def params_nbytes(params: Params) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half rope (HF layout); x [T, heads, D], cos/sin [T, D/2] float32."""
+    half = x.shape[-1] // 2
+    c = jnp.concatenate([cos, cos], axis=-1)[:, None, :].astype(x.dtype)
+    s = jnp.concatenate([sin, sin], axis=-1)[:, None, :].astype(x.dtype)
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * c + rot * s
+
+
+def forward(
+    params: Params,
+    kv_cache: Any,
+    token_ids: jax.Array,  # [T] int32
+    positions: jax.Array,  # [T] int32
+    meta: jax_paged.AttentionMetadata,
+    logits_indices: jax.Array,  # [S] int32: rows of the flat batch to compute logits for
+    *,
+    arch: LlamaArch,
+    attention: Callable[..., jax.Array],
+    scan_layers: bool,
+    all_logits: bool = False,
+) -> tuple[jax.Array, Any]:
+    """One ragged step: write this step's K/V into the paged cache, attend, return
+    float32 logits [S, vocab] for the requested rows and the updated cache; with
+    `all_logits`, logits [T, vocab] of every row instead (prompt logprobs)."""
+    Hq, Hkv, D = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    T = token_ids.shape[0]
+    inv_freq = jnp.asarray(rope_inv_freq(arch))
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    scale = D ** -0.5
+    h = params["embed"][token_ids]
+
+    def layer(h: jax.Array, lp: Params, cache: jax.Array, li: Any) -> tuple[jax.Array, jax.Array]:
+        x = rms_norm(h, lp["in_norm"], arch.rms_norm_eps)
+        qkv = x @ lp["wqkv"]
+        if "bqkv" in lp:
+            qkv = qkv + lp["bqkv"]
+        q = qkv[:, : Hq * D].reshape(T, Hq, D)
+        k = qkv[:, Hq * D: (Hq + Hkv) * D].reshape(T, Hkv, D)
+        v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D)
+        if "q_norm" in lp:
+            q = rms_norm(q, lp["q_norm"], arch.rms_norm_eps)
+            k = rms_norm(k, lp["k_norm"], arch.rms_norm_eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        cache = jax_paged.write_kv(cache, li, k, v, meta)
+        o = attention(q, cache, li, meta, scale=scale)
+        o = o.reshape(T, Hq * D) @ lp["wo"]
+        if "bo" in lp:
+            o = o + lp["bo"]
+        h = h + o
+        x = rms_norm(h, lp["post_norm"], arch.rms_norm_eps)
+        gu = x @ lp["wgu"]
+        if "bgu" in lp:
+            gu = gu + lp["bgu"]
+        g, u = jnp.split(gu, 2, axis=-1)
+        m = (jax.nn.silu(g) * u) @ lp["wd"]
+        if "bd" in lp:
+            m = m + lp["bd"]
+        return h + m, cache
+
+    if scan_layers:
+        def body(carry: tuple[jax.Array, jax.Array], xs: tuple[Params, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], None]:
+            h, cache = carry
+            lp, li = xs
+            return layer(h, lp, cache, li), None
+
+        (h, kv_cache), _ = jax.lax.scan(body, (h, kv_cache), (params["layers"], jnp.arange(arch.num_layers, dtype=jnp.int32)))
+    else:
+        caches = list(kv_cache)
+        for i in range(arch.num_layers):
+            layers = params["layers"]
+            lp = layers[i] if isinstance(layers, list) else jax.tree.map(lambda w: w[i], layers)
+            h, caches[i] = layer(h, lp, caches[i], None)
+        kv_cache = tuple(caches)
+
+    h = rms_norm(h if all_logits else h[logits_indices], params["norm"], arch.rms_norm_eps)
+    w = params["lm_head"] if "lm_head" in params else params["embed"].T
+    logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+    return logits, kv_cache

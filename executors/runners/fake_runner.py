@@ -1,0 +1,236 @@
+"""A fast deterministic stand-in for a model, for testing the scheduler and engine.
+
+Its "model": the next token is a hash of the request's *entire* token history (and
+its seed when sampling), so any lost, duplicated or reordered token changes every
+later token. It also simulates the paged KV cache: computing a position writes
+(token, position) into that slot, and every step checks that all earlier positions
+of the request read back exactly through its block table. A scheduler bug in block
+tables, prefix caching or preemption therefore fails loudly instead of silently.
+
+Structured output: with a tokenizer.json in the model dir (and llguidance), requests
+with `structured` are masked exactly as the torch runner masks them (the same
+`executors.structured_output` manager, batched CPU bitmask fill); a masked-out hash
+token is replaced by an allowed one picked by the same hash.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from aiosched.config import EngineConfig
+from aiosched.protocol import PROTOCOL_VERSION, Logprobs, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
+from executors.runner import ModelRunner, PendingOutput, ReadyOutput
+from executors.structured_output import StructuredOutputManager, allowed_token_ids, bitmask_words
+
+_MOD = (1 << 61) - 1
+
+
+class FakeKVError(AssertionError):
+    """The simulated KV cache read back something the request never wrote."""
+
+
+class _State:
+    def __init__(self, new: NewRequestData) -> None:
+        self.tokens = list(new.token_ids)
+        self.prompt_len = new.prompt_len
+        self.seed = new.seed
+        self.sampling = new.sampling
+        self.masked = set(new.eos_token_ids) | set(new.sampling.stop_token_ids)
+        self.blocks: list[int] = []
+        self.num_computed = 0
+        self.prefix_hash = [0]  # prefix_hash[i] = hash of tokens[:i]
+
+    def hash_upto(self, n: int) -> int:
+        while len(self.prefix_hash) <= n:
+            i = len(self.prefix_hash) - 1
+            self.prefix_hash.append((self.prefix_hash[-1] * 1_000_003 + self.tokens[i] + 1) % _MOD)
+        return self.prefix_hash[n]
+
+
+class FakeModelRunner(ModelRunner):
+    # config.json "fake_context_tokens": w > 0 makes the next token a hash of the last w
+    # tokens only (a w-gram model: greedy output falls into cycles that n-gram
+    # speculation can copy). 0: the whole history.
+    context = 0
+
+    def __init__(self, config: EngineConfig, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(config, rank, world_size)
+        self.vocab_size = 512
+        self.max_model_len = config.max_model_len or 4096
+        if config.model and os.path.isfile(os.path.join(config.model, "config.json")):
+            with open(os.path.join(config.model, "config.json")) as f:
+                cfg = json.load(f)
+            self.vocab_size = cfg.get("vocab_size", self.vocab_size)
+            self.max_model_len = min(self.max_model_len, cfg.get("max_position_embeddings", self.max_model_len))
+            self.context = int(cfg.get("fake_context_tokens", 0))
+        self.num_blocks = config.num_kv_blocks or 1024
+        self.bs = config.block_size
+        self.slots: list[tuple[int, int] | None] = [None] * (self.num_blocks * self.bs)
+        self.reqs: dict[str, _State] = {}
+        self.steps = 0
+        self.tokens_computed = 0
+        self.structured: StructuredOutputManager | None = None
+
+    def load(self) -> WorkerInfo:
+        self.structured = StructuredOutputManager.for_model_dir(self.config.model, self.vocab_size)
+        features = ["logprobs", "prompt_logprobs"] + (["structured_output"] if self.structured is not None else [])
+        return WorkerInfo(PROTOCOL_VERSION, self.num_blocks, self.bs, self.vocab_size, self.max_model_len, "cpu", "none", "fake",
+                          features=features)
+
+    def _slot(self, st: _State, pos: int) -> int:
+        return st.blocks[pos // self.bs] * self.bs + pos % self.bs
+
+    def _next_token(self, st: _State, n: int, allowed: "np.ndarray | None" = None, grammar_done: bool = False) -> int:
+        if self.context:
+            h = 0
+            for t in st.tokens[max(0, n - self.context) : n]:
+                h = (h * 1_000_003 + t + 1) % _MOD
+                h = ((h ^ (h >> 29)) * 0x9E3779B97F4A7C15) % _MOD
+        else:
+            h = st.hash_upto(n)
+        if not st.sampling.greedy:
+            h = (h * 31 + st.seed * 7 + n) % _MOD
+        tok = h % self.vocab_size
+        if allowed is not None:  # grammar mask: min_tokens yields to a completed grammar
+            ok = allowed if grammar_done or n - st.prompt_len >= st.sampling.min_tokens else allowed[~np.isin(allowed, list(st.masked))]
+            if len(ok) == 0:
+                ok = allowed
+            if tok not in ok:
+                tok = int(ok[(h // self.vocab_size) % len(ok)])
+            return tok
+        if n - st.prompt_len < st.sampling.min_tokens:
+            while tok in st.masked:
+                tok = (tok + 1) % self.vocab_size
+        return tok
+
+    def execute(self, so: SchedulerOutput) -> PendingOutput:
+        for rid in so.freed_req_ids:
+            self.reqs.pop(rid, None)
+            if self.structured is not None:
+                self.structured.free(rid)
+        for new in so.new_requests:
+            if new.req_id in self.reqs:
+                raise FakeKVError(f"{new.req_id}: sent as new but the worker already has it")
+            self.reqs[new.req_id] = _State(new)
+            if new.sampling.structured is not None:
+                if self.structured is None:
+                    raise ValueError("structured: this worker has no tokenizer.json or no llguidance")
+                self.structured.add_request(new)
+        masks = self._grammar_masks(so)
+        out = RunnerOutput(step_id=so.step_id, req_ids=[], sampled_token_ids=[])
+        for sr in so.scheduled:
+            st = self.reqs[sr.req_id]
+            st.blocks.extend(sr.new_block_ids)
+            if sr.num_draft_slots:
+                self._spec_step(sr, st, out)
+                continue
+            start, end = sr.num_computed_tokens, sr.num_computed_tokens + sr.num_tokens
+            if end > len(st.tokens):
+                raise FakeKVError(f"{sr.req_id}: scheduled up to position {end} but only {len(st.tokens)} tokens exist")
+            if len(st.blocks) * self.bs < end:
+                raise FakeKVError(f"{sr.req_id}: {len(st.blocks)} blocks cannot hold {end} tokens")
+            for p in range(start, end):
+                self.slots[self._slot(st, p)] = (st.tokens[p], p)
+            for p in range(0, start):  # "attention" reads the whole prefix
+                if self.slots[self._slot(st, p)] != (st.tokens[p], p):
+                    raise FakeKVError(f"{sr.req_id}: KV at position {p} is {self.slots[self._slot(st, p)]}, expected {(st.tokens[p], p)}")
+            st.num_computed = end
+            self.tokens_computed += sr.num_tokens
+            if st.sampling.prompt_logprobs is not None and start + 1 < st.prompt_len:
+                k = st.sampling.prompt_logprobs
+                plp = [self._fake_logprob(st, p, st.tokens[p]) for p in range(start + 1, min(end + 1, st.prompt_len))]
+                if plp:
+                    lp = Logprobs([v for v, _, _ in plp], [ids for _, ids, _ in plp], [vals for _, _, vals in plp])
+                    out.prompt_logprobs = out.prompt_logprobs or {}
+                    out.prompt_logprobs[sr.req_id] = lp
+            if sr.sample:
+                if end != len(st.tokens):
+                    raise FakeKVError(f"{sr.req_id}: sampling at {end} but history has {len(st.tokens)} tokens")
+                mask = masks.get(sr.req_id)
+                tok = self._next_token(st, end) if mask is None else self._next_token(st, end, *mask)
+                st.tokens.append(tok)
+                out.req_ids.append(sr.req_id)
+                out.sampled_token_ids.append([tok])
+                if st.sampling.logprobs is not None:
+                    v, ids, vals = self._fake_logprob(st, end, tok)
+                    out.logprobs = out.logprobs or []
+                    out.logprobs.extend([None] * (len(out.req_ids) - 1 - len(out.logprobs)))
+                    out.logprobs.append(Logprobs([v], [ids], [vals]))
+        if out.logprobs is not None:
+            out.logprobs.extend([None] * (len(out.req_ids) - len(out.logprobs)))
+        self.steps += 1
+        return ReadyOutput(out)
+
+    def _spec_step(self, sr, st: _State, out: RunnerOutput) -> None:
+        """Speculative decode: the position is the worker's own (the scheduler's is an upper
+        bound in async mode); drafts from the history; verify against the point-mass model."""
+        from executors.spec_decode import propose_ngram
+
+        spec = self.config.speculative
+        start = len(st.tokens) - 1
+        if start > sr.num_computed_tokens:
+            raise FakeKVError(f"{sr.req_id}: worker at position {start}, past the scheduler's bound {sr.num_computed_tokens}")
+        room = min(sr.num_draft_slots, len(st.blocks) * self.bs - start - 1)
+        if room < sr.num_draft_slots and len(st.blocks) * self.bs < sr.num_computed_tokens + sr.num_tokens:
+            raise FakeKVError(f"{sr.req_id}: {len(st.blocks)} blocks cannot hold the {sr.num_tokens} reserved tokens")
+        drafts = propose_ngram(st.tokens, room, spec.ngram_min, spec.ngram_max) if spec is not None else []
+        seq = st.tokens[start:] + drafts
+        for i, t in enumerate(seq):  # KV of the last token and the drafts (rejected ones are overwritten later)
+            self.slots[self._slot(st, start + i)] = (t, start + i)
+        for p in range(0, start):
+            if self.slots[self._slot(st, p)] != (st.tokens[p], p):
+                raise FakeKVError(f"{sr.req_id}: KV at position {p} is {self.slots[self._slot(st, p)]}, expected {(st.tokens[p], p)}")
+        self.tokens_computed += len(seq)
+        emitted: list[int] = []
+        for j in range(len(drafts) + 1):
+            tok = self._next_token(st, len(st.tokens))
+            st.tokens.append(tok)
+            emitted.append(tok)
+            if j == len(drafts) or drafts[j] != tok:
+                break
+        st.num_computed = len(st.tokens) - 1
+        out.req_ids.append(sr.req_id)
+        out.sampled_token_ids.append(emitted)
+        out.num_draft_tokens += len(drafts)
+        out.num_accepted_tokens += len(emitted) - 1
+
+    def _fake_logprob(self, st: _State, n: int, tok: int) -> tuple[float, list[int], list[float]]:
+        """A deterministic stand-in for log p(token at n | history): (logprob, top ids, top logprobs)."""
+        h = (st.hash_upto(n) * 0x9E3779B1 + tok * 7919) % _MOD
+        v = -((h >> 7) % 4000) / 1000.0 - 0.001
+        k = st.sampling.logprobs if n >= st.prompt_len else st.sampling.prompt_logprobs
+        ids = [(tok + j) % self.vocab_size for j in range(k or 0)]
+        return v, ids, [v - 0.5 * j for j in range(len(ids))]
+
+    def _grammar_masks(self, so: SchedulerOutput) -> "dict[str, tuple[np.ndarray, bool]]":
+        """Allowed tokens per constrained sampled request, filled as one batch (like the torch runner)."""
+        mgr = self.structured
+        rows = mgr.constrained_rows(so) if mgr is not None else []
+        if not rows:
+            return {}
+        assert mgr is not None
+        for _, rid, pos in rows:
+            st = self.reqs[rid]
+            mgr.sync(rid, pos, lambda a, b, st=st: st.tokens[a:b])
+        bitmask = np.zeros((len(rows), bitmask_words(mgr.vocab_size)), dtype=np.int32)
+        mgr.fill_bitmask(bitmask, [(i, rid) for i, (_, rid, _) in enumerate(rows)])
+        return {rid: (allowed_token_ids(bitmask[i], self.vocab_size), mgr.grammars[rid].is_terminated) for i, (_, rid, _) in enumerate(rows)}
+
+
+def reference_tokens(prompt: list[int], max_tokens: int, vocab_size: int = 512, seed: int = 0, greedy: bool = True,
+                     min_tokens: int = 0, masked: set[int] | None = None) -> list[int]:
+    """What the fake model generates for one request alone, ignoring stop conditions."""
+    from aiosched.sampling_params import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, min_tokens=min_tokens)
+    st = _State(NewRequestData("ref", list(prompt), len(prompt), sp, seed, sorted(masked or ())))
+    runner = FakeModelRunner.__new__(FakeModelRunner)
+    runner.vocab_size = vocab_size
+    out = []
+    for _ in range(max_tokens):
+        tok = runner._next_token(st, len(st.tokens))
+        st.tokens.append(tok)
+        out.append(tok)
+    return out

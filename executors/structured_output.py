@@ -1,0 +1,336 @@
+"""Worker-side structured output: grammar matchers, CPU bitmask fill, device bitmask apply.
+
+The grammar state lives in the worker, next to the token history, so it works the
+same under sync and one-step-ahead (async) scheduling; docs/architecture.md,
+"Structured output under async scheduling", has the timeline and its cost. A runner
+uses this module in four places:
+
+1. `add_request(new)` / `free(req_id)` with the step's diff (a resumed request is
+   fast-forwarded over the outputs it already has);
+2. `rows = manager.constrained_rows(so)`: the sampled rows whose request has a
+   grammar. Empty -> the runner takes its unchanged path: no wait, no mask;
+3. after launching the forward pass: `manager.sync(req_id, position, history)` for
+   each row, which advances the matcher over the tokens it has not seen (in async
+   mode: the previous step's token, read from the host copy the runner already
+   makes), then `manager.fill_bitmask(bitmask, rows)` on the CPU (parallel over
+   requests, GIL released);
+4. `apply_token_bitmask(logits, bitmask_on_device, row_index)` right before sampling:
+   disallowed tokens get -inf.
+
+Compiled grammars are cached per (tokenizer, grammar text): a new request with a
+known spec deep-copies a prototype matcher (~10-40 us) instead of compiling.
+
+Grammar engine: llguidance (docs/structured_output.md). The packed bitmask is
+int32 [rows, ceil(vocab / 32)], bit `t % 32` of word `t // 32` set when token `t`
+is allowed, the layout llguidance and xgrammar both use.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from aiosched.protocol import NewRequestData, SchedulerOutput
+from aiosched.sampling_params import StructuredOutputParams
+from aiosched.structured import grammar_for
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("aiosched.structured")
+
+COMPILE_CACHE_SIZE = 256
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+# ---- tokenizer + compile cache ----
+
+
+class GrammarTokenizer:
+    """The tokenizer as the grammar engine sees it (token -> bytes trie). Build once per worker."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int | None = None, eos_token_ids: Sequence[int] = ()) -> None:
+        import llguidance
+
+        self._llg = llguidance
+        eos = list(eos_token_ids) or None
+        self.tok = llguidance.LLTokenizer(tokenizer_json, eos_token=eos)
+        if vocab_size is not None and vocab_size > self.tok.vocab_size:
+            # The model's vocab is padded past the tokenizer's: padded ids are never allowed.
+            self.tok = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
+        self.vocab_size = self.tok.vocab_size
+        self.eos_token_ids = list(self.tok.eos_tokens)
+        h = hashlib.sha256(tokenizer_json.encode())
+        h.update(f"|{self.vocab_size}|{self.eos_token_ids}".encode())
+        self.key = h.hexdigest()[:16]
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, vocab_size: int | None = None, eos_token_ids: Sequence[int] | None = None) -> "GrammarTokenizer":
+        with open(os.path.join(model_dir, "tokenizer.json"), encoding="utf-8") as f:
+            text = f.read()
+        if eos_token_ids is None:
+            from aiosched.tokenizer import Tokenizer
+
+            eos_token_ids = Tokenizer(model_dir).eos_token_ids
+        return cls(text, vocab_size, eos_token_ids)
+
+
+_cache_lock = threading.Lock()
+_compile_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+
+
+def compile_grammar(tok: GrammarTokenizer, spec: StructuredOutputParams) -> Any:
+    """A fresh matcher at the grammar's start state. Compiles once per (tokenizer, spec)."""
+    grammar = grammar_for(spec)  # validated; ValueError names the field
+    key = (tok.key, grammar)
+    with _cache_lock:
+        proto = _compile_cache.get(key)
+        if proto is not None:
+            _compile_cache.move_to_end(key)
+    if proto is None:
+        proto = tok._llg.LLMatcher(tok.tok, grammar, log_level=0)
+        if proto.is_error():
+            raise ValueError(f"structured: the grammar does not compile for this tokenizer: {proto.get_error()[:500]}")
+        with _cache_lock:
+            _compile_cache[key] = proto
+            while len(_compile_cache) > COMPILE_CACHE_SIZE:
+                _compile_cache.popitem(last=False)
+    return proto.deep_copy()
+
+
+def clear_compile_cache() -> None:
+    with _cache_lock:
+        _compile_cache.clear()
+
+
+# ---- one request ----
+
+
+class RequestGrammar:
+    """A request's matcher and how many of its output tokens it has consumed."""
+
+    __slots__ = ("req_id", "matcher", "prompt_len", "num_consumed", "_warned")
+
+    def __init__(self, req_id: str, matcher: Any, prompt_len: int) -> None:
+        self.req_id = req_id
+        self.matcher = matcher
+        self.prompt_len = prompt_len
+        self.num_consumed = 0
+        self._warned = False
+
+    def accept_token(self, token: int) -> bool:
+        """Advance over one sampled token. A rejected token (a bug elsewhere, or a token
+        forced past the grammar) puts the matcher in its error state, whose mask allows
+        only EOS: the request then ends instead of producing garbage."""
+        self.num_consumed += 1
+        ok = bool(self.matcher.consume_token(int(token)))
+        if not ok and not self._warned:
+            self._warned = True
+            log.warning("%s: token %d rejected by the grammar: %s", self.req_id, token, self.matcher.get_error()[:300])
+        return ok
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar is complete (or failed): only EOS is allowed from here on."""
+        return bool(self.matcher.is_stopped())
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.matcher.is_error())
+
+
+# ---- the worker's manager ----
+
+
+class StructuredOutputManager:
+    """All grammar state of one worker. Used from the runner's launch thread only."""
+
+    def __init__(self, tokenizer: "GrammarTokenizer | Callable[[], GrammarTokenizer]", num_threads: int | None = None) -> None:
+        self._tok: GrammarTokenizer | None = None
+        self._tok_error: BaseException | None = None
+        self._tok_ready = threading.Event()
+        if isinstance(tokenizer, GrammarTokenizer):
+            self._set_tok(tokenizer)
+        else:
+            # Building the token trie takes ~0.5-2 s for a 64k-128k vocab: do it in the
+            # background from load() so the first constrained request rarely waits.
+            threading.Thread(target=self._build_tok, args=(tokenizer,), name="aiosched-grammar-tok", daemon=True).start()
+        self._num_threads = num_threads or max(1, min(8, (os.cpu_count() or 2) - 1))
+        self._executor: Any = None
+        self.grammars: dict[str, RequestGrammar] = {}
+
+    @classmethod
+    def for_model_dir(cls, model_dir: str | None, vocab_size: int | None = None) -> "StructuredOutputManager | None":
+        """A manager whose tokenizer builds in the background, or None when structured
+        output is unavailable (no tokenizer.json, or llguidance not installed)."""
+        if not model_dir or not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+            return None
+        try:
+            import llguidance  # noqa: F401
+        except ImportError:
+            return None
+        return cls(lambda: GrammarTokenizer.from_model_dir(model_dir, vocab_size))
+
+    def _set_tok(self, tok: GrammarTokenizer) -> None:
+        self._tok = tok
+        self._tok_ready.set()
+
+    def _build_tok(self, factory: Callable[[], GrammarTokenizer]) -> None:
+        try:
+            self._set_tok(factory())
+        except BaseException as e:  # surfaced on first use
+            self._tok_error = e
+            self._tok_ready.set()
+
+    @property
+    def tokenizer(self) -> GrammarTokenizer:
+        self._tok_ready.wait()
+        if self._tok is None:
+            raise RuntimeError(f"structured output: building the grammar tokenizer failed: {self._tok_error!r}")
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    # -- request lifecycle --
+
+    def add_request(self, new: NewRequestData) -> RequestGrammar | None:
+        spec = new.sampling.structured
+        if spec is None:
+            return None
+        rg = RequestGrammar(new.req_id, compile_grammar(self.tokenizer, spec), new.prompt_len)
+        for t in new.token_ids[new.prompt_len :]:  # resumed after preemption: fast-forward
+            rg.accept_token(t)
+        self.grammars[new.req_id] = rg
+        return rg
+
+    def free(self, req_id: str) -> None:
+        self.grammars.pop(req_id, None)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.grammars
+
+    def __len__(self) -> int:
+        return len(self.grammars)
+
+    def get(self, req_id: str) -> RequestGrammar | None:
+        return self.grammars.get(req_id)
+
+    # -- per step --
+
+    def constrained_rows(self, so: SchedulerOutput) -> list[tuple[int, str, int]]:
+        """(sample row, req_id, position of the token to sample) for each sampled request
+        with a grammar. Sample rows count only `sample=True` requests, in batch order."""
+        if not self.grammars:
+            return []
+        rows: list[tuple[int, str, int]] = []
+        row = 0
+        for sr in so.scheduled:
+            if not sr.sample:
+                continue
+            if sr.req_id in self.grammars:
+                rows.append((row, sr.req_id, sr.num_computed_tokens + sr.num_tokens))
+            row += 1
+        return rows
+
+    def sync(self, req_id: str, position: int, history: Callable[[int, int], Sequence[int]]) -> RequestGrammar:
+        """Advance the matcher over tokens [.., position) it has not consumed yet.
+
+        `history(start, end)` returns those tokens; in async mode the runner makes it
+        wait for the previous step's host copy (only constrained rows ever wait)."""
+        rg = self.grammars[req_id]
+        start = rg.prompt_len + rg.num_consumed
+        if position > start:
+            for t in history(start, position):
+                rg.accept_token(t)
+        elif position < start:  # pragma: no cover - the scheduler never rewinds a live request
+            raise RuntimeError(f"{req_id}: matcher is at {start}, asked to mask position {position}")
+        return rg
+
+    def fill_bitmask(self, bitmask: np.ndarray, rows: Sequence[tuple[int, str]]) -> None:
+        """Write each request's next-token mask into `bitmask[row]` (int32, C-contiguous,
+        [batch, ceil(vocab / 32)]; a pinned torch tensor's `.numpy()` view works)."""
+        if not rows:
+            return
+        if bitmask.dtype != np.int32 or bitmask.ndim != 2 or not bitmask.flags.c_contiguous:
+            raise ValueError("bitmask must be a C-contiguous int32 [batch, words] array")
+        batch, words = bitmask.shape
+        if words * 32 < self.vocab_size:
+            raise ValueError(f"bitmask has {words} words per row; the vocab needs {bitmask_words(self.vocab_size)}")
+        nbytes = words * 4
+        ptr = bitmask.ctypes.data
+        for row, _ in rows:
+            if not 0 <= row < batch:
+                raise IndexError(f"bitmask row {row} out of range for {batch} rows")
+        if len(rows) == 1 or self._num_threads <= 1:
+            # One row, or no spare core: in this thread (a pool's spinning workers would
+            # compete with the model's own threads for the CPU).
+            for row, rid in rows:
+                self.grammars[rid].matcher.unsafe_compute_mask_ptr(ptr + row * nbytes, nbytes)
+            return
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor(num_threads=self._num_threads)
+        self._executor.unsafe_compute_mask_ptr([(self.grammars[rid].matcher, row) for row, rid in rows], ptr, nbytes, batch)
+
+
+# ---- bitmask helpers ----
+
+
+def allowed_token_ids(bitmask_row: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token ids whose bit is set (host side; for CPU runners and tests)."""
+    bits = np.unpackbits(np.ascontiguousarray(bitmask_row, dtype=np.int32).view(np.uint8), bitorder="little")
+    return np.flatnonzero(bits[:vocab_size])
+
+
+def allocate_bitmask(batch: int, vocab_size: int, pin_memory: bool = False) -> "torch.Tensor":
+    """A host int32 bitmask, all tokens allowed; pinned for a non-blocking upload."""
+    import torch
+
+    return torch.full((batch, bitmask_words(vocab_size)), -1, dtype=torch.int32, pin_memory=pin_memory)
+
+
+_SHIFTS: dict[Any, "torch.Tensor"] = {}
+
+
+def unpack_bitmask(bitmask: "torch.Tensor", vocab_size: int) -> "torch.Tensor":
+    """int32 [R, W] packed -> bool [R, vocab_size] (True = allowed), on the bitmask's device.
+
+    Unpacks through a uint8 view (memory is little-endian on every supported device),
+    so the temporary is one byte per token. Tokens past 32 * W are disallowed."""
+    import torch
+
+    rows, words = bitmask.shape
+    by = bitmask.contiguous().view(torch.uint8)  # [R, 4W], token t = byte t // 8, bit t % 8
+    shifts = _SHIFTS.get(bitmask.device)
+    if shifts is None:
+        shifts = _SHIFTS[bitmask.device] = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    bits = ((by.unsqueeze(-1) >> shifts) & 1).view(rows, words * 32).bool()
+    if words * 32 >= vocab_size:
+        return bits[:, :vocab_size]
+    pad = torch.zeros((rows, vocab_size - words * 32), dtype=torch.bool, device=bitmask.device)
+    return torch.cat([bits, pad], dim=1)
+
+
+def apply_token_bitmask(logits: "torch.Tensor", bitmask: "torch.Tensor", rows: "torch.Tensor | None" = None) -> None:
+    """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] is clear.
+
+    `logits` [B, V] float; `bitmask` int32 [R, W] on the logits' device; `rows` long [R]
+    (the logits rows the bitmask rows apply to), or None when R == B."""
+    allowed = unpack_bitmask(bitmask, logits.shape[-1])
+    if rows is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    sub = logits.index_select(0, rows)
+    sub.masked_fill_(~allowed, float("-inf"))
+    logits.index_copy_(0, rows, sub)

@@ -1,0 +1,111 @@
+"""Incremental detokenization: never broken UTF-8, stop strings trimmed across tokens."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from aiosched.detokenizer import IncrementalDetokenizer
+from aiosched.tokenizer import Tokenizer
+
+TEXT = "Hello wörld! naïve café — 日本語のテキスト 🙂🚀 def f(x): return x * 2\n" * 20
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    d = tmp_path_factory.mktemp("tok")
+    t = HFTokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    return Tokenizer(d)
+
+
+def _stream(tok: Tokenizer, ids: list[int], stop: list[str] | None = None, chunk: int = 1) -> tuple[list[str], str | None]:
+    d = IncrementalDetokenizer(tok, [], stop or [])
+    pieces, hit = [], None
+    for i in range(0, len(ids), chunk):
+        text, hit = d.add_tokens(ids[i : i + chunk])
+        pieces.append(text)
+        if hit:
+            break
+    pieces.append(d.flush())
+    return pieces, hit
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_streamed_text_equals_full_decode_and_is_never_broken(tok: Tokenizer, chunk: int) -> None:
+    ids = tok.encode(TEXT)
+    # Byte-level pieces: single tokens for multi-byte characters split across tokens.
+    pieces, _ = _stream(tok, ids, chunk=chunk)
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_single_byte_tokens_of_an_emoji_emit_nothing_until_complete(tok: Tokenizer) -> None:
+    raw = HFTokenizer.from_str(tok._tok.to_str())
+    byte_chars = _bytes_to_unicode()  # the emoji's 4 bytes as 4 single-byte tokens
+    ids = [raw.token_to_id(byte_chars[b]) for b in "🙂".encode()]
+    pieces, _ = _stream(tok, ids)
+    assert pieces[:3] == ["", "", ""] and "".join(pieces) == "🙂"
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def test_stop_string_spanning_tokens_is_trimmed_and_never_leaks(tok: Tokenizer) -> None:
+    ids = tok.encode(TEXT)
+    full = tok.decode(ids)
+    stop = "café — 日本"
+    pieces, hit = _stream(tok, ids, stop=[stop])
+    assert hit == stop
+    # Exactly the text before the stop string: no part of it was streamed out early.
+    assert "".join(pieces) == full[: full.index(stop)]
+
+
+def test_include_stop_string(tok: Tokenizer) -> None:
+    ids = tok.encode(TEXT)
+    full = tok.decode(ids)
+    d = IncrementalDetokenizer(tok, [], ["naïve"], include_stop=True)
+    out = ""
+    for t in ids:
+        text, hit = d.add_tokens([t])
+        out += text
+        if hit:
+            break
+    assert out == full[: full.index("naïve") + len("naïve")]
+
+
+def test_random_token_prompts_never_stall(tok: Tokenizer) -> None:
+    """Prompts given as ids may end inside a character; output text must still flow."""
+    import random
+
+    rng = random.Random(0)
+    vocab = tok.vocab_size
+    mismatches = 0
+    for _ in range(200):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 64))]
+        gen = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        d = IncrementalDetokenizer(tok, prompt, [])
+        out = "".join(d.add_tokens([t])[0] for t in gen) + d.flush()
+        whole, head = tok.decode(prompt + gen), tok.decode(prompt).rstrip("\ufffd")
+        expected = whole[len(head):] if whole.startswith(head) else tok.decode(gen)
+        # Random ids make invalid UTF-8; where a window boundary splits an invalid
+        # sequence the count of U+FFFD may differ. Every real character must match.
+        mismatches += out.replace("\ufffd", "") != expected.replace("\ufffd", "")
+    assert mismatches == 0

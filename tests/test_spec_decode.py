@@ -1,0 +1,209 @@
+"""N-gram speculative decoding: the proposer, the rejection sampler, and the oracle
+that greedy output with speculation is token-for-token the output without it (fake
+runner with its simulated KV check, tiny random torch model; sync and async; with
+preemption and chunked prefill)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from aiosched import SamplingParams
+from executors.spec_decode import accept_walk, propose_ngram
+
+SPEC = {"method": "ngram", "num_tokens": 4, "ngram_min": 1, "ngram_max": 3}
+
+
+# ---- proposer ----
+
+
+def test_proposer_copies_what_followed_the_most_recent_match() -> None:
+    #         0  1  2  3  4  5  6  7  8  9
+    toks = [1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3]
+    assert propose_ngram(toks, 3, 1, 3) == [7, 8, 1]  # most recent "1 2 3" at 4..6
+    assert propose_ngram(toks, 10, 1, 3) == [7, 8, 1, 2, 3]  # stops at the end of history
+
+
+def test_proposer_prefers_the_longest_ngram() -> None:
+    toks = [5, 3, 4, 6, 3, 9, 5, 3]  # "5 3" matches at 0 (-> 4); "3" alone matches at 4 (-> 9)
+    assert propose_ngram(toks, 1, 1, 2) == [4]
+    assert propose_ngram(toks, 1, 1, 1) == [9]
+    assert propose_ngram(toks, 1, 2, 2) == [4]
+
+
+def test_proposer_none() -> None:
+    assert propose_ngram([1, 2, 3, 4], 4, 1, 3) == []
+    assert propose_ngram([7], 4, 1, 3) == []
+    assert propose_ngram([7, 7], 0, 1, 3) == []
+    assert propose_ngram([1, 2, 9, 2], 2, 2, 3) == []  # only a 1-gram match, ngram_min=2
+    assert propose_ngram([7, 7, 7], 4, 1, 3) == [7]  # "7 7" at 0..1 -> the token at 2
+
+
+def test_accept_walk() -> None:
+    assert accept_walk([5, 6, 7], [True, True, False], 2) == [5, 6, 7]  # all drafts, then the bonus
+    assert accept_walk([5, 6, 7], [True, False, False], 2) == [5, 6]  # second draft rejected: corrected token
+    assert accept_walk([5, 6, 7], [False, True, True], 2) == [5]
+    assert accept_walk([5], [False], 0) == [5]
+
+
+# ---- rejection sampling preserves the target distribution ----
+
+
+def test_rejection_sampling_preserves_the_target_distribution() -> None:
+    torch = pytest.importorskip("torch")
+    from executors.sampler import SamplingBatch
+    from executors.spec_decode import verify_drafts
+
+    V, N = 6, 20000
+    logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.0])
+    target = torch.softmax(logits / 0.8, dim=-1)
+    for draft in (3, 1, 5):  # likely, unlikely, rare
+        b = SamplingBatch(
+            temperature=torch.full((N,), 0.8), top_k=torch.zeros(N, dtype=torch.int64), top_p=torch.ones(N), min_p=torch.zeros(N),
+            seeds=torch.arange(N, dtype=torch.int64) * 7919 + 1, positions=torch.full((N,), 37, dtype=torch.int64),
+            all_greedy=False, any_top_k=False, any_top_p=False, any_min_p=False)
+        toks, acc = verify_drafts(logits.expand(N, V).contiguous(), b, torch.full((N,), draft, dtype=torch.int64))
+        assert bool(((toks == draft) == acc).all()), "accepted rows yield the draft, rejected ones never do"
+        counts = torch.bincount(toks, minlength=V).double()
+        expected = target.double() * N
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 20.5, f"draft {draft}: chi2 {chi2:.1f} (5 dof, p=0.001 -> 20.5), counts {counts.tolist()}"
+        assert abs(float(acc.double().mean()) - float(target[draft])) < 0.02  # P(accept) = p(draft)
+
+
+def test_greedy_verification_is_argmax() -> None:
+    torch = pytest.importorskip("torch")
+    from executors.sampler import SamplingBatch
+    from executors.spec_decode import verify_drafts
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    b = SamplingBatch(torch.zeros(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), torch.zeros(3),
+                      torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), True, False, False, False)
+    toks, acc = verify_drafts(logits, b, torch.tensor([1, 2, -1]))
+    assert toks.tolist() == [1, 0, 2] and acc.tolist() == [True, False, False]
+
+
+# ---- engine identity: fake runner ----
+
+
+def _fake_model_dir(tmp_path: Path, context: int) -> str:
+    d = tmp_path / f"fake{context}"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"vocab_size": 48, "max_position_embeddings": 4096, "fake_context_tokens": context}))
+    return str(d)
+
+
+def _prompts(n: int) -> list[list[int]]:
+    # repetitive prompts: the proposer finds matches from the start
+    return [[(i * 5 + j % (3 + i % 4)) % 48 for j in range(6 + (i * 7) % 30)] for i in range(n)]
+
+
+async def _run(make_engine, prompts, params, **kw) -> tuple[list[list[int]], dict]:
+    async with make_engine(**kw) as eng:
+        outs = await asyncio.gather(*[eng.generate(p, params[i % len(params)]) for i, p in enumerate(prompts)])
+        stats = eng.stats()
+        eng.scheduler.check_invariants()
+    return [o.token_ids for o in outs], stats
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("context", [1, 0])
+async def test_fake_greedy_identity_with_preemption_and_chunking(make_engine, tmp_path, async_scheduling, context) -> None:
+    model = _fake_model_dir(tmp_path, context)
+    ps = _prompts(40)
+    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=23, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, speculative=False)]
+    kw = dict(runner="fake", model=model, async_scheduling=async_scheduling, num_kv_blocks=60, block_size=4, max_num_batched_tokens=24)
+    base, _ = await _run(make_engine, ps, params, **kw)
+    spec, st = await _run(make_engine, ps, params, speculative=SPEC, **kw)
+    assert spec == base
+    assert st["preemptions"] > 0, "the small pool must force preemption"
+    assert st["spec_draft_tokens"] > 0
+    if context:
+        assert st["spec_accepted_tokens"] > 0.3 * st["spec_draft_tokens"], st
+        assert st["spec_mean_accepted_len"] > 1.5, st
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_fake_spec_takes_fewer_steps(make_engine, tmp_path, async_scheduling) -> None:
+    model = _fake_model_dir(tmp_path, 1)
+    ps = _prompts(4)
+    p = [SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)]
+    kw = dict(runner="fake", model=model, async_scheduling=async_scheduling)
+    base, b = await _run(make_engine, ps, p, **kw)
+    spec, s = await _run(make_engine, ps, p, speculative=SPEC, **kw)
+    assert spec == base
+    assert s["steps"] < 0.75 * b["steps"], (s["steps"], b["steps"])
+    assert 0.0 < s["spec_acceptance_rate"] <= 1.0
+
+
+async def test_fake_seeded_sampling_unchanged_for_a_point_mass_model(make_engine, tmp_path) -> None:
+    # The fake model is deterministic also when sampling: verification must reproduce it.
+    model = _fake_model_dir(tmp_path, 1)
+    ps = _prompts(8)
+    p = [SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True)]
+    for mode in (False, True):
+        kw = dict(runner="fake", model=model, async_scheduling=mode)
+        base, _ = await _run(make_engine, ps, p, **kw)
+        spec, _ = await _run(make_engine, ps, p, speculative=SPEC, **kw)
+        assert spec == base
+
+
+async def test_fake_multiproc_identity(make_engine, tmp_path) -> None:
+    model = _fake_model_dir(tmp_path, 2)
+    ps = _prompts(6)
+    p = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)]
+    base, _ = await _run(make_engine, ps, p, runner="fake", model=model)
+    spec, st = await _run(make_engine, ps, p, runner="fake", model=model, executor="multiproc", speculative=SPEC)
+    assert spec == base and st["spec_accepted_tokens"] > 0
+
+
+# ---- engine identity: tiny random torch model ----
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    pytest.importorskip("torch")
+    from executors.random_checkpoint import write_random_checkpoint
+
+    return str(write_random_checkpoint(tmp_path_factory.mktemp("spec_tiny"), arch="llama", seed=3))
+
+
+def _torch_prompts(n: int) -> list[list[int]]:
+    return [[(i * 11 + j % (2 + i % 5)) % 300 + 3 for j in range(5 + (i * 13) % 40)] for i in range(n)]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_torch_greedy_identity_with_preemption_and_chunking(make_engine, tiny_model, async_scheduling) -> None:
+    ps = _torch_prompts(16)
+    params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, speculative=False)]
+    kw = dict(model=tiny_model, async_scheduling=async_scheduling, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32,
+              cpu_threads=1)
+    base, _ = await _run(make_engine, ps, params, **kw)
+    spec, st = await _run(make_engine, ps, params, speculative=SPEC, **kw)
+    assert spec == base
+    assert st["preemptions"] > 0
+    assert st["spec_accepted_tokens"] > 0, st
+
+
+async def test_torch_seeded_sampling_with_spec_is_reproducible(make_engine, tiny_model) -> None:
+    ps = _torch_prompts(6)
+    p = [SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=11, ignore_eos=True)]
+    outs = []
+    for mode in (False, True):
+        o, st = await _run(make_engine, ps, p, model=tiny_model, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
+        outs.append(o)
+        assert st["spec_draft_tokens"] > 0
+    assert outs[0] == outs[1], "seeded speculative sampling: sync == async"
+
+
+async def test_torch_multiproc_identity(make_engine, tiny_model) -> None:
+    ps = _torch_prompts(4)
+    p = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)]
+    base, _ = await _run(make_engine, ps, p, model=tiny_model, cpu_threads=1)
+    spec, st = await _run(make_engine, ps, p, model=tiny_model, executor="multiproc", speculative=SPEC, cpu_threads=1)
+    assert spec == base and st["spec_draft_tokens"] > 0

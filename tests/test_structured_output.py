@@ -1,0 +1,322 @@
+"""Structured output: spec validation, the worker-side grammar manager, bitmask fill and apply,
+and the engine end to end (fake runner, sync and async scheduling)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aiosched import SamplingParams, StructuredOutputParams
+from aiosched.protocol import NewRequestData, ScheduledRequest, SchedulerOutput
+from aiosched.structured import grammar_for, validate_structured
+from executors.structured_output import (
+    GrammarTokenizer,
+    StructuredOutputManager,
+    allowed_token_ids,
+    apply_token_bitmask,
+    bitmask_words,
+    compile_grammar,
+    unpack_bitmask,
+)
+from tests.json_schemas import json_schemas
+from tests.tiny_model import _write_tokenizer_only
+
+SO = StructuredOutputParams
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "ok": {"type": "boolean"},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "ok", "n"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    d = tmp_path_factory.mktemp("tiny-tok")
+    _write_tokenizer_only(d, max_model_len=1024)
+    return d
+
+
+@pytest.fixture(scope="module")
+def gtok(model_dir: pathlib.Path) -> GrammarTokenizer:
+    return GrammarTokenizer.from_model_dir(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def hf_tok(model_dir: pathlib.Path):
+    from aiosched.tokenizer import Tokenizer
+
+    return Tokenizer(model_dir)
+
+
+# ---- validation: every bad spec is a ValueError naming the field ----
+
+_BAD_SPECS = [
+    (SO(json_schema="{not json"), "structured.json_schema"),
+    (SO(json_schema="[1, 2]"), "structured.json_schema"),
+    (SO(json_schema='{"type": "objekt"}'), "structured.json_schema"),
+    (SO(json_schema='{"type": "string", "pattern": "(["}'), "structured.json_schema"),
+    (SO(json_schema='{"properties": {"a": {"$ref": "#/defs/missing"}}}'), "structured.json_schema"),
+    (SO(json_schema='{"not": {"type": "string"}}'), "structured.json_schema"),
+    (SO(regex="(["), "structured.regex"),
+    (SO(regex=""), "structured.regex"),
+    (SO(grammar='root ::= "a" | undefined_rule'), "structured.grammar"),
+    (SO(grammar="this is not ::: a grammar ("), "structured.grammar"),
+    (SO(grammar="   "), "structured.grammar"),
+    (SO(grammar='start: "a" | b'), "structured.grammar"),
+    (SO(), "structured"),
+    (SO(regex="a", grammar='root ::= "a"'), "structured"),
+]
+
+
+@pytest.mark.parametrize("spec, field", _BAD_SPECS)
+def test_bad_specs_name_the_field(spec: StructuredOutputParams, field: str) -> None:
+    with pytest.raises(ValueError) as e:
+        validate_structured(spec)
+    assert str(e.value).startswith(field + ":") or str(e.value).startswith(field + " "), str(e.value)
+
+
+@pytest.mark.parametrize("spec", [SO(json_schema=json.dumps(SCHEMA)), SO(json_object=True), SO(regex=r"\d{3}-[a-z]+"),
+                                  SO(grammar='root ::= "yes" | "no" | num\nnum ::= [0-9]+'), SO(grammar='start: "a"+ "b"')])
+def test_good_specs_validate_and_are_cached(spec: StructuredOutputParams) -> None:
+    validate_structured(spec)
+    assert grammar_for(spec) is grammar_for(spec)  # second call is a cache hit
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.text(max_size=30), st.text(alphabet="()[]{}|*+?\\^$.-:=\"'a1 ", max_size=30)))
+def test_arbitrary_text_specs_never_crash(text: str) -> None:
+    for spec in (SO(json_schema=text), SO(regex=text), SO(grammar=text)):
+        try:
+            validate_structured(spec)
+        except ValueError as e:
+            assert str(e).startswith("structured"), str(e)
+
+
+# ---- matcher, compile cache, bitmask ----
+
+
+def _replay(gtok: GrammarTokenizer, hf_tok, spec: StructuredOutputParams, text: str) -> None:
+    """Every token of a valid text is allowed at its step; EOS is allowed at the end."""
+    mgr = StructuredOutputManager(gtok)
+    ids = hf_tok.encode(text, add_special_tokens=False)
+    mgr.add_request(NewRequestData("r", [5, 6], 2, SamplingParams(structured=spec), 0))
+    bm = np.zeros((1, bitmask_words(gtok.vocab_size)), dtype=np.int32)
+    for i, t in enumerate(ids):
+        mgr.fill_bitmask(bm, [(0, "r")])
+        assert t in allowed_token_ids(bm[0], gtok.vocab_size), f"token {i} {hf_tok.decode([t])!r} masked out"
+        assert mgr.get("r").accept_token(t)
+    mgr.fill_bitmask(bm, [(0, "r")])
+    assert set(gtok.eos_token_ids) <= set(allowed_token_ids(bm[0], gtok.vocab_size).tolist())
+
+
+def test_replay_valid_outputs(gtok: GrammarTokenizer, hf_tok) -> None:
+    _replay(gtok, hf_tok, SO(json_schema=json.dumps(SCHEMA)), '{"name":"abc","ok":true,"n":42}')
+    _replay(gtok, hf_tok, SO(json_object=True), '{"a":[1,2,{"b":null}]}')
+    _replay(gtok, hf_tok, SO(regex=r"\d{3}-[a-z]+"), "123-fox")
+    _replay(gtok, hf_tok, SO(grammar='root ::= "def " name "(" name? ")"\nname ::= [a-z_]+'), "def fibonacci(n)")
+
+
+def test_invalid_token_is_rejected_and_mask_becomes_eos_only(gtok: GrammarTokenizer, hf_tok) -> None:
+    mgr = StructuredOutputManager(gtok)
+    mgr.add_request(NewRequestData("r", [5], 1, SamplingParams(structured=SO(regex="[0-9]+")), 0))
+    bm = np.zeros((1, bitmask_words(gtok.vocab_size)), dtype=np.int32)
+    mgr.fill_bitmask(bm, [(0, "r")])
+    letter = hf_tok.encode("x", add_special_tokens=False)[0]
+    assert letter not in allowed_token_ids(bm[0], gtok.vocab_size)
+    assert not mgr.get("r").accept_token(letter)
+    assert mgr.get("r").is_error and mgr.get("r").is_terminated
+    mgr.fill_bitmask(bm, [(0, "r")])
+    assert set(allowed_token_ids(bm[0], gtok.vocab_size).tolist()) == set(gtok.eos_token_ids)
+
+
+def test_compile_cache_returns_independent_matchers(gtok: GrammarTokenizer, hf_tok) -> None:
+    spec = SO(regex="ab|cd")
+    m1, m2 = compile_grammar(gtok, spec), compile_grammar(gtok, spec)
+    assert m1 is not m2
+    a = hf_tok.encode("a", add_special_tokens=False)[0]
+    assert m1.consume_token(a)
+    assert m2.validate_tokens([hf_tok.encode("c", add_special_tokens=False)[0]]) == 1  # m2 unaffected by m1
+
+
+def test_resumed_request_is_fast_forwarded(gtok: GrammarTokenizer, hf_tok) -> None:
+    spec = SO(regex="[a-z]+=[0-9]+;")
+    done = hf_tok.encode("abc=", add_special_tokens=False)
+    mgr = StructuredOutputManager(gtok)
+    rg = mgr.add_request(NewRequestData("r", [7, 8] + done, 2, SamplingParams(structured=spec), 0))
+    assert rg.num_consumed == len(done)
+    bm = np.zeros((1, bitmask_words(gtok.vocab_size)), dtype=np.int32)
+    mgr.fill_bitmask(bm, [(0, "r")])
+    allowed = set(allowed_token_ids(bm[0], gtok.vocab_size).tolist())
+    assert hf_tok.encode("7", add_special_tokens=False)[0] in allowed
+    assert hf_tok.encode("x", add_special_tokens=False)[0] not in allowed
+
+
+def test_constrained_rows_and_sync(gtok: GrammarTokenizer, hf_tok) -> None:
+    mgr = StructuredOutputManager(gtok)
+    news = [NewRequestData(f"r{i}", [1, 2, 3], 3, SamplingParams(structured=SO(regex="[0-9]+") if i % 2 else None), 0) for i in range(4)]
+    for n in news:
+        mgr.add_request(n)
+    assert len(mgr) == 2
+    so = SchedulerOutput(1, [], [ScheduledRequest("r0", 3, 0, [], True), ScheduledRequest("r1", 2, 0, [], False),
+                                 ScheduledRequest("r2", 1, 3, [], True), ScheduledRequest("r3", 1, 4, [], True)], [], 7)
+    # r1 is a prefill chunk (no sample); r3 samples position 5: it must first consume position 3 and 4.
+    assert mgr.constrained_rows(so) == [(2, "r3", 5)]
+    d1, d2 = hf_tok.encode("1", add_special_tokens=False)[0], hf_tok.encode("2", add_special_tokens=False)[0]
+    hist = [1, 2, 3, d1, d2]
+    seen: list[tuple[int, int]] = []
+    mgr.sync("r3", 5, lambda a, b: seen.append((a, b)) or hist[a:b])
+    assert seen == [(3, 5)] and mgr.get("r3").num_consumed == 2
+    mgr.sync("r3", 5, lambda a, b: seen.append((a, b)) or hist[a:b])  # nothing new: no history read
+    assert seen == [(3, 5)]
+    mgr.free("r3")
+    assert "r3" not in mgr
+
+
+@pytest.mark.parametrize("rows_mode", ["all", "subset"])
+def test_apply_token_bitmask_matches_reference(rows_mode: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    batch, vocab = 6, 1000 + 7  # not a multiple of 32
+    logits = torch.randn(batch, vocab, generator=g)
+    rows = [0, 2, 5] if rows_mode == "subset" else list(range(batch))
+    allowed = torch.rand(len(rows), vocab, generator=g) < 0.3
+    words = bitmask_words(vocab)
+    packed = np.zeros((len(rows), words), dtype=np.int64)
+    for i in range(len(rows)):
+        for t in torch.nonzero(allowed[i]).flatten().tolist():
+            packed[i, t // 32] |= 1 << (t % 32)
+    bitmask = torch.from_numpy(packed.astype(np.uint32).view(np.int32))
+    assert torch.equal(unpack_bitmask(bitmask, vocab), allowed)
+    ref = logits.clone()
+    for i, r in enumerate(rows):
+        ref[r][~allowed[i]] = float("-inf")
+    out = logits.clone()
+    apply_token_bitmask(out, bitmask, torch.tensor(rows) if rows_mode == "subset" else None)
+    assert torch.equal(out, ref)
+    # A bitmask narrower than the logits (model vocab padded past the tokenizer's): the tail is disallowed.
+    wide = torch.randn(len(rows), words * 32 + 40, generator=g)
+    apply_token_bitmask(wide, bitmask)
+    assert torch.isinf(wide[:, words * 32 :]).all()
+
+
+def test_batched_fill_equals_single_fill(gtok: GrammarTokenizer, hf_tok) -> None:
+    specs = [SO(json_schema=json.dumps(SCHEMA)), SO(regex="[0-9]+"), SO(json_object=True), SO(grammar='root ::= "x"+')]
+    mgr = StructuredOutputManager(gtok, num_threads=2)
+    for i, s in enumerate(specs):
+        mgr.add_request(NewRequestData(f"r{i}", [3], 1, SamplingParams(structured=s), 0))
+    words = bitmask_words(gtok.vocab_size)
+    batched = np.zeros((6, words), dtype=np.int32)
+    mgr.fill_bitmask(batched, [(5 - i, f"r{i}") for i in range(4)])
+    for i in range(4):
+        single = np.zeros((1, words), dtype=np.int32)
+        mgr.fill_bitmask(single, [(0, f"r{i}")])
+        assert np.array_equal(single[0], batched[5 - i])
+
+
+# ---- engine end to end (fake runner: same manager, same batched fill) ----
+
+
+def _check(spec: StructuredOutputParams, schema: dict | None, text: str) -> None:
+    if spec.json_schema is not None or spec.json_object:
+        value = json.loads(text)
+        jsonschema.validate(value, schema if schema is not None else {"type": "object"})
+    elif spec.regex is not None:
+        import re
+
+        assert re.fullmatch(spec.regex, text), text
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+async def test_engine_mixed_batch(make_engine, model_dir: pathlib.Path, async_scheduling: bool) -> None:
+    cfg = dict(model=str(model_dir), runner="fake", async_scheduling=async_scheduling, num_kv_blocks=512, block_size=8,
+               max_num_batched_tokens=128, max_model_len=1024)
+    free = [SamplingParams(max_tokens=40, temperature=0.0 if i % 2 else 1.0, seed=i) for i in range(6)]
+    prompts = ["def fibonacci(n):", "Hello world!", "import asyncio", "The quick brown fox", "naïve café", "return n"]
+    constrained = [(SO(json_schema=json.dumps(SCHEMA)), SCHEMA), (SO(json_object=True), None), (SO(regex=r"[a-z]{2,8}-\d{1,3}"), None),
+                   (SO(json_schema=json.dumps(SCHEMA)), SCHEMA)]
+    async with make_engine(**cfg) as eng:
+        alone = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(prompts, free)])
+    async with make_engine(**cfg) as eng:
+        jobs = [eng.generate(p, sp) for p, sp in zip(prompts, free)]
+        cjobs = [eng.generate(prompts[i % len(prompts)], SamplingParams(max_tokens=400, temperature=1.0, seed=100 + i, structured=s))
+                 for i, (s, _) in enumerate(constrained)]
+        mixed = await asyncio.gather(*jobs)
+        couts = await asyncio.gather(*cjobs)
+    assert [o.token_ids for o in mixed] == [o.token_ids for o in alone]
+    for (spec, schema), out in zip(constrained, couts):
+        assert out.finish_reason == "stop", (spec, out.text)
+        _check(spec, schema, out.text)
+
+
+_SEEN_SCHEMAS: set[str] = set()
+
+
+@settings(max_examples=5, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(schemas=st.lists(json_schemas(max_bytes=300), min_size=10, max_size=10, unique_by=json.dumps))
+def test_engine_hypothesis_schemas(schemas: list[dict], make_engine, model_dir: pathlib.Path) -> None:
+    """5 examples x 10 schemas = 50 schemas, each batch mixed with unconstrained requests,
+    sync and async: every constrained output is valid JSON for its schema."""
+    _SEEN_SCHEMAS.update(json.dumps(s) for s in schemas)
+
+    async def run(async_scheduling: bool) -> list[list[int]]:
+        async with make_engine(model=str(model_dir), runner="fake", async_scheduling=async_scheduling, num_kv_blocks=1024,
+                               block_size=8, max_num_batched_tokens=256, max_model_len=1024) as eng:
+            free = [eng.generate(f"free text {i}", SamplingParams(max_tokens=30, seed=i)) for i in range(4)]
+            outs = await asyncio.gather(*[eng.generate("Reply in JSON:", SamplingParams(max_tokens=400, temperature=1.0, seed=i,
+                                                                                        structured=SO(json_schema=json.dumps(s))))
+                                          for i, s in enumerate(schemas)])
+            free_outs = await asyncio.gather(*free)
+        for s, out in zip(schemas, outs):
+            assert out.finish_reason == "stop", (s, out.text)
+            jsonschema.validate(json.loads(out.text), s)
+        return [o.token_ids for o in free_outs]
+
+    assert asyncio.run(run(False)) == asyncio.run(run(True))
+
+
+def test_engine_hypothesis_schemas_were_diverse() -> None:
+    assert len(_SEEN_SCHEMAS) >= 40 or not _SEEN_SCHEMAS, len(_SEEN_SCHEMAS)
+
+
+async def test_engine_rejects_bad_spec_at_generate(make_engine, model_dir: pathlib.Path) -> None:
+    async with make_engine(model=str(model_dir), runner="fake") as eng:
+        for spec, field in _BAD_SPECS:
+            with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+                eng.generate("hi", SamplingParams(structured=spec))
+        assert not eng.scheduler.requests  # nothing was queued
+
+
+async def test_engine_without_tokenizer_rejects_structured(fake_engine) -> None:
+    with pytest.raises(ValueError, match="^structured: not supported"):
+        fake_engine.generate([1, 2], SamplingParams(structured=SO(json_object=True)))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+async def test_engine_structured_under_preemption(make_engine, model_dir: pathlib.Path, async_scheduling: bool) -> None:
+    """A tight KV pool forces preemptions; resumed constrained requests are fast-forwarded
+    and still produce valid output, identical to an unpressured run."""
+    grammar = 'root ::= "[" item ("," item)? ("," item)? "]"\nitem ::= [0-9] [0-9]? [0-9]?'
+    specs = [SO(json_schema=json.dumps(SCHEMA)), SO(regex=r"[a-z]{3,9}(-[0-9]{1,3}){2,4}"), SO(grammar=grammar)] * 10
+
+    async def run(num_kv_blocks: int) -> list:
+        async with make_engine(model=str(model_dir), runner="fake", async_scheduling=async_scheduling, num_kv_blocks=num_kv_blocks,
+                               block_size=4, max_num_batched_tokens=32, max_model_len=1024) as eng:
+            outs = await asyncio.gather(*[eng.generate("Hello world!", SamplingParams(max_tokens=200, seed=i, structured=s))
+                                          for i, s in enumerate(specs)])
+            return outs, eng.stats()["preemptions"]
+
+    tight, preemptions = await run(52)
+    roomy, _ = await run(1024)
+    assert preemptions > 0
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+    for spec, out in zip(specs, tight):
+        assert out.finish_reason == "stop", out.text
+        _check(spec, SCHEMA if spec.json_schema else None, out.text)
+        if spec.grammar is not None:
+            import re
+
+            assert re.fullmatch(r"\[[0-9]{1,3}(,[0-9]{1,3}){0,2}\]", out.text), out.text

@@ -1,0 +1,233 @@
+"""Triton kernels (paged attention, fused ops) against float32 references.
+
+Run on a CUDA device; skipped cleanly on CPU (unless TRITON_INTERPRET=1 with Triton
+installed, which runs the same kernels in Triton's interpreter). Every check draws
+fresh random inputs and poisons the output first, so unwritten elements fail.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("Triton kernels need a CUDA device (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+if INTERPRET and not torch.cuda.is_available():
+    # numpy >= 2.4 refuses int() of a 1-element array, which the interpreter does for loop bounds
+    import triton.runtime.interpreter as _ti
+
+    _orig_patch = _ti._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
+        _orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _ti._patch_lang_tensor = _patch_lang_tensor
+
+from executors import fused_ops  # noqa: E402
+from executors.attention import triton_paged as tp  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if DEV == "cuda" else [torch.float32]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert not torch.isnan(a).any(), "NaN in output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+
+
+def make_cache(num_blocks: int, page: int, hkv: int, d: int, dtype: torch.dtype, interleaved: bool):
+    if interleaved:  # [blocks, page, 2*Hkv, D], K at even heads, V at odd
+        c = torch.randn(num_blocks, page, 2 * hkv, d, device=DEV).to(dtype)
+        return c, c[:, :, 0::2], c[:, :, 1::2]
+    kv = torch.randn(2, num_blocks, page, hkv, d, device=DEV).to(dtype)
+    return kv, kv[0], kv[1]
+
+
+def random_tables(lens: list[int], page: int, num_blocks: int, rng: random.Random) -> torch.Tensor:
+    need = [(n + page - 1) // page for n in lens]
+    ids = rng.sample(range(num_blocks), sum(need))
+    width = max(need)
+    bt = torch.zeros(len(lens), width, dtype=torch.int32)
+    i = 0
+    for r, n in enumerate(need):
+        bt[r, :n] = torch.tensor(ids[i:i + n], dtype=torch.int32)
+        i += n
+    return bt.to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,hq,hkv,d,page,interleaved", [(1, 32, 8, 64, 16, False), (3, 8, 2, 64, 16, True), (5, 4, 4, 32, 8, False),
+                                                             (2, 14, 2, 128, 16, False)])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_decode_attention(dtype, batch, hq, hkv, d, page, interleaved, splits) -> None:
+    rng = random.Random(batch * 100 + hq + d)
+    lens = [rng.randint(1, 200) for _ in range(batch)]
+    lens[0] = 1
+    num_blocks = sum((n + page - 1) // page for n in lens) + 7
+    _, kc, vc = make_cache(num_blocks, page, hkv, d, dtype, interleaved)
+    bt = random_tables(lens, page, num_blocks, rng)
+    q = torch.randn(batch, hq, d, device=DEV).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    scale = d ** -0.5
+    tp.paged_decode_attention(q, kc, vc, bt, seq, scale, out=out, num_splits=splits)
+    ref = tp.reference_paged_attention(q, kc, vc, bt, lens, [1] * batch, scale)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+def test_decode_workspace_is_reused() -> None:
+    rng = random.Random(7)
+    lens = [37, 90]
+    _, kc, vc = make_cache(20, 16, 2, 64, DTYPES[0], False)
+    bt = random_tables(lens, 16, 20, rng)
+    ws = tp.DecodeWorkspace(4, 8, 64, 8, DEV)
+    q = torch.randn(2, 8, 64, device=DEV).to(DTYPES[0])
+    out = tp.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device=DEV), 0.125, num_splits=8, workspace=ws)
+    ref = tp.reference_paged_attention(q, kc, vc, bt, lens, [1, 1], 0.125)
+    assert rel_err(out, ref) < tol(DTYPES[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,page,interleaved", [(32, 8, 64, 16, False), (8, 2, 64, 16, True), (4, 4, 32, 8, False)])
+def test_varlen_attention_mixed_batch(dtype, hq, hkv, d, page, interleaved) -> None:
+    rng = random.Random(hq * 7 + d)
+    # (context already cached, queries this step): a fresh prefill, a chunk after a cached prefix, decodes
+    spec = [(0, 37), (20, 45), (63, 1), (5, 1), (0, 1), (16, 16)]
+    lens = [c + n for c, n in spec]
+    qlens = [n for _, n in spec]
+    num_blocks = sum((n + page - 1) // page for n in lens) + 5
+    _, kc, vc = make_cache(num_blocks, page, hkv, d, dtype, interleaved)
+    bt = random_tables(lens, page, num_blocks, rng)
+    T = sum(qlens)
+    q = torch.randn(T, hq, d, device=DEV).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    bq = tp.varlen_block_q(hq, hkv, max(qlens))
+    tiles = torch.tensor(tp.varlen_tiles(qlens, bq), dtype=torch.int32, device=DEV)
+    cu = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32, device=DEV)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    tp.paged_varlen_attention(q, kc, vc, bt, seq, cu, tiles, bq, d ** -0.5, out=out)
+    ref = tp.reference_paged_attention(q, kc, vc, bt, lens, qlens, d ** -0.5)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [64, 2048, 1000])
+def test_rms_norm_and_fused_residual(dtype, n) -> None:
+    x = torch.randn(5, n, device=DEV).to(dtype)
+    w = (torch.rand(n, device=DEV) + 0.5).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    fused_ops.rms_norm(x, w, 1e-5, out=out)
+    ref = fused_ops.rms_norm_ref(x.double(), w.double(), 1e-5)
+    assert rel_err(out, ref) < tol(dtype)
+
+    res = torch.randn(5, n, device=DEV).to(dtype)
+    x2, r2 = x.clone(), res.clone()
+    fused_ops.add_rms_norm(x2, r2, w, 1e-5)
+    r_ref = x.double() + res.double()
+    assert rel_err(r2, r_ref) < tol(dtype)
+    assert rel_err(x2, fused_ops.rms_norm_ref(r_ref, w.double(), 1e-5)) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype) -> None:
+    x = torch.randn(7, 2 * 1408, device=DEV).to(dtype)
+    out = torch.full((7, 1408), float("nan"), device=DEV, dtype=dtype)
+    fused_ops.silu_and_mul(x, out=out)
+    assert rel_err(out, fused_ops.silu_and_mul_ref(x.double())) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 64), (14, 2, 128)])
+def test_rope_and_cache_write(dtype, hq, hkv, d) -> None:
+    T, page, nb = 9, 16, 12
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, device=DEV).to(dtype)
+    q = qkv[:, : hq * d].view(T, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(T, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(T, hkv, d)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    pos = torch.randint(0, 500, (T,), device=DEV)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=DEV).float() / d))
+    ang = torch.arange(512, device=DEV).float()[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1)
+    _, kc, vc = make_cache(nb, page, hkv, d, dtype, True)
+    kc.fill_(float("nan"))
+    vc.fill_(float("nan"))
+    slots = torch.tensor(random.Random(1).sample(range(nb * page), T), device=DEV)
+    slots[3] = -1  # a padded row: no write
+    fused_ops.rope_and_cache(q, k, v, pos, cos_sin, kc, vc, slots)
+    q_ref = fused_ops.rope_ref(q0.double(), pos, cos_sin.double())
+    k_ref = fused_ops.rope_ref(k0.double(), pos, cos_sin.double())
+    assert rel_err(q, q_ref) < tol(dtype) and rel_err(k, k_ref) < tol(dtype)
+    keep = slots >= 0
+    s = slots[keep]
+    assert rel_err(kc[s // page, s % page], k_ref[keep]) < tol(dtype)
+    assert torch.equal(vc[s // page, s % page], v0[keep])
+    assert torch.isnan(kc).sum().item() == (nb * page - (T - 1)) * hkv * d  # nothing else written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("epilogue,norm", [("store", True), ("store", False), ("residual", False), ("silu_mul", True)])
+def test_skinny_linear(dtype, m, epilogue, norm) -> None:
+    K, N = 320, 96
+    x = torch.randn(m, K, device=DEV).to(dtype)
+    w = (torch.randn(2 * N if epilogue == "silu_mul" else N, K, device=DEV) * 0.05).to(dtype)
+    lnw = (torch.rand(K, device=DEV) + 0.5).to(dtype) if norm else None
+    h = fused_ops.rms_norm_ref(x.double(), lnw.double(), 1e-5) if norm else x.double()
+    y = h @ w.double().T
+    if epilogue == "silu_mul":
+        y = fused_ops.silu_and_mul_ref(y)
+    if epilogue == "residual":
+        res = torch.randn(m, N, device=DEV).to(dtype)
+        ref = res.double() + y
+        out = res.clone()
+    else:
+        ref = y
+        out = torch.full((m, N), float("nan"), device=DEV, dtype=dtype)
+    fused_ops.skinny_linear(x, w, out=out, norm_weight=lnw, eps=1e-5, epilogue=epilogue)
+    assert rel_err(out, ref) < tol(dtype)
+
+
+@pytest.mark.parametrize("m,n", [(1, 128256), (5, 1000), (3, 4096)])
+def test_argmax_rows(m, n) -> None:
+    x = torch.randn(m, n, device=DEV).to(DTYPES[0])
+    x[0, n // 3] = 100.0  # a clear winner
+    x[-1, 7] = x[-1, n - 1] = 200.0  # a tie: the first index wins
+    out = torch.full((m,), -1, dtype=torch.long, device=DEV)
+    fused_ops.argmax_rows(x, out=out)
+    assert out[-1].item() == 7 and (m == 1 or out[0].item() == n // 3)
+    assert torch.equal(out, x.float().argmax(-1))
+
+
+def test_decode_and_varlen_read_block_tables_through_rows() -> None:
+    """Persistent per-slot block tables: request b uses table row rows[b]."""
+    rng = random.Random(11)
+    dtype = DTYPES[0]
+    lens = [50, 3, 77]
+    page, nb = 16, 40
+    _, kc, vc = make_cache(nb, page, 2, 64, dtype, False)
+    bt = random_tables(lens, page, nb, rng)
+    big = torch.zeros(9, bt.shape[1], dtype=torch.int32, device=DEV)
+    rows = torch.tensor([6, 0, 3], dtype=torch.int32, device=DEV)
+    big[rows.long()] = bt
+    q = torch.randn(3, 8, 64, device=DEV).to(dtype)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    ref = tp.reference_paged_attention(q, kc, vc, bt, lens, [1, 1, 1], 0.125)
+    for splits in (1, 4):
+        out = tp.paged_decode_attention(q, kc, vc, big, seq, 0.125, num_splits=splits, rows=rows)
+        assert rel_err(out, ref) < tol(dtype)
+    cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEV)
+    tiles = torch.tensor(tp.varlen_tiles([1, 1, 1], 1), dtype=torch.int32, device=DEV)
+    out = tp.paged_varlen_attention(q, kc, vc, big, seq, cu, tiles, 1, 0.125, rows=rows)
+    assert rel_err(out, ref) < tol(dtype)
