@@ -442,9 +442,15 @@ async def test_100_streaming_clients_with_random_disconnects(slow) -> None:
     after = await asyncio.to_thread(metric_values, slow)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     completed = [i for i in range(n_clients) if results[i] is not None]
-    assert n_clients - len(completed) >= len(leave_after) // 2, "most leavers must leave mid-stream"
-    assert delta['aiosched_requests_total{finish_reason="abort"}'] == n_clients - len(completed)
-    assert delta['aiosched_requests_total{finish_reason="length"}'] == len(completed)
+    left = n_clients - len(completed)
+    aborted = delta['aiosched_requests_total{finish_reason="abort"}']
+    assert left >= len(leave_after) // 2, "most leavers must leave mid-stream"
+    # A client may close its stream after the engine already produced the last token (the
+    # rest still in flight over HTTP): that request finished by length, not by abort. So
+    # every request is counted exactly once, aborts never exceed the leavers, and every
+    # client that stayed finished by length.
+    assert aborted + delta['aiosched_requests_total{finish_reason="length"}'] == n_clients
+    assert len(leave_after) // 2 <= aborted <= left
     assert delta["aiosched_num_preemptions_total"] > 0, "the small KV pool must force preemption"
     for i in completed:
         text, reason, ntok = results[i]
