@@ -2,14 +2,16 @@
 
 Weights are read tensor by tensor (`safe_open`), converted to the target dtype and
 copied straight into the parameters, including the fused q/k/v and gate/up matrices.
-`shard_fn` lets a tensor-parallel rank read only its slice of each tensor.
+A tensor-parallel rank reads only its slice of each tensor (`get_slice`, so the rest
+of the tensor is never read from disk); q, k, v, gate and up are each split on their
+own before they land in this rank's rows of the fused matrix.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ import torch
 from safetensors import safe_open
 
 from executors.models import check_architecture
-from executors.models.llama import LlamaForCausalLM, ModelArgs
+from executors.models.llama import LlamaForCausalLM, ModelArgs, ShardSpec, local_part_rows, shard_spec
+from executors.parallel import TPGroup, shard_range
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,25 +65,13 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 
 
-def _fused_rows(model: LlamaForCausalLM, fused: str, part: int) -> slice:
-    a = model.args
-    if fused == "qkv_proj":
-        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        starts = [0, q, q + kv, q + 2 * kv]
-    else:
-        starts = [0, a.intermediate_size, 2 * a.intermediate_size]
-    return slice(starts[part], starts[part + 1])
-
-
-def _target(model: LlamaForCausalLM, name: str) -> tuple[torch.Tensor, slice | None] | None:
-    """The parameter an HF tensor goes into, and its rows if it is part of a fused matrix."""
+def _target(model: LlamaForCausalLM, name: str) -> tuple[str, int | None] | None:
+    """Our parameter an HF tensor goes into, and its part index if it is part of a fused matrix."""
     m = _LAYER.match(name)
     if m:
         layer, block, proj, kind = m.groups()
         ours, part = _FUSED.get(proj, (proj, None))
-        mod = getattr(model.layers[int(layer)], block)
-        rows = None if part is None else _fused_rows(model, ours, part)
-        return getattr(getattr(mod, ours), kind), rows
+        return f"layers.{layer}.{block}.{ours}.{kind}", part
     if name.startswith("model.layers."):
         path = name[len("model.") :]
     elif name == "lm_head.weight":
@@ -92,21 +83,36 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[torch.Tensor, slice | N
     else:
         return None
     try:
-        return model.get_parameter(path), None
+        model.get_parameter(path)
     except AttributeError:
         return None
+    return path, None
 
 
-def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike[str],
-                 shard_fn: Callable[[str, Any], torch.Tensor] | None = None) -> None:
-    """Copy every checkpoint tensor into the model; raise if a parameter is left unset."""
+def _take(t: Any, dim: int, size: int, tp: TPGroup, name: str) -> Any:
+    """This rank's slice along `dim` of a tensor or a safetensors slice handle (same indexing)."""
+    rows = shard_range(size, tp.rank, tp.world_size, name)
+    return t[rows] if dim == 0 else t[:, rows]
+
+
+def _read_shard(handle: Any, spec: ShardSpec, tp: TPGroup, name: str) -> torch.Tensor:
+    """This rank's slice of one checkpoint tensor; only that slice is read (safetensors get_slice)."""
+    if not tp.active or spec.dim is None:
+        return handle[:]
+    return _take(handle, spec.dim, handle.get_shape()[spec.dim], tp, name)
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike[str]) -> None:
+    """Copy every checkpoint tensor (this rank's shard of it) into the model; raise if a parameter is left unset."""
     loaded: set[int] = set()
     for name, handle in iter_tensors(model_dir):
         tgt = _target(model, name)
         if tgt is None:
             continue
-        param, rows = tgt
-        tensor = shard_fn(name, handle) if shard_fn else handle[:]
+        path, part = tgt
+        param, spec = model.get_parameter(path), shard_spec(model.args, path)
+        rows = None if part is None else local_part_rows(spec, part, model.tp.world_size)
+        tensor = _read_shard(handle, spec, model.tp, name)
         with torch.no_grad():
             dst = param if rows is None else param[rows]
             if dst.shape != tensor.shape:
@@ -122,23 +128,44 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike[str],
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
+def _shard_of_full(full: torch.Tensor, spec: ShardSpec, tp: TPGroup, name: str) -> torch.Tensor:
+    """This rank's shard of a full (unsharded) parameter, fused parts split one by one."""
+    if spec.dim is None:
+        return full
+    parts = full.split(list(spec.parts)) if spec.parts else [full]
+    return torch.cat([_take(p, spec.dim, p.shape[spec.dim], tp, name) for p in parts], dim=spec.dim)
+
+
 def init_random_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
-    """Random weights on the model's device (benchmarks without a checkpoint)."""
+    """Random weights on the model's device (benchmarks without a checkpoint).
+
+    Under tensor parallelism every rank draws each full tensor from the shared seed,
+    in the same order, and keeps its shard: the sharded model equals the unsharded one."""
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    tp = model.tp
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
-            else:
+            elif not tp.active:
                 p.normal_(0.0, 0.02, generator=gen)
+            else:
+                spec = shard_spec(model.args, name)
+                shape = list(p.shape)
+                if spec.dim is not None:
+                    shape[spec.dim] *= tp.world_size
+                full = torch.empty(shape, dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=gen)
+                p.copy_(_shard_of_full(full, spec, tp, name))
 
 
-def build_model(model_dir: str, dtype: str, device: str, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+def build_model(model_dir: str, dtype: str, device: str, load_format: str = "auto", seed: int = 0,
+                rank: int = 0, world_size: int = 1) -> LlamaForCausalLM:
+    """The model (this rank's shard of it when world_size > 1; no process group is needed to build it)."""
     cfg = read_config(model_dir)
     args = ModelArgs.from_hf(cfg)
     torch_dtype = _DTYPES[dtype]
     with torch.device(device):
-        model = LlamaForCausalLM(args).to(torch_dtype)
+        model = LlamaForCausalLM(args, TPGroup(rank, world_size)).to(torch_dtype)
     if load_format == "random":
         init_random_weights(model, seed)
     else:

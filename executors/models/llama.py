@@ -5,6 +5,13 @@ The input is one flattened ragged batch (no padding): `input_ids[T]`, `positions
 and an attention-metadata object that knows each request's slice and block table.
 Attention goes through `executors.attention` so the CPU reference and the CUDA
 kernels are interchangeable. q/k/v and gate/up are fused into single matmuls at load.
+
+Tensor parallelism (Megatron-style, `tp.world_size` ranks): qkv and gate_up are
+column-parallel (each rank holds its heads / its slice of the intermediate size),
+o_proj and down_proj row-parallel (partial sums, all-reduced), the embedding and the
+LM head vocab-parallel (vocab / N rows each). So a layer costs two all-reduces and a
+step one all-gather of the sampled rows' logits. With world_size 1 the modules are
+the plain ones and no collective runs.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import torch
 from torch import nn
 
 from executors.attention.torch_paged import AttentionMetadata, paged_attention, store_kv
+from executors.parallel import SINGLE, TPGroup, all_gather, all_reduce_, shard_range
 
 
 @dataclass
@@ -130,6 +138,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def check_tp_divisible(args: ModelArgs, world_size: int) -> None:
+    """Raise ValueError naming the config.json field that does not split over the ranks."""
+    for field, size in (("num_attention_heads", args.num_heads), ("num_key_value_heads", args.num_kv_heads),
+                        ("intermediate_size", args.intermediate_size), ("vocab_size", args.vocab_size)):
+        shard_range(size, 0, world_size, field)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a parameter of the full model is split over the ranks.
+
+    dim: the split dimension (0: output rows, column-/vocab-parallel; 1: input columns,
+    row-parallel), None: replicated. parts: for fused matrices, the full sizes of the
+    fused tensors along dim 0 (each part is split on its own, so rank r holds its q
+    heads, its k heads and its v heads, not a slice of the fused matrix)."""
+
+    dim: int | None
+    parts: tuple[int, ...] = ()
+
+
+def shard_spec(args: ModelArgs, name: str) -> ShardSpec:
+    """The split of our parameter `name` (e.g. 'layers.0.self_attn.qkv_proj.weight')."""
+    if ".qkv_proj." in name:
+        q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        return ShardSpec(0, (q, kv, kv))
+    if ".gate_up_proj." in name:
+        return ShardSpec(0, (args.intermediate_size, args.intermediate_size))
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return ShardSpec(1)
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        return ShardSpec(0)
+    return ShardSpec(None)  # norms (incl. per-head q/k norms)
+
+
+def local_part_rows(spec: ShardSpec, part: int, world_size: int) -> slice:
+    """Rows of fused part `part` inside this rank's fused parameter."""
+    sizes = [p // world_size for p in spec.parts]
+    start = sum(sizes[:part])
+    return slice(start, start + sizes[part])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -143,9 +192,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.nh, self.nkv, self.hd = args.num_heads, args.num_kv_heads, args.head_dim
+        self.tp = tp
+        # This rank's heads: rank r has query heads r*nh/N.. and kv heads r*nkv/N.., which
+        # keeps every query head with its GQA kv head (nh/N = groups * nkv/N).
+        self.nh, self.nkv, self.hd = args.num_heads // tp.world_size, args.num_kv_heads // tp.world_size, args.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
@@ -163,28 +215,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # whole batch before any read
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(T, self.q_size))
+        return all_reduce_(self.o_proj(out.reshape(T, self.q_size)), self.tp)  # row-parallel: sum the partials
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.inter = args.intermediate_size
+        self.tp = tp
+        self.inter = args.intermediate_size // tp.world_size  # this rank's slice
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return all_reduce_(self.down_proj(nn.functional.silu(gate) * up), self.tp)  # row-parallel
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = MLP(args, tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -193,13 +246,18 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    """`args` describes the full model; with `tp.world_size` N each rank builds its 1/N shard."""
+
+    def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        check_tp_divisible(args, tp.world_size)
+        self.args, self.tp = args, tp
+        self.vocab_rows = shard_range(args.vocab_size, tp.rank, tp.world_size, "vocab_size")  # this rank's token ids
+        local_vocab = self.vocab_rows.stop - self.vocab_rows.start
+        self.embed_tokens = nn.Embedding(local_vocab, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, tp) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, local_vocab, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
     def init_rope(self, max_pos: int) -> None:
@@ -207,12 +265,23 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         for layer, (kc, vc) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, meta, kc, vc)
         return self.norm(x)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.active:
+            return self.embed_tokens(input_ids)
+        # Vocab-parallel: ids outside this rank's rows look up row 0 and are zeroed, so
+        # the all-reduce adds exactly one non-zero row per token (exact, no rounding).
+        local = input_ids - self.vocab_rows.start
+        outside = (local < 0) | (local >= self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(local.masked_fill(outside, 0))
+        return all_reduce_(x.masked_fill(outside.unsqueeze(-1), 0.0), self.tp)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocab float32 logits on every rank (TP: this rank's columns, then all-gathered)."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ w.t()).float()
+        return all_gather((hidden @ w.t()).float(), self.tp, dim=-1)

@@ -5,9 +5,15 @@ Prompt tokens are written from the host once; each sampled token is written on t
 device by the step that sampled it. A step's input ids are gathered from the buffer,
 so step N+1 can use step N's token without it ever visiting the host: this is what
 lets the scheduler run one step ahead (async scheduling).
+
+Tensor parallelism (rank/world_size from the multiproc executor): each rank holds its
+shard of the weights and the KV cache of its kv heads only; every rank runs the same
+step on the same SchedulerOutput and, the logits being all-gathered, samples the same
+token, so the token buffers stay identical. The executor uses rank 0's output.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,11 +25,13 @@ from aiosched.protocol import PROTOCOL_VERSION, NewRequestData, RunnerOutput, Sc
 from executors.attention.torch_paged import AttentionMetadata
 from executors.loader import build_model
 from executors.models.llama import LlamaForCausalLM
+from executors.parallel import SINGLE, agree_min, destroy_group, init_group
 from executors.runner import ModelRunner, PendingOutput, ReadyOutput
 from executors.sampler import SamplingBatch, sample
 from executors.sampling_extras import SamplingExtras, StepContext
 
 _SPARE_TOKENS = 16  # room past max_model_len in a buffer row (speculative drafts)
+log = logging.getLogger("aiosched.worker")
 
 
 @dataclass
@@ -57,20 +65,29 @@ class TorchModelRunner(ModelRunner):
         cfg = self.config
         if cfg.resolved_model is None:
             raise ValueError("model: no model dir given and no embedded default model is installed")
-        self.device = torch.device(cfg.device)
+        if cfg.tensor_parallel_size != self.world_size:  # e.g. the inproc executor, which runs one rank
+            raise ValueError(f"tensor_parallel_size = {cfg.tensor_parallel_size} needs executor = 'multiproc' "
+                             f"(one worker per rank); this runner was started as rank {self.rank} of {self.world_size}")
+        self.device = self._rank_device(cfg.device)
         if self.device.type == "cpu":
             # Leave a core to the event loop: OpenMP workers that spin on every core
             # make each small op wait for the scheduler (100x slower steps measured).
-            torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+            # Under TP the ranks share the cores.
+            torch.set_num_threads(cfg.cpu_threads or max(1, ((os.cpu_count() or 2) - 1) // self.world_size))
         torch.manual_seed(cfg.seed)
-        self.model: LlamaForCausalLM = build_model(cfg.resolved_model, cfg.resolved_dtype, cfg.device, cfg.load_format, cfg.seed)
+        # Build (and check that the model splits) before joining the group: loading needs no collectives.
+        self.model: LlamaForCausalLM = build_model(cfg.resolved_model, cfg.resolved_dtype, str(self.device), cfg.load_format,
+                                                   cfg.seed, rank=self.rank, world_size=self.world_size)
+        self.tp = init_group(self.rank, self.world_size, self.device)
         a = self.model.args
+        kv_heads = a.num_kv_heads // self.world_size  # this rank's share of the KV cache
         self.max_model_len = min(cfg.max_model_len or a.max_position_embeddings, a.max_position_embeddings)
         self.model.init_rope(self.max_model_len + _SPARE_TOKENS)
         self.block_size = cfg.block_size
-        self.num_blocks = self._num_kv_blocks()
+        # Every rank must offer the same block ids (the handshake checks it): the tightest rank decides.
+        self.num_blocks = agree_min(self._num_kv_blocks(kv_heads), self.tp, self.device)
         dtype = self.model.embed_tokens.weight.dtype
-        shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        shape = (self.num_blocks, self.block_size, kv_heads, a.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(a.num_layers)]
         self.row_len = self.max_model_len + _SPARE_TOKENS
@@ -86,7 +103,11 @@ class TorchModelRunner(ModelRunner):
             self.copy_stream = torch.cuda.Stream(self.device)
         # CUDA: Triton kernels, persistent step buffers and decode CUDA graphs (executors/cuda_path.py).
         self.fast = None
-        if self.is_cuda:
+        if self.is_cuda and self.tp.active:
+            # The fast path's fused kernels and graphs assume the whole model on one device.
+            log.warning("tensor_parallel_size = %d: the CUDA fast path (Triton kernels, CUDA graphs) is off; "
+                        "steps run on the eager path", self.world_size)
+        elif self.is_cuda:
             from executors.cuda_path import CudaStepRunner
 
             self.fast = CudaStepRunner(self)
@@ -96,13 +117,20 @@ class TorchModelRunner(ModelRunner):
         return WorkerInfo(PROTOCOL_VERSION, self.num_blocks, self.block_size, a.vocab_size, self.max_model_len,
                           str(self.device), cfg.resolved_dtype, "torch", features=self.extras.features)
 
-    def _num_kv_blocks(self) -> int:
+    def _rank_device(self, device: str) -> torch.device:
+        """This rank's device: under TP on CUDA, rank r uses the r-th GPU after the configured one."""
+        dev = torch.device(device)
+        if dev.type == "cuda" and self.world_size > 1:
+            return torch.device("cuda", (dev.index or 0) + self.rank)
+        return dev
+
+    def _num_kv_blocks(self, kv_heads: int) -> int:
         cfg, a = self.config, self.model.args
         cap = cfg.max_num_seqs * math.ceil(self.max_model_len / self.block_size) + 1
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
         elem = self.model.embed_tokens.weight.element_size()
-        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
+        per_block = 2 * a.num_layers * self.block_size * kv_heads * a.head_dim * elem
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1 - cfg.gpu_memory_utilization) - 2 * 2**30  # headroom for activations
@@ -278,5 +306,6 @@ class TorchModelRunner(ModelRunner):
         self.fast = None
         self.reqs = {}
         self.kv_caches = []
+        destroy_group(getattr(self, "tp", SINGLE))
         if getattr(self, "is_cuda", False):
             torch.cuda.empty_cache()
