@@ -157,6 +157,12 @@ class AsyncEngine:
 
     # ---- requests ----
 
+    def default_sampling_params(self, **fields: Any) -> SamplingParams:
+        """`SamplingParams(**fields)`, with the checkpoint's generation_config.json values
+        (temperature, top_p, top_k, min_p, repetition_penalty) for the fields not given."""
+        defaults = {} if self.tokenizer is None else self.tokenizer.generation_defaults
+        return SamplingParams(**{**defaults, **fields})
+
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> RequestStream:
         """Queue a request; await the result for the final output or `async for` to stream.
 
@@ -166,7 +172,7 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is dead: {self._dead}")
         if not self._running or self.scheduler is None or self.info is None:
             raise EngineNotRunningError("engine is not running: use `async with engine:` or `await engine.start()`")
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate(self.info.vocab_size)

@@ -426,7 +426,9 @@ class _Job:
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         r = self.req
-        kw: dict[str, Any] = {}
+        tok = self.state.engine.tokenizer
+        # Fields the request leaves unset take the checkpoint's generation_config.json values.
+        kw: dict[str, Any] = dict(tok.generation_defaults) if tok is not None else {}
         if r.max_completion_tokens is not None:
             kw["max_tokens"] = r.max_completion_tokens
             self.fields["max_tokens"] = "max_completion_tokens"

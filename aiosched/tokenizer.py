@@ -31,6 +31,9 @@ def _token_text(v: Any) -> str | None:
     return v
 
 
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path) -> None:
         d = Path(model_dir)
@@ -49,6 +52,9 @@ class Tokenizer:
         self.eos_token_ids: list[int] = eos
         bos = _as_list(gen.get("bos_token_id")) or _as_list(self.model_config.get("bos_token_id"))
         self.bos_token_id: int | None = bos[0] if bos else None
+        # Sampling defaults the checkpoint recommends (as vLLM's `--generation-config auto`):
+        # used for every field a request leaves unset.
+        self.generation_defaults: dict[str, float | int] = {k: gen[k] for k in GENERATION_DEFAULT_FIELDS if k in gen}
         self.chat_template: str | None = self.tokenizer_config.get("chat_template")
         self.special_tokens = {k: _token_text(self.tokenizer_config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
