@@ -1,0 +1,64 @@
+"""Plant known async-scheduling bugs one at a time and check the tests catch each (issue 12).
+
+Runs in a throwaway git worktree of HEAD, so the checkout is never touched:
+    .venv/bin/python tools/mutation_check.py
+Each line: the planted bug, the test target, CAUGHT or missed, seconds.
+The state machine is expected to miss M6 (queue order changes fairness, not tokens);
+the deterministic regression tests pin it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# (name, file, original text, planted text): each a classic one-step-ahead scheduler bug.
+MUTANTS = [
+    ("M1 resume a preempted request before its in-flight token arrives", "aiosched/async_scheduler.py", "return req.num_output_placeholders == 0", "return True"),
+    ("M2 off-by-one: schedule past the stop length in async mode", "aiosched/async_scheduler.py", "if total >= self._stop_length(req):", "if total > self._stop_length(req):"),
+    ("M3 prefix hits in the free list not counted against free blocks", "aiosched/kv_cache.py", "revived = sum(1 for b in cached if self.pool.ref_cnt[b] == 0)", "revived = 0"),
+    ("M4 rejected draft slots kept as computed", "aiosched/scheduler.py", "req.num_computed_tokens -= 1 + d - len(tokens)", "pass"),
+    ("M5 register hashes of blocks holding placeholders", "aiosched/kv_cache.py", "        if n_tokens > len(req.all_token_ids):\n            n_tokens = len(req.all_token_ids)\n", ""),
+    ("M6 preempted request goes to the back of the queue", "aiosched/scheduler.py", "self.waiting.appendleft(req)\n        self._freed_for_worker", "self.waiting.append(req)\n        self._freed_for_worker"),
+    ("M7 in-flight token of an aborted request not discarded", "aiosched/scheduler.py", "            if req is None:  # finished or aborted while this step was in flight\n                self.stats.discarded_tokens += len(tokens)\n                continue", "            if req is None:  # finished or aborted while this step was in flight\n                continue"),
+    ("M8 placeholder not consumed when the token arrives", "aiosched/scheduler.py", "            req.num_output_placeholders -= 1\n", "            req.num_output_placeholders -= 0 if req.num_preemptions else 1\n"),
+]
+
+
+def main() -> int:
+    repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
+    tree = tempfile.mkdtemp(prefix="aiosched-mutants-")
+    subprocess.run(["git", "-C", repo, "worktree", "add", "-q", "--detach", tree, "HEAD"], check=True)
+    try:
+        os.chdir(tree)
+        run_mutants()
+    finally:
+        subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", tree], check=False)
+    return 0
+
+
+TARGETS = ["tests/test_stateful_scheduler.py::test_async_scheduler_state_machine", "tests/test_scheduler_regressions.py"]
+
+
+def run_mutants() -> None:
+    for name, path, old, new in MUTANTS:
+        with open(path) as f:
+            src = f.read()
+        assert src.count(old) == 1, f"{name}: the original text is no longer in {path}; update the mutant"
+        with open(path, "w") as f:
+            f.write(src.replace(old, new))
+        try:
+            for target in TARGETS:
+                t0 = time.time()
+                r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", target],
+                                   capture_output=True, text=True, timeout=300)
+                verdict = "CAUGHT" if r.returncode else "missed"
+                print(f"{name} | {target.split('/')[-1]} | {verdict} | {time.time() - t0:.0f}s", flush=True)
+        finally:
+            with open(path, "w") as f:
+                f.write(src)
+
+if __name__ == "__main__":
+    sys.exit(main())
