@@ -7,9 +7,24 @@ string is held back, so a stop string spanning several tokens never leaks out.
 """
 from __future__ import annotations
 
+import weakref
+
 from aiosched.tokenizer import Tokenizer
 
 _WINDOW = 6  # tokens of context before the unread ones (byte-level BPE merges span few tokens)
+
+# Text of single tokens, per tokenizer and skip_special_tokens. Decoding is a pure function
+# of (ids, skip_special_tokens), and once a request is decoding, every step decodes the
+# previous token alone (the stable prefix) and then it with the new one: the first of
+# the two decodes is then a dict lookup. Bounded by the vocabulary size.
+_single: "weakref.WeakKeyDictionary[Tokenizer, dict[bool, dict[int, str]]]" = weakref.WeakKeyDictionary()
+
+
+def _single_token_cache(tok: Tokenizer, skip_special: bool) -> dict[int, str]:
+    per_tok = _single.get(tok)
+    if per_tok is None:
+        per_tok = _single[tok] = {}
+    return per_tok.setdefault(skip_special, {})
 
 
 class IncrementalDetokenizer:
@@ -25,10 +40,17 @@ class IncrementalDetokenizer:
         self.text = ""  # everything decoded so far (including held-back text)
         self.stop_hit: str | None = None
         self.emitted = 0  # characters of self.text already handed out
+        self._one = _single_token_cache(tokenizer, skip_special_tokens)
 
     def _decode_new(self, final: bool = False) -> str:
-        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special)
-        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip_special)
+        ids, start, read = self.ids, self.prefix_offset, self.read_offset
+        if read - start == 1:  # steady state: the stable prefix is the previous token alone
+            prefix = self._one.get(ids[start])
+            if prefix is None:
+                prefix = self._one[ids[start]] = self.tok.decode(ids[start:read], self.skip_special)
+        else:
+            prefix = self.tok.decode(ids[start:read], self.skip_special)
+        full = self.tok.decode(ids[start:], self.skip_special)
         if full.endswith("\ufffd") and not final:
             return ""  # incomplete character: wait for more tokens
         # A prompt (or earlier output) ending inside a character decodes with a trailing
@@ -44,6 +66,10 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, new_ids: list[int]) -> tuple[str, str | None]:
         """Feed tokens; return (new stable text, matched stop string or None)."""
+        if len(new_ids) == 1 and not self.stop:  # hot path: one token a step, nothing held back
+            self.ids.append(new_ids[0])
+            self.text += self._decode_new()
+            return self._take(len(self.text)), None
         for t in new_ids:
             self.ids.append(t)
             self.text += self._decode_new()

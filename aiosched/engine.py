@@ -82,6 +82,7 @@ class EngineTimings:
 
     steps: int = 0
     schedule_s: float = 0.0  # building SchedulerOutputs
+    submit_s: float = 0.0  # handing them to the executor (executor.submit)
     update_s: float = 0.0  # applying outputs, detokenizing, streaming
     wait_s: float = 0.0  # awaiting the executor (model time not hidden by overlap)
     started: float = 0.0
@@ -293,10 +294,12 @@ class AsyncEngine:
                 while len(in_flight) < max_batches:
                     t0 = time.perf_counter()
                     so = sched.schedule()
-                    t.schedule_s += time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                    t.schedule_s += t1 - t0
                     if so.is_empty and not so.freed_req_ids:
                         break
                     in_flight.append((so, ex.submit(so)))
+                    t.submit_s += time.perf_counter() - t1
                     if so.is_empty:
                         break
                 if not in_flight:
@@ -327,10 +330,11 @@ class AsyncEngine:
             lps = {rid: lp for rid, lp in zip(out.req_ids, out.logprobs) if lp is not None}
         if out.prompt_logprobs:
             self._add_prompt_logprobs(so, out.prompt_logprobs)
+        emit = self._emit
         for upd in self.scheduler.update_from_output(so, out):
             if upd.req.first_token_time is None and upd.new_token_ids:
                 upd.req.first_token_time = now
-            self._emit(upd, logprobs=lps.get(upd.req.req_id) if lps else None)
+            emit(upd, logprobs=lps.get(upd.req.req_id) if lps else None)
 
     def _add_prompt_logprobs(self, so: SchedulerOutput, plp: dict[str, Logprobs]) -> None:
         """A chunk [start, end) of the prompt gives the logprobs of prompt tokens start+1 ..
@@ -354,17 +358,22 @@ class AsyncEngine:
         tr = self._live.get(req.req_id)
         if tr is None:
             return
+        new_ids = upd.new_token_ids
         new_text = ""
-        if tr.detok is not None and upd.new_token_ids:
-            new_text, stop = tr.detok.add_tokens(upd.new_token_ids)
-            if stop is not None and not req.is_finished:
-                self.scheduler.finish_request(req.req_id, "stop", stop)
-        if req.is_finished and tr.detok is not None:
-            new_text += tr.detok.flush()
-        tr.text += new_text
-        tr.token_ids.extend(upd.new_token_ids)
+        detok = tr.detok
+        if detok is not None:
+            if new_ids:
+                new_text, stop = detok.add_tokens(new_ids)
+                if stop is not None and not req.is_finished:
+                    self.scheduler.finish_request(req.req_id, "stop", stop)
+            if req.is_finished:
+                new_text += detok.flush()
+        finished = req.is_finished
+        if new_text:
+            tr.text += new_text
+        tr.token_ids.extend(new_ids)
         group = tr.group
-        if logprobs is not None and upd.new_token_ids:
+        if logprobs is not None and new_ids:
             # Tokens past a stop were dropped by the scheduler: keep their logprobs aligned.
             cum = tr.cumulative_logprob or 0.0
             for i, tok in enumerate(upd.new_token_ids[: len(logprobs.token_logprobs)]):
@@ -373,23 +382,15 @@ class AsyncEngine:
                     tr.logprobs.append(TokenLogprob(tok, logprobs.token_logprobs[i],
                                                     list(zip(logprobs.top_token_ids[i], logprobs.top_logprobs[i]))))
             tr.cumulative_logprob = cum
-        comp = CompletionOutput(
-            index=tr.index,
-            text=tr.text,
-            token_ids=list(tr.token_ids),
-            new_text=new_text,
-            new_token_ids=upd.new_token_ids,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            logprobs=list(tr.logprobs) if group.want_logprobs else None,
-            cumulative_logprob=tr.cumulative_logprob,
-        )
+        # Positional: one of these per request per step (fields in declaration order).
+        comp = CompletionOutput(tr.index, tr.text, list(tr.token_ids), new_text, new_ids, req.finish_reason, req.stop_reason,
+                                list(tr.logprobs) if group.want_logprobs else None, tr.cumulative_logprob)
         group.latest[tr.index] = comp
-        if req.is_finished:
+        if finished:
             group.num_finished += 1
             self._forget(req.req_id)
         done = group.num_finished == len(group.children)
-        if group.best_of and not done:
+        if not done and group.best_of:
             return  # best_of: only the final choice is sent
         outputs = [comp]
         if done and group.best_of:
@@ -401,23 +402,10 @@ class AsyncEngine:
         if group.prompt_logprobs is not None and (done or not group.prompt_logprobs_sent):
             prompt_lps = list(group.prompt_logprobs)  # in the first output and the final one
             group.prompt_logprobs_sent = True
-        out = RequestOutput(
-            request_id=group.user_id,
-            prompt=group.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=outputs,
-            finished=done,
-            metrics=RequestMetrics(
-                arrival_time=req.arrival_time,
-                first_scheduled_time=req.first_scheduled_time,
-                first_token_time=req.first_token_time,
-                last_token_time=time.monotonic(),
-                finished_time=time.monotonic() if done else None,
-                num_cached_prompt_tokens=req.num_cached_prompt_tokens,
-                num_preemptions=req.num_preemptions,
-            ),
-            prompt_logprobs=prompt_lps,
-        )
+        now = time.monotonic()
+        metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time, now, now if done else None,
+                                 req.num_cached_prompt_tokens, req.num_preemptions)
+        out = RequestOutput(group.user_id, group.prompt, req.prompt_token_ids, outputs, done, metrics, prompt_lps)
         try:
             group.stream.put(out)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):

@@ -167,11 +167,10 @@ class KVCacheManager:
         if not self.enable_caching:
             return
         n_tokens = req.num_computed_tokens
-        if n_tokens > len(req.all_token_ids):
-            n_tokens = len(req.all_token_ids)
-        num_full = n_tokens // self.block_size
+        known = len(req.all_token_ids)
+        num_full = (n_tokens if n_tokens < known else known) // self.block_size
         done = self.num_registered.get(req.req_id, 0)
-        if num_full <= done:
+        if num_full <= done:  # the usual case: called for every request twice a step
             return
         blocks = self.blocks.get(req.req_id, [])
         num_full = min(num_full, len(blocks))

@@ -15,7 +15,9 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+# eq=False: requests compare by identity, so removing one from the running/waiting
+# lists (finish, abort, preemption) does not compare every field of every request it passes.
+@dataclass(eq=False)
 class Request:
     req_id: str  # internal, unique for the engine's lifetime
     prompt_token_ids: list[int]
@@ -37,28 +39,25 @@ class Request:
     num_cached_prompt_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Fixed for the request's lifetime; plain attributes because the scheduler reads
+    # them for every running request on every step.
+    num_prompt_tokens: int = field(init=False, default=0)
+    max_total_tokens: int = field(init=False, default=0)  # token count at which it stops for length (before max_model_len)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.max_total_tokens = self.num_prompt_tokens + self.sampling.max_tokens
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - len(self.prompt_token_ids)
+        return len(self.all_token_ids) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[len(self.prompt_token_ids) :]
+        return self.all_token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
-
-    @property
-    def max_total_tokens(self) -> int:
-        """Token count at which the request stops for length (before max_model_len)."""
-        return self.num_prompt_tokens + self.sampling.max_tokens

@@ -2,15 +2,22 @@
 
 Leaving the stream early (break, exception, task cancellation) aborts the request,
 so its KV blocks go back to the pool at once.
+
+The engine puts one output per request per step, so this is on the hot path (256
+puts and 256 consumer wake-ups per step at batch 256): it is a deque and at most one
+asyncio future, rather than an anyio memory stream (whose receive also yields to the
+loop once per item, even when items are already buffered). Errors seen by the engine
+are the same: putting after the final output raises `anyio.ClosedResourceError`,
+putting after the consumer left raises `anyio.BrokenResourceError`.
 """
 from __future__ import annotations
 
-import math
+import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from aiosched.outputs import RequestOutput
 
@@ -19,25 +26,37 @@ class RequestStream:
     def __init__(self, request_id: str, abort: Callable[[], None]) -> None:
         self.request_id = request_id
         self._abort = abort
-        self._send: MemoryObjectSendStream[RequestOutput | BaseException]
-        self._recv: MemoryObjectReceiveStream[RequestOutput | BaseException]
-        self._send, self._recv = anyio.create_memory_object_stream(math.inf)
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # set while the consumer waits for an item
+        self._closed = False  # engine side: the final output (or an error) was put
+        self._left = False  # consumer side: the iterator has ended
         self._done = False  # the consumer saw the final output (or an error)
         self._consumed = False
 
     # --- engine side (event loop thread) ---
 
     def put(self, output: RequestOutput) -> None:
-        self._send.send_nowait(output)
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._left:
+            raise anyio.BrokenResourceError
+        self._items.append(output)
         if output.finished:
-            self._send.close()
+            self._closed = True
+        self._wake()
 
     def fail(self, exc: BaseException) -> None:
-        try:
-            self._send.send_nowait(exc)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
-        self._send.close()
+        if not self._closed and not self._left:
+            self._items.append(exc)
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     # --- user side ---
 
@@ -48,8 +67,16 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        items = self._items
         try:
-            async for item in self._recv:
+            while True:
+                if not items:
+                    if self._closed:
+                        return
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    await self._waiter
+                    continue
+                item = items.popleft()
                 if isinstance(item, BaseException):
                     self._done = True
                     raise item
@@ -61,7 +88,8 @@ class RequestStream:
         finally:
             if not self._done:
                 self._abort()
-            self._recv.close()
+            self._left = True
+            items.clear()
 
     async def result(self) -> RequestOutput:
         last: RequestOutput | None = None

@@ -30,7 +30,7 @@ class SchedulerStats:
     spec_step_tokens: int = 0  # tokens those produced (accepted drafts + one each)
 
 
-@dataclass
+@dataclass(slots=True)
 class StepUpdate:
     """What one step's output did to one request."""
 
@@ -88,12 +88,14 @@ class Scheduler:
     def _num_new_tokens(self, req: Request) -> int:
         """Tokens the request could compute now. Sync: every known token is known."""
         assert req.num_output_placeholders == 0, "sync scheduler: output still pending"
-        if len(req.all_token_ids) >= self._stop_length(req):
+        known = len(req.all_token_ids)
+        if known >= req.max_total_tokens or known >= self.max_model_len:  # i.e. >= self._stop_length(req), inlined
             return 0
-        return len(req.all_token_ids) - req.num_computed_tokens
+        return known - req.num_computed_tokens
 
     def _stop_length(self, req: Request) -> int:
-        return min(req.max_total_tokens, self.max_model_len)
+        stop = req.max_total_tokens
+        return stop if stop < self.max_model_len else self.max_model_len
 
     def _can_admit(self, req: Request) -> bool:
         return True
@@ -117,13 +119,20 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         new_reqs: list[NewRequestData] = []
         preempted = False
+        # Hot loop (every running request, every step): bound methods and flags hoisted.
+        running = self.running
+        num_new_tokens = self._num_new_tokens
+        allocate = self.kv.allocate
+        spec_on = self.config.speculative is not None
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(self._num_new_tokens(req), budget)
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = num_new_tokens(req)
+            if n > budget:
+                n = budget
             d = 0
-            if n == 1 and self._uses_spec(req):
+            if spec_on and n == 1 and self._uses_spec(req):
                 d = self._draft_slots(req, budget)
                 if d == 0 and req.num_spec_slack:
                     n = 0  # its position is known only once its speculative step lands
@@ -131,14 +140,14 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            new_blocks = self.kv.allocate(req, n)
+            new_blocks = allocate(req, n)
             while new_blocks is None:  # out of blocks: preempt from the back
-                victim = self.running[-1]
+                victim = running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
-                new_blocks = self.kv.allocate(req, n)
+                new_blocks = allocate(req, n)
             if new_blocks is None:
                 break
             scheduled.append(self._schedule_tokens(req, n, new_blocks, d))
@@ -190,9 +199,9 @@ class Scheduler:
 
     def _schedule_tokens(self, req: Request, n: int, new_blocks: list[int], draft_slots: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens
-        req.num_computed_tokens += n
+        computed = req.num_computed_tokens = start + n
         # Sample when this step reaches the end of the sequence (known + placeholders).
-        sample = draft_slots > 0 or req.num_computed_tokens == len(req.all_token_ids) + req.num_output_placeholders
+        sample = draft_slots > 0 or computed == len(req.all_token_ids) + req.num_output_placeholders
         if sample:
             req.num_output_placeholders += 1
         # Speculative: KV reserved for the drafts; the step yields 1..1+draft_slots tokens.
@@ -200,8 +209,7 @@ class Scheduler:
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
         self.kv.cache_full_blocks(req)
-        return ScheduledRequest(req_id=req.req_id, num_tokens=n, num_computed_tokens=start, new_block_ids=new_blocks, sample=sample,
-                                num_draft_slots=draft_slots)
+        return ScheduledRequest(req.req_id, n, start, new_blocks, sample, num_draft_slots=draft_slots)
 
     def _preempt(self, req: Request) -> None:
         """Recompute later: drop its blocks and worker state, back to the front of the queue.
@@ -223,10 +231,13 @@ class Scheduler:
         """Resolve placeholders with real tokens; apply stop conditions."""
         updates: list[StepUpdate] = []
         slots = {sr.req_id: sr.num_draft_slots for sr in so.scheduled if sr.num_draft_slots} if self.config.speculative else None
+        # Hot loop (every sampled request, every step): lookups hoisted.
+        requests, stats = self.requests, self.stats
+        check_stop, cache_full_blocks = self._check_stop, self.kv.cache_full_blocks
         for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
-            req = self.requests.get(req_id)
+            req = requests.get(req_id)
             if req is None:  # finished or aborted while this step was in flight
-                self.stats.discarded_tokens += len(tokens)
+                stats.discarded_tokens += len(tokens)
                 continue
             d = slots.get(req_id, 0) if slots else 0
             if d:
@@ -241,30 +252,33 @@ class Scheduler:
                 self.stats.spec_step_tokens += len(tokens)
             req.num_output_placeholders -= 1
             assert req.num_output_placeholders >= 0, f"{req_id}: placeholder count went negative"
-            upd = StepUpdate(req)
+            new_ids: list[int] = []
+            all_ids = req.all_token_ids
             for t in tokens:
-                req.all_token_ids.append(t)
-                upd.new_token_ids.append(t)
-                self.stats.generated_tokens += 1
-                reason = self._check_stop(req, t)
+                all_ids.append(t)
+                new_ids.append(t)
+                reason = check_stop(req, t)
                 if reason is not None:
                     self.finish_request(req_id, *reason)
                     break
+            stats.generated_tokens += len(new_ids)
             if req.status is RequestStatus.RUNNING:
-                self.kv.cache_full_blocks(req)
-            updates.append(upd)
+                cache_full_blocks(req)
+            updates.append(StepUpdate(req, new_ids))
         self.stats.draft_tokens += out.num_draft_tokens
         self.stats.accepted_tokens += out.num_accepted_tokens
         return updates
 
     def _check_stop(self, req: Request, token: int) -> tuple[str, int | str | None] | None:
         sp = req.sampling
-        if req.num_output_tokens >= sp.min_tokens:
+        num_tokens = len(req.all_token_ids)
+        num_output = num_tokens - req.num_prompt_tokens
+        if num_output >= sp.min_tokens:
             if not sp.ignore_eos and token in req.eos_token_ids:
                 return ("stop", None)
             if token in sp.stop_token_ids:
                 return ("stop", token)
-        if req.num_output_tokens >= sp.max_tokens or len(req.all_token_ids) >= self.max_model_len:
+        if num_output >= sp.max_tokens or num_tokens >= self.max_model_len:
             return ("length", None)
         return None
 
