@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,9 +70,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="1: layers under lax.scan (default on CPU: compiles fast), 0: unrolled (default on GPU: "
                         "no per-layer host round trip); AIOSCHED_JAX_SCAN_LAYERS")
     p.add_argument("--no-precompile", action="store_true", help="compile step programs lazily (compilation then lands in the timed runs)")
+    p.add_argument("--executor", choices=["inproc", "remote"], default="inproc",
+                   help="remote: the JAX runner in an `aiosched worker` subprocess on loopback (plaintext), the engine here")
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def start_loopback_worker() -> tuple[subprocess.Popen, str]:
+    """`aiosched worker --runner jax --insecure` on 127.0.0.1 (a free port); (process, endpoint).
+    It inherits this process's environment, so the AIOSCHED_JAX_* settings apply there."""
+    cmd = [sys.executable, "-m", "aiosched", "worker", "--listen", "tcp://127.0.0.1:0", "--runner", "jax", "--insecure"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"the worker did not start: {line!r}")
+    return proc, line.split()[4]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,8 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
                 shape = os.path.join(tmp, "cpu-small.json")
                 Path(shape).write_text(json.dumps(hf_config(**CPU_SMALL)))
             weights = ["--random-weights", shape]
+        worker = start_loopback_worker() if a.executor == "remote" else None
+        executor = ["--executor", "inproc"] if worker is None else ["--executor", "remote", "--remote-address", worker[1], "--remote-insecure"]
         bench_argv = [
-            "--disable-tqdm", "--runner", "jax", "--executor", "inproc", "--device", "cuda" if gpu else "cpu", *weights,
+            "--disable-tqdm", "--runner", "jax", *executor, "--device", "cuda" if gpu else "cpu", *weights,
             "--dtype", a.dtype, "--num-prompts", str(num_prompts), "--input-len", str(a.input_len),
             "--output-len", str(a.output_len), "--max-concurrency", str(a.max_concurrency), "--ignore-eos",
             "--max-num-batched-tokens", str(a.max_num_batched_tokens), "--max-num-seqs", str(a.max_num_seqs),
@@ -118,15 +136,30 @@ def main(argv: list[str] | None = None) -> dict:
         from aiosched.event_loop import run
 
         t0 = time.perf_counter()
-        report = run(bench.run_bench(args))
+        try:
+            report = run(bench.run_bench(args))
+        finally:
+            if worker is not None:
+                worker[0].terminate()
+                worker[0].wait(30)
         report["wall_s"] = time.perf_counter() - t0
+    report["executor"] = a.executor
     report["jax"] = {
         "version": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
         "shape": None if a.model else shape_name, "model": a.model, "precompile": not a.no_precompile,
-        "compile": jax_runner.compile_stats(), "scan_layers": a.scan_layers,
+        # In remote mode the programs are compiled in the worker process: not counted here.
+        "compile": jax_runner.compile_stats() if worker is None else None, "scan_layers": a.scan_layers,
     }
     bench.print_report(report)
     c = report["jax"]["compile"]
+    if c is None:
+        print(f"\nJAX {jax.__version__}, runner in an `aiosched worker` on loopback ({worker[1]})")
+        if "ratios" in report:
+            r = report["ratios"]
+            print(f"  {report['ratios_of']}: {r['request_throughput']:.3f}x req/s, {r['output_throughput']:.3f}x output tok/s")
+        if a.json_path:
+            bench.write_json(report, a.json_path)
+        return report
     print(f"\nJAX {jax.__version__} on {jax.default_backend()} ({report['jax']['devices'][0]}), model "
           f"{a.model or report['jax']['shape']}: {c['programs']} programs compiled ({c['step_programs']} step, {c['write_programs']} token-write) "
           f"in {c['compile_s']:.1f}s of compile time ({c['precompile_wall_s']:.1f}s wall, precompiled on {c['precompile_threads']} threads)")
