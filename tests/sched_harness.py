@@ -15,7 +15,8 @@ at submission and compared at execution: the scheduler must not mutate a step it
 has handed to the worker.
 
 The oracle is the fake model itself: each request's output must equal
-`reference_tokens` for that request alone, with stop tokens, EOS, min_tokens and
+`reference_tokens` for that request alone (with its penalties, which the fake model
+applies over the request's own history), with stop tokens, EOS, min_tokens and
 max_tokens applied here, independently of the scheduler. The harness also keeps
 its own books (in-flight samples per request, tokens that must be discarded) and
 checks them against the scheduler after every step.
@@ -43,16 +44,24 @@ class Expected:
     stop_reason: int | None
 
 
+def penalties_of(sp: SamplingParams) -> dict:
+    return dict(repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
+                frequency_penalty=sp.frequency_penalty)
+
+
 def model_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: int, greedy: bool, min_tokens: int = 0,
-                 masked: set[int] | None = None, context: int = 0) -> list[int]:
+                 masked: set[int] | None = None, context: int = 0, penalties: dict | None = None) -> list[int]:
     """`reference_tokens`, also for the fake runner's w-gram mode (`context` = w > 0: the next
-    token depends on the last w tokens only, so greedy output cycles and n-gram drafts hit)."""
+    token depends on the last w tokens only, so greedy output cycles and n-gram drafts hit).
+    `penalties`: repetition_penalty / presence_penalty / frequency_penalty, applied by the
+    fake model over the request's own history."""
+    penalties = penalties or {}
     if not context:
-        return reference_tokens(prompt, max_tokens, vocab_size, seed, greedy, min_tokens, masked)
+        return reference_tokens(prompt, max_tokens, vocab_size, seed, greedy, min_tokens, masked, **penalties)
     from aiosched.protocol import NewRequestData
     from executors.runners.fake_runner import _State
 
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, min_tokens=min_tokens)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, min_tokens=min_tokens, **penalties)
     st = _State(NewRequestData("ref", list(prompt), len(prompt), sp, seed, sorted(masked or ())))
     model = FakeModelRunner.__new__(FakeModelRunner)
     model.vocab_size, model.context = vocab_size, context
@@ -66,7 +75,7 @@ def expected_output(prompt: list[int], sp: SamplingParams, seed: int, eos: list[
     """What the request must produce: the fake model alone, with stop rules applied here."""
     eos_set = set() if sp.ignore_eos else set(eos)
     masked = set(sp.stop_token_ids) | eos_set  # the model never emits these before min_tokens
-    ref = model_tokens(prompt, sp.max_tokens, vocab_size, seed, sp.greedy, sp.min_tokens, masked, context)
+    ref = model_tokens(prompt, sp.max_tokens, vocab_size, seed, sp.greedy, sp.min_tokens, masked, context, penalties_of(sp))
     out: list[int] = []
     for tok in ref:
         out.append(tok)
@@ -100,9 +109,9 @@ class HarnessError(AssertionError):
 
 class Harness:
     def __init__(self, config: EngineConfig, check_every_step: bool = True, depth: int | None = None,
-                 context: int = 0, vocab_size: int | None = None) -> None:
+                 context: int = 0, vocab_size: int | None = None, runner_cls: type[FakeModelRunner] = FakeModelRunner) -> None:
         self.config = config
-        self.runner = FakeModelRunner(config)
+        self.runner = runner_cls(config)
         # The fake model's w-gram mode over a small vocabulary cycles quickly, so n-gram
         # speculative drafts get accepted (multi-token steps).
         self.context = context
@@ -250,6 +259,9 @@ class Harness:
             start = by_id[new.req_id].num_computed_tokens
             if tr.req.num_preemptions:
                 self.counters["resumed"] += 1
+                sp = tr.req.sampling
+                if tr.received and (sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0):
+                    self.counters["resumed_with_penalties"] += 1
                 if start:
                     self.counters["resumed_with_prefix_hit"] += 1
             if start:

@@ -10,11 +10,14 @@ pass by no longer reaching it.
 """
 from __future__ import annotations
 
+import msgspec
+import pytest
+
 from aiosched.config import EngineConfig
 from aiosched.request import RequestStatus
 from aiosched.sampling_params import SamplingParams
-from executors.runners.fake_runner import reference_tokens
-from sched_harness import Harness
+from executors.runners.fake_runner import FakeModelRunner, penalize, penalty_candidates, reference_tokens
+from sched_harness import Harness, HarnessError
 
 GREEDY = dict(temperature=0.0)
 
@@ -242,3 +245,136 @@ async def test_fake_runner_without_a_model_gets_no_tokenizer(make_engine) -> Non
         assert eng.tokenizer is None
         out = await eng.generate([3, 1, 4, 1, 5], SamplingParams(max_tokens=64, **GREEDY))
     assert out.token_ids == reference_tokens([3, 1, 4, 1, 5], 64) and out.finish_reason == "length"
+
+
+# ---- penalties: the fake model honours them over the worker's history ----
+# The classic failure: penalties (and anything else that reads the history) silently
+# stop working because the worker's history lags one step behind the tokens (step
+# N+1 is built before step N's token reaches the scheduler). These tests show the
+# fake model's penalties are not a no-op and that the `reference_tokens` oracle
+# (hence every harness test and the state machines) catches a lagging or mis-split
+# history.
+
+PENALTIES = [dict(presence_penalty=-1.0), dict(frequency_penalty=-0.8), dict(repetition_penalty=0.6),
+             dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.3)]
+
+
+class LaggingPenaltyRunner(FakeModelRunner):
+    """A worker whose penalties count a history one step behind: the token sampled by
+    the previous step is missing (the model itself still sees every token)."""
+
+    def _penalty_history(self, st, n):
+        return st.tokens[: n - 1] if n > st.prompt_len else st.tokens[:n]
+
+
+class ResumedAsPromptRunner(FakeModelRunner):
+    """A worker that takes a resumed request's whole history as its prompt, so the
+    presence / frequency penalties forget the outputs generated before preemption."""
+
+    def execute(self, so):
+        news = [msgspec.structs.replace(n, prompt_len=len(n.token_ids)) for n in so.new_requests]
+        return super().execute(msgspec.structs.replace(so, new_requests=news))  # a copy: `so` stays as submitted
+
+
+def test_fake_penalties_follow_their_definitions() -> None:
+    cands = [(5, 1.0), (7, 0.8), (9, -0.3)]
+    prompt, out = [7, 9], [5, 5]
+
+    def best(history, prompt_len=2, **kw):
+        return penalize(cands, history, prompt_len, SamplingParams(**kw))
+
+    assert best(prompt + out) == 5  # no penalty: the best raw score
+    # presence: once per token in the outputs (5: 1.0 - 0.3 = 0.7 < 0.8)
+    assert best(prompt + out, presence_penalty=0.3) == 7 and best(prompt + out, presence_penalty=0.1) == 5
+    # frequency: per occurrence in the outputs (5 twice: 1.0 - 2 x 0.15 = 0.7; once it would be 0.85)
+    assert best(prompt + out, frequency_penalty=0.15) == 7 and best(prompt + [5], frequency_penalty=0.15) == 5
+    # presence and frequency count outputs only: 5 in the prompt is not penalized
+    assert best([5, 7, 9], prompt_len=3, presence_penalty=0.3, frequency_penalty=0.3) == 5
+    # repetition: over prompt and outputs, positive scores divided (5: 1 / 1.3 = 0.77 < 0.8; 7 not seen)
+    assert best([5], prompt_len=1, repetition_penalty=1.3) == 7 and best([9], prompt_len=1, repetition_penalty=1.3) == 5
+    # ... negative scores multiplied
+    neg = [(1, -0.2), (2, -0.3)]
+    assert penalize(neg, [2], 1, SamplingParams(repetition_penalty=0.5)) == 2  # -0.15 > -0.2
+    assert penalize(neg, [1], 1, SamplingParams(repetition_penalty=2.0)) == 2  # -0.4 < -0.3
+    # negative presence / frequency favour tokens already generated
+    assert best([9, 9], prompt_len=1, presence_penalty=-1.5) == 9 and best([9, 9], prompt_len=1, frequency_penalty=-1.5) == 9
+
+
+def test_fake_penalties_change_tokens_and_neutral_ones_do_not() -> None:
+    prompt = [1, 2, 3]
+    plain = reference_tokens(prompt, 16)
+    # The fake model's tokens without penalties are pinned (many tests depend on them).
+    assert plain[:4] == [479, 317, 98, 466]
+    assert reference_tokens(prompt, 16, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0) == plain
+    for pen in PENALTIES[:3]:
+        assert reference_tokens(prompt, 16, **pen) != plain, pen
+        assert reference_tokens(prompt, 16, seed=7, greedy=False, **pen) != reference_tokens(prompt, 16, seed=7, greedy=False), pen
+    # Penalties against repetition bite once the model repeats itself (a small vocabulary).
+    for pen in (dict(presence_penalty=0.5), dict(frequency_penalty=0.5), dict(repetition_penalty=1.3)):
+        assert reference_tokens(prompt, 24, vocab_size=32, **pen) != reference_tokens(prompt, 24, vocab_size=32), pen
+
+
+def test_one_step_stale_penalty_history_changes_the_token() -> None:
+    """The oracle can see a lag: along the fake model's own output, counting the
+    penalties over the history without its last token picks another token at some step.
+    (Penalties against repetition can only notice when the hash model repeats itself, so
+    those cases use a small vocabulary, as a quarter of the state machine's examples do.)"""
+    from executors.runners.fake_runner import _MOD
+
+    prompt = [1, 2, 3]
+    for vocab, pen in [(512, p) for p in PENALTIES[:3]] + [(32, dict(presence_penalty=0.5)), (32, dict(frequency_penalty=0.5)),
+                                                     (32, dict(repetition_penalty=1.8))]:
+        sp = SamplingParams(**pen)
+        hist = prompt + reference_tokens(prompt, 24, vocab_size=vocab, **pen)
+        stale_differs = 0
+        for n in range(len(prompt) + 1, len(hist)):
+            h = 0
+            for t in hist[:n]:
+                h = (h * 1_000_003 + t + 1) % _MOD
+            cands = penalty_candidates(h, hist[:n], vocab)
+            assert penalize(cands, hist[:n], len(prompt), sp) == hist[n]  # the fresh history gives the model's token
+            stale_differs += penalize(cands, hist[: n - 1], len(prompt), sp) != hist[n]
+        assert stale_differs > 0, (vocab, pen)
+
+
+def test_worker_penalty_history_lagging_a_step_is_caught() -> None:
+    def run(runner_cls) -> Harness:
+        h = Harness(EngineConfig(runner="fake", async_scheduling=True, block_size=2, num_kv_blocks=64, max_model_len=64,
+                                 max_num_batched_tokens=64), runner_cls=runner_cls, vocab_size=32)
+        for i, pen in enumerate(PENALTIES):
+            h.add([1, 2, 3 + i], SamplingParams(max_tokens=16, **pen, **GREEDY))
+            h.add([4 + i, 5], SamplingParams(max_tokens=16, temperature=1.0, seed=i, **pen), seed=i)
+        h.drain()
+        return h
+
+    h = run(FakeModelRunner)  # the worker's real history: every token equals the request alone
+    assert all(t.done == "length" for t in h.tracked.values())
+    with pytest.raises(HarnessError, match="the model alone gives"):
+        run(LaggingPenaltyRunner)
+
+
+def test_penalized_request_resumed_after_preemption_keeps_its_history_split() -> None:
+    def run(runner_cls) -> tuple[Harness, str, list]:
+        h = Harness(EngineConfig(runner="fake", async_scheduling=True, block_size=2, num_kv_blocks=4, max_model_len=64,
+                                 max_num_batched_tokens=64), runner_cls=runner_cls)
+        h.add([1, 2, 3], SamplingParams(max_tokens=5, **GREEDY))
+        b = h.add([4, 5, 6], SamplingParams(max_tokens=4, presence_penalty=-1.0, **GREEDY))
+        resumed = []
+        orig = h.sched.schedule
+
+        def spy():
+            so = orig()
+            resumed.extend(n for n in so.new_requests if n.req_id == b and n.prompt_len < len(n.token_ids))
+            return so
+
+        h.sched.schedule = spy
+        h.drain()
+        return h, b, resumed
+
+    h, b, resumed = run(FakeModelRunner)
+    assert resumed, "the scenario needs the penalized request resumed with outputs"
+    assert resumed[0].prompt_len == 3 and resumed[0].token_ids[:3] == [4, 5, 6]
+    got = h.tracked[b].received
+    assert got == reference_tokens([4, 5, 6], 4, presence_penalty=-1.0) != reference_tokens([4, 5, 6], 4)
+    with pytest.raises(HarnessError, match="the model alone gives"):
+        run(ResumedAsPromptRunner)

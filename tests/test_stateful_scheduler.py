@@ -5,7 +5,7 @@
    synchronous copy of the engine loop (two steps in flight, outputs applied in
    order). Rules add requests (prompts from 1 token to several times the token
    budget, shared prefixes, random max_tokens / min_tokens / stop tokens / EOS,
-   greedy and seeded sampling), abort requests (running, waiting, preempted, with a
+   greedy and seeded sampling, penalties), abort requests (running, waiting, preempted, with a
    token in flight) and step. The KV pool is small, so preemption is frequent.
    After every step the harness checks the scheduler's and the KV pool's
    invariants, the placeholder count of every request against the samples in
@@ -26,13 +26,23 @@ same examples, so CI is deterministic) and runs >= 2,000 scheduler examples.
 scheduler.py, async_scheduler.py, kv_cache.py or the engine loop).
 
 Parallel samples (n > 1, sibling requests) are covered by the engine machines.
-Penalties: the scheduler's share (the history a resumed request is sent with, split
-at prompt_len) is checked on every new request by the harness, and the torch
-machine adds penalties to half its requests when its runner reports the
-"penalties" feature (its oracle, the request alone on a sync engine, applies them
-too). TODO(penalties): the fake runner ignores penalties, so the fast machine
-cannot check their effect; give it a deterministic penalty model over its token
-history (and `reference_tokens` the same) to cover them at thousands of steps/s.
+
+Penalties: half the requests of every machine draw presence / frequency /
+repetition penalties (one of them or all three, either sign; a quarter of the
+requests in speculative examples, as penalized requests are never speculated). The
+fake runner applies them deterministically to a small score vector (the hash token,
+the request's last token, tokens of its history; see fake_runner.py) over the
+worker's own history, prompt and outputs split at prompt_len, and
+`reference_tokens` (the oracle: the request alone) does the same, so a penalized
+request's tokens depend on how many times each token occurs in its history and on
+which of those are outputs. A worker history that lags a step, loses or duplicates
+a token, or is split at the wrong place on resumption after preemption therefore
+changes the tokens and fails the oracle, at thousands of steps/s
+(test_scheduler_regressions.py shows both are caught). Penalties against repetition
+only bite when the hash model repeats itself, so a quarter of the other examples
+use a 32-token vocabulary. The harness also checks the history a resumed request is
+sent with on every new request. The "alone" machines add penalties when the runner
+reports the "penalties" feature (the fake and the torch runner do).
 """
 from __future__ import annotations
 
@@ -126,7 +136,22 @@ def describe_request(seed: int) -> dict:
         ignore_eos=r.random() < 0.3,
         greedy=r.random() < 0.5,
         seed=r.getrandbits(40),
+        penalties=None if r.random() < 0.5 else draw_penalties(r),
     )
+
+
+def draw_penalties(r: random.Random) -> dict:
+    """One penalty or all three, either direction (a repetition penalty below 1 and a
+    negative presence or frequency penalty favour tokens already seen)."""
+    kind = r.choice(["presence", "frequency", "repetition", "all"])
+    out = {}
+    if kind in ("presence", "all"):
+        out["presence_penalty"] = round(r.uniform(-1.5, 1.5), 2)
+    if kind in ("frequency", "all"):
+        out["frequency_penalty"] = round(r.uniform(-1.5, 1.5), 2)
+    if kind in ("repetition", "all"):
+        out["repetition_penalty"] = round(r.uniform(0.6, 1.8), 2)
+    return out
 
 
 requests = st.integers(0, 2**64 - 1).map(describe_request)
@@ -158,18 +183,20 @@ def build_request(desc: dict, prompts: list[list[int]], vocab: int, max_total: i
     min_tokens = min(desc["min_tokens"], max_tokens)
     greedy = desc["greedy"]
     seed = desc["seed"]
+    penalties = desc.get("penalties") or {}
     # Stop tokens / EOS drawn from what the model will say, so they actually fire.
-    ref = reference_tokens(prompt, max_tokens, vocab, seed, greedy)
+    ref = reference_tokens(prompt, max_tokens, vocab, seed, greedy, **penalties)
     stops = sorted({ref[i % len(ref)] for i in desc["stops"]})
     eos = sorted({ref[i % len(ref)] for i in desc["eos"]})
     sp = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, temperature=0.0 if greedy else 1.0,
-                        seed=seed if not greedy else None, stop_token_ids=stops, ignore_eos=desc["ignore_eos"])
+                        seed=seed if not greedy else None, stop_token_ids=stops, ignore_eos=desc["ignore_eos"], **penalties)
     return prompt, sp, seed, eos
 
 
 # ---- 1. scheduler + fake runner, synchronous copy of the engine loop ----
 
 COVERAGE: Counter[str] = Counter()  # summed over all examples of a run
+NO_PENALTIES = dict(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -182,10 +209,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.ok = True  # False once a rule raised: teardown then leaves the state alone
 
     @initialize(config=engine_configs(), deep=st.sampled_from([False, False, False, True]),
-                model=st.sampled_from([(0, None), (1, 16), (2, 8), (2, 32)]))
-    def setup(self, config: EngineConfig, deep: bool, model: tuple[int, int | None]) -> None:
+                model=st.sampled_from([(0, None), (1, 16), (2, 8), (2, 32)]), small_vocab=st.sampled_from([False, False, False, True]))
+    def setup(self, config: EngineConfig, deep: bool, model: tuple[int, int | None], small_vocab: bool) -> None:
         depth = 3 if deep and config.async_scheduling else None
         context, vocab = model if config.speculative is not None else (0, None)  # (w-gram, vocab) for drafts that hit
+        if config.speculative is None and small_vocab:
+            # The hash model then repeats tokens by itself, so penalties that discourage
+            # repetition bite too (over 512 tokens mostly those that favour it do).
+            vocab = 32
+            COVERAGE["small_vocab"] += 1
         self.h = Harness(config, depth=depth, context=context, vocab_size=vocab)
         COVERAGE["speculative"] += config.speculative is not None
         COVERAGE["examples"] += 1
@@ -201,12 +233,19 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(desc=requests)
     def add(self, desc: dict) -> None:
         h = self.h
+        if desc["penalties"] and h.config.speculative is not None and desc["seed"] % 2:
+            desc = dict(desc, penalties=None)  # penalized requests are never speculated: a quarter, not half, here
         built = build_request(desc, self.prompts, h.vocab_size, min(h.max_model_len, h.sched.kv.num_blocks * h.sched.kv.block_size),
                               h.sched.kv.block_size)
         if built is None:
             return
         prompt, sp, seed, eos = built
         self.prompts.append(prompt)
+        if desc["penalties"]:
+            COVERAGE["penalized"] += 1
+            plain = msgspec.structs.replace(sp, **NO_PENALTIES)
+            COVERAGE["penalties_change_tokens"] += expected_output(prompt, plain, seed, eos, h.vocab_size, h.context) != \
+                expected_output(prompt, sp, seed, eos, h.vocab_size, h.context)
         self._guard(h.add, prompt, sp, seed, eos)
 
     @precondition(lambda self: self.h is not None and self.h.live())
@@ -219,7 +258,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             "any": reqs,
             "running": [r for r in reqs if r.status is RequestStatus.RUNNING],
             "waiting": [r for r in reqs if r.status is RequestStatus.WAITING],
-            "preempted": [r for r in reqs if r.status is RequestStatus.PREEMPTED],
+            # A preempted request whose token is still in flight first, when there is one
+            # (the rarest state: it lasts until that step's output is applied).
+            "preempted": [r for r in reqs if r.status is RequestStatus.PREEMPTED and r.num_output_placeholders]
+            or [r for r in reqs if r.status is RequestStatus.PREEMPTED],
             "in_flight": [r for r in reqs if r.num_output_placeholders],
         }[kind] or reqs
         self._guard(h.abort, pick[idx % len(pick)].req_id)
@@ -254,7 +296,8 @@ def test_async_scheduler_state_machine() -> None:
     for what in ("preemptions", "preempted_with_token_in_flight", "abort_with_token_in_flight", "abort_preempted",
                  "abort_preempted_with_token_in_flight", "finished_while_preempted", "resumed_with_prefix_hit",
                  "prefix_hit_on_shared_block", "discarded", "prefill_chunks", "chunk_beside_decode", "finished_stop",
-                 "finished_length", "stop_after_min_tokens", "stop_string", "sync"):
+                 "finished_length", "stop_after_min_tokens", "stop_string", "sync", "penalties_change_tokens",
+                 "resumed_with_penalties"):
         assert cov.get(what, 0) > 0, f"no example reached {what!r}: {cov}"
     assert cov["examples"] >= min(2000, SCHED_SETTINGS.max_examples)
 
@@ -361,6 +404,7 @@ class EngineMachine(RuleBasedStateMachine):
                                  best_of=(sp.best_of or n) > n)
         ENGINE_COVERAGE["requests"] += 1
         ENGINE_COVERAGE["parallel_samples"] += n > 1
+        ENGINE_COVERAGE["penalized"] += sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
         self._check()
 
     @precondition(lambda self: self.engine is not None and self.n_ids > 0)
@@ -526,13 +570,13 @@ def _run_engine_machine(machine: type[EngineMachine], max_examples: int) -> dict
 
 def test_engine_state_machine() -> None:
     cov = _run_engine_machine(EngineMachine, ENGINE_SETTINGS.max_examples)
-    for what in ("preemptions", "aborts", "parallel_samples", "finished_stop", "finished_length"):
+    for what in ("preemptions", "aborts", "parallel_samples", "penalized", "finished_stop", "finished_length"):
         assert cov.get(what, 0) > 0, f"no example reached {what!r}: {cov}"
 
 
 def test_engine_state_machine_vs_alone() -> None:
     """Fake runner (over the embedded model's dir when shipped, for its tokenizer): stop strings,
-    logprobs, best_of and prompt logprobs under preemption and async scheduling equal
+    logprobs, best_of, prompt logprobs and penalties under preemption and async scheduling equal
     the same request alone on a sync engine."""
 
     class AloneMachine(EngineMachine):
@@ -542,7 +586,7 @@ def test_engine_state_machine_vs_alone() -> None:
         config_overrides = {"model": str(default)} if (default / "tokenizer.json").is_file() else {}
 
     cov = _run_engine_machine(AloneMachine, 30)
-    wanted = ["logprobs", "best_of", "prompt_logprobs", "preemptions"] + (["stop_strings"] if AloneMachine.config_overrides else [])
+    wanted = ["logprobs", "best_of", "prompt_logprobs", "penalties", "preemptions"] + (["stop_strings"] if AloneMachine.config_overrides else [])
     for what in wanted:
         assert cov.get(what, 0) > 0, f"no example reached {what!r}: {cov}"
 

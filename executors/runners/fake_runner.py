@@ -11,10 +11,27 @@ Structured output: with a tokenizer.json in the model dir (and llguidance), requ
 with `structured` are masked exactly as the torch runner masks them (the same
 `executors.structured_output` manager, batched CPU bitmask fill); a masked-out hash
 token is replaced by an allowed one picked by the same hash.
+
+Penalties (repetition / presence / frequency, `penalize`): a request with any of them
+gets a small score vector instead of the bare hash token. The candidates are the hash
+token (raw score 1.0, the best: penalties that do not bite leave the output as it is
+without them), the request's last token, two hash-picked tokens of its history and
+two more hash tokens, each with a hash score in [-0.5, 0.999]. The penalties are
+applied to those scores exactly as defined in `SamplingParams` (repetition over
+prompt + outputs, then frequency, then presence over the outputs), from the worker's
+own, complete history, and the best candidate wins. The last token is always a
+candidate and counts, so a history that lags one step (the token of the previous
+step missing, as in an async scheduler that builds step N+1 before step N's token
+arrives) changes the tokens and fails the `reference_tokens` oracle. Penalties that
+favour repetition (repetition < 1, negative presence / frequency) bite over any
+vocabulary; those against it only when the hash token itself repeats, which needs a
+small vocabulary. With neutral penalties (1 / 0 / 0) none of this runs: the tokens
+are the plain hash tokens, exactly as without penalties.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -25,6 +42,65 @@ from executors.runner import ModelRunner, PendingOutput, ReadyOutput
 from executors.structured_output import StructuredOutputManager, allowed_token_ids, bitmask_words
 
 _MOD = (1 << 61) - 1
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """A 64-bit finalizer (splitmix-style): spreads a hash over all bits."""
+    x = ((x ^ (x >> 31)) * 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 29)) * 0xBF58476D1CE4E5B9) & _M64
+    return x ^ (x >> 32)
+
+
+def has_penalties(sp) -> bool:
+    return sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0
+
+
+def penalty_candidates(h: int, history: list[int], vocab_size: int) -> list[tuple[int, float]]:
+    """The fake model's score vector for a penalized request: (token, raw score) pairs,
+    distinct tokens, the hash token `h % vocab_size` first with the best score 1.0."""
+    tok0 = h % vocab_size
+    x = _mix(h)
+    picks = [tok0, history[-1]]  # the last token: the one a one-step-lagging history lacks
+    for _ in range(2):  # two tokens of the history, picked by the hash
+        x = _mix(x + 1)
+        picks.append(history[x % len(history)])
+    for _ in range(2):  # two fresh hash tokens
+        x = _mix(x + 1)
+        picks.append(x % vocab_size)
+    out = [(tok0, 1.0)]
+    seen = {tok0}
+    for t in picks[1:]:
+        x = _mix(x + 1)
+        if t not in seen:
+            seen.add(t)
+            out.append((t, ((x >> 11) % 1500 - 500) / 1000.0))
+    return out
+
+
+def penalize(cands: list[tuple[int, float]], history: list[int], prompt_len: int, sp) -> int:
+    """The best candidate once the penalties are applied to the scores, per their
+    definitions: repetition_penalty r over prompt + outputs (a positive score divided by
+    r, a negative one multiplied), then frequency_penalty f (minus f x the count in the
+    outputs) and presence_penalty p (minus p once if in the outputs). `history` is
+    everything before the token being chosen: prompt first, then every output so far.
+    Ties go to the earlier candidate."""
+    seen = set(history)
+    counts: dict[int, int] = {}
+    for t in history[prompt_len:]:
+        counts[t] = counts.get(t, 0) + 1
+    r, f, p = sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
+    best_tok, best = -1, -math.inf
+    for tok, v in cands:
+        if tok in seen:
+            v = v / r if v > 0 else v * r
+        c = counts.get(tok, 0)
+        if c:
+            v -= f * c
+            v -= p
+        if v > best:
+            best_tok, best = tok, v
+    return best_tok
 
 
 class FakeKVError(AssertionError):
@@ -38,6 +114,7 @@ class _State:
         self.seed = new.seed
         self.sampling = new.sampling
         self.masked = set(new.eos_token_ids) | set(new.sampling.stop_token_ids)
+        self.penalized = has_penalties(new.sampling)
         self.blocks: list[int] = []
         self.num_computed = 0
         self.prefix_hash = [0]  # prefix_hash[i] = hash of tokens[:i]
@@ -75,7 +152,7 @@ class FakeModelRunner(ModelRunner):
 
     def load(self) -> WorkerInfo:
         self.structured = StructuredOutputManager.for_model_dir(self.config.model, self.vocab_size)
-        features = ["logprobs", "prompt_logprobs"] + (["structured_output"] if self.structured is not None else [])
+        features = ["logprobs", "prompt_logprobs", "penalties"] + (["structured_output"] if self.structured is not None else [])
         return WorkerInfo(PROTOCOL_VERSION, self.num_blocks, self.bs, self.vocab_size, self.max_model_len, "cpu", "none", "fake",
                           features=features)
 
@@ -92,7 +169,11 @@ class FakeModelRunner(ModelRunner):
             h = st.hash_upto(n)
         if not st.sampling.greedy:
             h = (h * 31 + st.seed * 7 + n) % _MOD
-        tok = h % self.vocab_size
+        if st.penalized:
+            cands = penalty_candidates(h, st.tokens[:n], self.vocab_size)
+            tok = penalize(cands, self._penalty_history(st, n), st.prompt_len, st.sampling)
+        else:
+            tok = h % self.vocab_size
         if allowed is not None:  # grammar mask: min_tokens yields to a completed grammar
             ok = allowed if grammar_done or n - st.prompt_len >= st.sampling.min_tokens else allowed[~np.isin(allowed, list(st.masked))]
             if len(ok) == 0:
@@ -104,6 +185,11 @@ class FakeModelRunner(ModelRunner):
             while tok in st.masked:
                 tok = (tok + 1) % self.vocab_size
         return tok
+
+    def _penalty_history(self, st: _State, n: int) -> list[int]:
+        """The history the penalties count: every token before position n (the tests
+        override this to show that a lagging one is caught)."""
+        return st.tokens[:n]
 
     def execute(self, so: SchedulerOutput) -> PendingOutput:
         for rid in so.freed_req_ids:
@@ -220,11 +306,14 @@ class FakeModelRunner(ModelRunner):
 
 
 def reference_tokens(prompt: list[int], max_tokens: int, vocab_size: int = 512, seed: int = 0, greedy: bool = True,
-                     min_tokens: int = 0, masked: set[int] | None = None) -> list[int]:
+                     min_tokens: int = 0, masked: set[int] | None = None, *, repetition_penalty: float = 1.0,
+                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> list[int]:
     """What the fake model generates for one request alone, ignoring stop conditions."""
     from aiosched.sampling_params import SamplingParams
 
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, min_tokens=min_tokens)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, min_tokens=min_tokens,
+                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty)
     st = _State(NewRequestData("ref", list(prompt), len(prompt), sp, seed, sorted(masked or ())))
     runner = FakeModelRunner.__new__(FakeModelRunner)
     runner.vocab_size = vocab_size
