@@ -154,20 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     c = report["jax"]["compile"]
     if c is None:
         print(f"\nJAX {jax.__version__}, runner in an `aiosched worker` on loopback ({worker[1]})")
-        if "ratios" in report:
-            r = report["ratios"]
-            print(f"  {report['ratios_of']}: {r['request_throughput']:.3f}x req/s, {r['output_throughput']:.3f}x output tok/s")
-        if a.json_path:
-            bench.write_json(report, a.json_path)
-        return report
-    print(f"\nJAX {jax.__version__} on {jax.default_backend()} ({report['jax']['devices'][0]}), model "
-          f"{a.model or report['jax']['shape']}: {c['programs']} programs compiled ({c['step_programs']} step, {c['write_programs']} token-write) "
-          f"in {c['compile_s']:.1f}s of compile time ({c['precompile_wall_s']:.1f}s wall, precompiled on {c['precompile_threads']} threads)")
-    host = {r["async_scheduling"]: r["execute_ms_per_step"] for r in c["runs"]}
-    for mode, m in report["runs"].items():
-        print(f"  {mode:5s}: {m['request_throughput']:.3f} req/s, {m['output_throughput']:.1f} output tok/s, "
-              f"mean TPOT {m['mean_tpot_ms']:.2f} ms, mean step {m['engine']['mean_step_ms']:.2f} ms, "
-              f"runner execute() {host.get(mode == 'async', float('nan')):.3f} ms/step")
+    else:
+        print_compile_and_runs(report, c, a.model)
     if "ratios" in report:
         r = report["ratios"]
         print(f"  {report['ratios_of']}: {r['request_throughput']:.3f}x req/s, {r['output_throughput']:.3f}x output tok/s")
@@ -175,6 +163,18 @@ def main(argv: list[str] | None = None) -> dict:
         bench.write_json(report, a.json_path)
     return report
 
+
+def print_compile_and_runs(report: dict, c: dict, model: str | None) -> None:
+    """Compile counts and each mode's runner execute() time (inproc: the runner is in this process)."""
+    jax_info = report["jax"]
+    print(f"\nJAX {jax_info['version']} on {jax_info['backend']} ({jax_info['devices'][0]}), model "
+          f"{model or jax_info['shape']}: {c['programs']} programs compiled ({c['step_programs']} step, {c['write_programs']} token-write) "
+          f"in {c['compile_s']:.1f}s of compile time ({c['precompile_wall_s']:.1f}s wall, precompiled on {c['precompile_threads']} threads)")
+    host = {r["async_scheduling"]: r["execute_ms_per_step"] for r in c["runs"]}
+    for mode, m in report["runs"].items():
+        print(f"  {mode:5s}: {m['request_throughput']:.3f} req/s, {m['output_throughput']:.1f} output tok/s, "
+              f"mean TPOT {m['mean_tpot_ms']:.2f} ms, mean step {m['engine']['mean_step_ms']:.2f} ms, "
+              f"runner execute() {host.get(mode == 'async', float('nan')):.3f} ms/step")
 
 if __name__ == "__main__":
     main()
