@@ -267,13 +267,23 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._guard(h.abort, pick[idx % len(pick)].req_id)
 
     @precondition(lambda self: self.h is not None)
-    @rule(n=st.sampled_from([1, 1, 2, 4, 8]), stop_string=st.sampled_from([False] * 7 + [True]))
-    def step(self, n: int, stop_string: bool) -> None:
+    @rule(n=st.sampled_from([1, 1, 2, 4, 8]), stop_string=st.sampled_from([False] * 7 + [True]),
+          abort_preempted_in_flight=st.sampled_from([False] * 5 + [True]))
+    def step(self, n: int, stop_string: bool, abort_preempted_in_flight: bool) -> None:
         """`n` engine steps; with `stop_string`, the detokenizer matches a stop string in
-        the first tokens that arrive (the engine finishes that request before scheduling)."""
+        the first tokens that arrive (the engine finishes that request before scheduling).
+        With `abort_preempted_in_flight`, a request preempted while its token is still in
+        flight is aborted right after the step that preempted it: that state lasts one
+        step, too short for the `abort` rule to hit it reliably between rules."""
         self.h.pending_stop_strings = int(stop_string)
         for _ in range(n):
             self._guard(self.h.step)
+            if abort_preempted_in_flight:
+                for rid in self.h.live():
+                    req = self.h.tracked[rid].req
+                    if req.status is RequestStatus.PREEMPTED and req.num_output_placeholders:
+                        self._guard(self.h.abort, rid)
+                        break
 
     def teardown(self) -> None:
         if self.h is None or not self.ok:
