@@ -14,7 +14,7 @@ from aiosched.scheduler import Scheduler
 class AsyncScheduler(Scheduler):
     def _num_new_tokens(self, req: Request) -> int:
         total = len(req.all_token_ids) + req.num_output_placeholders + req.num_spec_slack  # upper bound
-        if total >= req.max_total_tokens or total >= self.max_model_len:  # i.e. >= self._stop_length(req), inlined
+        if total >= req.stop_length:
             return 0  # the last token it may produce is already in flight
         return total - req.num_computed_tokens
 

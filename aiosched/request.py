@@ -43,6 +43,7 @@ class Request:
     # them for every running request on every step.
     num_prompt_tokens: int = field(init=False, default=0)
     max_total_tokens: int = field(init=False, default=0)  # token count at which it stops for length (before max_model_len)
+    stop_length: int = field(init=False, default=0)  # min(max_total_tokens, max_model_len): set by the scheduler on admission
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -53,6 +53,8 @@ class Scheduler:
     # ---- requests in and out ----
 
     def add_request(self, req: Request) -> None:
+        # Fixed for the request's lifetime, and read for every running request every step.
+        req.stop_length = min(req.max_total_tokens, self.max_model_len)
         self.requests[req.req_id] = req
         self.waiting.append(req)
 
@@ -89,13 +91,9 @@ class Scheduler:
         """Tokens the request could compute now. Sync: every known token is known."""
         assert req.num_output_placeholders == 0, "sync scheduler: output still pending"
         known = len(req.all_token_ids)
-        if known >= req.max_total_tokens or known >= self.max_model_len:  # i.e. >= self._stop_length(req), inlined
+        if known >= req.stop_length:
             return 0
         return known - req.num_computed_tokens
-
-    def _stop_length(self, req: Request) -> int:
-        stop = req.max_total_tokens
-        return stop if stop < self.max_model_len else self.max_model_len
 
     def _can_admit(self, req: Request) -> bool:
         return True
@@ -112,7 +110,7 @@ class Scheduler:
         # request's length once its steps in flight land.
         assert self.config.speculative is not None
         total = len(req.all_token_ids) + req.num_output_placeholders + req.num_spec_slack
-        return max(0, min(self.config.speculative.num_tokens, self._stop_length(req) - total - 1, budget - 1))
+        return max(0, min(self.config.speculative.num_tokens, req.stop_length - total - 1, budget - 1))
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens

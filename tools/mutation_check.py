@@ -17,7 +17,7 @@ import time
 # (name, file, original text, planted text): each a classic one-step-ahead scheduler bug.
 MUTANTS = [
     ("M1 resume a preempted request before its in-flight token arrives", "aiosched/async_scheduler.py", "return req.num_output_placeholders == 0", "return True"),
-    ("M2 off-by-one: schedule past the stop length in async mode", "aiosched/async_scheduler.py", "if total >= req.max_total_tokens or total >= self.max_model_len:", "if total > req.max_total_tokens or total > self.max_model_len:"),
+    ("M2 off-by-one: schedule past the stop length in async mode", "aiosched/async_scheduler.py", "if total >= req.stop_length:", "if total > req.stop_length:"),
     ("M3 prefix hits in the free list not counted against free blocks", "aiosched/kv_cache.py", "revived = sum(1 for b in cached if self.pool.ref_cnt[b] == 0)", "revived = 0"),
     ("M4 rejected draft slots kept as computed", "aiosched/scheduler.py", "req.num_computed_tokens -= 1 + d - len(tokens)", "pass"),
     ("M5 register hashes of blocks holding placeholders", "aiosched/kv_cache.py", "num_full = (n_tokens if n_tokens < known else known) // self.block_size", "num_full = n_tokens // self.block_size"),
