@@ -382,7 +382,11 @@ async def _profile_window(engine: Any, out_dir: str, label: str, start_step: int
     acts = [ProfilerActivity.CPU]
     if torch.cuda.is_available() and engine.config.device.startswith("cuda"):
         acts.append(ProfilerActivity.CUDA)
-    prof = profile(activities=acts)
+    try:  # the runner's ops run on the executor's launch thread, not this one
+        exp = torch._C._profiler._ExperimentalConfig(profile_all_threads=True, record_python_gc_info=True)
+    except (AttributeError, TypeError):
+        exp = None
+    prof = profile(activities=acts, experimental_config=exp)
     prof.start()
     s0 = t.steps
     w0 = time.perf_counter()

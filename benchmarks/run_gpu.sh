@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile (default: all)
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp
+#   (default: env tests decode hf tpu c256 profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio).
 set -uo pipefail
 OUT=${OUT:-/tmp/aiosched-gpu}
@@ -51,5 +52,24 @@ if has profile; then
   $BENCH --input-len 230 --output-len 120 --num-prompts 60 --max-concurrency 3 --max-num-seqs 256 --max-num-batched-tokens 512 \
     --no-enable-prefix-caching --compare sync,async --profile /tmp/aiosched-prof --profile-start-step 50 --profile-steps 40 \
     --json "$OUT/bench_profile.json" 2>&1 | tee -a "$LOG"
+fi
+if has c256big; then
+  say "concurrency 256 with max-num-batched-tokens 8192 (fewer, larger mixed steps)"
+  $BENCH --input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+    --no-enable-prefix-caching --compare sync,async --json "$OUT/bench_c256_8192.json" 2>&1 | tee -a "$LOG"
+fi
+if has c256prof; then
+  say "profile: concurrency 256, async, 30 steps traced"
+  $BENCH --input-len 230 --output-len 120 --num-prompts 400 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+    --no-enable-prefix-caching --compare async --profile /tmp/aiosched-prof256 --profile-start-step 40 --profile-steps 30 \
+    --json "$OUT/bench_c256_profile.json" 2>&1 | tee -a "$LOG"
+  python3 benchmarks/trace_summary.py /tmp/aiosched-prof256/trace_profile_async.json --top 30 2>&1 | tee -a "$LOG" "$OUT/c256_trace_summary.txt"
+fi
+if has mp; then
+  say "multiproc executor (TP=1, one GPU): greedy parity with inproc, then the tpu workload sync vs async"
+  python3 benchmarks/executor_parity.py --device cuda --random-weights "$SHAPE" --variants inproc:1,multiproc:1 \
+    --num-prompts 16 --max-tokens 64 --json "$OUT/parity_multiproc.json" 2>&1 | tee -a "$LOG"
+  $BENCH --executor multiproc --input-len 230 --output-len 120 --num-prompts 200 --max-concurrency 3 --max-num-seqs 256 \
+    --max-num-batched-tokens 512 --no-enable-prefix-caching --compare sync,async --json "$OUT/bench_tpu_multiproc.json" 2>&1 | tee -a "$LOG"
 fi
 say done

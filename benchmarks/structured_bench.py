@@ -46,6 +46,31 @@ SCHEMA = {
 }
 
 
+# Short by construction: a request that finishes ("stop") has produced a complete document,
+# which the validity pass parses and checks (no jsonschema needed where this runs).
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 1000}, "name": {"type": "string", "maxLength": 8},
+                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+                   "ok": {"type": "boolean"}},
+    "required": ["id", "name", "tags", "ok"], "additionalProperties": False,
+}
+
+
+def conforms_small(text: str) -> bool:
+    """`text` is one JSON document valid against SMALL_SCHEMA (checked by hand)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return (isinstance(doc, dict) and set(doc) == {"id", "name", "tags", "ok"}
+            and type(doc["id"]) is int and 0 <= doc["id"] <= 1000
+            and isinstance(doc["name"], str) and len(doc["name"]) <= 8
+            and isinstance(doc["tags"], list) and len(doc["tags"]) <= 3
+            and all(isinstance(t, str) and len(t) <= 6 for t in doc["tags"])
+            and type(doc["ok"]) is bool)
+
+
 def synthetic_tokenizer_json(vocab_size: int, eos_id: int) -> str:
     """A byte-level BPE tokenizer.json of exactly `vocab_size` tokens (no merges: the grammar
     engine only needs each token's bytes). 256 byte tokens, JSON-ish and printable n-grams,
@@ -161,6 +186,25 @@ async def run_one(config: dict[str, Any], args: argparse.Namespace, structured_f
         await eng.shutdown()
 
 
+async def validity_pass(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`--validate N` requests, every 4th constrained by SMALL_SCHEMA and the rest free, all
+    at once: every constrained request that finished must parse and conform."""
+    async with AsyncEngine(EngineConfig.load(config)) as eng:
+        assert eng.info is not None
+        vocab = eng.info.vocab_size
+        spec = StructuredOutputParams(json_schema=json.dumps(SMALL_SCHEMA))
+        con = [i % 4 == 0 for i in range(args.validate)]
+        params = [SamplingParams(max_tokens=args.output_len, temperature=1.0, seed=1000 + i, structured=spec if c else None,
+                                 ignore_eos=not c) for i, c in enumerate(con)]
+        prompts = [[(i * 7919 + j * 104729) % (vocab - 10) + 5 for j in range(args.input_len)] for i in range(args.validate)]
+        outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(prompts, params)])
+    finished = [o for o, c in zip(outs, con) if c and o.finish_reason == "stop"]
+    valid = sum(conforms_small(o.text) for o in finished)
+    bad = [o.text[:200] for o in finished if not conforms_small(o.text)]
+    return {"constrained": sum(con), "finished": len(finished), "valid": valid, "invalid_examples": bad[:3],
+            "free_requests_full_length": sum(len(o.token_ids) == args.output_len for o, c in zip(outs, con) if not c)}
+
+
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = prepare_model(args, tmp)
@@ -168,6 +212,13 @@ async def main_async(args: argparse.Namespace) -> None:
                     max_model_len=args.input_len + args.output_len + 16)
         if args.device == "cpu":
             base.setdefault("num_kv_blocks", (args.input_len + args.output_len) // 16 * args.concurrency + 64)
+        if args.validate:
+            for mode in args.modes.split(","):
+                v = await validity_pass(dict(base, async_scheduling=(mode == "async")), args)
+                v["mode"] = mode
+                print("validity " + json.dumps(v), flush=True)
+                if v["valid"] != v["finished"]:
+                    raise SystemExit(f"structured output INVALID in {mode} mode: {v}")
         best: dict[tuple[str, str], dict[str, Any]] = {}
         walls: dict[tuple[str, str], list[float]] = {}
         # Interleaved repeats, best wall time kept: a shared machine's noise only ever adds time.
@@ -208,6 +259,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--modes", default="sync,async")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each config; the best is reported")
+    ap.add_argument("--validate", type=int, default=0, metavar="N",
+                    help="first, N requests (every 4th constrained by a short schema): each finished one must parse and conform")
     args = ap.parse_args()
     if args.num_requests is None:
         args.num_requests = 2 * args.concurrency

@@ -284,26 +284,23 @@ class CudaStepRunner:
             return self._resample(samplers, self.logits[:B], dev[2 * R:2 * R + B], out)
         return self.r._pending(out, self.sampled[:B].clone())
 
-    def _run_eager(self, sched, states, samplers, greedy, buf, upd_idx, upd_val, out) -> PendingOutput:
+    def _pack_varlen(self, buf: np.ndarray, states: list[Any], starts: list[int], qlens: list[int]) -> dict[str, Any]:
+        """Write a varlen step's per-token and per-request inputs at the start of `buf`:
+        tok_rows[T] tok_pos[T] rows[R] seq[R] cu[R+1] tiles[2*NT]; returns the layout."""
         a = self.a
-        R = len(sched)
-        qlens = [sr.num_tokens for sr in sched]
+        R = len(states)
         T = sum(qlens)
-        max_q = max(qlens)
-        bq = tp.varlen_block_q(a.num_heads, a.num_kv_heads, max_q)
-        # layout: tok_rows[T] tok_pos[T] rows[R] seq[R] cu[R+1] tiles[2*NT] sample_idx[S] dst[S] upd_idx[U] upd_val[U]
-        o = 0
-        tok_rows = buf[o:o + T]
-        tok_pos = buf[o + T:o + 2 * T]
+        bq = tp.varlen_block_q(a.num_heads, a.num_kv_heads, max(qlens))
+        tok_rows = buf[:T]
+        tok_pos = buf[T:2 * T]
         t = 0
-        for st, sr in zip(states, sched):
-            n = sr.num_tokens
+        for st, start, n in zip(states, starts, qlens):
             tok_rows[t:t + n] = st.row
-            tok_pos[t:t + n] = np.arange(sr.num_computed_tokens, sr.num_computed_tokens + n)
+            tok_pos[t:t + n] = np.arange(start, start + n)
             t += n
         o = 2 * T
         buf[o:o + R] = [st.row for st in states]
-        buf[o + R:o + 2 * R] = [sr.num_computed_tokens + sr.num_tokens for sr in sched]
+        buf[o + R:o + 2 * R] = [start + n for start, n in zip(starts, qlens)]
         cu = np.zeros(R + 1, dtype=np.int64)
         np.cumsum(qlens, out=cu[1:])
         buf[o + 2 * R:o + 3 * R + 1] = cu
@@ -311,7 +308,43 @@ class CudaStepRunner:
         tiles = tp.varlen_tiles(qlens, bq)
         NT = len(tiles) // 2
         buf[o_tiles:o_tiles + 2 * NT] = tiles
-        o_s = o_tiles + 2 * NT
+        return {"T": T, "R": R, "o": o, "o_tiles": o_tiles, "NT": NT, "bq": bq, "cu": cu, "end": o_tiles + 2 * NT}
+
+    def _varlen_forward(self, dev: torch.Tensor, lay: dict[str, Any]) -> torch.Tensor:
+        """The fused eager forward over a packed varlen step: hidden states [T, H] (final norm not applied)."""
+        T, R, o, NT, bq = lay["T"], lay["R"], lay["o"], lay["NT"], lay["bq"]
+        d_rows_tok, d_pos = dev[:T], dev[T:2 * T]
+        d_rows, d_seq, d_cu = dev[o:o + R], dev[o + R:o + 2 * R], dev[o + 2 * R:o + 3 * R + 1]
+        d_tiles = dev[lay["o_tiles"]:lay["o_tiles"] + 2 * NT]
+        ids = self.r.tokens.view(-1)[d_rows_tok * self.row_len + d_pos]
+        slots = self.bt[d_rows_tok, d_pos // self.bs] * self.bs + d_pos % self.bs
+
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+            return tp.paged_varlen_attention(q, kc, vc, self.bt, d_seq, d_cu, d_tiles, bq, self.scale, rows=d_rows, num_tiles=NT)
+
+        self.stats["eager_steps"] += 1
+        return self._forward(ids, d_pos, slots, attend)
+
+    def verify_logits(self, states: list[Any], starts: list[int], qlens: list[int], logit_rows: list[int]) -> torch.Tensor:
+        """Speculative verification (executors/spec_decode.py) on the fused eager path:
+        float32 logits of the flattened-batch rows `logit_rows`. The requests' block
+        tables must already be on the device (`self.bt`)."""
+        buf = self.stage.next()
+        lay = self._pack_varlen(buf, states, starts, qlens)
+        o_l, L = lay["end"], len(logit_rows)
+        buf[o_l:o_l + L] = logit_rows
+        dev = self.stage.upload(o_l + L)
+        hidden = self._varlen_forward(dev, lay)
+        self.stats["spec_steps"] = self.stats.get("spec_steps", 0) + 1
+        if not L:
+            return hidden.new_zeros((0, self.a.vocab_size), dtype=torch.float32)
+        return self._logits(hidden[dev[o_l:o_l + L]]).float()
+
+    def _run_eager(self, sched, states, samplers, greedy, buf, upd_idx, upd_val, out) -> PendingOutput:
+        qlens = [sr.num_tokens for sr in sched]
+        lay = self._pack_varlen(buf, states, [sr.num_computed_tokens for sr in sched], qlens)
+        cu = lay["cu"]
+        o_s = lay["end"]
         sidx = [int(cu[i + 1]) - 1 for i, sr in enumerate(sched) if sr.sample]
         S = len(sidx)
         buf[o_s:o_s + S] = sidx
@@ -322,18 +355,8 @@ class CudaStepRunner:
         buf[o_u + U:o_u + 2 * U] = upd_val
         dev = self.stage.upload(o_u + 2 * U)
         self._apply_block_updates(dev, o_u, U)
-        d_rows_tok, d_pos = dev[:T], dev[T:2 * T]
-        d_rows, d_seq, d_cu = dev[o:o + R], dev[o + R:o + 2 * R], dev[o + 2 * R:o + 3 * R + 1]
-        d_tiles = dev[o_tiles:o_tiles + 2 * NT]
         tokens = self.r.tokens.view(-1)
-        ids = tokens[d_rows_tok * self.row_len + d_pos]
-        slots = self.bt[d_rows_tok, d_pos // self.bs] * self.bs + d_pos % self.bs
-
-        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-            return tp.paged_varlen_attention(q, kc, vc, self.bt, d_seq, d_cu, d_tiles, bq, self.scale, rows=d_rows, num_tiles=NT)
-
-        hidden = self._forward(ids, d_pos, slots, attend)
-        self.stats["eager_steps"] += 1
+        hidden = self._varlen_forward(dev, lay)
 
         def logits_at(flat: torch.Tensor) -> torch.Tensor:
             return self._logits(hidden[flat]).float()

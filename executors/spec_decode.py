@@ -103,6 +103,29 @@ def prepare_spec_step(r: Any, so: SchedulerOutput) -> tuple[SchedulerOutput, dic
     spec = r.config.speculative
     extras = getattr(r, "extras", None)
     allow = spec is not None and (extras is None or not extras.step_uses_extras(so))
+    # Every speculating request's history in one device->host copy (not one per request).
+    spec_rows = [(sr, r.reqs[sr.req_id]) for sr in so.scheduled if sr.num_draft_slots]
+    hist = None
+    if allow and spec_rows:
+        longest = max(st.num_tokens for _, st in spec_rows)
+        idx = torch.tensor([st.row for _, st in spec_rows], dtype=torch.int64, device=r.tokens.device)
+        hist = r.tokens[idx, :longest].cpu().numpy()
+    proposals: dict[str, list[int]] = {}
+    for i, (sr, st) in enumerate(spec_rows):
+        start = st.num_tokens - 1
+        if start > sr.num_computed_tokens:
+            raise RuntimeError(f"{sr.req_id}: worker at position {start}, past the scheduler's bound {sr.num_computed_tokens}")
+        room = min(sr.num_draft_slots, (len(st.block_table) + len(sr.new_block_ids)) * r.block_size - start - 1, r.row_len - st.num_tokens)
+        if hist is not None and room > 0:
+            ds = propose_ngram(hist[i, : st.num_tokens], room, spec.ngram_min, spec.ngram_max)
+            if ds:
+                proposals[sr.req_id] = ds
+    # Drafts go into the token buffer past the known tokens, in one copy.
+    dst = [st.row * r.row_len + st.num_tokens + j for sr, st in spec_rows for j in range(len(proposals.get(sr.req_id, ())))]
+    if dst:
+        vals = [t for sr, _ in spec_rows for t in proposals.get(sr.req_id, ())]
+        r.tokens.view(-1).index_copy_(0, torch.tensor(dst, dtype=torch.int64).to(r.tokens.device),
+                                      torch.tensor(vals, dtype=torch.int64).to(r.tokens.device))
     scheduled = []
     drafts: dict[str, list[int]] = {}
     for sr in so.scheduled:
@@ -110,18 +133,10 @@ def prepare_spec_step(r: Any, so: SchedulerOutput) -> tuple[SchedulerOutput, dic
             scheduled.append(sr)
             continue
         st = r.reqs[sr.req_id]
-        start = st.num_tokens - 1
-        if start > sr.num_computed_tokens:
-            raise RuntimeError(f"{sr.req_id}: worker at position {start}, past the scheduler's bound {sr.num_computed_tokens}")
-        room = min(sr.num_draft_slots, (len(st.block_table) + len(sr.new_block_ids)) * r.block_size - start - 1, r.row_len - st.num_tokens)
-        ds: list[int] = []
-        if allow and room > 0:
-            hist = r.tokens[st.row, : st.num_tokens].cpu().numpy()
-            ds = propose_ngram(hist, room, spec.ngram_min, spec.ngram_max)
+        ds = proposals.get(sr.req_id, [])
         if ds:
             drafts[sr.req_id] = ds
-            r.tokens[st.row, st.num_tokens : st.num_tokens + len(ds)] = torch.tensor(ds, dtype=torch.int64).to(r.device)
-        scheduled.append(msgspec.structs.replace(sr, num_computed_tokens=start, num_tokens=1 + len(ds), num_draft_slots=len(ds)))
+        scheduled.append(msgspec.structs.replace(sr, num_computed_tokens=st.num_tokens - 1, num_tokens=1 + len(ds), num_draft_slots=len(ds)))
     return msgspec.structs.replace(so, new_requests=[], freed_req_ids=[], scheduled=scheduled), drafts
 
 
@@ -170,12 +185,19 @@ def run_spec_step(r: Any, so: SchedulerOutput, out: RunnerOutput, drafts: dict[s
             rows.extend(range(qsl[-1] - 1 - m, qsl[-1]))
             groups.append((st, m))
             out.req_ids.append(sr.req_id)
-    input_ids = r.tokens.view(-1)[torch.tensor(flat_idx, dtype=torch.int64).to(dev)]
-    meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64).to(dev), qsl, seq_lens, tables, bs)
-    hidden = r.model(input_ids, torch.tensor(positions, dtype=torch.int64).to(dev), meta, r.kv_caches)
-    if not groups:
-        return ReadyOutput(out)
-    logits = r.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+    if fast is not None:  # CUDA: the fused eager forward (same kernels as prefill steps), logits of `rows` only
+        states = [r.reqs[sr.req_id] for sr in so.scheduled]
+        logits = fast.verify_logits(states, [sr.num_computed_tokens for sr in so.scheduled],
+                                    [sr.num_tokens for sr in so.scheduled], rows)
+        if not groups:
+            return ReadyOutput(out)
+    else:
+        input_ids = r.tokens.view(-1)[torch.tensor(flat_idx, dtype=torch.int64).to(dev)]
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64).to(dev), qsl, seq_lens, tables, bs)
+        hidden = r.model(input_ids, torch.tensor(positions, dtype=torch.int64).to(dev), meta, r.kv_caches)
+        if not groups:
+            return ReadyOutput(out)
+        logits = r.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
 
     temp, top_k, top_p, min_p, seeds, pos_s, dr = [], [], [], [], [], [], []
     ban_rows: list[int] = []

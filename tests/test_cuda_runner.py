@@ -89,3 +89,34 @@ async def test_fast_path_under_preemption_and_sampling(make_engine, ckpt) -> Non
         a = await eng.generate([5, 6, 7, 8], sp)
         b = await eng.generate([5, 6, 7, 8], sp)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 10
+
+
+def repetitive_prompts() -> list[list[int]]:
+    """Prompts with repeated phrases, so the n-gram proposer finds drafts."""
+    return [([(i * 17 + j * 5) % 350 + 3 for j in range(4 + i % 5)] * 6)[: 20 + 3 * i] for i in range(8)]
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, async_scheduling) -> None:
+    """Greedy with n-gram speculation equals greedy without it (float32); the drafts are
+    verified by the fused path (its spec step counter moves), with chunked prefill and
+    preemption in the mix (a small KV pool)."""
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    async def run(spec: dict | None) -> tuple[list[list[int]], dict, dict]:
+        eng = make_engine(model=ckpt, device=DEV, dtype="float32", max_num_batched_tokens=48, block_size=16, max_num_seqs=8,
+                          cuda_graph_max_batch=8, num_kv_blocks=20, async_scheduling=async_scheduling, speculative=spec)
+        async with eng:
+            runner = eng._executor.runner
+            if not CUDA:  # interpreter: the fused path without graphs
+                from executors.cuda_path import CudaStepRunner
+
+                runner.fast = CudaStepRunner(runner, use_graphs=False)
+            outs = await asyncio.gather(*[eng.generate(p, greedy) for p in repetitive_prompts()])
+            return [o.token_ids for o in outs], dict(runner.fast.stats), eng.stats()
+
+    ref, _, _ = await run(None)
+    got, fast_stats, stats = await run({"method": "ngram", "num_tokens": 3, "ngram_min": 1, "ngram_max": 3})
+    assert got == ref
+    assert fast_stats.get("spec_steps", 0) > 0
+    assert stats["spec_accepted_tokens"] > 0
