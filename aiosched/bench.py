@@ -12,8 +12,10 @@ Metrics (per request, then mean / median / p99): TTFT (send to first token), TPO
 ((e2e - TTFT) / (output tokens - 1)), ITL (gap between consecutive token arrivals),
 e2e latency; and req/s, output tok/s, total tok/s over the run. Offline runs also
 report the engine loop's time split per step (schedule / update / wait, from
-`engine.timings`) and, with `--profile DIR`, the accelerator's idle share from a
-torch profiler trace of a window of steps.
+`engine.timings`), on the CUDA path the device's idle time between steps over the
+whole timed run from CUDA events recorded at each step's start and end (no profiler),
+and, with `--profile DIR`, the accelerator's idle share from a torch profiler trace
+of a window of steps (CUPTI slows the host, so the traced share is an upper bound).
 """
 from __future__ import annotations
 
@@ -333,6 +335,9 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
         if profile_dir is not None:
             prof_task = asyncio.create_task(_profile_window(engine, profile_dir, label, args.profile_start_step, args.profile_steps, prof_result))
 
+        fast = getattr(getattr(engine._executor, "runner", None), "fast", None)
+        if fast is not None and hasattr(fast, "idle_report") and profile_dir is None:
+            fast.idle_probe = []  # CUDA path: device idle between steps, from events (untraced)
         stats0 = engine.stats()
         t_before = _timings_snapshot(engine)
         results, duration = await run_workload(send, len(workload.prompts), args.request_rate, args.max_concurrency, args.seed,
@@ -354,7 +359,11 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
         metrics["engine"]["dtype"] = engine.info.dtype
         metrics["engine"]["runner"] = engine.info.runner
         metrics["engine"]["async_scheduling"] = config.async_scheduling
-        fast = getattr(getattr(engine._executor, "runner", None), "fast", None)
+        if fast is not None and getattr(fast, "idle_probe", None) is not None:
+            idle = fast.idle_report()
+            metrics["engine"]["device_idle"] = idle
+            if idle is not None:
+                metrics["engine"]["device_idle_share"] = idle["idle_share"]
         if fast is not None and getattr(fast, "stats", None):
             metrics["engine"]["runner_steps"] = dict(fast.stats)  # CUDA path: graph replays vs eager steps (all runs)
         if profile_dir is not None:
@@ -554,6 +563,8 @@ def _fmt_table(runs: dict[str, dict[str, Any]], ratios: dict[str, float] | None)
         add("  other (ms/step)", "other_ms_per_step", "{:.3f}", "engine")
         add("Scheduler share of step", "scheduler_share", "{:.1%}", "engine")
         add("Wait share of step", "wait_share", "{:.1%}", "engine")
+        if any("device_idle_share" in r.get("engine", {}) for r in runs.values()):
+            add("Device idle between steps (events)", "device_idle_share", "{:.1%}", "engine")
     if any("profile" in r for r in runs.values()):
         add("Accelerator idle share (trace)", "idle_share", "{:.1%}", "profile")
         add("  in gaps > 20 us", "long_gap_idle_share", "{:.1%}", "profile")

@@ -31,8 +31,11 @@ def capture_sizes(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, step: Callable[[int], None], max_bs: int, device: torch.device | str, sizes: list[int] | None = None) -> None:
+    def __init__(self, step: Callable[[int], None], max_bs: int, device: torch.device | str, sizes: list[int] | None = None,
+                 prepare: Callable[[int], None] | None = None, name: str = "decode") -> None:
         self.step = step
+        self.prepare = prepare  # fills the inputs for size bs with harmless values, outside the graph
+        self.name = name
         self.device = torch.device(device)
         self.sizes = sorted(sizes) if sizes is not None else capture_sizes(max_bs)
         self.max_bs = self.sizes[-1]
@@ -56,11 +59,16 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):
+                if self.prepare is not None:
+                    self.prepare(bs)
                 for _ in range(warmup):  # compile Triton kernels, let cuBLAS pick, outside the capture
                     self.step(bs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         for bs in reversed(self.sizes):
+            if self.prepare is not None:
+                self.prepare(bs)
+                torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool, stream=stream):
                 self.step(bs)
@@ -69,7 +77,7 @@ class DecodeGraphs:
             self.graphs[bs] = g
         torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        log.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(self.graphs), self.max_bs, dt)
+        log.info("captured %d %s graphs (sizes %d..%d) in %.1f s", len(self.graphs), self.name, self.sizes[0], self.max_bs, dt)
         return dt
 
     def replay(self, bs: int) -> int:

@@ -41,6 +41,19 @@ log = logging.getLogger("aiosched")
 _RING = 4  # pinned staging buffers in rotation (steps in flight are at most 2)
 
 
+MIXED_MAX_TOKENS = 4096  # larger prefill steps run eagerly (device-bound there: launch overhead matters less)
+
+
+def mixed_sizes(max_tokens: int) -> list[int]:
+    """Padded token counts of the mixed-step graphs: 16, 32, 64, 128, then x1.5 / x2 steps
+    (padding wastes < 50% of a small step, < 33% of a large one), capped at max_tokens."""
+    sizes = [16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    out = [t for t in sizes if t < max_tokens]
+    if max_tokens >= 16:
+        out.append(max_tokens)
+    return out
+
+
 class _Staging:
     """A ring of pinned int64 host buffers, each reused only after its H2D copy finished."""
 
@@ -111,7 +124,18 @@ class CudaStepRunner:
             self._fill_padding(0, self.graphs.max_bs)
             with torch.inference_mode():
                 self.graphs.capture()
-        self.stats = {"graph_steps": 0, "eager_steps": 0}
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0}
+        self.idle_probe: list[tuple[Any, Any]] | None = None  # (start, end) CUDA events per step while measuring
+        # Prefill / mixed steps: graphs per padded token count (see _mixed_layout).
+        self.mixed_bq = tp.varlen_block_q(a.num_heads, a.num_kv_heads, 2)
+        self.mixed: DecodeGraphs | None = None
+        self.mixed_padded_eager = False  # tests: run the padded mixed layout without graphs (no CUDA needed)
+        if use_graphs:
+            sizes = mixed_sizes(min(cfg.max_num_batched_tokens, MIXED_MAX_TOKENS))
+            if sizes:
+                self.mixed = DecodeGraphs(self._mixed_step, sizes[-1], self.dev, sizes, prepare=self._prepare_mixed, name="mixed-step")
+                with torch.inference_mode():
+                    self.mixed.capture()
 
     # ------------------------------------------------------------ the forward pass
 
@@ -209,9 +233,160 @@ class CudaStepRunner:
         buf[R + start:R + end] = -1
         buf[2 * R + start:2 * R + end] = self.scratch_row * self.row_len + 1
 
+    # ------------------------------------------------------------ mixed-step graphs
+
+    def _mixed_layout(self, Tp: int) -> dict[str, int]:
+        """Fixed offsets of a padded mixed step of Tp tokens in the staging buffer:
+        tok_rows[Tp] tok_pos[Tp] rows[R1] seq[R1] cu[R1+1] tiles[2*NT] sidx[S] dst[S].
+        R1 = max_rows + 1: request slot max_rows is always padding (no queries, no keys),
+        and every padding tile points at it; NT bounds the real tiles (Tp/bq + one partial
+        tile per request); S = sampled rows."""
+        R1 = self.max_rows + 1
+        NT = Tp // self.mixed_bq + R1
+        S = min(Tp, self.max_rows)
+        o_rows = 2 * Tp
+        o_tiles = o_rows + 3 * R1 + 1
+        o_sidx = o_tiles + 2 * NT
+        return {"Tp": Tp, "R1": R1, "NT": NT, "S": S, "o_rows": o_rows, "o_seq": o_rows + R1, "o_cu": o_rows + 2 * R1,
+                "o_tiles": o_tiles, "o_sidx": o_sidx, "o_dst": o_sidx + S, "end": o_sidx + 2 * S}
+
+    def _fill_mixed(self, buf: np.ndarray, L: dict[str, int], states: list[Any], starts: list[int], qlens: list[int],
+                    sidx: list[int], dst: list[int]) -> None:
+        """Host side of a padded mixed step: the real requests first, then harmless padding
+        (tokens: scratch row, position -1 = no KV write; requests: no queries, no keys;
+        sampled rows: row 0 written to the scratch slot)."""
+        Tp, R1, NT, S = L["Tp"], L["R1"], L["NT"], L["S"]
+        R, T = len(states), sum(qlens)
+        t = 0
+        for st, start, n in zip(states, starts, qlens):
+            buf[t:t + n] = st.row
+            buf[Tp + t:Tp + t + n] = np.arange(start, start + n)
+            t += n
+        buf[T:Tp] = self.scratch_row
+        buf[Tp + T:2 * Tp] = -1
+        o = L["o_rows"]
+        buf[o:o + R] = [st.row for st in states]
+        buf[o + R:o + R1] = self.scratch_row
+        o = L["o_seq"]
+        buf[o:o + R] = [start + n for start, n in zip(starts, qlens)]
+        buf[o + R:o + R1] = 0
+        o = L["o_cu"]
+        buf[o] = 0
+        np.cumsum(qlens, out=buf[o + 1:o + 1 + R])
+        buf[o + 1 + R:o + R1 + 1] = T
+        tiles = tp.varlen_tiles(qlens, self.mixed_bq)
+        o = L["o_tiles"]
+        buf[o:o + len(tiles)] = tiles
+        pad = buf[o + len(tiles):o + 2 * NT].reshape(-1, 2)
+        pad[:, 0] = R1 - 1
+        pad[:, 1] = 0
+        o = L["o_sidx"]
+        buf[o:o + len(sidx)] = sidx
+        buf[o + len(sidx):o + S] = 0
+        o = L["o_dst"]
+        buf[o:o + len(dst)] = dst
+        buf[o + len(dst):o + S] = self.scratch_row * self.row_len + 1
+
+    def _prepare_mixed(self, Tp: int) -> None:
+        L = self._mixed_layout(Tp)
+        buf = self.stage.next()
+        self._fill_mixed(buf, L, [], [], [], [], [])
+        self.stage.upload(L["end"])
+
+    def _mixed_step(self, Tp: int) -> None:
+        """A padded mixed step read from the fixed layout (captured per Tp): forward,
+        LM head on the sampled rows, greedy argmax written into the token buffer."""
+        L = self._mixed_layout(Tp)
+        d = self.stage.dev
+        rows_tok, pos = d[:Tp], d[Tp:2 * Tp]
+        valid = pos >= 0
+        p = pos.clamp(min=0)
+        tokens = self.r.tokens.view(-1)
+        ids = tokens[rows_tok * self.row_len + p]
+        slots = torch.where(valid, self.bt[rows_tok, p // self.bs] * self.bs + p % self.bs, -1)
+        R1, NT, S = L["R1"], L["NT"], L["S"]
+        d_rows, d_seq = d[L["o_rows"]:L["o_rows"] + R1], d[L["o_seq"]:L["o_seq"] + R1]
+        d_cu, d_tiles = d[L["o_cu"]:L["o_cu"] + R1 + 1], d[L["o_tiles"]:L["o_tiles"] + 2 * NT]
+
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+            return tp.paged_varlen_attention(q, kc, vc, self.bt, d_seq, d_cu, d_tiles, self.mixed_bq, self.scale, rows=d_rows, num_tiles=NT)
+
+        hidden = self._forward(ids, p, slots, attend)
+        logits = self._logits(hidden[d[L["o_sidx"]:L["o_sidx"] + S]], out=self.logits[:S])
+        tok = fused_ops.argmax_rows(logits, out=self.sampled[:S], workspace=self.argmax_ws)
+        tokens.index_copy_(0, d[L["o_dst"]:L["o_dst"] + S], tok)
+
+    def _mixed_pad(self, sched: list[Any]) -> int | None:
+        """The padded token count for a prefill/mixed step, or None (eager)."""
+        if self._so is not None or max(sr.num_tokens for sr in sched) < 2:
+            return None
+        return self._padded_tokens(sum(sr.num_tokens for sr in sched))
+
+    def _padded_tokens(self, T: int) -> int | None:
+        if self.mixed is not None:
+            return self.mixed.padded(T)
+        if not self.mixed_padded_eager:
+            return None
+        sizes = mixed_sizes(min(self.r.config.max_num_batched_tokens, MIXED_MAX_TOKENS))
+        return next((t for t in sizes if t >= T), None)
+
+    def _replay_mixed(self, Tp: int) -> None:
+        if self.mixed is not None:
+            self.mixed.replay(Tp)
+        else:
+            self._mixed_step(Tp)
+        self.stats["mixed_graph_steps"] += 1
+
+    def _run_mixed(self, sched, states, samplers, greedy, Tp, buf, upd_idx, upd_val, out) -> PendingOutput:
+        L = self._mixed_layout(Tp)
+        qlens = [sr.num_tokens for sr in sched]
+        cu = np.cumsum(qlens)
+        sidx = [int(cu[i]) - 1 for i, sr in enumerate(sched) if sr.sample]
+        dst = [st.row * self.row_len + st.num_tokens for st in samplers]
+        self._fill_mixed(buf, L, states, [sr.num_computed_tokens for sr in sched], qlens, sidx, dst)
+        U = len(upd_idx)
+        o_u = L["end"]
+        buf[o_u:o_u + U] = upd_idx
+        buf[o_u + U:o_u + 2 * U] = upd_val
+        dev = self.stage.upload(o_u + 2 * U)
+        self._apply_block_updates(dev, o_u, U)
+        self._replay_mixed(Tp)
+        S = len(samplers)
+        for st in samplers:
+            st.num_tokens += 1
+        if not S:
+            return ReadyOutput(out)
+        if not greedy:
+            return self._resample(samplers, self.logits[:S], dev[L["o_dst"]:L["o_dst"] + S], out)
+        return self.r._pending(out, self.sampled[:S].clone())
+
     # ------------------------------------------------------------ a step
 
     def run(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
+        if self.idle_probe is None:
+            return self._run(so, out)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pending = self._run(so, out)
+        end.record()
+        self.idle_probe.append((start, end))
+        return pending
+
+    def idle_report(self) -> dict[str, float] | None:
+        """Accelerator time between steps over the probed steps, from CUDA events (no
+        profiler): a step is busy from its first enqueued op to its last; the gap from one
+        step's end to the next one's start is the device waiting for the host."""
+        ev, self.idle_probe = self.idle_probe, None
+        if not ev or len(ev) < 2:
+            return None
+        ev[-1][1].synchronize()
+        busy = sum(s.elapsed_time(e) for s, e in ev)
+        gaps = [max(0.0, ev[i][1].elapsed_time(ev[i + 1][0])) for i in range(len(ev) - 1)]
+        span = ev[0][0].elapsed_time(ev[-1][1])
+        return {"steps": len(ev), "span_ms": span, "busy_ms": busy, "idle_ms": sum(gaps), "idle_share": sum(gaps) / span if span else 0.0,
+                "max_gap_ms": max(gaps), "gaps_over_50us": sum(g > 0.05 for g in gaps)}
+
+    def _run(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
         r = self.r
         sched = so.scheduled
         B = len(sched)
@@ -252,6 +427,8 @@ class CudaStepRunner:
         out.req_ids = [sr.req_id for sr in sched if sr.sample]
         if decode_only and pad is not None:
             return self._run_decode(sched, states, samplers, greedy, pad, buf, upd_idx, upd_val, out)
+        if not decode_only and (tpad := self._mixed_pad(sched)) is not None:
+            return self._run_mixed(sched, states, samplers, greedy, tpad, buf, upd_idx, upd_val, out)
         return self._run_eager(sched, states, samplers, greedy, buf, upd_idx, upd_val, out)
 
     def _apply_block_updates(self, dev: torch.Tensor, off: int, n: int) -> None:
@@ -330,12 +507,21 @@ class CudaStepRunner:
         float32 logits of the flattened-batch rows `logit_rows`. The requests' block
         tables must already be on the device (`self.bt`)."""
         buf = self.stage.next()
+        self.stats["spec_steps"] = self.stats.get("spec_steps", 0) + 1
+        tpad = self._padded_tokens(sum(qlens)) if max(qlens) > 1 else None
+        if tpad is not None and len(logit_rows) <= self._mixed_layout(tpad)["S"]:
+            # The mixed-step graph: its sampled rows are the logit rows, its argmax goes to the scratch slot.
+            lay = self._mixed_layout(tpad)
+            scratch = [self.scratch_row * self.row_len + 1] * len(logit_rows)
+            self._fill_mixed(buf, lay, states, starts, qlens, logit_rows, scratch)
+            self.stage.upload(lay["end"])
+            self._replay_mixed(tpad)
+            return self.logits[:len(logit_rows)].float()
         lay = self._pack_varlen(buf, states, starts, qlens)
         o_l, L = lay["end"], len(logit_rows)
         buf[o_l:o_l + L] = logit_rows
         dev = self.stage.upload(o_l + L)
         hidden = self._varlen_forward(dev, lay)
-        self.stats["spec_steps"] = self.stats.get("spec_steps", 0) + 1
         if not L:
             return hidden.new_zeros((0, self.a.vocab_size), dtype=torch.float32)
         return self._logits(hidden[dev[o_l:o_l + L]]).float()

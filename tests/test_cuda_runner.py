@@ -49,10 +49,12 @@ async def generate(make_engine, ckpt: str, fast: str, **kw) -> tuple[list[list[i
         runner = eng._executor.runner
         if fast == "off":
             runner.fast = None
-        elif fast == "eager" and (runner.fast is None or runner.fast.graphs is not None):
+        elif fast in ("eager", "padded") and (runner.fast is None or runner.fast.graphs is not None):
             from executors.cuda_path import CudaStepRunner
 
             runner.fast = CudaStepRunner(runner, use_graphs=False)
+        if fast == "padded":  # the mixed-step graphs' padded layout, run without capture
+            runner.fast.mixed_padded_eager = True
         greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
         outs = await asyncio.gather(*[eng.generate(p, greedy) for p in prompts()])
         stats = dict(runner.fast.stats) if runner.fast is not None else {}
@@ -63,11 +65,14 @@ async def generate(make_engine, ckpt: str, fast: str, **kw) -> tuple[list[list[i
 @pytest.mark.parametrize("async_scheduling", [True, False])
 async def test_fast_path_matches_reference(make_engine, ckpt, async_scheduling) -> None:
     ref, _ = await generate(make_engine, ckpt, "off", async_scheduling=async_scheduling)
-    modes = ["graphs", "eager"] if CUDA else ["eager"]
+    modes = ["graphs", "eager", "padded"] if CUDA else ["eager", "padded"]
     for mode in modes:
         got, stats = await generate(make_engine, ckpt, mode, async_scheduling=async_scheduling)
         assert got == ref, mode
-        assert stats["eager_steps"] > 0
+        if mode == "eager":
+            assert stats["eager_steps"] > 0 and stats["mixed_graph_steps"] == 0
+        else:  # prefill and mixed steps take the padded layout (captured in graphs mode)
+            assert stats["mixed_graph_steps"] > 0
         if mode == "graphs":
             assert stats["graph_steps"] > 0
 
@@ -96,8 +101,8 @@ def repetitive_prompts() -> list[list[int]]:
     return [([(i * 17 + j * 5) % 350 + 3 for j in range(4 + i % 5)] * 6)[: 20 + 3 * i] for i in range(8)]
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, async_scheduling) -> None:
+@pytest.mark.parametrize("async_scheduling,padded", [(True, False), (False, False), (True, True)])
+async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, async_scheduling, padded) -> None:
     """Greedy with n-gram speculation equals greedy without it (float32); the drafts are
     verified by the fused path (its spec step counter moves), with chunked prefill and
     preemption in the mix (a small KV pool)."""
@@ -112,6 +117,9 @@ async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, asyn
                 from executors.cuda_path import CudaStepRunner
 
                 runner.fast = CudaStepRunner(runner, use_graphs=False)
+                runner.fast.mixed_padded_eager = padded
+            elif not padded:  # CUDA: verification on the eager varlen path instead of the mixed-step graphs
+                runner.fast.mixed = None
             outs = await asyncio.gather(*[eng.generate(p, greedy) for p in repetitive_prompts()])
             return [o.token_ids for o in outs], dict(runner.fast.stats), eng.stats()
 
@@ -120,3 +128,19 @@ async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, asyn
     assert got == ref
     assert fast_stats.get("spec_steps", 0) > 0
     assert stats["spec_accepted_tokens"] > 0
+    assert (fast_stats["mixed_graph_steps"] > 0) == padded
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA events")
+async def test_idle_probe_reports_the_gaps_between_steps(make_engine, ckpt) -> None:
+    """The untraced idle figure: a sync engine leaves the device idle between steps (the
+    host waits for each step's tokens before it builds the next), so gaps are measured."""
+    eng = make_engine(model=ckpt, device=DEV, dtype="float32", max_num_seqs=8, cuda_graph_max_batch=8, async_scheduling=False)
+    async with eng:
+        fast = eng._executor.runner.fast
+        fast.idle_probe = []
+        await asyncio.gather(*[eng.generate(p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)) for p in prompts()[:4]])
+        rep = fast.idle_report()
+    assert rep is not None and rep["steps"] >= 8
+    assert 0.0 < rep["idle_share"] < 1.0 and rep["busy_ms"] > 0 and rep["idle_ms"] > 0
+    assert fast.idle_probe is None  # reporting ends the measurement
