@@ -50,6 +50,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_num_batched_tokens: int = 2048  # most tokens per step (prefill chunks + decodes)
     max_waiting_requests: int = 10_000  # beyond this queue length generate() raises EngineOverloadedError (HTTP 503)
     enable_prefix_caching: bool = True  # reuse the KV blocks of identical prompt prefixes
+    stream_interval: int = 1  # a streamed output every N new tokens (the first and the last at once): less host work per token
     # KV cache
     block_size: int = 16  # tokens per KV cache block (a power of two)
     num_kv_blocks: int | None = None  # None: sized from memory (kv_cache_memory_gb on CPU)
@@ -67,7 +68,8 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         self.validate()
 
     def validate(self) -> None:
-        pos_ints = ["tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "block_size", "cuda_graph_max_batch"]
+        pos_ints = ["tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "block_size", "cuda_graph_max_batch",
+                    "stream_interval"]
         for name in pos_ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -74,6 +74,10 @@ class _Tracked:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     cumulative_logprob: float | None = None  # set once the worker returns logprobs
+    # stream_interval > 1: tokens (and their text) held back since the last output
+    held_ids: list[int] = field(default_factory=list)
+    held_text: str = ""
+    sent_any: bool = False
 
 
 @dataclass
@@ -91,6 +95,7 @@ class EngineTimings:
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self._stream_interval = config.stream_interval
         self.tokenizer: Tokenizer | None = None
         self.info: WorkerInfo | None = None
         self.scheduler: Scheduler | None = None
@@ -382,6 +387,14 @@ class AsyncEngine:
                     tr.logprobs.append(TokenLogprob(tok, logprobs.token_logprobs[i],
                                                     list(zip(logprobs.top_token_ids[i], logprobs.top_logprobs[i]))))
             tr.cumulative_logprob = cum
+        if self._stream_interval > 1:
+            if tr.held_ids or tr.held_text:
+                new_ids, new_text = tr.held_ids + new_ids, tr.held_text + new_text
+                tr.held_ids, tr.held_text = [], ""
+            if not finished and tr.sent_any and len(new_ids) < self._stream_interval:
+                tr.held_ids, tr.held_text = new_ids, new_text  # the next output carries them
+                return
+        tr.sent_any = True
         # Positional: one of these per request per step (fields in declaration order).
         comp = CompletionOutput(tr.index, tr.text, list(tr.token_ids), new_text, new_ids, req.finish_reason, req.stop_reason,
                                 list(tr.logprobs) if group.want_logprobs else None, tr.cumulative_logprob)
