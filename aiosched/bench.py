@@ -420,6 +420,23 @@ async def _profile_window(engine: Any, out_dir: str, label: str, start_step: int
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def busy_and_gaps(iv: list[tuple[float, float]]) -> tuple[float, list[float], float]:
+    """Sorted (start, end) intervals -> (time covered by their union, the gaps between
+    the union's pieces, span from the first start to the last end)."""
+    busy = 0.0
+    gaps: list[float] = []
+    cur_s, cur_e = iv[0]
+    for s, e in iv[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return busy, gaps, max(e for _, e in iv) - iv[0][0]
+
+
 def trace_idle_analysis(trace_path: str, step_gap_us: float = 20.0) -> dict[str, Any]:
     """Accelerator busy/idle from a Chrome trace's device timeline.
 
@@ -434,19 +451,7 @@ def trace_idle_analysis(trace_path: str, step_gap_us: float = 20.0) -> dict[str,
                 for e in events if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") in _DEVICE_CATS)
     if not iv:
         return {"device_events": 0, "idle_share": None, "note": "no accelerator events in the trace (CPU run)"}
-    busy = 0.0
-    gaps: list[float] = []
-    cur_s, cur_e = iv[0]
-    for s, e in iv[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            gaps.append(s - cur_e)
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    span = iv[-1][1] - iv[0][0] if iv else 0.0
-    span = max(span, max(e for _, e in iv) - iv[0][0])
+    busy, gaps, span = busy_and_gaps(iv)
     long_gaps = [g for g in gaps if g > step_gap_us]
     return {
         "device_events": len(iv),

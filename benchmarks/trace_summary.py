@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections import defaultdict
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aiosched.bench import busy_and_gaps  # noqa: E402
 
 DEVICE = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -49,16 +55,7 @@ def main() -> None:
 
 def device_tables(dev: list[dict[str, Any]], top: int) -> float:
     iv = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in dev)
-    span = iv[-1][1] - iv[0][0]
-    busy, gaps, (cs, ce) = 0.0, [], iv[0]
-    for s, e in iv[1:]:
-        if s > ce:
-            busy += ce - cs
-            gaps.append(s - ce)
-            cs, ce = s, e
-        else:
-            ce = max(ce, e)
-    busy += ce - cs
+    busy, gaps, span = busy_and_gaps(iv)
     print(f"window {span / 1e3:.2f} ms, device busy {busy / 1e3:.2f} ms ({busy / span:.1%}), {len(dev)} device events")
     for lo, hi in ((0, 20), (20, 100), (100, 1000), (1000, 10_000), (10_000, 1e12)):
         g = [x for x in gaps if lo <= x < hi]
