@@ -54,6 +54,15 @@ def mixed_sizes(max_tokens: int) -> list[int]:
     return out
 
 
+def _write_token_rows(buf: np.ndarray, stride: int, states: list[Any], starts: list[int], qlens: list[int]) -> None:
+    """Per query token: its request's buffer row at buf[t], its position at buf[stride + t]."""
+    t = 0
+    for st, start, n in zip(states, starts, qlens):
+        buf[t:t + n] = st.row
+        buf[stride + t:stride + t + n] = np.arange(start, start + n)
+        t += n
+
+
 class _Staging:
     """A ring of pinned int64 host buffers, each reused only after its H2D copy finished."""
 
@@ -257,11 +266,7 @@ class CudaStepRunner:
         sampled rows: row 0 written to the scratch slot)."""
         Tp, R1, NT, S = L["Tp"], L["R1"], L["NT"], L["S"]
         R, T = len(states), sum(qlens)
-        t = 0
-        for st, start, n in zip(states, starts, qlens):
-            buf[t:t + n] = st.row
-            buf[Tp + t:Tp + t + n] = np.arange(start, start + n)
-            t += n
+        _write_token_rows(buf, Tp, states, starts, qlens)
         buf[T:Tp] = self.scratch_row
         buf[Tp + T:2 * Tp] = -1
         o = L["o_rows"]
@@ -468,13 +473,7 @@ class CudaStepRunner:
         R = len(states)
         T = sum(qlens)
         bq = tp.varlen_block_q(a.num_heads, a.num_kv_heads, max(qlens))
-        tok_rows = buf[:T]
-        tok_pos = buf[T:2 * T]
-        t = 0
-        for st, start, n in zip(states, starts, qlens):
-            tok_rows[t:t + n] = st.row
-            tok_pos[t:t + n] = np.arange(start, start + n)
-            t += n
+        _write_token_rows(buf, T, states, starts, qlens)
         o = 2 * T
         buf[o:o + R] = [st.row for st in states]
         buf[o + R:o + 2 * R] = [start + n for start, n in zip(starts, qlens)]
