@@ -322,8 +322,10 @@ class CudaStepRunner:
         tokens.index_copy_(0, d[L["o_dst"]:L["o_dst"] + S], tok)
 
     def _mixed_pad(self, sched: list[Any]) -> int | None:
-        """The padded token count for a prefill/mixed step, or None (eager)."""
-        if self._so is not None or max(sr.num_tokens for sr in sched) < 2:
+        """The padded token count for a prefill/mixed step, or None (eager). Sampling
+        extras (penalties, bias, grammar masks, logprobs) resample after the replay, as on
+        decode steps; prompt logprobs need every position's logits, so those run eagerly."""
+        if (self._so is not None and self.r.prompt_lp_reqs) or max(sr.num_tokens for sr in sched) < 2:
             return None
         return self._padded_tokens(sum(sr.num_tokens for sr in sched))
 

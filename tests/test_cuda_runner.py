@@ -144,3 +144,39 @@ async def test_idle_probe_reports_the_gaps_between_steps(make_engine, ckpt) -> N
     assert rep is not None and rep["steps"] >= 8
     assert 0.0 < rep["idle_share"] < 1.0 and rep["busy_ms"] > 0 and rep["idle_ms"] > 0
     assert fast.idle_probe is None  # reporting ends the measurement
+
+
+async def test_padded_mixed_steps_with_sampling_extras(make_engine, ckpt) -> None:
+    """Penalties and logprobs on prefill/mixed steps of the padded layout (graphs on CUDA):
+    the same tokens and logprobs as the reference path."""
+    ps = prompts()
+    # Every request uses an extra, so no step of this run would take the padded layout without them.
+    params = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.3, logprobs=2) if i % 2
+              else SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, presence_penalty=0.5) for i in range(len(ps))]
+
+    async def run(fast: str):
+        eng = make_engine(model=ckpt, device=DEV, dtype="float32", max_num_batched_tokens=48, block_size=16, max_num_seqs=8,
+                          cuda_graph_max_batch=8)
+        async with eng:
+            runner = eng._executor.runner
+            if fast == "off":
+                runner.fast = None
+            elif not CUDA:
+                from executors.cuda_path import CudaStepRunner
+
+                runner.fast = CudaStepRunner(runner, use_graphs=False)
+                runner.fast.mixed_padded_eager = True
+            outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
+            stats = dict(runner.fast.stats) if runner.fast is not None else {}
+        return outs, stats
+
+    ref, _ = await run("off")
+    got, stats = await run("padded")
+    assert stats["mixed_graph_steps"] > 0
+    if CUDA:  # decode steps replay their graphs too
+        assert stats["eager_steps"] == 0
+    for a, b in zip(got, ref):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        if b.outputs[0].logprobs:
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
