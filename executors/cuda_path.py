@@ -504,15 +504,15 @@ class CudaStepRunner:
         return self._forward(ids, d_pos, slots, attend)
 
     def verify_logits(self, states: list[Any], starts: list[int], qlens: list[int], logit_rows: list[int]) -> torch.Tensor:
-        """Speculative verification (executors/spec_decode.py) on the fused eager path:
-        float32 logits of the flattened-batch rows `logit_rows`. The requests' block
-        tables must already be on the device (`self.bt`)."""
+        """Speculative verification (executors/spec_decode.py): float32 logits of the
+        flattened-batch rows `logit_rows`, from the mixed-step graph (its sampled rows are
+        the logit rows, its argmax goes to the scratch slot) or, past the largest graph,
+        the fused eager forward. The requests' block tables must already be on the device."""
         buf = self.stage.next()
         self.stats["spec_steps"] = self.stats.get("spec_steps", 0) + 1
         tpad = self._padded_tokens(sum(qlens)) if max(qlens) > 1 else None
-        if tpad is not None and len(logit_rows) <= self._mixed_layout(tpad)["S"]:
-            # The mixed-step graph: its sampled rows are the logit rows, its argmax goes to the scratch slot.
-            lay = self._mixed_layout(tpad)
+        lay = self._mixed_layout(tpad) if tpad is not None else None
+        if lay is not None and len(logit_rows) <= lay["S"]:
             scratch = [self.scratch_row * self.row_len + 1] * len(logit_rows)
             self._fill_mixed(buf, lay, states, starts, qlens, logit_rows, scratch)
             self.stage.upload(lay["end"])

@@ -141,10 +141,10 @@ def prepare_spec_step(r: Any, so: SchedulerOutput) -> tuple[SchedulerOutput, dic
 
 
 def run_spec_step(r: Any, so: SchedulerOutput, out: RunnerOutput, drafts: dict[str, list[int]]) -> Any:
-    """One eager forward over the whole batch (prefill chunks, decodes, [last token +
-    drafts] rows), then verification. Synchronous: the accepted count decides the
-    request's next position, which the worker needs before launching the next step
-    (on CUDA this step leaves the graph path and waits for its tokens)."""
+    """One forward pass over the whole batch (prefill chunks, decodes, [last token +
+    drafts] rows; on CUDA the mixed-step graph), then verification. Synchronous: the
+    accepted count decides the request's next position, which the worker needs before
+    launching the next step, so this step waits for its tokens."""
     import torch
 
     from executors.attention.torch_paged import AttentionMetadata
@@ -161,43 +161,43 @@ def run_spec_step(r: Any, so: SchedulerOutput, out: RunnerOutput, drafts: dict[s
     tables: list[list[int]] = []
     rows: list[int] = []  # flattened-batch index of every logits row
     groups: list[tuple[Any, int]] = []  # (state, drafts) per sampling request
+    states: list[Any] = []
     for sr in so.scheduled:
         st = r.reqs[sr.req_id]
         if sr.new_block_ids and fast is not None:  # keep the CUDA path's device block table in step
             base = st.row * fast.max_blocks + len(st.block_table)
             fast.bt.view(-1)[base : base + len(sr.new_block_ids)] = torch.tensor(sr.new_block_ids, dtype=fast.bt.dtype, device=dev)
         st.block_table.extend(sr.new_block_ids)
+        states.append(st)
         m = sr.num_draft_slots
         start, end = sr.num_computed_tokens, sr.num_computed_tokens + sr.num_tokens
         if end > st.num_tokens + m or end > len(st.block_table) * bs:
             raise RuntimeError(f"{sr.req_id}: step needs tokens up to {end} but the worker has {st.num_tokens} (+{m} drafts)")
-        pos = range(start, end)
-        positions.extend(pos)
-        flat_idx.extend(st.row * row_len + p for p in pos)
-        table = st.block_table
-        slots.extend(table[p // bs] * bs + p % bs for p in pos)
         qsl.append(qsl[-1] + sr.num_tokens)
-        seq_lens.append(end)
-        tables.append(table)
+        if fast is None:  # the reference forward's per-token inputs (the CUDA path derives them on the device)
+            pos = range(start, end)
+            positions.extend(pos)
+            flat_idx.extend(st.row * row_len + p for p in pos)
+            table = st.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            seq_lens.append(end)
+            tables.append(table)
         if sr.sample:
             if end != st.num_tokens + m:
                 raise RuntimeError(f"{sr.req_id}: sampling at {end} but the worker has {st.num_tokens} tokens (+{m} drafts)")
             rows.extend(range(qsl[-1] - 1 - m, qsl[-1]))
             groups.append((st, m))
             out.req_ids.append(sr.req_id)
-    if fast is not None:  # CUDA: the fused eager forward (same kernels as prefill steps), logits of `rows` only
-        states = [r.reqs[sr.req_id] for sr in so.scheduled]
+    if fast is not None:  # CUDA: the mixed-step graph (or the fused eager forward), logits of `rows` only
         logits = fast.verify_logits(states, [sr.num_computed_tokens for sr in so.scheduled],
                                     [sr.num_tokens for sr in so.scheduled], rows)
-        if not groups:
-            return ReadyOutput(out)
     else:
         input_ids = r.tokens.view(-1)[torch.tensor(flat_idx, dtype=torch.int64).to(dev)]
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64).to(dev), qsl, seq_lens, tables, bs)
         hidden = r.model(input_ids, torch.tensor(positions, dtype=torch.int64).to(dev), meta, r.kv_caches)
-        if not groups:
-            return ReadyOutput(out)
-        logits = r.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+        logits = r.model.compute_logits(hidden[torch.tensor(rows, device=dev)]) if groups else None
+    if not groups:
+        return ReadyOutput(out)
 
     temp, top_k, top_p, min_p, seeds, pos_s, dr = [], [], [], [], [], [], []
     ban_rows: list[int] = []
