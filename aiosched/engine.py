@@ -77,7 +77,6 @@ class _Tracked:
     # stream_interval > 1: tokens (and their text) held back since the last output
     held_ids: list[int] = field(default_factory=list)
     held_text: str = ""
-    sent_any: bool = False
 
 
 @dataclass
@@ -391,10 +390,10 @@ class AsyncEngine:
             if tr.held_ids or tr.held_text:
                 new_ids, new_text = tr.held_ids + new_ids, tr.held_text + new_text
                 tr.held_ids, tr.held_text = [], ""
-            if not finished and tr.sent_any and len(new_ids) < self._stream_interval:
+            # Tokens before `new_ids` went out already: the first output is never held.
+            if not finished and len(tr.token_ids) > len(new_ids) and len(new_ids) < self._stream_interval:
                 tr.held_ids, tr.held_text = new_ids, new_text  # the next output carries them
                 return
-        tr.sent_any = True
         # Positional: one of these per request per step (fields in declaration order).
         comp = CompletionOutput(tr.index, tr.text, list(tr.token_ids), new_text, new_ids, req.finish_reason, req.stop_reason,
                                 list(tr.logprobs) if group.want_logprobs else None, tr.cumulative_logprob)
