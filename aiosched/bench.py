@@ -287,9 +287,9 @@ def random_weights_config(shape: str, dest_dir: str) -> dict[str, Any]:
             cfg = json.load(f)
     else:
         try:
-            from executors.random_checkpoint import shape_config
+            from aiosched.executors.torch.random_checkpoint import shape_config
         except ImportError as e:
-            raise ValueError(f"random-weights: shape {shape!r} needs executors.random_checkpoint ({e})") from None
+            raise ValueError(f"random-weights: shape {shape!r} needs aiosched.executors.torch.random_checkpoint ({e})") from None
         cfg = shape_config(shape)
     os.makedirs(dest_dir, exist_ok=True)
     with open(os.path.join(dest_dir, "config.json"), "w") as f:

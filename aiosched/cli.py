@@ -14,8 +14,8 @@ _COMMANDS = {
     "generate": ("aiosched.generate_cli", "generate text from a prompt"),
     "serve": ("aiosched.server", "run the OpenAI-compatible HTTP server"),
     "bench": ("aiosched.bench", "benchmark throughput and latency (offline or against a server)"),
-    "worker": ("executors.worker_server", "serve a model to a remote engine over ZeroMQ"),
-    "keygen": ("executors.keys", "write a CurveZMQ key pair for the remote executor"),
+    "worker": ("aiosched.executors.worker_server", "serve a model to a remote engine over ZeroMQ"),
+    "keygen": ("aiosched.executors.keys", "write a CurveZMQ key pair for the remote executor"),
 }
 
 

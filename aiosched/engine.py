@@ -3,7 +3,7 @@
 The loop keeps up to `max_concurrent_batches` steps in flight: with async
 scheduling it builds and submits step N+1 before awaiting step N's output, so the
 accelerator never waits for Python. The engine reaches executors only through
-`executors.base` (interface + registry).
+`aiosched.executors.base` (interface + registry).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from aiosched.sampling_params import SamplingParams
 from aiosched.scheduler import Scheduler, StepUpdate
 from aiosched.structured import validate_structured
 from aiosched.tokenizer import Tokenizer
-from executors.base import Executor, create_executor
+from aiosched.executors.base import Executor, create_executor
 
 log = logging.getLogger("aiosched")
 

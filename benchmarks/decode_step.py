@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from executors import fused_ops  # noqa: E402
-from executors.attention import triton_paged as tp  # noqa: E402
-from executors.cuda_graphs import DecodeGraphs  # noqa: E402
+from aiosched.executors.torch import fused_ops  # noqa: E402
+from aiosched.executors.torch.attention import triton_paged as tp  # noqa: E402
+from aiosched.executors.torch.cuda_graphs import DecodeGraphs  # noqa: E402
 
 
 def load_shape(shape: str) -> dict:
@@ -33,7 +33,7 @@ def load_shape(shape: str) -> dict:
         with open(shape) as f:
             return json.load(f)
     try:
-        from executors.random_checkpoint import shape_config
+        from aiosched.executors.torch.random_checkpoint import shape_config
 
         return shape_config(shape)
     except ImportError:
@@ -92,7 +92,7 @@ class Model:
         self.qkv_buf = torch.empty(sb, (self.Hq + 2 * self.Hkv) * self.D, device=device, dtype=dtype)
         self.logits_buf = torch.empty(sb, V, device=device, dtype=dtype)
         self.argmax_ws = fused_ops.argmax_workspace(max_bs, V, device)
-        # the runner's choice (executors/cuda_path.py); --tune replaces it with measured winners
+        # the runner's choice (executors/torch/cuda_path.py); --tune replaces it with measured winners
         self.best_choice: dict = {"o": True, "gate_up": True, "down": True, "lm_head": True}
         max_bs = max(max_bs, 1)
         self.res_big = torch.empty(max_bs, H, device=device, dtype=dtype)

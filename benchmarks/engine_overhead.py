@@ -51,10 +51,10 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(sys.modules["aiosch
 
 def _install_light_runner() -> None:
     """Point runner "fake" at the fake model without its KV-cache read-back (same tokens)."""
-    import executors.runners as runners
+    import aiosched.executors.runner as runners
     from aiosched.protocol import RunnerOutput
-    from executors.runner import ReadyOutput
-    from executors.runners.fake_runner import FakeModelRunner, _State
+    from aiosched.executors.runner import ReadyOutput
+    from aiosched.executors.fake_runner import FakeModelRunner, _State
 
     class LightFakeRunner(FakeModelRunner):
         def execute(self, so):  # type: ignore[override]

@@ -21,7 +21,7 @@ def load_shape(shape: str) -> dict:
         with open(shape) as f:
             return json.load(f)
     try:
-        from executors.random_checkpoint import shape_config
+        from aiosched.executors.torch.random_checkpoint import shape_config
     except ImportError:  # before the runner's random-weights module: the decode bench's copy of the shape
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from decode_step import load_shape as _ls

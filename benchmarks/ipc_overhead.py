@@ -38,9 +38,9 @@ from aiosched.protocol import (  # noqa: E402
     WorkerInfo, decode_from_worker, decode_to_worker, encode,
 )
 from aiosched.sampling_params import SamplingParams  # noqa: E402
-from executors.base import Executor  # noqa: E402
-from executors.inproc import InprocExecutor  # noqa: E402
-from executors.runner import ModelRunner, PendingOutput, ReadyOutput  # noqa: E402
+from aiosched.executors.base import Executor  # noqa: E402
+from aiosched.executors.inproc import InprocExecutor  # noqa: E402
+from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput  # noqa: E402
 
 PROMPT_LEN = 16
 BLOCK = 16
@@ -130,7 +130,7 @@ class EchoInproc(InprocExecutor):
     """The in-process executor with an EchoRunner."""
 
     async def start(self) -> WorkerInfo:
-        import executors.inproc as module
+        import aiosched.executors.inproc as module
 
         original = module.create_runner
         module.create_runner = lambda cfg, rank=0, world_size=1: EchoRunner(cfg, rank, world_size)  # type: ignore[assignment]
@@ -145,7 +145,7 @@ def inproc_echo(config: EngineConfig) -> Executor:
 
 
 def multiproc_echo(config: EngineConfig) -> Executor:
-    from executors.multiproc import MultiprocExecutor
+    from aiosched.executors.multiproc import MultiprocExecutor
 
     return MultiprocExecutor(config, runner_factory="benchmarks.ipc_overhead:EchoRunner")
 

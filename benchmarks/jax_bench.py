@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Small enough for a 2-core CPU run to finish in a few minutes (the other shapes come from
-# executors.random_checkpoint.shape_config: llama-3.2-1b, qwen3-0.6b).
+# aiosched.executors.torch.random_checkpoint.shape_config: llama-3.2-1b, qwen3-0.6b).
 CPU_SMALL = dict(arch="llama", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768,
                  vocab_size=8192, max_position_embeddings=2048, tie_word_embeddings=True, head_dim=64)
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
 
     from aiosched import bench
-    from executors.runners import jax_runner
+    from aiosched.executors.jax import runner as jax_runner
 
     num_kv_blocks = a.num_kv_blocks or 4 * a.max_concurrency * -(-a.max_model_len // a.block_size)
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             weights = ["--model", a.model]
         else:
             if shape == "cpu-small":
-                from executors.random_checkpoint import hf_config
+                from aiosched.executors.torch.random_checkpoint import hf_config
 
                 shape = os.path.join(tmp, "cpu-small.json")
                 Path(shape).write_text(json.dumps(hf_config(**CPU_SMALL)))

@@ -36,13 +36,13 @@ if str(ROOT) not in sys.path:
 from aiosched.config import EngineConfig  # noqa: E402
 from aiosched.event_loop import run  # noqa: E402
 from benchmarks.ipc_overhead import BLOCK, MAX_BLOCKS, inproc_echo, load_average, time_steps  # noqa: E402
-from executors import keys  # noqa: E402
-from executors.base import Executor  # noqa: E402
-from executors.inproc import InprocExecutor  # noqa: E402
-from executors.remote import RemoteExecutor  # noqa: E402
+from aiosched.executors import keys  # noqa: E402
+from aiosched.executors.base import Executor  # noqa: E402
+from aiosched.executors.inproc import InprocExecutor  # noqa: E402
+from aiosched.executors.remote import RemoteExecutor  # noqa: E402
 
-_BOOT = ("import sys; sys.path.insert(0, {root!r}); import argparse; from executors import worker_server as ws; "
-         "from executors.worker_loop import resolve_runner_factory as r; p = argparse.ArgumentParser(); "
+_BOOT = ("import sys; sys.path.insert(0, {root!r}); import argparse; from aiosched.executors import worker_server as ws; "
+         "from aiosched.executors.worker_loop import resolve_runner_factory as r; p = argparse.ArgumentParser(); "
          "ws.add_arguments(p); sys.exit(ws.main(p.parse_args(sys.argv[1:]), r({factory!r})))")
 
 
@@ -131,8 +131,8 @@ async def main(args: argparse.Namespace) -> None:
         if "fake" in args.runners:
             await bench_runner("fake", base, None, keydir, args.batches, min(args.steps, 400))
         if args.model and "torch" in args.runners:
-            if importlib.util.find_spec("executors.runners.torch_runner") is None:
-                print("  torch: executors/runners/torch_runner.py is not available; skipped")
+            if importlib.util.find_spec("aiosched.executors.torch.runner") is None:
+                print("  torch: executors/torch/runner.py is not available; skipped")
             else:
                 import torch
 

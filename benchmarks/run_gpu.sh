@@ -2,16 +2,21 @@
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
 #   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp
 #   (default: env tests decode hf tpu c256 profile)
-# Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio).
+# Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
 OUT=${OUT:-/tmp/aiosched-gpu}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
+# The device image has torch/triton/jax but not msgspec, pyzmq, pytest-asyncio, llguidance:
+# carried as wheels in .whl/. The project installs editable into a venv over the image's
+# packages, so `aiosched.executors` maps to this checkout's executors/ (pyproject's package-dir).
+if [ ! -x /tmp/venv/bin/python ]; then
+  python3 -m venv --system-site-packages /tmp/venv
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    /tmp/venv/bin/python -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
+  fi
+  /tmp/venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 fi
+export PATH=/tmp/venv/bin:$PATH
 export PYTHONUNBUFFERED=1
 STAGES=${*:-env tests decode hf tpu c256 profile}
 SHAPE=${SHAPE:-llama-3.2-1b}

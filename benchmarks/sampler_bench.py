@@ -1,4 +1,4 @@
-"""Time the device sampler (executors/sampler.py) on one step's logits.
+"""Time the device sampler (executors/torch/sampler.py) on one step's logits.
 
 Why: non-greedy rows go through `sample`, whose counter-hash Gumbel noise touches
 every vocab entry of every random row; this shows what that costs per step next to
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from executors.sampler import SamplingBatch, sample
+from aiosched.executors.torch.sampler import SamplingBatch, sample
 
 
 def make_batch(rows: int, device: str, top_k: int = 0, top_p: float = 1.0, candidates: bool = False) -> SamplingBatch:

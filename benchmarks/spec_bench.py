@@ -166,7 +166,7 @@ async def main() -> None:
                 base = dict(common, **random_weights_config(args.random_weights, os.path.join(tmp, "model")))
                 vocab = json.load(open(os.path.join(tmp, "model", "config.json")))["vocab_size"]
             else:
-                from executors.random_checkpoint import write_random_checkpoint
+                from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
                 d = write_random_checkpoint(os.path.join(tmp, "tiny"), arch="llama", seed=3)
                 base = dict(common, model=str(d))

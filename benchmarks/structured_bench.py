@@ -143,7 +143,7 @@ def prepare_model(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
         with open(os.path.join(d, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos}, f)
         return extra
-    from executors.random_checkpoint import write_random_checkpoint
+    from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
     write_random_checkpoint(d, arch="llama", seed=1, vocab_size=args.vocab, max_position_embeddings=4096)
     if args.vocab:

@@ -44,9 +44,9 @@ class Executor(ABC):
 ExecutorFactory = Callable[[EngineConfig], Executor]
 _REGISTRY: dict[str, str | ExecutorFactory] = {
     # Lazy imports keep optional dependencies (pyzmq, jax) off the import path.
-    "inproc": "executors.inproc:InprocExecutor",
-    "multiproc": "executors.multiproc:MultiprocExecutor",
-    "remote": "executors.remote:RemoteExecutor",
+    "inproc": "aiosched.executors.inproc:InprocExecutor",
+    "multiproc": "aiosched.executors.multiproc:MultiprocExecutor",
+    "remote": "aiosched.executors.remote:RemoteExecutor",
 }
 
 

@@ -16,9 +16,8 @@ from typing import Any
 from aiosched.config import EngineConfig
 from aiosched.errors import EngineDeadError
 from aiosched.protocol import RunnerOutput, SchedulerOutput, WorkerInfo
-from executors.base import Executor
-from executors.runner import ModelRunner, PendingOutput
-from executors.runners import create_runner
+from aiosched.executors.base import Executor
+from aiosched.executors.runner import ModelRunner, PendingOutput, create_runner
 
 _STOP = object()
 

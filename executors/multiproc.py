@@ -9,7 +9,7 @@ Transport: the engine binds one ZeroMQ ROUTER socket on `ipc://` inside a fresh
 private (0700) temp directory, driven by `zmq.asyncio` on the engine's loop. Each
 worker connects a DEALER whose routing id is its rank and announces itself, then
 gets `Hello` and serves `Execute`s; its result thread sends `Ready` and the
-`StepResult`s on a second DEALER of its own (see `executors.worker_loop`).
+`StepResult`s on a second DEALER of its own (see `aiosched.executors.worker_loop`).
 Every step is encoded once and sent to every rank; rank 0's `StepResult` resolves
 the step's future.
 
@@ -43,8 +43,8 @@ import zmq
 import zmq.asyncio
 
 from aiosched.config import EngineConfig
-from executors.worker_loop import rank_identity, result_identity, worker_main
-from executors.zmq_executor import ZmqExecutor
+from aiosched.executors.worker_loop import rank_identity, result_identity, worker_main
+from aiosched.executors.zmq_executor import ZmqExecutor
 
 log = logging.getLogger("aiosched.executor")
 

@@ -3,11 +3,11 @@
 A ZeroMQ DEALER socket (driven by `zmq.asyncio` on the engine's loop) connects to
 `config.remote_address`. By default it is a CurveZMQ client: `remote_server_key`
 is the worker's public key file, `remote_client_key` our secret key file (see
-`executors.keys`; its public half must be in the worker's `--allow` list).
+`aiosched.executors.keys`; its public half must be in the worker's `--allow` list).
 `remote_insecure = true` uses plaintext, for a worker started with `--insecure`.
 
 Handshake, step futures and heartbeats are shared with the multiprocess executor
-(`executors.zmq_executor`): probe with a Heartbeat until the worker answers
+(`aiosched.executors.zmq_executor`): probe with a Heartbeat until the worker answers
 (`connect_timeout_s`), `Hello` with our config, wait for `Ready`.
 
 Failure: a socket monitor reports the transport's events at once:
@@ -31,9 +31,9 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from aiosched.config import EngineConfig
-from executors.inproc import run_in_thread
-from executors.keys import load_public_key, load_secret_key
-from executors.zmq_executor import ZmqExecutor
+from aiosched.executors.inproc import run_in_thread
+from aiosched.executors.keys import load_public_key, load_secret_key
+from aiosched.executors.zmq_executor import ZmqExecutor
 
 log = logging.getLogger("aiosched.executor")
 

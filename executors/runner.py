@@ -5,6 +5,7 @@ It knows the protocol Structs, never the engine, the server or the transport.
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 
 from aiosched.config import EngineConfig
@@ -47,3 +48,20 @@ class ModelRunner(ABC):
 
     def shutdown(self) -> None:
         """Release device memory and any process groups."""
+
+
+# Runners by name, imported lazily so torch/jax load only in the worker that uses them.
+_RUNNERS = {
+    "torch": "aiosched.executors.torch.runner:TorchModelRunner",
+    "jax": "aiosched.executors.jax.runner:JaxModelRunner",
+    "fake": "aiosched.executors.fake_runner:FakeModelRunner",
+}
+
+
+def create_runner(config: EngineConfig, rank: int = 0, world_size: int = 1) -> ModelRunner:
+    try:
+        module, _, attr = _RUNNERS[config.runner].partition(":")
+    except KeyError:
+        raise ValueError(f"runner: unknown runner {config.runner!r}; known: {sorted(_RUNNERS)}") from None
+    cls = getattr(importlib.import_module(module), attr)
+    return cls(config, rank=rank, world_size=world_size)

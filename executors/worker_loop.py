@@ -62,8 +62,7 @@ from aiosched.protocol import (
     decode_to_worker,
     encode,
 )
-from executors.runner import ModelRunner, PendingOutput
-from executors.runners import create_runner
+from aiosched.executors.runner import ModelRunner, PendingOutput, create_runner
 
 log = logging.getLogger("aiosched.worker")
 

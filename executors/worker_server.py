@@ -12,7 +12,7 @@ fails the handshake and never reaches this loop, so it cannot disturb the worker
 `--insecure` serves plaintext and binds to loopback only, unless `--listen` names
 another host *and* `--insecure-any-host` is given.
 
-One engine session at a time (see `executors.worker_loop.Session`): `Hello` from a
+One engine session at a time (see `aiosched.executors.worker_loop.Session`): `Hello` from a
 client starts it, with the client's config, except that the worker's own
 `--runner`, `--model` and `--device` win (pin `--model`: otherwise the client's
 path is loaded). While a session runs, other clients get a fatal "busy" error to
@@ -36,9 +36,9 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from aiosched.config import EngineConfig
 from aiosched.protocol import MAX_FRAME_BYTES, Heartbeat, Hello, encode
-from executors.keys import load_public_key, load_secret_key
-from executors.runners import create_runner
-from executors.worker_loop import POLL_MS, RunnerFactory, Session, error_frame, parse_frames
+from aiosched.executors.keys import load_public_key, load_secret_key
+from aiosched.executors.runner import create_runner
+from aiosched.executors.worker_loop import POLL_MS, RunnerFactory, Session, error_frame, parse_frames
 
 log = logging.getLogger("aiosched.worker")
 

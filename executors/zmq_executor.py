@@ -48,7 +48,7 @@ from aiosched.protocol import (
     decode_from_worker,
     encode,
 )
-from executors.base import Executor
+from aiosched.executors.base import Executor
 
 log = logging.getLogger("aiosched.executor")
 

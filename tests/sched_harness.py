@@ -34,7 +34,7 @@ from aiosched.protocol import SchedulerOutput, encode
 from aiosched.request import Request, RequestStatus
 from aiosched.sampling_params import SamplingParams
 from aiosched.scheduler import Scheduler
-from executors.runners.fake_runner import FakeModelRunner, reference_tokens
+from aiosched.executors.fake_runner import FakeModelRunner, reference_tokens
 
 
 @dataclass
@@ -59,7 +59,7 @@ def model_tokens(prompt: list[int], max_tokens: int, vocab_size: int, seed: int,
     if not context:
         return reference_tokens(prompt, max_tokens, vocab_size, seed, greedy, min_tokens, masked, **penalties)
     from aiosched.protocol import NewRequestData
-    from executors.runners.fake_runner import _State
+    from aiosched.executors.fake_runner import _State
 
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, min_tokens=min_tokens, **penalties)
     st = _State(NewRequestData("ref", list(prompt), len(prompt), sp, seed, sorted(masked or ())))

@@ -200,7 +200,7 @@ def _tiny_config(tmp_path) -> str:
 
 async def test_offline_torch_runner_random_weights(tmp_path) -> None:
     pytest.importorskip("torch")
-    pytest.importorskip("executors.runners.torch_runner")
+    pytest.importorskip("aiosched.executors.torch.runner")
     if "load_format" not in {f for f in bench.EngineConfig.__struct_fields__}:
         pytest.skip("EngineConfig has no load_format yet")
     args = parse("--random-weights", _tiny_config(tmp_path), "--num-prompts", "6", "--input-len", "10", "--output-len", "5",

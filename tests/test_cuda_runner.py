@@ -1,4 +1,4 @@
-"""The CUDA step path (executors/cuda_path.py) against the reference torch path.
+"""The CUDA step path (executors/torch/cuda_path.py) against the reference torch path.
 
 Same engine, same tiny random checkpoint, float32: greedy tokens of the fast path
 (Triton kernels, persistent buffers, decode CUDA graphs) must equal the reference
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-random_checkpoint = pytest.importorskip("executors.random_checkpoint")
+random_checkpoint = pytest.importorskip("aiosched.executors.torch.random_checkpoint")
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (CUDA or INTERPRET):
@@ -50,7 +50,7 @@ async def generate(make_engine, ckpt: str, fast: str, **kw) -> tuple[list[list[i
         if fast == "off":
             runner.fast = None
         elif fast in ("eager", "padded") and (runner.fast is None or runner.fast.graphs is not None):
-            from executors.cuda_path import CudaStepRunner
+            from aiosched.executors.torch.cuda_path import CudaStepRunner
 
             runner.fast = CudaStepRunner(runner, use_graphs=False)
         if fast == "padded":  # the mixed-step graphs' padded layout, run without capture
@@ -87,7 +87,7 @@ async def test_fast_path_under_preemption_and_sampling(make_engine, ckpt) -> Non
     eng = make_engine(model=ckpt, device=DEV, dtype="float32", max_num_seqs=8, cuda_graph_max_batch=8)
     async with eng:
         if not CUDA:
-            from executors.cuda_path import CudaStepRunner
+            from aiosched.executors.torch.cuda_path import CudaStepRunner
 
             eng._executor.runner.fast = CudaStepRunner(eng._executor.runner, use_graphs=False)
         sp = SamplingParams(max_tokens=10, temperature=0.8, seed=123, ignore_eos=True)
@@ -114,7 +114,7 @@ async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, asyn
         async with eng:
             runner = eng._executor.runner
             if not CUDA:  # interpreter: the fused path without graphs
-                from executors.cuda_path import CudaStepRunner
+                from aiosched.executors.torch.cuda_path import CudaStepRunner
 
                 runner.fast = CudaStepRunner(runner, use_graphs=False)
                 runner.fast.mixed_padded_eager = padded
@@ -162,7 +162,7 @@ async def test_padded_mixed_steps_with_sampling_extras(make_engine, ckpt) -> Non
             if fast == "off":
                 runner.fast = None
             elif not CUDA:
-                from executors.cuda_path import CudaStepRunner
+                from aiosched.executors.torch.cuda_path import CudaStepRunner
 
                 runner.fast = CudaStepRunner(runner, use_graphs=False)
                 runner.fast.mixed_padded_eager = True

@@ -7,7 +7,7 @@ import pytest
 
 from aiosched import AsyncEngine, SamplingParams
 from aiosched.errors import EngineNotRunningError, EngineOverloadedError
-from executors.runners.fake_runner import reference_tokens
+from aiosched.executors.fake_runner import reference_tokens
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
 

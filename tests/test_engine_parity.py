@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-random_checkpoint = pytest.importorskip("executors.random_checkpoint")
+random_checkpoint = pytest.importorskip("aiosched.executors.torch.random_checkpoint")
 
 from aiosched import SamplingParams  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Every script in examples/ runs, gives the engine's greedy output, and frees its KV blocks.
 
-The FastAPI example runs the tiny real model (when `executors.random_checkpoint`
+The FastAPI example runs the tiny real model (when `aiosched.executors.torch.random_checkpoint`
 exists); the others run the same model dir on the fake runner, which is much
 faster on a CPU and equally deterministic.
 """

@@ -11,7 +11,7 @@ import pytest
 
 from aiosched import SamplingParams
 from aiosched.generate_cli import add_arguments, sampling_params
-from executors.random_checkpoint import write_random_checkpoint
+from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
 PROMPT = [5, 6, 7, 5, 6, 7, 5, 6]
 

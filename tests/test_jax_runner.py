@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 from aiosched import SamplingParams  # noqa: E402
 from aiosched.config import EngineConfig  # noqa: E402
 from aiosched.protocol import NewRequestData, ScheduledRequest, SchedulerOutput  # noqa: E402
-from executors.attention import jax_paged  # noqa: E402
-from executors.runners import jax_runner  # noqa: E402
+from aiosched.executors.jax import paged_attention as jax_paged  # noqa: E402
+from aiosched.executors.jax import runner as jax_runner  # noqa: E402
 
 # Tiny models: compile time dominates, so compile at XLA backend optimisation level 0.
 os.environ.setdefault("AIOSCHED_JAX_FAST_COMPILE", "1")
@@ -48,7 +48,7 @@ SHAPES = {
 
 
 def make_checkpoint(path: pathlib.Path, arch: str) -> pathlib.Path:
-    from executors.random_checkpoint import write_random_checkpoint
+    from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
     return write_random_checkpoint(path, arch=arch, seed=11, **SHAPES[arch])
 
@@ -129,7 +129,7 @@ async def test_engine_matches_torch_runner_greedy_and_seeded(make_engine, llama)
     greedy and seeded (the same counter-based Gumbel noise, bit for bit; temperature,
     top-k, top-p, min-p). Penalties and logit_bias are checked against their formulas
     below (test_runner_penalties_match_reference, test_runner_min_tokens_masks_eos_and_bias)."""
-    pytest.importorskip("executors.runners.torch_runner")
+    pytest.importorskip("aiosched.executors.torch.runner")
     prompts = prompts_for(vocab_of(llama))
     # High temperatures: these checkpoints are peaked (see the test below).
     params = [GREEDY, SamplingParams(max_tokens=10, temperature=30.0, seed=7, ignore_eos=True),
@@ -374,7 +374,7 @@ def test_jax_bench_script_runs(tmp_path) -> None:
     import importlib.util
     import json
 
-    from executors.random_checkpoint import hf_config
+    from aiosched.executors.torch.random_checkpoint import hf_config
 
     spec = importlib.util.spec_from_file_location("jax_bench", pathlib.Path(__file__).parent.parent / "benchmarks" / "jax_bench.py")
     mod = importlib.util.module_from_spec(spec)

@@ -1,7 +1,7 @@
 """Our torch model over the paged KV cache gives HF transformers' logits.
 
 Tiny random float32 checkpoints of each supported architecture are run through
-`executors.models.llama` exactly as the runner runs them (one flattened ragged batch,
+`aiosched.executors.torch.models.llama` exactly as the runner runs them (one flattened ragged batch,
 non-contiguous block tables, several requests per step) and compared with
 `AutoModelForCausalLM` run on each full sequence at once: a mixed-length prefill, then
 decode steps that read everything from the cache, and a prompt prefilled in two chunks.
@@ -17,10 +17,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from executors.attention.torch_paged import AttentionMetadata  # noqa: E402
-from executors.loader import build_model  # noqa: E402
-from executors.models.llama import LlamaForCausalLM  # noqa: E402
-from executors.random_checkpoint import write_random_checkpoint  # noqa: E402
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata  # noqa: E402
+from aiosched.executors.torch.loader import build_model  # noqa: E402
+from aiosched.executors.torch.models.llama import LlamaForCausalLM  # noqa: E402
+from aiosched.executors.torch.random_checkpoint import write_random_checkpoint  # noqa: E402
 
 BLOCK = 4
 NUM_BLOCKS = 96
@@ -154,7 +154,7 @@ def test_missing_lm_head_ties_to_the_embedding(tmp_path) -> None:
 
 
 def test_mistral_sliding_window_caps_the_context(tmp_path) -> None:
-    from executors.models.llama import ModelArgs
+    from aiosched.executors.torch.models.llama import ModelArgs
 
     path = write_random_checkpoint(tmp_path, arch="mistral", max_position_embeddings=1024)
     cfg = json.loads((path / "config.json").read_text())

@@ -38,10 +38,10 @@ from aiosched.protocol import (
     decode_from_worker,
     encode,
 )
-from executors.base import register_executor
-from executors.multiproc import MultiprocExecutor
-from executors.runners.fake_runner import FakeModelRunner, reference_tokens
-from executors.worker_loop import rank_identity, result_identity, worker_main
+from aiosched.executors.base import register_executor
+from aiosched.executors.multiproc import MultiprocExecutor
+from aiosched.executors.fake_runner import FakeModelRunner, reference_tokens
+from aiosched.executors.worker_loop import rank_identity, result_identity, worker_main
 from procs import children_of, is_gone, proc_state, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +97,9 @@ async def test_seeded_sampling_matches_inproc(make_engine) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_torch_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if importlib.util.find_spec("executors.runners.torch_runner") is None:
-        pytest.skip("executors/runners/torch_runner.py is not there yet")
-    random_checkpoint = pytest.importorskip("executors.random_checkpoint")
+    if importlib.util.find_spec("aiosched.executors.torch.runner") is None:
+        pytest.skip("executors/torch/runner.py is not there yet")
+    random_checkpoint = pytest.importorskip("aiosched.executors.torch.random_checkpoint")
     path = tmp_path_factory.mktemp("tiny-llama")
     random_checkpoint.write_random_checkpoint(path, arch="llama", seed=5)
     return path
@@ -235,7 +235,7 @@ async def test_startup_failure_is_clear_and_clean(make_engine, runner: type, mat
 
 async def test_startup_timeout_is_clear(make_engine, monkeypatch) -> None:
     monkeypatch.setattr(MultiprocExecutor, "connect_timeout_s", 0.5)
-    monkeypatch.setattr("executors.multiproc.worker_main", _sleep_forever)
+    monkeypatch.setattr("aiosched.executors.multiproc.worker_main", _sleep_forever)
     eng = make_engine(executor="multiproc", runner="fake")
     t0 = time.monotonic()
     with pytest.raises(EngineDeadError, match=r"no answer from worker rank 0 \(pid \d+\) within"):

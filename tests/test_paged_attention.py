@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from executors.attention.torch_paged import AttentionMetadata, paged_attention, store_kv
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, paged_attention, store_kv
 
 
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -19,11 +19,11 @@ import torch
 
 from aiosched import SamplingParams
 from aiosched.errors import EngineDeadError
-from executors import loader
-from executors.loader import build_model
-from executors.models.llama import LlamaForCausalLM
-from executors.parallel import shard_range
-from executors.random_checkpoint import write_random_checkpoint
+from aiosched.executors.torch import loader
+from aiosched.executors.torch.loader import build_model
+from aiosched.executors.torch.models.llama import LlamaForCausalLM
+from aiosched.executors.torch.parallel import shard_range
+from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 from procs import children_of, wait_gone
 
 pytestmark = pytest.mark.timeout(120)

@@ -23,8 +23,8 @@ from aiosched import SamplingParams
 from aiosched.errors import EngineDeadError
 from aiosched.protocol import PROTOCOL_VERSION, Heartbeat, Hello, Ready, WorkerError, decode_from_worker, encode
 from aiosched.config import EngineConfig
-from executors import keys
-from executors.runners.fake_runner import FakeModelRunner, reference_tokens
+from aiosched.executors import keys
+from aiosched.executors.fake_runner import FakeModelRunner, reference_tokens
 from procs import wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,9 +126,9 @@ async def test_second_engine_is_refused_while_busy_then_served(make_engine, keyd
 
 
 async def test_torch_runner_remote_matches_inproc(make_engine, keydir: Path, tmp_path: Path) -> None:
-    if importlib.util.find_spec("executors.runners.torch_runner") is None:
-        pytest.skip("executors/runners/torch_runner.py is not there yet")
-    random_checkpoint = pytest.importorskip("executors.random_checkpoint")
+    if importlib.util.find_spec("aiosched.executors.torch.runner") is None:
+        pytest.skip("executors/torch/runner.py is not there yet")
+    random_checkpoint = pytest.importorskip("aiosched.executors.torch.random_checkpoint")
     model = tmp_path / "tiny-llama"
     random_checkpoint.write_random_checkpoint(model, arch="llama", seed=5)
     cfg = dict(runner="torch", model=str(model), device="cpu", dtype="float32", num_kv_blocks=48, block_size=4,
@@ -309,8 +309,8 @@ class HangingRunner(FakeModelRunner):
 
 
 _HANGING_WORKER = [sys.executable, "-c",
-                   "import sys, argparse; import executors.worker_loop as wl; wl.JOIN_TIMEOUT_S = 0.5; "
-                   "from executors import worker_server as ws; p = argparse.ArgumentParser(); ws.add_arguments(p); "
+                   "import sys, argparse; import aiosched.executors.worker_loop as wl; wl.JOIN_TIMEOUT_S = 0.5; "
+                   "from aiosched.executors import worker_server as ws; p = argparse.ArgumentParser(); ws.add_arguments(p); "
                    "sys.exit(ws.main(p.parse_args(sys.argv[1:]), wl.resolve_runner_factory('test_remote:HangingRunner')))"]
 
 

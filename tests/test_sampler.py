@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from executors.sampler import SamplingBatch, apply_top_k_top_p_min_p, sample
+from aiosched.executors.torch.sampler import SamplingBatch, apply_top_k_top_p_min_p, sample
 
 
 def batch(n: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -109,7 +109,7 @@ def test_sampled_tokens_stay_inside_the_filtered_set() -> None:
 
 
 def test_noise_depends_on_all_seed_bits_and_is_uniform() -> None:
-    from executors.sampler import uniform_noise
+    from aiosched.executors.torch.sampler import uniform_noise
 
     seeds = torch.tensor([5, 5 + (1 << 32), -5, 5, 5])
     u = uniform_noise(seeds, torch.tensor([0, 0, 0, 1, 0]), 4096)
@@ -137,7 +137,7 @@ def test_top_k_candidate_path_equals_the_full_path(min_p: float) -> None:
 
 
 def test_noise_chunking_does_not_change_draws(monkeypatch) -> None:
-    import executors.sampler as sampler_mod
+    import aiosched.executors.torch.sampler as sampler_mod
 
     logits = torch.randn(9, 100)
     b = batch(9, seeds=list(range(9)), positions=[2] * 9)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aiosched import SamplingParams, StructuredOutputParams
-from executors.logits_processors import (
+from aiosched.executors.torch.logits_processors import (
     apply_bias,
     apply_penalties,
     build_bias_batch,
@@ -52,7 +52,7 @@ async def test_logprobs_plumbing(make_engine, async_scheduling: bool) -> None:
 
 
 async def test_logprobs_stream_and_stop_alignment(make_engine) -> None:
-    from executors.runners.fake_runner import reference_tokens
+    from aiosched.executors.fake_runner import reference_tokens
 
     ref = reference_tokens([9, 9, 9], 20, seed=0, greedy=True)
     stop = ref[6]
@@ -177,7 +177,7 @@ def test_compute_logprobs() -> None:
 
 # ---- end to end on a tiny random checkpoint (needs the torch runner) ----
 
-_HAS_TORCH_RUNNER = importlib.util.find_spec("executors.runners.torch_runner") is not None and importlib.util.find_spec("executors.random_checkpoint") is not None
+_HAS_TORCH_RUNNER = importlib.util.find_spec("aiosched.executors.torch.runner") is not None and importlib.util.find_spec("aiosched.executors.torch.random_checkpoint") is not None
 needs_torch_runner = pytest.mark.skipif(not _HAS_TORCH_RUNNER, reason="torch runner not available")
 
 
@@ -185,7 +185,7 @@ needs_torch_runner = pytest.mark.skipif(not _HAS_TORCH_RUNNER, reason="torch run
 def tiny(tmp_path_factory) -> "pathlib.Path":
     if not _HAS_TORCH_RUNNER:
         pytest.skip("torch runner not available")
-    from executors.random_checkpoint import write_random_checkpoint
+    from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
     path = tmp_path_factory.mktemp("tiny-llama")
     write_random_checkpoint(path, arch="llama", seed=3)

@@ -16,7 +16,7 @@ import pytest
 from aiosched.config import EngineConfig
 from aiosched.request import RequestStatus
 from aiosched.sampling_params import SamplingParams
-from executors.runners.fake_runner import FakeModelRunner, penalize, penalty_candidates, reference_tokens
+from aiosched.executors.fake_runner import FakeModelRunner, penalize, penalty_candidates, reference_tokens
 from sched_harness import Harness, HarnessError
 
 GREEDY = dict(temperature=0.0)
@@ -319,7 +319,7 @@ def test_one_step_stale_penalty_history_changes_the_token() -> None:
     penalties over the history without its last token picks another token at some step.
     (Penalties against repetition can only notice when the hash model repeats itself, so
     those cases use a small vocabulary, as a quarter of the state machine's examples do.)"""
-    from executors.runners.fake_runner import _MOD
+    from aiosched.executors.fake_runner import _MOD
 
     prompt = [1, 2, 3]
     for vocab, pen in [(512, p) for p in PENALTIES[:3]] + [(32, dict(presence_penalty=0.5)), (32, dict(frequency_penalty=0.5)),

@@ -27,8 +27,8 @@ import pytest
 from aiosched import AsyncEngine, SamplingParams
 from aiosched.chat_template import render_chat
 from aiosched.server import build_app
-from executors.base import register_executor
-from executors.inproc import InprocExecutor
+from aiosched.executors.base import register_executor
+from aiosched.executors.inproc import InprocExecutor
 from server_thread import ServerThread
 from tiny_model import fake, write_tiny_model
 

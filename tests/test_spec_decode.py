@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aiosched import SamplingParams
-from executors.spec_decode import accept_walk, propose_ngram
+from aiosched.executors.torch.spec_decode import accept_walk, propose_ngram
 
 SPEC = {"method": "ngram", "num_tokens": 4, "ngram_min": 1, "ngram_max": 3}
 
@@ -53,8 +53,8 @@ def test_accept_walk() -> None:
 
 def test_rejection_sampling_preserves_the_target_distribution() -> None:
     torch = pytest.importorskip("torch")
-    from executors.sampler import SamplingBatch
-    from executors.spec_decode import verify_drafts
+    from aiosched.executors.torch.sampler import SamplingBatch
+    from aiosched.executors.torch.spec_decode import verify_drafts
 
     V, N = 6, 20000
     logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.0])
@@ -75,8 +75,8 @@ def test_rejection_sampling_preserves_the_target_distribution() -> None:
 
 def test_greedy_verification_is_argmax() -> None:
     torch = pytest.importorskip("torch")
-    from executors.sampler import SamplingBatch
-    from executors.spec_decode import verify_drafts
+    from aiosched.executors.torch.sampler import SamplingBatch
+    from aiosched.executors.torch.spec_decode import verify_drafts
 
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
     b = SamplingBatch(torch.zeros(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), torch.zeros(3),
@@ -167,7 +167,7 @@ async def test_fake_multiproc_identity(make_engine, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     pytest.importorskip("torch")
-    from executors.random_checkpoint import write_random_checkpoint
+    from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
     return str(write_random_checkpoint(tmp_path_factory.mktemp("spec_tiny"), arch="llama", seed=3))
 

@@ -70,7 +70,7 @@ from aiosched.config import EngineConfig, SpeculativeConfig
 from aiosched.protocol import ScheduledRequest
 from aiosched.request import RequestStatus
 from aiosched.sampling_params import SamplingParams
-from executors.runners.fake_runner import FakeModelRunner, reference_tokens
+from aiosched.executors.fake_runner import FakeModelRunner, reference_tokens
 from sched_harness import Expected, Harness, expected_output
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -611,10 +611,10 @@ def test_engine_state_machine_multiproc() -> None:
 
 
 @pytest.mark.skipif(not (ROOT / "executors" / "runners" / "torch_runner.py").exists(),
-                    reason="executors/runners/torch_runner.py does not exist yet (the torch runner is being written)")
+                    reason="executors/torch/runner.py does not exist yet (the torch runner is being written)")
 def test_engine_state_machine_torch(tmp_path_factory) -> None:
     """The real tiny torch model; the oracle is each request alone on a sync engine."""
-    random_checkpoint = pytest.importorskip("executors.random_checkpoint")
+    random_checkpoint = pytest.importorskip("aiosched.executors.torch.random_checkpoint")
     model_dir = tmp_path_factory.mktemp("tiny-llama")
     random_checkpoint.write_random_checkpoint(model_dir, arch="llama", seed=11)
 

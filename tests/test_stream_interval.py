@@ -9,7 +9,7 @@ import pytest
 
 from aiosched import SamplingParams
 from aiosched.config import EngineConfig
-from executors.runners.fake_runner import reference_tokens
+from aiosched.executors.fake_runner import reference_tokens
 
 
 async def collect(eng, prompt, params):

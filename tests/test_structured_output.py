@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from aiosched import SamplingParams, StructuredOutputParams
 from aiosched.protocol import NewRequestData, ScheduledRequest, SchedulerOutput
 from aiosched.structured import grammar_for, validate_structured
-from executors.structured_output import (
+from aiosched.executors.structured_output import (
     GrammarTokenizer,
     StructuredOutputManager,
     allowed_token_ids,

@@ -23,10 +23,10 @@ transformers = pytest.importorskip("transformers")
 from aiosched.config import EngineConfig  # noqa: E402
 from aiosched.protocol import NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput  # noqa: E402
 from aiosched.sampling_params import SamplingParams  # noqa: E402
-from executors.random_checkpoint import write_random_checkpoint  # noqa: E402
-from executors.runner import PendingOutput  # noqa: E402
-from executors.runners import create_runner  # noqa: E402
-from executors.runners.torch_runner import TorchModelRunner  # noqa: E402
+from aiosched.executors.torch.random_checkpoint import write_random_checkpoint  # noqa: E402
+from aiosched.executors.runner import PendingOutput  # noqa: E402
+from aiosched.executors.runner import create_runner  # noqa: E402
+from aiosched.executors.torch.runner import TorchModelRunner  # noqa: E402
 
 DEVICE = os.environ.get("AIOSCHED_TEST_DEVICE", "cpu")  # "cuda": the same checks on a GPU (float32)
 BLOCK = 4
@@ -280,7 +280,7 @@ def test_more_live_requests_than_rows_is_a_clear_error(ckpt) -> None:
 def test_top_k_requests_sample_like_the_full_vocabulary_path(ckpt, monkeypatch) -> None:
     """All random rows with a top-k take the candidate path (max_top_k); forcing the
     full-vocabulary path gives the same tokens."""
-    import executors.sampler as sampler_mod
+    import aiosched.executors.torch.sampler as sampler_mod
 
     def run() -> dict[str, list[int]]:
         runner = make_runner(ckpt)
@@ -299,5 +299,5 @@ def test_top_k_requests_sample_like_the_full_vocabulary_path(ckpt, monkeypatch) 
         b.max_top_k = 0
         return real_sample(logits, b)
 
-    monkeypatch.setattr("executors.runners.torch_runner.sample", full_path)
+    monkeypatch.setattr("aiosched.executors.torch.runner.sample", full_path)
     assert run() == fast

@@ -29,8 +29,8 @@ if INTERPRET and not torch.cuda.is_available():
 
     _ti._patch_lang_tensor = _patch_lang_tensor
 
-from executors import fused_ops  # noqa: E402
-from executors.attention import triton_paged as tp  # noqa: E402
+from aiosched.executors.torch import fused_ops  # noqa: E402
+from aiosched.executors.torch.attention import triton_paged as tp  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEV == "cuda" else [torch.float32]

@@ -1,6 +1,6 @@
 """A tiny model directory for server and example tests.
 
-With `executors.random_checkpoint` available (the tiny random torch model), the dir
+With `aiosched.executors.torch.random_checkpoint` available (the tiny random torch model), the dir
 is a real HF-layout checkpoint run by the torch runner. Without it, the dir holds
 only config.json + tokenizer.json + tokenizer_config.json (a byte-level BPE with a
 chat template) and is run by the fake runner, which needs no weights. `fake(cfg)`
@@ -29,7 +29,7 @@ _CORPUS = ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibon
 
 
 def has_real_tiny_model() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("executors.random_checkpoint", "executors.runners.torch_runner"))
+    return all(importlib.util.find_spec(m) is not None for m in ("aiosched.executors.torch.random_checkpoint", "aiosched.executors.torch.runner"))
 
 
 def _write_tokenizer_only(path: pathlib.Path, max_model_len: int) -> None:
@@ -61,7 +61,7 @@ def write_tiny_model(path: pathlib.Path, max_model_len: int = 512) -> dict[str, 
     """Write the dir; return the engine config (dict) that runs it on CPU."""
     path.mkdir(parents=True, exist_ok=True)
     if has_real_tiny_model():
-        from executors.random_checkpoint import write_random_checkpoint
+        from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
         write_random_checkpoint(path, arch="llama", seed=1)
         return {"model": str(path), "runner": "torch", "device": "cpu", "max_model_len": max_model_len}

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from executors.attention import jax_paged
-from executors.models import check_architecture
+from aiosched.executors.jax import paged_attention as jax_paged
+from aiosched.executors.model_registry import check_architecture
 
 Params = dict[str, Any]
 

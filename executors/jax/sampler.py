@@ -1,5 +1,5 @@
 """On-device sampling for the JAX runner, with the semantics of the torch runner's
-`executors/sampler.py` and `executors/logits_processors.py`.
+`executors/torch/sampler.py` and `executors/torch/logits_processors.py`.
 
 Order: repetition / frequency / presence penalties (from the device token buffer),
 logit_bias and bad tokens, min_tokens bans (EOS and stop ids), greedy argmax; for

@@ -22,13 +22,13 @@ import torch
 
 from aiosched.config import EngineConfig
 from aiosched.protocol import PROTOCOL_VERSION, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
-from executors.attention.torch_paged import AttentionMetadata
-from executors.loader import build_model
-from executors.models.llama import LlamaForCausalLM
-from executors.parallel import SINGLE, agree_min, destroy_group, init_group
-from executors.runner import ModelRunner, PendingOutput, ReadyOutput
-from executors.sampler import SamplingBatch, sample
-from executors.sampling_extras import SamplingExtras, StepContext
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
+from aiosched.executors.torch.loader import build_model
+from aiosched.executors.torch.models.llama import LlamaForCausalLM
+from aiosched.executors.torch.parallel import SINGLE, agree_min, destroy_group, init_group
+from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput
+from aiosched.executors.torch.sampler import SamplingBatch, sample
+from aiosched.executors.torch.sampling_extras import SamplingExtras, StepContext
 
 _SPARE_TOKENS = 16  # room past max_model_len in a buffer row (speculative drafts)
 log = logging.getLogger("aiosched.worker")
@@ -101,14 +101,14 @@ class TorchModelRunner(ModelRunner):
         self.is_cuda = self.device.type == "cuda"
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
-        # CUDA: Triton kernels, persistent step buffers and decode CUDA graphs (executors/cuda_path.py).
+        # CUDA: Triton kernels, persistent step buffers and decode CUDA graphs (executors/torch/cuda_path.py).
         self.fast = None
         if self.is_cuda and self.tp.active:
             # The fast path's fused kernels and graphs assume the whole model on one device.
             log.warning("tensor_parallel_size = %d: the CUDA fast path (Triton kernels, CUDA graphs) is off; "
                         "steps run on the eager path", self.world_size)
         elif self.is_cuda:
-            from executors.cuda_path import CudaStepRunner
+            from aiosched.executors.torch.cuda_path import CudaStepRunner
 
             self.fast = CudaStepRunner(self)
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
@@ -180,8 +180,8 @@ class TorchModelRunner(ModelRunner):
             return self._run(so, out)
 
     def _run(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
-        if any(sr.num_draft_slots for sr in so.scheduled):  # speculative decoding: executors/spec_decode.py
-            from executors.spec_decode import prepare_spec_step, run_spec_step
+        if any(sr.num_draft_slots for sr in so.scheduled):  # speculative decoding: executors/torch/spec_decode.py
+            from aiosched.executors.torch.spec_decode import prepare_spec_step, run_spec_step
 
             so, drafts = prepare_spec_step(self, so)  # exact positions from this worker's history
             if drafts:

@@ -2,7 +2,7 @@
 
 `TorchModelRunner` hands its steps here when it runs on a CUDA device. Same model
 weights, same KV cache tensors, same device token buffer and the same results as the
-reference path (`executors/attention/torch_paged.py` + the nn.Module forward), but:
+reference path (`executors/torch/attention/torch_paged.py` + the nn.Module forward), but:
 
 - every step sends the device one packed int64 array through a ring of pinned host
   buffers (one H2D copy per step: per-token request rows and positions, per-request
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from aiosched.protocol import RunnerOutput, SchedulerOutput
-from executors import fused_ops
-from executors.attention import triton_paged as tp
-from executors.cuda_graphs import DecodeGraphs, capture_sizes
-from executors.runner import PendingOutput, ReadyOutput
+from aiosched.executors.torch import fused_ops
+from aiosched.executors.torch.attention import triton_paged as tp
+from aiosched.executors.torch.cuda_graphs import DecodeGraphs, capture_sizes
+from aiosched.executors.runner import PendingOutput, ReadyOutput
 
 log = logging.getLogger("aiosched")
 
@@ -428,7 +428,7 @@ class CudaStepRunner:
         samplers = [st for st, sr in zip(states, sched) if sr.sample]
         greedy = all(st.data.sampling.temperature == 0.0 and not (st.ban_ids and st.num_tokens - st.prompt_len < st.data.sampling.min_tokens)
                      for st in samplers)
-        # Penalties, bias, grammar masks, logprobs (executors/sampling_extras.py) go through _resample.
+        # Penalties, bias, grammar masks, logprobs (executors/torch/sampling_extras.py) go through _resample.
         self._so = so if r.extras.step_uses_extras(so) else None
         greedy = greedy and self._so is None
         out.req_ids = [sr.req_id for sr in sched if sr.sample]
@@ -504,7 +504,7 @@ class CudaStepRunner:
         return self._forward(ids, d_pos, slots, attend)
 
     def verify_logits(self, states: list[Any], starts: list[int], qlens: list[int], logit_rows: list[int]) -> torch.Tensor:
-        """Speculative verification (executors/spec_decode.py): float32 logits of the
+        """Speculative verification (executors/torch/spec_decode.py): float32 logits of the
         flattened-batch rows `logit_rows`, from the mixed-step graph (its sampled rows are
         the logit rows, its argmax goes to the scratch slot) or, past the largest graph,
         the fused eager forward. The requests' block tables must already be on the device."""
@@ -569,7 +569,7 @@ class CudaStepRunner:
                   flat_offsets: dict[str, int] | None = None) -> PendingOutput:
         """Non-greedy rows, or a step with sampling extras: the reference sampler on float32
         logits (positions as before the token), after penalties / bias / grammar masks."""
-        from executors.sampler import sample
+        from aiosched.executors.torch.sampler import sample
 
         r, so = self.r, self._so
         for st in samplers:

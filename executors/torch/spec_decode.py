@@ -51,10 +51,10 @@ def verify_drafts(logits: Any, b: Any, drafts: Any) -> tuple[Any, Any]:
     """[R, V] logits, a SamplingBatch of R rows (positions: the token each row samples),
     [R] drafts (-1: none) -> ([R] tokens, [R] accepted). A row with a draft yields the
     draft when accepted, else a token from the target without the draft (greedy: the
-    argmax); a row without one samples exactly like `executors.sampler.sample`."""
+    argmax); a row without one samples exactly like `aiosched.executors.torch.sampler.sample`."""
     import torch
 
-    from executors.sampler import apply_top_k_top_p_min_p, uniform_noise
+    from aiosched.executors.torch.sampler import apply_top_k_top_p_min_p, uniform_noise
 
     if b.ban_rows is not None and b.ban_rows.numel():
         logits = logits.index_put((b.ban_rows, b.ban_tokens), torch.tensor(float("-inf"), device=logits.device))
@@ -147,9 +147,9 @@ def run_spec_step(r: Any, so: SchedulerOutput, out: RunnerOutput, drafts: dict[s
     launching the next step, so this step waits for its tokens."""
     import torch
 
-    from executors.attention.torch_paged import AttentionMetadata
-    from executors.runner import ReadyOutput
-    from executors.sampler import SamplingBatch
+    from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
+    from aiosched.executors.runner import ReadyOutput
+    from aiosched.executors.torch.sampler import SamplingBatch
 
     bs, row_len, dev = r.block_size, r.row_len, r.device
     fast = getattr(r, "fast", None)

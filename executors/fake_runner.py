@@ -9,7 +9,7 @@ tables, prefix caching or preemption therefore fails loudly instead of silently.
 
 Structured output: with a tokenizer.json in the model dir (and llguidance), requests
 with `structured` are masked exactly as the torch runner masks them (the same
-`executors.structured_output` manager, batched CPU bitmask fill); a masked-out hash
+`aiosched.executors.structured_output` manager, batched CPU bitmask fill); a masked-out hash
 token is replaced by an allowed one picked by the same hash.
 
 Penalties (repetition / presence / frequency, `penalize`): a request with any of them
@@ -38,8 +38,8 @@ import numpy as np
 
 from aiosched.config import EngineConfig
 from aiosched.protocol import PROTOCOL_VERSION, Logprobs, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
-from executors.runner import ModelRunner, PendingOutput, ReadyOutput
-from executors.structured_output import StructuredOutputManager, allowed_token_ids, bitmask_words
+from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput
+from aiosched.executors.structured_output import StructuredOutputManager, allowed_token_ids, bitmask_words
 
 _MOD = (1 << 61) - 1
 _M64 = (1 << 64) - 1
@@ -252,7 +252,7 @@ class FakeModelRunner(ModelRunner):
     def _spec_step(self, sr, st: _State, out: RunnerOutput) -> None:
         """Speculative decode: the position is the worker's own (the scheduler's is an upper
         bound in async mode); drafts from the history; verify against the point-mass model."""
-        from executors.spec_decode import propose_ngram
+        from aiosched.executors.torch.spec_decode import propose_ngram
 
         spec = self.config.speculative
         start = len(st.tokens) - 1

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from executors.models import check_architecture
-from executors.models.llama import LlamaForCausalLM, ModelArgs, ShardSpec, local_part_rows, shard_spec
-from executors.parallel import TPGroup, shard_range
+from aiosched.executors.model_registry import check_architecture
+from aiosched.executors.torch.models.llama import LlamaForCausalLM, ModelArgs, ShardSpec, local_part_rows, shard_spec
+from aiosched.executors.torch.parallel import TPGroup, shard_range
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

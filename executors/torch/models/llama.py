@@ -3,7 +3,7 @@ bias), Qwen3 (per-head q/k RMSNorm), GQA, tied embeddings.
 
 The input is one flattened ragged batch (no padding): `input_ids[T]`, `positions[T]`
 and an attention-metadata object that knows each request's slice and block table.
-Attention goes through `executors.attention` so the CPU reference and the CUDA
+Attention goes through `aiosched.executors.attention` so the CPU reference and the CUDA
 kernels are interchangeable. q/k/v and gate/up are fused into single matmuls at load.
 
 Tensor parallelism (Megatron-style, `tp.world_size` ranks): qkv and gate_up are
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from executors.attention.torch_paged import AttentionMetadata, paged_attention, store_kv
-from executors.parallel import SINGLE, TPGroup, all_gather, all_reduce_, shard_range
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, paged_attention, store_kv
+from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_gather, all_reduce_, shard_range
 
 
 @dataclass

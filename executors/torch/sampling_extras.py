@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from aiosched.protocol import Logprobs, NewRequestData, RunnerOutput, SchedulerOutput
-from executors.logits_processors import (
+from aiosched.executors.torch.logits_processors import (
     BiasBatch,
     PenaltyBatch,
     apply_bias,
@@ -42,7 +42,7 @@ from executors.logits_processors import (
     compute_logprobs,
     has_penalties,
 )
-from executors.structured_output import StructuredOutputManager, allocate_bitmask, apply_token_bitmask
+from aiosched.executors.structured_output import StructuredOutputManager, allocate_bitmask, apply_token_bitmask
 
 
 @dataclass

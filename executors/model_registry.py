@@ -1,4 +1,4 @@
-"""Model architectures by the `architectures` name in a checkpoint's config.json."""
+"""Model architectures by the `architectures` name in a checkpoint's config.json (torch and JAX runners)."""
 from __future__ import annotations
 
 from typing import Any

@@ -60,10 +60,10 @@ import numpy as np
 from aiosched.config import EngineConfig
 from aiosched.protocol import PROTOCOL_VERSION, Logprobs, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
 from aiosched.sampling_params import SamplingParams
-from executors.attention import jax_paged
-from executors.models import llama_jax
-from executors.runner import ModelRunner, PendingOutput, ReadyOutput
-from executors.sampler_jax import SamplingMetadata, sample
+from aiosched.executors.jax import paged_attention as jax_paged
+from aiosched.executors.jax import llama as llama_jax
+from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput
+from aiosched.executors.jax.sampler import SamplingMetadata, sample
 
 log = logging.getLogger("aiosched.jax")
 

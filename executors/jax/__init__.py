@@ -1,0 +1,1 @@
+"""The JAX worker: model runner, Llama model, paged attention and sampler in jax.numpy."""

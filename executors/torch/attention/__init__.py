@@ -1,0 +1,1 @@
+"""Paged attention backends for the torch runner: the torch reference and the Triton kernels."""

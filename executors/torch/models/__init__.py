@@ -1,0 +1,1 @@
+"""Torch model implementations (one file per family); chosen through `aiosched.executors.model_registry`."""
