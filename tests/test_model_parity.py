@@ -133,7 +133,7 @@ def test_transformers_v5_config_layout(tmp_path) -> None:
     if "rope_parameters" not in saved:
         pytest.skip("this transformers writes the old rope layout")
     ours = PagedModel(tmp_path / "v5")
-    assert ours.model.args.rope_theta == 5000.0 and ours.model.args.rope_scaling["rope_type"] == "llama3"
+    assert ours.model.args.rope.theta == 5000.0 and ours.model.args.rope.kind == "llama3"
     (seq,) = _sequences(ours.model.args.vocab_size, [30])
     torch.testing.assert_close(ours.step([(0, seq, 0)])[0], _hf_logits(hf, seq), atol=ATOL, rtol=1e-4)
 

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
@@ -36,99 +35,39 @@ import ml_dtypes
 import numpy as np
 
 from aiosched.executors.jax import paged_attention as jax_paged
-from aiosched.executors.model_registry import check_architecture
+from aiosched.executors.model_config import IGNORED_TENSORS, ModelConfig, read_config_json
+from aiosched.executors.model_registry import check_jax_supported
 
 Params = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class LlamaArch:
-    """What the forward pass needs from config.json (hashable: a jit static argument)."""
-
-    arch: str  # config.json's architectures[0]
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: tuple[tuple[str, Any], ...] | None  # sorted items of the HF dict
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
-    max_position_embeddings: int
+class LlamaArch(ModelConfig):
+    """What the forward pass needs from config.json: the shared `ModelConfig` (one parser
+    for torch and JAX), for the architectures the JAX runner implements."""
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaArch":
-        arch = check_architecture(cfg)
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"model: hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
-        if cfg.get("use_sliding_window", False):
-            raise ValueError("model: sliding-window attention is not supported by the JAX runner")
-        n_heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        head_dim = cfg.get("head_dim") or hidden // n_heads
-        # transformers >= 5 writes `rope_parameters` (theta included); older files
-        # have `rope_theta` and `rope_scaling`.
-        rp = cfg.get("rope_parameters") or {}
-        scaling = dict(cfg.get("rope_scaling") or {})
-        if rp:
-            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-        theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rtype = scaling.get("rope_type", scaling.get("type", "default"))
-        if rtype not in ("default", "linear", "llama3"):
-            raise ValueError(f"model: rope type {rtype!r} is not supported (default, linear, llama3)")
-        scaling["rope_type"] = rtype
-        scaling.pop("type", None)
-        attention_bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            arch=arch,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=n_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=None if rtype == "default" else tuple(sorted(scaling.items())),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=attention_bias and arch in ("LlamaForCausalLM", "MistralForCausalLM"),  # HF Llama: attention_bias covers o_proj too
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        )
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        mc = ModelConfig.from_hf(cfg)
+        check_jax_supported(mc.arch)
+        return mc
 
     @classmethod
-    def from_dir(cls, model_dir: str) -> "LlamaArch":
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return cls.from_hf_config(json.load(f))
-
-    @property
-    def qkv_out(self) -> int:
-        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    def from_dir(cls, model_dir: str) -> ModelConfig:  # type: ignore[override]
+        return cls.from_hf_config(read_config_json(model_dir))
 
 
-def rope_inv_freq(arch: LlamaArch) -> np.ndarray:
+def rope_inv_freq(arch: ModelConfig) -> np.ndarray:
     """Inverse frequencies, float32, computed the way transformers computes them."""
-    d = arch.head_dim
-    inv = (1.0 / (np.float32(arch.rope_theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)))).astype(np.float32)
-    if arch.rope_scaling is None:
+    d, r = arch.head_dim, arch.rope
+    inv = (1.0 / (np.float32(r.theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)))).astype(np.float32)
+    if r.kind == "default":
         return inv
-    s = dict(arch.rope_scaling)
-    factor = np.float32(s["factor"])
-    if s["rope_type"] == "linear":
+    factor = np.float32(r.factor)
+    if r.kind == "linear":
         return (inv / factor).astype(np.float32)
     # llama3: long wavelengths scaled by `factor`, short kept, a smooth ramp between.
-    low, high = np.float32(s["low_freq_factor"]), np.float32(s["high_freq_factor"])
-    old = np.float32(s["original_max_position_embeddings"])
+    low, high = np.float32(r.low_freq_factor), np.float32(r.high_freq_factor)
+    old = np.float32(r.original_max_position_embeddings)
     low_wl, high_wl = old / low, old / high
     wavelen = np.float32(2 * math.pi) / inv
     inv_l = np.where(wavelen > low_wl, inv / factor, inv).astype(np.float32)
@@ -187,10 +126,12 @@ def load_params(arch: LlamaArch, model_dir: str, dtype: Any, device: Any) -> Par
     for k in list(t):  # some checkpoints drop the "model." prefix
         if not k.startswith("model.") and not k.startswith("lm_head."):
             t["model." + k] = t.pop(k)
+    used: set[str] = set()
 
     def get(name: str) -> np.ndarray:
         if name not in t:
             raise ValueError(f"model: tensor {name} missing from the checkpoint in {model_dir}")
+        used.add(name)
         return np.asarray(t[name], dtype=np.float32)
 
     def put(x: np.ndarray) -> jax.Array:
@@ -228,6 +169,11 @@ def load_params(arch: LlamaArch, model_dir: str, dtype: Any, device: Any) -> Par
     }
     if not arch.tie_word_embeddings and "lm_head.weight" in t:
         params["lm_head"] = put(get("lm_head.weight").T)
+    # As the torch loader: a tensor we would drop is an error (tied heads and rotary caches excepted).
+    unused = sorted(k for k in t if k not in used and k != "lm_head.weight" and not IGNORED_TENSORS.search(k))
+    if unused:
+        raise ValueError(f"checkpoint {model_dir}: tensor {unused[0]} matches no parameter of {arch.arch}"
+                         + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
     return params
 
 

@@ -18,19 +18,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from aiosched.executors.model_registry import check_architecture
-from aiosched.executors.torch.models.llama import LlamaForCausalLM, ModelArgs, ShardSpec, local_part_rows, shard_spec
+from aiosched.executors.model_config import IGNORED_TENSORS, ModelConfig, read_config_json
+from aiosched.executors.model_registry import check_architecture, torch_model_class
+from aiosched.executors.torch.models.llama import LlamaForCausalLM, ShardSpec, local_part_rows, shard_spec
 from aiosched.executors.torch.parallel import TPGroup, shard_range
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"model: {model_dir} has no config.json")
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_config_json(model_dir)
     check_architecture(cfg)
     return cfg
 
@@ -65,28 +62,30 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
 
 
+_SKIP = ("skip", None)
+
+
 def _target(model: LlamaForCausalLM, name: str) -> tuple[str, int | None] | None:
-    """Our parameter an HF tensor goes into, and its part index if it is part of a fused matrix."""
+    """Our parameter an HF tensor goes into, and its part index if it is part of a fused
+    matrix; `_SKIP` for a tensor that is knowingly not loaded; None: no parameter takes it."""
+    if IGNORED_TENSORS.search(name):
+        return _SKIP
+    if name == "lm_head.weight" and model.lm_head is None:
+        return _SKIP  # tied: the embedding serves as the head (some tied checkpoints still save a copy)
     m = _LAYER.match(name)
     if m:
         layer, block, proj, kind = m.groups()
         ours, part = _FUSED.get(proj, (proj, None))
-        return f"layers.{layer}.{block}.{ours}.{kind}", part
-    if name.startswith("model.layers."):
-        path = name[len("model.") :]
-    elif name == "lm_head.weight":
-        if model.lm_head is None:
-            return None  # tied: the embedding serves as the head
-        path = name
+        path = f"layers.{layer}.{block}.{ours}.{kind}"
     elif name.startswith("model."):
-        path = name[len("model.") :]
+        path, part = name[len("model.") :], None
     else:
-        return None
+        path, part = name, None
     try:
         model.get_parameter(path)
     except AttributeError:
         return None
-    return path, None
+    return path, part
 
 
 def _take(t: Any, dim: int, size: int, tp: TPGroup, name: str) -> Any:
@@ -95,24 +94,31 @@ def _take(t: Any, dim: int, size: int, tp: TPGroup, name: str) -> Any:
     return t[rows] if dim == 0 else t[:, rows]
 
 
-def _read_shard(handle: Any, spec: ShardSpec, tp: TPGroup, name: str) -> torch.Tensor:
+def _read_shard(handle: Any, spec: ShardSpec, tp: TPGroup, name: str, fused_in_checkpoint: bool) -> torch.Tensor:
     """This rank's slice of one checkpoint tensor; only that slice is read (safetensors get_slice)."""
     if not tp.active or spec.dim is None:
         return handle[:]
+    if fused_in_checkpoint:  # e.g. Phi-3's qkv_proj: split into q, k, v before sharding each
+        return _shard_of_full(handle[:], spec, tp, name)
     return _take(handle, spec.dim, handle.get_shape()[spec.dim], tp, name)
 
 
 def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike[str]) -> None:
-    """Copy every checkpoint tensor (this rank's shard of it) into the model; raise if a parameter is left unset."""
+    """Copy every checkpoint tensor (this rank's shard of it) into the model; raise on a
+    parameter left unset and on a checkpoint tensor that no parameter takes (dropping it
+    would run a different model than the checkpoint's: issue 16)."""
     loaded: set[int] = set()
     for name, handle in iter_tensors(model_dir):
         tgt = _target(model, name)
         if tgt is None:
+            raise ValueError(f"checkpoint {model_dir}: tensor {name} matches no parameter of {model.args.arch} "
+                             "(an unsupported variant of the architecture?)")
+        if tgt is _SKIP:
             continue
         path, part = tgt
         param, spec = model.get_parameter(path), shard_spec(model.args, path)
         rows = None if part is None else local_part_rows(spec, part, model.tp.world_size)
-        tensor = _read_shard(handle, spec, model.tp, name)
+        tensor = _read_shard(handle, spec, model.tp, name, fused_in_checkpoint=part is None and bool(spec.parts))
         with torch.no_grad():
             dst = param if rows is None else param[rows]
             if dst.shape != tensor.shape:
@@ -146,7 +152,7 @@ def init_random_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.fill_(1.0)
+                p.fill_(0.0 if model.args.norm_unit_offset else 1.0)  # an identity norm either way
             elif not tp.active:
                 p.normal_(0.0, 0.02, generator=gen)
             else:
@@ -161,11 +167,11 @@ def init_random_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
 def build_model(model_dir: str, dtype: str, device: str, load_format: str = "auto", seed: int = 0,
                 rank: int = 0, world_size: int = 1) -> LlamaForCausalLM:
     """The model (this rank's shard of it when world_size > 1; no process group is needed to build it)."""
-    cfg = read_config(model_dir)
-    args = ModelArgs.from_hf(cfg)
+    args = ModelConfig.from_dir(model_dir)
+    cls = torch_model_class(args.arch)
     torch_dtype = _DTYPES[dtype]
     with torch.device(device):
-        model = LlamaForCausalLM(args, TPGroup(rank, world_size)).to(torch_dtype)
+        model = cls(args, TPGroup(rank, world_size)).to(torch_dtype)
     if load_format == "random":
         init_random_weights(model, seed)
     else:

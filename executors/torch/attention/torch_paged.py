@@ -42,13 +42,16 @@ def gather_kv(cache: torch.Tensor, block_table: list[int], seq_len: int) -> torc
     return cache.index_select(0, idx).flatten(0, 1)[:seq_len]
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole cached context.
 
     q: [T, Hq, D] -> [T, Hq, D]. Query j of request i sits at position
-    seq_len - q_len + j and sees keys at positions <= its own."""
+    seq_len - q_len + j and sees keys at positions <= its own; with `window`, only the
+    last `window` of them (positions > its own - window, HF's sliding window). `softcap`
+    bounds the scores to cap * tanh(s / cap) before the mask (Gemma 2)."""
     if len(q) == meta.num_reqs:  # decode-only step: one batched computation
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
+        return _decode_attention(q, k_cache, v_cache, meta, scale, window, softcap)
     out = torch.empty_like(q)
     groups = q.shape[1] // k_cache.shape[2]
     for i in range(meta.num_reqs):
@@ -58,22 +61,32 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v = gather_kv(v_cache, meta.block_tables[i], seq_len).to(q.dtype)
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out[s:e] = _causal_attention(q[s:e], k, v, scale)
+        out[s:e] = _causal_attention(q[s:e], k, v, scale, window, softcap)
     return out
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [q_len, H, D] at the last q_len positions of k/v: [seq_len, H, D]. Plain math in
     float32 (CPU SDPA picks a path that is ~1000x slower on these small shapes)."""
     q_len, seq_len = q.shape[0], k.shape[0]
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
-    if q_len > 1:
+    scores = _capped(torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale, softcap)
+    if q_len > 1 or window is not None:
         qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-        scores.masked_fill_(torch.arange(seq_len, device=q.device).unsqueeze(0) > qpos, float("-inf"))
+        kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+        hidden = kpos > qpos
+        if window is not None:
+            hidden |= kpos <= qpos - window
+        scores.masked_fill_(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """One query per request: gather every request's blocks padded to the longest, mask the tail."""
     B, bs = meta.num_reqs, k_cache.shape[1]
     max_blocks = -(-max(meta.seq_lens) // bs)
@@ -82,9 +95,12 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     v = v_cache[table].flatten(1, 2).float()
     groups = q.shape[1] // k.shape[2]
     qg = q.float().view(B, k.shape[2], groups, q.shape[2])  # [B, Hkv, G, D]
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    scores = _capped(torch.einsum("bhgd,blhd->bhgl", qg, k) * scale, softcap)
     lens = torch.tensor(meta.seq_lens, device=q.device)
-    pad = torch.arange(k.shape[1], device=q.device).unsqueeze(0) >= lens.unsqueeze(1)  # [B, L]
+    kpos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
+    pad = kpos >= lens.unsqueeze(1)  # [B, L]
+    if window is not None:  # the query sits at seq_len - 1
+        pad |= kpos <= lens.unsqueeze(1) - 1 - window
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     out = torch.einsum("bhgl,blhd->bhgd", scores.softmax(dim=-1), v)
     return out.reshape(B, q.shape[1], q.shape[2]).to(q.dtype)

@@ -1,5 +1,7 @@
-"""Llama-family decoder in torch: Llama 2/3 (llama3 RoPE scaling), Mistral, Qwen2 (qkv
-bias), Qwen3 (per-head q/k RMSNorm), GQA, tied embeddings.
+"""Llama-family decoder in torch: Llama 2/3 (llama3 RoPE scaling, attention_bias and
+mlp_bias), Mistral, Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm), GQA, tied embeddings.
+Built on the shared primitives of `aiosched.executors.torch.layers`; the other families
+(Gemma, Phi-3, Qwen3-MoE) reuse its attention and subclass the model.
 
 The input is one flattened ragged batch (no padding): `input_ids[T]`, `positions[T]`
 and an attention-metadata object that knows each request's slice and block table.
@@ -15,127 +17,20 @@ the plain ones and no collective runs.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from aiosched.executors.model_config import ModelConfig
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, paged_attention, store_kv
+from aiosched.executors.torch.layers import (GatedMLP, RMSNorm, RowParallelLinear, apply_rope, rope_cos_sin, scale_embedding,
+                                             softcap)
 from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_gather, all_reduce_, shard_range
 
 
-@dataclass
-class ModelArgs:
-    arch: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    qk_norm: bool
-    sliding_window: int | None = None  # Mistral v0.1: keys older than this are not seen
-
-    @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "ModelArgs":
-        archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
-        arch = archs[0]
-        heads = cfg["num_attention_heads"]
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
-        if cfg.get("mlp_bias"):
-            raise ValueError("config.json: mlp_bias = true is not supported")
-        rope_theta, rope_scaling = _rope_config(cfg)
-        window = _sliding_window(cfg, arch)
-        max_pos = cfg.get("max_position_embeddings", 4096)
-        return cls(
-            arch=arch,
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            # A windowed model is served only up to its window, where full attention is exact.
-            max_position_embeddings=min(max_pos, window) if window else max_pos,
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=window,
-        )
-
-
-def _rope_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from either layout: transformers < 5 writes `rope_theta` and
-    `rope_scaling`; transformers >= 5 writes one `rope_parameters` dict holding both."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        return float(theta), scaling if scaling.get("rope_type", scaling.get("type")) not in (None, "default") else None
-    return float(cfg.get("rope_theta", 10000.0)), cfg.get("rope_scaling")
-
-
-def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
-    """The attention window, when the model uses one (Mistral when set; Qwen only with
-    `use_sliding_window`). `from_hf` caps max_position_embeddings (hence max_model_len)
-    to it, which keeps our full attention exact without masking old keys."""
-    window = cfg.get("sliding_window", 4096 if arch == "MistralForCausalLM" else None)  # HF's defaults
-    if not window:
-        return None
-    if arch != "MistralForCausalLM" and not cfg.get("use_sliding_window", False):
-        return None
-    return int(window)
-
-
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    rs = args.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind == "llama3":
-        factor = rs["factor"]
-        low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
-        old_len = rs.get("original_max_position_embeddings", 8192)
-        wavelen = 2 * math.pi / inv
-        low_wl, high_wl = old_len / low, old_len / high
-        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
-        inv = torch.where(medium, smoothed, scaled)
-    elif kind == "linear":
-        inv = inv / rs["factor"]
-    elif kind not in (None, "default"):
-        raise ValueError(f"rope_scaling: type {kind!r} is not supported")
-    return inv
-
-
-def rope_cos_sin(args: ModelArgs, max_pos: int, device: torch.device | str) -> torch.Tensor:
-    """[max_pos, head_dim] float32: cos in the first half, sin in the second."""
-    t = torch.arange(max_pos, dtype=torch.float64)
-    freqs = torch.outer(t, rope_inv_freq(args))
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device=device, dtype=torch.float32)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (HF Llama convention). x: [T, H, D]; cos/sin: [T, 1, D/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+# The model's description: one parser for torch and JAX (executors/model_config.py).
+ModelArgs = ModelConfig
 
 
 def check_tp_divisible(args: ModelArgs, world_size: int) -> None:
@@ -179,20 +74,11 @@ def local_part_rows(spec: ShardSpec, part: int, world_size: int) -> slice:
     return slice(start, start + sizes[part])
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype) if x.dtype != torch.float32 else xf * self.weight
-
-
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
+    """GQA self-attention over the paged cache; the variants (biases, q/k norms, Gemma's
+    scale, soft-capping and sliding window) come from the config and the layer index."""
+
+    def __init__(self, args: ModelArgs, layer: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.tp = tp
         # This rank's heads: rank r has query heads r*nh/N.. and kv heads r*nkv/N.., which
@@ -200,10 +86,11 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = args.num_heads // tp.world_size, args.num_kv_heads // tp.world_size, args.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.hd, args.rms_norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(self.hd, args.rms_norm_eps) if args.qk_norm else None
-        self.scale = self.hd**-0.5
+        self.o_proj = RowParallelLinear(self.q_size, args.hidden_size, args.o_bias, tp)
+        self.q_norm = RMSNorm(self.hd, args.rms_norm_eps, args.norm_unit_offset) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, args.rms_norm_eps, args.norm_unit_offset) if args.qk_norm else None
+        self.scale = args.attn_scale
+        self.window, self.softcap = args.window_of(layer), args.attn_logit_softcap
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -214,28 +101,20 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # whole batch before any read
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return all_reduce_(self.o_proj(out.reshape(T, self.q_size)), self.tp)  # row-parallel: sum the partials
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window, self.softcap)
+        return self.o_proj(out.reshape(T, self.q_size))  # row-parallel: sums the partials
 
 
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
-        super().__init__()
-        self.tp = tp
-        self.inter = args.intermediate_size // tp.world_size  # this rank's slice
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * self.inter, bias=False)
-        self.down_proj = nn.Linear(self.inter, args.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
-        return all_reduce_(self.down_proj(nn.functional.silu(gate) * up), self.tp)  # row-parallel
+def MLP(args: ModelArgs, tp: TPGroup = SINGLE) -> GatedMLP:
+    """The dense feed-forward block of the config (SwiGLU / GeGLU, optional biases)."""
+    return GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act, args.mlp_bias, tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
+    def __init__(self, args: ModelArgs, layer: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, tp)
+        self.self_attn = Attention(args, layer, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, tp)
 
@@ -246,7 +125,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """`args` describes the full model; with `tp.world_size` N each rank builds its 1/N shard."""
+    """`args` describes the full model; with `tp.world_size` N each rank builds its 1/N shard.
+
+    Other families subclass this and override `make_layer` (and the forward when their
+    layers need more than one rotary table)."""
+
+    # The CUDA fast path (executors/torch/cuda_path.py) re-implements exactly this forward.
+    cuda_fast_path = True
 
     def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -255,13 +140,16 @@ class LlamaForCausalLM(nn.Module):
         self.vocab_rows = shard_range(args.vocab_size, tp.rank, tp.world_size, "vocab_size")  # this rank's token ids
         local_vocab = self.vocab_rows.stop - self.vocab_rows.start
         self.embed_tokens = nn.Embedding(local_vocab, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, tp) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.layers = nn.ModuleList(self.make_layer(args, i, tp) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_unit_offset)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, local_vocab, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
+    def make_layer(self, args: ModelArgs, layer: int, tp: TPGroup) -> nn.Module:
+        return DecoderLayer(args, layer, tp)
+
     def init_rope(self, max_pos: int) -> None:
-        self.cos_sin = rope_cos_sin(self.args, max_pos, self.embed_tokens.weight.device)
+        self.cos_sin = rope_cos_sin(self.args.rope, self.args.head_dim, max_pos, self.embed_tokens.weight.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -272,6 +160,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return scale_embedding(self._lookup(input_ids), self.args.embed_scale)
+
+    def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.tp.active:
             return self.embed_tokens(input_ids)
         # Vocab-parallel: ids outside this rank's rows look up row 0 and are zeroed, so
@@ -284,4 +175,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocab float32 logits on every rank (TP: this rank's columns, then all-gathered)."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return all_gather((hidden @ w.t()).float(), self.tp, dim=-1)
+        return softcap(all_gather((hidden @ w.t()).float(), self.tp, dim=-1), self.args.final_logit_softcap)
