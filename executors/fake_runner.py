@@ -10,7 +10,13 @@ tables, prefix caching or preemption therefore fails loudly instead of silently.
 Structured output: with a tokenizer.json in the model dir (and llguidance), requests
 with `structured` are masked exactly as the torch runner masks them (the same
 `aiosched.executors.structured_output` manager, batched CPU bitmask fill); a masked-out hash
-token is replaced by an allowed one picked by the same hash.
+token is replaced by an allowed one picked by the same hash. The grammar learns a
+step's sampled tokens the way the torch runner's does, through the manager's
+samples-in-flight queue (`note_sampled`, drained by the next constrained step), not
+from this runner's own history: a lifecycle bug there (a sample that outlives its
+request's free and is consumed again after resumption) changes the tokens here too,
+and the state machine test's oracle (`reference_tokens` with the grammar, the request
+alone) catches it.
 
 Penalties (repetition / presence / frequency, `penalize`): a request with any of them
 gets a small score vector instead of the bare hash token. The candidates are the hash
@@ -204,12 +210,15 @@ class FakeModelRunner(ModelRunner):
                 if self.structured is None:
                     raise ValueError("structured: this worker has no tokenizer.json or no llguidance")
                 self.structured.add_request(new)
-        masks = self._grammar_masks(so)
+        grammar_rows = self.structured.constrained_rows(so) if self.structured is not None else []
+        masks = self._grammar_masks(grammar_rows)
         out = RunnerOutput(step_id=so.step_id, req_ids=[], sampled_token_ids=[])
         for sr in so.scheduled:
             st = self.reqs[sr.req_id]
             st.blocks.extend(sr.new_block_ids)
             if sr.num_draft_slots:
+                if sr.req_id in masks:
+                    raise FakeKVError(f"{sr.req_id}: draft slots for a constrained request (the scheduler never speculates them)")
                 self._spec_step(sr, st, out)
                 continue
             start, end = sr.num_computed_tokens, sr.num_computed_tokens + sr.num_tokens
@@ -246,6 +255,9 @@ class FakeModelRunner(ModelRunner):
                     out.logprobs.append(Logprobs([v], [ids], [vals]))
         if out.logprobs is not None:
             out.logprobs.extend([None] * (len(out.req_ids) - len(out.logprobs)))
+        if grammar_rows:
+            assert self.structured is not None
+            self.structured.note_sampled([t[0] for t in out.sampled_token_ids], None, [(r, rid) for r, rid, _ in grammar_rows])
         self.steps += 1
         return ReadyOutput(out)
 
@@ -290,16 +302,13 @@ class FakeModelRunner(ModelRunner):
         ids = [(tok + j) % self.vocab_size for j in range(k or 0)]
         return v, ids, [v - 0.5 * j for j in range(len(ids))]
 
-    def _grammar_masks(self, so: SchedulerOutput) -> "dict[str, tuple[np.ndarray, bool]]":
+    def _grammar_masks(self, rows: list[tuple[int, str, int]]) -> "dict[str, tuple[np.ndarray, bool]]":
         """Allowed tokens per constrained sampled request, filled as one batch (like the torch runner)."""
-        mgr = self.structured
-        rows = mgr.constrained_rows(so) if mgr is not None else []
         if not rows:
             return {}
+        mgr = self.structured
         assert mgr is not None
-        for _, rid, pos in rows:
-            st = self.reqs[rid]
-            mgr.sync(rid, pos, lambda a, b, st=st: st.tokens[a:b])
+        mgr.advance(rows)  # the previous steps' samples, from the queue the runner fed
         bitmask = np.zeros((len(rows), bitmask_words(mgr.vocab_size)), dtype=np.int32)
         mgr.fill_bitmask(bitmask, [(i, rid) for i, (_, rid, _) in enumerate(rows)])
         return {rid: (allowed_token_ids(bitmask[i], self.vocab_size), mgr.grammars[rid].is_terminated) for i, (_, rid, _) in enumerate(rows)}

@@ -6,16 +6,20 @@ same under sync and one-step-ahead (async) scheduling; docs/architecture.md,
 uses this module in four places:
 
 1. `add_request(new)` / `free(req_id)` with the step's diff (a resumed request is
-   fast-forwarded over the outputs it already has);
+   fast-forwarded over the outputs it already has). `free` drops *everything* the
+   manager holds for the request, its samples still on their way to the host
+   included: a request preempted and resumed comes back under the same id with its
+   whole history, and a stale sample of its first life would be consumed twice;
 2. `rows = manager.constrained_rows(so)`: the sampled rows whose request has a
    grammar. Empty -> the runner takes its unchanged path: no wait, no mask;
-3. after launching the forward pass: `manager.sync(req_id, position, history)` for
-   each row, which advances the matcher over the tokens it has not seen (in async
-   mode: the previous step's token, read from the host copy the runner already
-   makes), then `manager.fill_bitmask(bitmask, rows)` on the CPU (parallel over
-   requests, GIL released);
+3. after launching the forward pass: `manager.advance(rows)`, which appends the
+   samples of earlier steps to their requests' host histories (in async mode it
+   waits for the previous step's host copy, recorded by `note_sampled`) and advances
+   each matcher over the tokens it has not seen; then `manager.fill_bitmask(bitmask,
+   rows)` on the CPU (parallel over requests, GIL released);
 4. `apply_token_bitmask(logits, bitmask_on_device, row_index)` right before sampling:
-   disallowed tokens get -inf.
+   disallowed tokens get -inf; then `manager.note_sampled(host_ids, event, rows)`:
+   where the step's sampled ids will be on the host.
 
 Compiled grammars are cached per (tokenizer, grammar text): a new request with a
 known spec deep-copies a prototype matcher (~10-40 us) instead of compiling.
@@ -30,7 +34,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -115,14 +119,15 @@ def clear_compile_cache() -> None:
 
 
 class RequestGrammar:
-    """A request's matcher and how many of its output tokens it has consumed."""
+    """A request's matcher, its outputs known on the host, and how many of them the matcher consumed."""
 
-    __slots__ = ("req_id", "matcher", "prompt_len", "num_consumed", "_warned")
+    __slots__ = ("req_id", "matcher", "prompt_len", "outputs", "num_consumed", "_warned")
 
     def __init__(self, req_id: str, matcher: Any, prompt_len: int) -> None:
         self.req_id = req_id
         self.matcher = matcher
         self.prompt_len = prompt_len
+        self.outputs: list[int] = []  # every sampled token known on the host, in order
         self.num_consumed = 0
         self._warned = False
 
@@ -147,6 +152,15 @@ class RequestGrammar:
         return bool(self.matcher.is_error())
 
 
+class _Pending:
+    """One step's sampled ids on their way to the host: `host[i]` is the token of `rows`' request."""
+
+    __slots__ = ("host", "event", "rows")
+
+    def __init__(self, host: Any, event: Any, rows: list[tuple[int, RequestGrammar]]) -> None:
+        self.host, self.event, self.rows = host, event, rows
+
+
 # ---- the worker's manager ----
 
 
@@ -166,6 +180,10 @@ class StructuredOutputManager:
         self._num_threads = num_threads or max(1, min(8, (os.cpu_count() or 2) - 1))
         self._executor: Any = None
         self.grammars: dict[str, RequestGrammar] = {}
+        # Steps whose sampled ids are not on the host yet (async scheduling), oldest first.
+        # Rows point at the RequestGrammar object, not its id: an id is reused when a
+        # preempted request comes back, its object never is.
+        self._pending: deque[_Pending] = deque()
 
     @classmethod
     def for_model_dir(cls, model_dir: str | None, vocab_size: int | None = None) -> "StructuredOutputManager | None":
@@ -207,14 +225,27 @@ class StructuredOutputManager:
         spec = new.sampling.structured
         if spec is None:
             return None
+        if new.req_id in self.grammars:
+            raise RuntimeError(f"{new.req_id}: added twice without a free in between")
         rg = RequestGrammar(new.req_id, compile_grammar(self.tokenizer, spec), new.prompt_len)
-        for t in new.token_ids[new.prompt_len :]:  # resumed after preemption: fast-forward
+        rg.outputs = list(new.token_ids[new.prompt_len :])
+        for t in rg.outputs:  # resumed after preemption: fast-forward
             rg.accept_token(t)
         self.grammars[new.req_id] = rg
         return rg
 
     def free(self, req_id: str) -> None:
-        self.grammars.pop(req_id, None)
+        """Forget the request entirely: its matcher, history and samples still in flight
+        (they belong to this incarnation; a resumed one is sent with all of them)."""
+        rg = self.grammars.pop(req_id, None)
+        if rg is None or not self._pending:
+            return
+        kept: deque[_Pending] = deque()
+        for p in self._pending:
+            p.rows = [(i, g) for i, g in p.rows if g is not rg]
+            if p.rows:
+                kept.append(p)
+        self._pending = kept
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self.grammars
@@ -224,6 +255,10 @@ class StructuredOutputManager:
 
     def get(self, req_id: str) -> RequestGrammar | None:
         return self.grammars.get(req_id)
+
+    def held_request_ids(self) -> set[str]:
+        """Every request the manager holds any state for (empty once all are freed)."""
+        return set(self.grammars) | {g.req_id for p in self._pending for _, g in p.rows}
 
     # -- per step --
 
@@ -242,18 +277,41 @@ class StructuredOutputManager:
             row += 1
         return rows
 
-    def sync(self, req_id: str, position: int, history: Callable[[int, int], Sequence[int]]) -> RequestGrammar:
-        """Advance the matcher over tokens [.., position) it has not consumed yet.
+    def note_sampled(self, host: Any, event: Any, rows: Sequence[tuple[int, str]]) -> None:
+        """A step sampled for constrained requests: `host[i]` (a list, or a host tensor that
+        is complete once `event` has) will be the token of request `rid`, for (i, rid) in `rows`."""
+        if rows:
+            self._pending.append(_Pending(host, event, [(i, self.grammars[rid]) for i, rid in rows]))
 
-        `history(start, end)` returns those tokens; in async mode the runner makes it
-        wait for the previous step's host copy (only constrained rows ever wait)."""
+    def _drain(self) -> None:
+        """Append the samples of earlier steps to their requests' histories (waits for their copies)."""
+        while self._pending:
+            p = self._pending.popleft()
+            if p.event is not None:
+                p.event.synchronize()
+            vals = p.host.tolist() if hasattr(p.host, "tolist") else p.host
+            for i, rg in p.rows:
+                rg.outputs.append(int(vals[i]))
+
+    def advance(self, rows: Sequence[tuple[int, str, int]]) -> None:
+        """Bring the matcher of each (sample row, req_id, position) to `position`: every
+        token before it consumed, so its mask is the one for the token at `position`."""
+        self._drain()
+        for _, rid, pos in rows:
+            self.sync(rid, pos)
+
+    def sync(self, req_id: str, position: int) -> RequestGrammar:
+        """Advance the matcher over the known tokens [.., position) it has not consumed."""
         rg = self.grammars[req_id]
         start = rg.prompt_len + rg.num_consumed
-        if position > start:
-            for t in history(start, position):
-                rg.accept_token(t)
-        elif position < start:  # pragma: no cover - the scheduler never rewinds a live request
-            raise RuntimeError(f"{req_id}: matcher is at {start}, asked to mask position {position}")
+        known = rg.prompt_len + len(rg.outputs)
+        if not start <= position <= known:
+            # The scheduler never rewinds a live request, and the previous step's sample
+            # was drained above: anything else is a lifecycle bug, not a grammar matter.
+            raise RuntimeError(f"{req_id}: asked to mask position {position}; the matcher is at {start}, "
+                               f"the host knows {known} tokens")
+        for t in rg.outputs[rg.num_consumed : position - rg.prompt_len]:
+            rg.accept_token(t)
         return rg
 
     def fill_bitmask(self, bitmask: np.ndarray, rows: Sequence[tuple[int, str]]) -> None:

@@ -167,14 +167,39 @@ def test_constrained_rows_and_sync(gtok: GrammarTokenizer, hf_tok) -> None:
     # r1 is a prefill chunk (no sample); r3 samples position 5: it must first consume position 3 and 4.
     assert mgr.constrained_rows(so) == [(2, "r3", 5)]
     d1, d2 = hf_tok.encode("1", add_special_tokens=False)[0], hf_tok.encode("2", add_special_tokens=False)[0]
-    hist = [1, 2, 3, d1, d2]
-    seen: list[tuple[int, int]] = []
-    mgr.sync("r3", 5, lambda a, b: seen.append((a, b)) or hist[a:b])
-    assert seen == [(3, 5)] and mgr.get("r3").num_consumed == 2
-    mgr.sync("r3", 5, lambda a, b: seen.append((a, b)) or hist[a:b])  # nothing new: no history read
-    assert seen == [(3, 5)]
+    # Two earlier steps sampled d1 then d2 for r3 (row 1 and row 0 of their batches).
+    mgr.note_sampled([7, d1], None, [(1, "r3")])
+    mgr.note_sampled([d2], None, [(0, "r3")])
+    mgr.advance(mgr.constrained_rows(so))
+    assert mgr.get("r3").outputs == [d1, d2] and mgr.get("r3").num_consumed == 2
+    mgr.advance(mgr.constrained_rows(so))  # nothing new: nothing consumed twice
+    assert mgr.get("r3").num_consumed == 2
+    with pytest.raises(RuntimeError, match="position 6"):  # a token the host never saw is a lifecycle bug, not a mask
+        mgr.sync("r3", 6)
     mgr.free("r3")
-    assert "r3" not in mgr
+    assert "r3" not in mgr and mgr.held_request_ids() == {"r1"}
+
+
+def test_free_drops_samples_in_flight(gtok: GrammarTokenizer, hf_tok) -> None:
+    """Issue 16.1: a request preempted with its sample still in flight comes back under
+    the same id with that sample in its history; the first life's copy must not be
+    consumed a second time (the matcher would run one token behind, or fail)."""
+    spec = SO(regex="[0-9]{1,2}-[a-z]")
+    digit = hf_tok.encode("4", add_special_tokens=False)[0]
+    mgr = StructuredOutputManager(gtok)
+    mgr.add_request(NewRequestData("r", [1, 2], 2, SamplingParams(structured=spec), 0))
+    mgr.note_sampled([digit], None, [(0, "r")])  # step N sampled "4"; not on the host yet
+    mgr.free("r")  # preempted
+    assert mgr.held_request_ids() == set()
+    rg = mgr.add_request(NewRequestData("r", [1, 2, digit], 2, SamplingParams(structured=spec), 0))  # resumed with it
+    mgr.advance([(0, "r", 3)])
+    assert rg.outputs == [digit] and rg.num_consumed == 1 and not rg.is_error
+    bm = np.zeros((1, bitmask_words(gtok.vocab_size)), dtype=np.int32)
+    mgr.fill_bitmask(bm, [(0, "r")])
+    allowed = set(allowed_token_ids(bm[0], gtok.vocab_size).tolist())
+    assert hf_tok.encode("-", add_special_tokens=False)[0] in allowed  # after one digit: another digit or "-"
+    with pytest.raises(RuntimeError, match="added twice"):
+        mgr.add_request(NewRequestData("r", [1, 2], 2, SamplingParams(structured=spec), 0))
 
 
 @pytest.mark.parametrize("rows_mode", ["all", "subset"])
@@ -320,3 +345,185 @@ async def test_engine_structured_under_preemption(make_engine, model_dir: pathli
             import re
 
             assert re.fullmatch(r"\[[0-9]{1,3}(,[0-9]{1,3}){0,2}\]", out.text), out.text
+
+
+# ---- issue 16.1: a preempted constrained request, the real torch runner ----
+
+ISSUE16_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": -5, "maximum": 900},
+                                                   "b": {"enum": ["x", "yy", "zzz"]}}, "required": ["a", "b"]}
+ISSUE16_PROMPT = "class Scheduler:"
+DEFAULT_MODEL = pathlib.Path(__file__).resolve().parents[1] / "aiosched" / "default_model"
+
+
+def _issue16_params() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=40, structured=SO(json_schema=json.dumps(ISSUE16_SCHEMA)))
+
+
+@pytest.fixture(scope="module")
+def issue16_model(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Issue 16's reproduction model: a random Llama (hidden 128, 2 layers) with the embedded
+    model's tokenizer (the prompt is 6 tokens, so prompt + max_tokens fits 3 blocks of 16)."""
+    if not (DEFAULT_MODEL / "tokenizer.json").is_file():
+        pytest.skip("the embedded default model's tokenizer is not shipped")
+    from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
+
+    d = tmp_path_factory.mktemp("issue16-llama")
+    write_random_checkpoint(d, arch="llama", seed=0, hidden_size=128, num_layers=2, vocab_size=8192)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((DEFAULT_MODEL / name).read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    ref = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    cfg.update({k: v for k, v in ref.items() if k.endswith("_token_id")})
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _issue16_config(model: pathlib.Path, **kw) -> dict:
+    return dict(model=str(model), runner="torch", device="cpu", dtype="float32", **kw)
+
+
+@pytest.fixture(scope="module")
+def issue16_alone(issue16_model: pathlib.Path) -> str:
+    """The constrained request alone, with room to spare: no preemption."""
+    async def run() -> str:
+        from aiosched.config import EngineConfig
+        from aiosched.engine import AsyncEngine
+
+        async with AsyncEngine(EngineConfig.load(_issue16_config(issue16_model, num_kv_blocks=64, block_size=16,
+                                                                 async_scheduling=False))) as eng:
+            out = await eng.generate(ISSUE16_PROMPT, _issue16_params())
+            assert eng.stats()["preemptions"] == 0
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), ISSUE16_SCHEMA)
+        return out.text
+
+    return asyncio.run(run())
+
+
+async def _worker_forgot_everything(eng) -> None:
+    """Every per-request state of the in-process torch worker is gone once the engine has
+    told it to free the last request."""
+    runner = getattr(eng._executor, "runner", None)
+    if runner is None:  # another process: nothing to look at from here
+        return
+    for _ in range(2000):  # the free-only step runs on the worker's launch thread
+        if not eng.scheduler.requests and not eng.scheduler._freed_for_worker and not runner.reqs:
+            break
+        await asyncio.sleep(0.005)
+    assert not runner.reqs and not runner.prompt_lp_reqs
+    assert not runner.extras.active
+    assert runner.extras.structured.held_request_ids() == set()
+
+
+_ISSUE16_VARIANTS = {
+    "inproc-sync": dict(executor="inproc", async_scheduling=False),
+    "inproc-async": dict(executor="inproc", async_scheduling=True),
+    "inproc-async-chunked": dict(executor="inproc", async_scheduling=True, max_num_batched_tokens=8),
+    "inproc-sync-chunked": dict(executor="inproc", async_scheduling=False, max_num_batched_tokens=8),
+    "inproc-async-speculative": dict(executor="inproc", async_scheduling=True, speculative={"num_tokens": 3}),
+    "multiproc-sync": dict(executor="multiproc", async_scheduling=False),
+    "multiproc-async": dict(executor="multiproc", async_scheduling=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(_ISSUE16_VARIANTS))
+async def test_preempted_constrained_request_equals_alone(make_engine, issue16_model: pathlib.Path, issue16_alone: str,
+                                                          variant: str) -> None:
+    """Issue 16.1, through the public API: an unconstrained 30-token request fills a pool of
+    3 blocks of 16, the constrained one is preempted and resumed; its JSON is exactly the
+    one it gives alone (it was `{"` / `{"a":9` with finish_reason "stop")."""
+    cfg = _issue16_config(issue16_model, num_kv_blocks=3, block_size=16, **_ISSUE16_VARIANTS[variant])
+    async with make_engine(**cfg) as eng:
+        filler = eng.generate(list(range(5, 35)), SamplingParams(max_tokens=18, temperature=0.0))
+        constrained = eng.generate(ISSUE16_PROMPT, _issue16_params())  # both queued before the first step
+        out = await constrained
+        await filler
+        assert eng.stats()["preemptions"] >= 1
+        assert (out.text, out.finish_reason) == (issue16_alone, "stop")
+        jsonschema.validate(json.loads(out.text), ISSUE16_SCHEMA)
+        await _worker_forgot_everything(eng)
+
+
+class _GatedExecutor:
+    """The in-process executor whose worker starts no step while `gate` is clear: lets a
+    test queue several HTTP requests before the first step runs (a fixed order, no race)."""
+
+    gate = None  # threading.Event, set by the test module
+
+    def __new__(cls, config):
+        import threading
+
+        from aiosched.executors.inproc import InprocExecutor
+
+        class Gated(InprocExecutor):
+            async def start(self):
+                info = await super().start()
+                execute = self.runner.execute
+
+                def gated(so):
+                    _GatedExecutor.gate.wait(60)
+                    return execute(so)
+
+                self.runner.execute = gated
+                return info
+
+        if cls.gate is None:
+            cls.gate = threading.Event()
+            cls.gate.set()
+        return Gated(config)
+
+
+def test_server_preempted_constrained_request(issue16_model: pathlib.Path, issue16_alone: str) -> None:
+    """Issue 16.1 through the server: HTTP 200 with the JSON the request gives alone (it was
+    `{"a` with finish_reason "stop")."""
+    import threading
+
+    import httpx
+
+    from aiosched.executors.base import register_executor
+    from aiosched.server import build_app
+    from tests.server_thread import ServerThread
+
+    register_executor("test-gated-grammar", _GatedExecutor)
+    app = build_app(_issue16_config(issue16_model, num_kv_blocks=3, block_size=16, executor="test-gated-grammar",
+                                    async_scheduling=True))
+    fmt = {"type": "json_schema", "json_schema": {"name": "ab", "schema": ISSUE16_SCHEMA}}
+    with ServerThread(app) as srv:
+        eng = app.state.aiosched.engine
+        _GatedExecutor.gate.clear()
+        results: dict[str, httpx.Response] = {}
+
+        def post(name: str, body: dict) -> None:
+            results[name] = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+
+        def queued() -> int:
+            async def n() -> int:
+                return len(eng.scheduler.requests)
+            return srv.call(n)
+
+        try:
+            filler = threading.Thread(target=post, args=("filler", {"model": str(issue16_model), "prompt": list(range(5, 35)),
+                                                                   "max_tokens": 18, "temperature": 0}))
+            filler.start()
+            while queued() < 1:
+                filler.join(0.01)
+            constrained = threading.Thread(target=post, args=("json", {"model": str(issue16_model), "prompt": ISSUE16_PROMPT,
+                                                                       "max_tokens": 40, "temperature": 0,
+                                                                       "response_format": fmt}))
+            constrained.start()
+            while queued() < 2:
+                constrained.join(0.01)
+        finally:
+            _GatedExecutor.gate.set()
+        filler.join(120)
+        constrained.join(120)
+
+        async def preemptions() -> int:
+            return eng.stats()["preemptions"]
+        assert srv.call(preemptions) >= 1
+    r = results["json"]
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (issue16_alone, "stop")
+    jsonschema.validate(json.loads(choice["text"]), ISSUE16_SCHEMA)
+    assert results["filler"].status_code == 200

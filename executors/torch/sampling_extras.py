@@ -17,15 +17,16 @@ each with `.row` (token-buffer row), `.prompt_len`, `.num_tokens` (tokens before
 being sampled) and `.data` (the NewRequestData).
 
 Structured output under async scheduling (docs/architecture.md): the grammar must see
-step N's token before masking step N+1. `note_step` remembers where step N's sampled
-ids land on the host (the pinned copy the runner makes anyway); `process` for step
-N+1, which runs after step N+1's forward was launched, waits for that copy only when
-the step has constrained rows, advances their matchers, fills their bitmask rows on
-the CPU and applies them on the device. Rows of other requests are untouched.
+step N's token before masking step N+1. `note_step` tells the grammar manager where
+step N's sampled ids land on the host (the pinned copy the runner makes anyway);
+`process` for step N+1, which runs after step N+1's forward was launched, waits for
+that copy only when the step has constrained rows, advances their matchers, fills
+their bitmask rows on the CPU and applies them on the device. Rows of other requests
+are untouched. The host histories and the samples in flight are the manager's
+(executors/structured_output.py), so `free` drops them with the matcher.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -73,8 +74,6 @@ class SamplingExtras:
         self.structured = StructuredOutputManager.for_model_dir(model_dir, vocab_size)
         self._bitmask: torch.Tensor | None = None
         self._max_rows = max_num_seqs
-        self._host_tokens: dict[str, list[int]] = {}  # constrained requests: every token known on the host
-        self._inflight: deque[tuple[Any, Any, list[tuple[int, str]]]] = deque()
         self.active: set[str] = set()  # live requests that use any feature here
 
     def step_uses_extras(self, so: SchedulerOutput) -> bool:
@@ -101,13 +100,11 @@ class SamplingExtras:
         if self.structured is None:
             raise ValueError("structured: this worker has no tokenizer.json (or no llguidance)")
         self.structured.add_request(new)
-        self._host_tokens[new.req_id] = list(new.token_ids)
 
     def free(self, req_id: str) -> None:
         self.active.discard(req_id)
         if self.structured is not None:
-            self.structured.free(req_id)
-        self._host_tokens.pop(req_id, None)
+            self.structured.free(req_id)  # with its samples in flight: a resumed request comes back under this id
 
     def grammar_terminated(self, req_id: str) -> bool:
         """The request's grammar is complete: only EOS is allowed (min_tokens yields)."""
@@ -172,14 +169,11 @@ class SamplingExtras:
     def _apply_grammar(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
         mgr = self.structured
         assert mgr is not None
-        self._drain()
-        for _, rid, pos in ctx.grammar_rows:
-            hist = self._host_tokens[rid]
-            mgr.sync(rid, pos, lambda a, b, hist=hist: hist[a:b])
+        mgr.advance(ctx.grammar_rows)  # waits for the previous step's sampled ids
         if self._bitmask is None:
             self._bitmask = allocate_bitmask(self._max_rows, mgr.vocab_size, pin_memory=self.device.type == "cuda")
         # Reusing one pinned buffer is safe: the previous step that used it had constrained
-        # rows, so _drain() above waited for its sampled ids, recorded after its mask upload.
+        # rows, so advance() above waited for its sampled ids, recorded after its mask upload.
         n = len(ctx.grammar_rows)
         host = self._bitmask[:n]
         mgr.fill_bitmask(self._bitmask.numpy(), [(i, rid) for i, (_, rid, _) in enumerate(ctx.grammar_rows)])
@@ -187,18 +181,6 @@ class SamplingExtras:
         logits = logits.clone()
         apply_token_bitmask(logits, host.to(self.device, non_blocking=True), rows)
         return logits
-
-    def _drain(self) -> None:
-        """Append the sampled tokens of earlier steps to the constrained requests' host histories."""
-        while self._inflight:
-            host, event, rows = self._inflight.popleft()
-            if event is not None:
-                event.synchronize()
-            vals = host.tolist() if isinstance(host, torch.Tensor) else host
-            for i, rid in rows:
-                hist = self._host_tokens.get(rid)
-                if hist is not None:
-                    hist.append(int(vals[i]))
 
     def device_outputs(self, ctx: StepContext | None, raw_logits: torch.Tensor, tokens: torch.Tensor,
                        logits_at: Callable[[torch.Tensor], torch.Tensor] | None, token_buffer: torch.Tensor) -> list[torch.Tensor]:
@@ -224,7 +206,7 @@ class SamplingExtras:
     def note_step(self, ctx: StepContext | None, host_tokens: Any, event: Any) -> None:
         """Where this step's sampled ids appear on the host (for the grammars of its constrained rows)."""
         if ctx is not None and ctx.grammar_rows:
-            self._inflight.append((host_tokens, event, [(r, rid) for r, rid, _ in ctx.grammar_rows]))
+            self.structured.note_sampled(host_tokens, event, [(r, rid) for r, rid, _ in ctx.grammar_rows])
 
     def finish(self, out: RunnerOutput, ctx: StepContext | None, host: list[torch.Tensor]) -> None:
         """Fill `out.logprobs` (aligned with out.req_ids) and `out.prompt_logprobs` from host copies."""
