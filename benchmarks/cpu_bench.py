@@ -133,7 +133,7 @@ def cmd_e2e(args: argparse.Namespace) -> None:
             with open(path) as f:
                 rep = json.load(f)
             for mode, run in rep["runs"].items():
-                rows.setdefault(f"{name}/{mode}", []).append(run["metrics"]["request_throughput"])
+                rows.setdefault(f"{name}/{mode}", []).append(run["request_throughput"])
                 print(f"  round {r} {name}/{mode}: {run['metrics']['request_throughput']:.3f} req/s", flush=True)
     print("\nvariant/mode: median req/s [min-max] over rounds")
     for k, xs in rows.items():
