@@ -1,0 +1,173 @@
+"""CPU benchmarks (issue 23): the decode step, and the engine workload in interleaved rounds.
+
+`step`: one decode step of a random float32 Llama over a paged KV cache, outside the
+engine (the model, the cache and AttentionMetadata built by hand; the LM head included).
+Times each attention path (`kernel`: the C kernel; `torch`: plain torch) interleaved,
+median of --iters steps per round; `--profile` prints the torch profiler's self-time table.
+
+    python benchmarks/cpu_bench.py step --config benchmarks/configs/llama-512x8.json --batch 64 --ctx 160 --profile
+
+`e2e`: the engine workload of issue 23 (64 prompts x 128 tokens, 64 out, ignore EOS, greedy,
+no prefix caching, max-num-batched-tokens 512), each variant a fresh `aiosched.bench`
+process, variants interleaved and repeated; prints per-variant median and min-max of req/s.
+
+    python benchmarks/cpu_bench.py e2e --config benchmarks/configs/llama-512x8.json --rounds 3 \\
+        --variant threads1:--cpu-threads=1 --variant threads2:--cpu-threads=2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from aiosched.executors.torch.attention import cpu_kernel, torch_paged  # noqa: E402
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata  # noqa: E402
+
+
+def _model(config: str):  # type: ignore[no-untyped-def]
+    from aiosched.executors.torch.loader import build_model
+
+    d = tempfile.mkdtemp(prefix="cpu_bench_")
+    with open(config) as f, open(os.path.join(d, "config.json"), "w") as g:
+        g.write(f.read())
+    model = build_model(d, "float32", "cpu", load_format="random")
+    return model
+
+
+def _decode_batch(model, batch: int, ctx: int, block: int):  # type: ignore[no-untyped-def]
+    """KV caches filled with random values and the metadata of one decode step at lengths ~ctx."""
+    a = model.args
+    lens = [ctx - batch // 2 + i for i in range(batch)]  # ragged, mean ctx
+    per = -(-max(lens) // block)
+    nblocks = batch * per + 1
+    perm = torch.randperm(nblocks - 1).tolist()  # scattered block tables, as after a while of serving
+    tables = [perm[i * per:(i + 1) * per] for i in range(batch)]
+    caches = [(torch.randn(nblocks, block, a.num_kv_heads, a.head_dim), torch.randn(nblocks, block, a.num_kv_heads, a.head_dim))
+              for _ in range(a.num_layers)]
+    slots = [tables[i][(n - 1) // block] * block + (n - 1) % block for i, n in enumerate(lens)]
+    meta = AttentionMetadata(torch.tensor(slots), list(range(batch + 1)), lens, tables, block)
+    ids = torch.randint(0, a.vocab_size, (batch,))
+    pos = torch.tensor([n - 1 for n in lens])
+    model.init_rope(max(lens) + 16)
+    return caches, meta, ids, pos
+
+
+def _step(model, caches, meta, ids, pos) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    meta.extra.clear()  # per step, as the runner builds a new AttentionMetadata
+    h = model(ids, pos, meta, caches)
+    return model.compute_logits(h).argmax(-1)
+
+
+def cmd_step(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model = _model(args.config)
+    caches, meta, ids, pos = _decode_batch(model, args.batch, args.ctx, args.block_size)
+    lib = cpu_kernel.load()
+    paths = {"kernel": lambda q, k, v, m, s: torch_paged._kernel_attention(lib, q, k, v, m, s), "torch": torch_paged.torch_paged_attention}
+    names = [p for p in args.paths.split(",") if p != "kernel" or lib is not None]
+    real = torch_paged.paged_attention
+    times: dict[str, list[float]] = {n: [] for n in names}
+    results: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for n in names:
+                torch_paged.paged_attention = paths[n]
+                import aiosched.executors.torch.models.llama as llama
+                llama.paged_attention = paths[n]
+                results[n] = _step(model, caches, meta, ids, pos)  # warm-up
+                for _ in range(args.iters):
+                    t0 = time.perf_counter()
+                    _step(model, caches, meta, ids, pos)
+                    times[n].append(time.perf_counter() - t0)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            for n in names:
+                llama.paged_attention = paths[n]
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        _step(model, caches, meta, ids, pos)
+                print(f"\n== profile: attention path {n!r}, 3 decode steps, batch {args.batch}, ctx ~{args.ctx}")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    llama.paged_attention = torch_paged.paged_attention = real
+    if len(results) > 1:
+        first = next(iter(results.values()))
+        print("same greedy tokens across paths:", all(torch.equal(first, r) for r in results.values()))
+    report = {"config": args.config, "batch": args.batch, "ctx": args.ctx, "threads": args.threads, "paths": {}}
+    for n, ts in times.items():
+        ms = sorted(t * 1e3 for t in ts)
+        report["paths"][n] = {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
+        print(f"{n:7s} decode step: median {statistics.median(ms):7.1f} ms  min {ms[0]:7.1f}  max {ms[-1]:7.1f}  (n={len(ms)})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def cmd_e2e(args: argparse.Namespace) -> None:
+    base = [sys.executable, "-m", "aiosched.bench", "--random-weights", args.config, "--device", "cpu", "--input-len", "128",
+            "--output-len", "64", "--num-prompts", str(args.num_prompts), "--ignore-eos", "--no-enable-prefix-caching",
+            "--max-num-batched-tokens", "512", "--disable-tqdm", "--compare", args.modes]
+    variants = [v.split(":", 1) if ":" in v else (v, "") for v in args.variant] or [("default", "")]
+    rows: dict[str, list[float]] = {}
+    os.makedirs(args.out, exist_ok=True)
+    for r in range(args.rounds):
+        for name, extra in variants:
+            path = os.path.join(args.out, f"{name}_r{r}.json")
+            cmd = base + shlex.split(extra.replace("=", " ", 0)) + ["--json", path]
+            env = dict(os.environ)
+            for kv in args.env:
+                k, v = kv.split("=", 1)
+                env[k] = v
+            print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL if not args.verbose else None)
+            with open(path) as f:
+                rep = json.load(f)
+            for mode, run in rep["runs"].items():
+                rows.setdefault(f"{name}/{mode}", []).append(run["request_throughput"])
+                print(f"  round {r} {name}/{mode}: {run['metrics']['request_throughput']:.3f} req/s", flush=True)
+    print("\nvariant/mode: median req/s [min-max] over rounds")
+    for k, xs in rows.items():
+        print(f"{k:30s} {statistics.median(xs):6.3f} [{min(xs):.3f}-{max(xs):.3f}]  n={len(xs)}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("step", help="decode-step microbenchmark per attention path")
+    s.add_argument("--config", default="benchmarks/configs/llama-512x8.json")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--ctx", type=int, default=160, help="mean context length (128 prompt + half of 64 out)")
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--paths", default="kernel,torch")
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--iters", type=int, default=5)
+    s.add_argument("--profile", action="store_true")
+    s.add_argument("--profile-rows", type=int, default=15)
+    s.add_argument("--json", default=None)
+    e = sub.add_parser("e2e", help="engine workload, fresh process per variant, interleaved rounds")
+    e.add_argument("--config", default="benchmarks/configs/llama-512x8.json")
+    e.add_argument("--num-prompts", type=int, default=64)
+    e.add_argument("--modes", default="sync,async")
+    e.add_argument("--rounds", type=int, default=3)
+    e.add_argument("--variant", action="append", default=[], metavar="NAME:ARGS",
+                   help="extra aiosched.bench args of one variant, e.g. 't2:--cpu-threads 2' (repeatable)")
+    e.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for every variant")
+    e.add_argument("--out", default="cpu_bench_out")
+    e.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    cmd_step(args) if args.cmd == "step" else cmd_e2e(args)
+
+
+if __name__ == "__main__":
+    main()
