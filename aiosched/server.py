@@ -128,7 +128,6 @@ MAX_PROMPTS_PER_REQUEST = 256
 _encode = msgspec.json.Encoder().encode
 # The field a ValueError's message starts with: `name`, `name[3]`, `name[3].sub` (then `:` or a blank).
 _FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?(?:\.[A-Za-z_][A-Za-z0-9_]*)?)(?:\[\d+\])?(?=[:\s])")
-_logged_ignored: set[str] = set()
 
 
 # ------------------------------------------------------------------ errors
@@ -246,6 +245,7 @@ class ServerState:
         self.reasoning_parser: str | None = None
         self.strict_fields = False  # refuse the OpenAI fields the server would ignore
         self.max_body_bytes = MAX_BODY_BYTES
+        self.logged_ignored: set[str] = set()  # ignored request fields already logged
         if served_model_name is None:
             model = engine.config.model
             served_model_name = os.path.basename(os.path.normpath(model)) if model else "aiosched-default"
@@ -571,15 +571,15 @@ def _chat_messages(req: ChatCompletionRequest | TokenizeChatRequest, strict: boo
     return out
 
 
-def _check_ignored_fields(req: Any, strict: bool) -> None:
+def _check_ignored_fields(state: ServerState, req: Any) -> None:
     """OpenAI fields we accept but do not act on: ignored (logged once), or refused in strict mode."""
     for name in IGNORED_FIELDS.get(type(req), ()):
         if getattr(req, name) is None:
             continue
-        if strict:
+        if state.strict_fields:
             raise RequestError(f"{name}: not supported (the server runs with --strict-request-fields)", name)
-        if name not in _logged_ignored:
-            _logged_ignored.add(name)
+        if name not in state.logged_ignored:
+            state.logged_ignored.add(name)
             log.debug("request field %r is accepted and ignored (logged once)", name)
 
 
@@ -676,7 +676,7 @@ async def _handle(request: Request, kind: str) -> Response:
     try:
         req = await _read_json(request, CompletionRequest if kind == "completion" else ChatCompletionRequest)
         _check_model(state, req.model)
-        _check_ignored_fields(req, state.strict_fields)
+        _check_ignored_fields(state, req)
         job = _Job(state, kind, req, request.scope.get(SCOPE_REQUEST_ID))
         engine = state.engine
         _check_engine(engine)
@@ -943,7 +943,8 @@ async def detokenize(request: Request) -> Response:
         for t in req.tokens:
             if not 0 <= t < info.vocab_size:
                 raise RequestError(f"tokens: token id {t} is out of range [0, {info.vocab_size})", "tokens")
-        return Response(_encode(DetokenizeResponse(tok.decode(req.tokens))), media_type="application/json")
+        # Special tokens stay (as vLLM's): the text tokenizes back to the same ids.
+        return Response(_encode(DetokenizeResponse(tok.decode(req.tokens, skip_special_tokens=False))), media_type="application/json")
     except Exception as e:
         err = _engine_error(e, {})
         state.metrics.http_errors.labels(str(err.status)).inc()

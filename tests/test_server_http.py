@@ -241,7 +241,9 @@ def test_tokenize_and_detokenize_like_vllm(srv) -> None:
     usage = client(srv).chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage
     assert chat["count"] == usage.prompt_tokens  # the same prompt the chat route runs
     back = httpx.post(srv.url + "/detokenize", json={"tokens": r["tokens"]}, headers=AUTH).json()
-    assert back == {"prompt": tok.decode(r["tokens"])}
+    assert back == {"prompt": tok.decode(r["tokens"], skip_special_tokens=False)}
+    chat_back = httpx.post(srv.url + "/detokenize", json={"tokens": chat["tokens"]}, headers=AUTH).json()["prompt"]
+    assert tok.encode(chat_back, add_special_tokens=False) == chat["tokens"]  # special tokens kept: the text round-trips
     err = assert_openai_error(httpx.post(srv.url + "/detokenize", json={"tokens": [10**9]}, headers=AUTH), 400)
     assert err["param"] == "tokens"
     assert assert_openai_error(httpx.post(srv.url + "/tokenize", json={"prompt": 3}, headers=AUTH), 400)["param"] == "prompt"
