@@ -175,7 +175,7 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if m.get("tool_calls"):
             calls = []
             for call in m["tool_calls"]:
-                call = dict(call)
+                call = {k: v for k, v in call.items() if v is not None}
                 fn = dict(call.get("function") or {})
                 args = fn.get("arguments")
                 if isinstance(args, str):

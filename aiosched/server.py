@@ -126,8 +126,9 @@ log = logging.getLogger("aiosched.server")
 
 MAX_PROMPTS_PER_REQUEST = 256
 _encode = msgspec.json.Encoder().encode
-# The field a ValueError's message starts with: `name`, `name[3]`, `name[3].sub` (then `:` or a blank).
-_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?(?:\.[A-Za-z_][A-Za-z0-9_]*)?)(?:\[\d+\])?(?=[:\s])")
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)")
+# The message field a chat template error names: `messages[3].role`, `messages[0].content[1]` -> `messages[0].content`.
+_MESSAGE_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?(?:\.[A-Za-z_][A-Za-z0-9_]*)?)(?:\[\d+\])?:")
 
 
 # ------------------------------------------------------------------ errors
@@ -146,8 +147,8 @@ def _engine_error(e: BaseException, fields: dict[str, str]) -> APIError:
     if isinstance(e, RequestError):
         return APIError(400, e.message, param=e.param)
     if isinstance(e, ChatTemplateError):
-        m = _FIELD.match(str(e))
-        param = m.group(1) if m is not None and str(e)[m.end():].startswith(":") else "messages"
+        m = _MESSAGE_FIELD.match(str(e))
+        param = m.group(1) if m is not None else "messages"
         return APIError(400, str(e), param=param)
     if isinstance(e, ValueError):
         msg = str(e)
@@ -474,7 +475,7 @@ class _Job:
             kw["logit_bias"] = bias
         if self.forced is not None:
             kw["structured"] = self.forced
-            self.fields["structured"] = "tool_choice"
+            self.fields["structured"] = "tools"  # the schema comes from the tool's parameters
         elif r.response_format is not None and r.response_format.type != "text":
             self.fields["structured"] = "response_format"
             rf = r.response_format

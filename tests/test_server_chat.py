@@ -189,6 +189,8 @@ def test_tools_and_tool_messages_reach_the_template(srv) -> None:
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"functions": [WEATHER["function"]]}, "functions"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}], "tool_choice": "required"}, "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
 ])
 def test_bad_tool_requests_are_400_naming_the_field(srv, patch, param) -> None:
     with pytest.raises(openai.BadRequestError) as ei:
