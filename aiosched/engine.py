@@ -217,6 +217,20 @@ class AsyncEngine:
         self._wakeup.set()
         return group.stream
 
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, request_id: str | None = None,
+             **template_kwargs: Any) -> RequestStream:
+        """`generate()` on OpenAI-style `messages` rendered with the model's chat template.
+
+        `template_kwargs` go to `aiosched.chat_template.apply_chat_template` (`tools`,
+        `add_generation_prompt`, `chat_template`, or template variables such as
+        `enable_thinking`). A missing template or a conversation it rejects is a ValueError."""
+        from aiosched.chat_template import apply_chat_template
+
+        if self.tokenizer is None and not self._running:
+            raise EngineNotRunningError("engine is not running: use `async with engine:` or `await engine.start()`")
+        ids = apply_chat_template(self.tokenizer, messages, tokenize=True, **template_kwargs)
+        return self.generate(ids, params, request_id)
+
     def abort(self, request_id: str) -> None:
         """Abort by the id given to (or returned from) generate(); all its samples."""
         group = self._by_user_id.get(request_id)

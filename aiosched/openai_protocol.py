@@ -3,6 +3,12 @@
 Requests decode strictly (`msgspec.json.decode(body, type=...)`): wrong types and
 unknown fields are errors, reported as HTTP 400 naming the field. Most optional
 fields also accept an explicit JSON `null`, as the OpenAI API does.
+
+Fields of the OpenAI API that the server accepts but does not act on (`store`,
+`metadata`, `service_tier`, ...) are declared too, and listed in `IGNORED_FIELDS`:
+the server ignores them (logging each name once at debug level), or refuses them
+in strict mode. Names the API does not have stay 400.
+
 Responses encode with `msgspec.json.encode`; field order follows the OpenAI API.
 """
 from __future__ import annotations
@@ -28,12 +34,54 @@ class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
 class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
     type: str
     text: str | None = None
+    # Parts of other types decode (so the error can say which type is not supported).
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: str | None = None
+
+
+class FunctionCall(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # a JSON string (OpenAI); an object is accepted too
+
+
+class MessageToolCall(msgspec.Struct, forbid_unknown_fields=True):
+    function: FunctionCall
+    id: str | None = None
+    type: Literal["function"] = "function"
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
+    reasoning_content: str | None = None  # assistant messages (passed to the template)
+    refusal: str | None = None  # ignored
+    audio: Any = None  # ignored
+
+
+class FunctionDefinition(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(msgspec.Struct, forbid_unknown_fields=True):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
 
 
 class _SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -77,6 +125,24 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: list[ChatMessage]
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Deprecated predecessors of tools / tool_choice: refused by name (use `tools`).
+    functions: Any = None
+    function_call: Any = None
+    # OpenAI fields accepted and ignored (IGNORED_FIELDS; refused in strict mode).
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     add_generation_prompt: bool | None = None  # extension; default true
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (extension)
 
@@ -137,9 +203,22 @@ class ChatLogprobs(msgspec.Struct):
     content: list[ChatTokenLogprob] | None
 
 
-class ChatResponseMessage(msgspec.Struct):
+class ResponseFunction(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(msgspec.Struct):
+    id: str
+    function: ResponseFunction
+    type: str = "function"
+
+
+class ChatResponseMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] = []
 
 
 class ChatChoice(msgspec.Struct):
@@ -160,9 +239,23 @@ class ChatCompletionResponse(msgspec.Struct):
     system_fingerprint: str | None = None
 
 
+class DeltaFunction(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunction | None = None
+
+
 class DeltaMessage(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
@@ -216,6 +309,52 @@ class ErrorInfo(msgspec.Struct):
 
 class ErrorResponse(msgspec.Struct):
     error: ErrorInfo
+
+
+class TokenizeResponse(msgspec.Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(msgspec.Struct):
+    prompt: str
+
+
+# ---------------------------------------------------------------- /tokenize, /detokenize (vLLM's)
+
+
+class TokenizeCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    prompt: str
+    model: str | None = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    messages: list[ChatMessage]
+    model: str | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    tools: list[ChatTool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    tokens: list[int]
+    model: str | None = None
+
+
+# Accepted, not acted on: request type -> field names (their value must still have the right type).
+IGNORED_FIELDS: dict[type, tuple[str, ...]] = {
+    CompletionRequest: ("user",),
+    ChatCompletionRequest: ("user", "store", "metadata", "service_tier", "reasoning_effort", "verbosity", "modalities",
+                            "audio", "prediction", "web_search_options", "prompt_cache_key", "safety_identifier"),
+}
+IGNORED_MESSAGE_FIELDS = ("refusal", "audio")
 
 
 # ---------------------------------------------------------------- decoding

@@ -3,18 +3,27 @@
     aiosched serve --model DIR [engine flags] --host 127.0.0.1 --port 8000 --api-key KEY
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream with SSE when
-`stream` is true), GET /v1/models, GET /health, GET /metrics (Prometheus).
+`stream` is true), GET /v1/models, GET /v1/models/{id}, POST /tokenize and
+/detokenize (vLLM's), GET /health, GET /metrics (Prometheus).
 
-Embedding: `build_app(engine_or_config, api_key=None)` returns a Starlette app that
-any ASGI server can run. Given a config (or an engine that is not started yet) the
-app owns the engine: its lifespan starts and stops it. Given a running engine, the
-app only uses it, and on shutdown aborts just the requests it submitted.
+Chat: tools (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls`
+and `tool` messages) go to the chat template; calls are parsed out of the output by
+`--tool-call-parser` (aiosched.tool_parsers), or enforced by the structured-output
+grammar for `tool_choice="required"` / a named function (aiosched.chat_output);
+`--reasoning-parser` splits `<think>` reasoning into `reasoning_content`.
 
-Errors use the OpenAI format `{"error": {"message", "type", "param", "code"}}`:
-400 for bad input (naming the field), 401 for a missing or wrong API key, 404 for
-an unknown model, 503 with Retry-After when the engine's queue is full or the
-server is draining, 500 when the engine died. A client that disconnects aborts its
-request, so its KV blocks go back to the pool at once.
+Embedding: `build_app(engine_or_config, api_key=None, ...)` returns a Starlette app
+that any ASGI server can run, at the root or mounted under a prefix. Given a config
+(or an engine that is not started yet) the app owns the engine: its lifespan starts
+and stops it. Given a running engine, the app only uses it, and on shutdown aborts
+just the requests it submitted.
+
+Errors use the OpenAI format `{"error": {"message", "type", "param", "code"}}`
+(aiosched.server_http): 400 for bad input (naming the field), 401 for a missing or
+wrong API key, 404 for an unknown model or route, 405, 413 for a body over 32 MiB,
+503 with Retry-After when the engine's queue is full or the server is draining, 500
+when the engine died. A client that disconnects aborts its request, so its KV blocks
+go back to the pool at once.
 
 Shutdown (SIGTERM/SIGINT under `aiosched serve`): stop accepting connections, let
 in-flight requests finish for up to `--shutdown-timeout` seconds, then abort the
@@ -25,11 +34,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
 import re
+import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,13 +50,25 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from aiosched.chat_template import ChatTemplateError, render_chat
+from aiosched.chat_output import (
+    ChoiceParser,
+    Piece,
+    delta_of,
+    finish_reason,
+    forced_parser,
+    forced_schema,
+    message_of,
+    schema_text,
+    tool_dicts,
+)
+from aiosched.chat_template import ChatTemplateError, apply_chat_template, read_template_override
 from aiosched.config import EngineConfig
 from aiosched.engine import AsyncEngine
 from aiosched.errors import EngineDeadError, EngineNotRunningError, EngineOverloadedError
@@ -57,51 +79,59 @@ from aiosched.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatResponseMessage,
-    ChatTokenLogprob,
+        ChatTokenLogprob,
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
+    IGNORED_FIELDS,
+    IGNORED_MESSAGE_FIELDS,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     PromptTokensDetails,
     RequestError,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     TopLogprob,
     Usage,
     decode_request,
 )
 from aiosched.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from aiosched.reasoning_parser import check_reasoning_parser, make_reasoning_parser
 from aiosched.request_stream import RequestStream
 from aiosched.sampling_params import SamplingParams, StructuredOutputParams
+from aiosched.server_http import (
+    MAX_BODY_BYTES,
+    MAX_DRAIN_BYTES,
+    SCOPE_REQUEST_ID,
+    APIError,
+    GateMiddleware,
+    JSONErrorCORSMiddleware,
+    RequestIdMiddleware,
+    body_too_large,
+    http_exception,
+    internal_error,
+    parse_origins,
+)
+from aiosched.tool_parsers import TOOL_PARSERS, make_tool_parser
 
 log = logging.getLogger("aiosched.server")
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_PROMPTS_PER_REQUEST = 256
 _encode = msgspec.json.Encoder().encode
 _FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)")
+# The message field a chat template error names: `messages[3].role`, `messages[0].content[1]` -> `messages[0].content`.
+_MESSAGE_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?(?:\.[A-Za-z_][A-Za-z0-9_]*)?)(?:\[\d+\])?:")
 
 
 # ------------------------------------------------------------------ errors
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> bytes:
-        return _encode(ErrorResponse(ErrorInfo(self.message, self.type, self.param, self.code)))
-
-    def response(self) -> Response:
-        return Response(self.body(), status_code=self.status, media_type="application/json", headers=self.headers)
 
 
 def _engine_error(e: BaseException, fields: dict[str, str]) -> APIError:
@@ -117,7 +147,9 @@ def _engine_error(e: BaseException, fields: dict[str, str]) -> APIError:
     if isinstance(e, RequestError):
         return APIError(400, e.message, param=e.param)
     if isinstance(e, ChatTemplateError):
-        return APIError(400, str(e), param="messages")
+        m = _MESSAGE_FIELD.match(str(e))
+        param = m.group(1) if m is not None else "messages"
+        return APIError(400, str(e), param=param)
     if isinstance(e, ValueError):
         msg = str(e)
         m = _FIELD.match(msg)
@@ -209,6 +241,12 @@ class ServerState:
     def __init__(self, engine: AsyncEngine, api_key: str | None, served_model_name: str | list[str] | None) -> None:
         self.engine = engine
         self.api_key = api_key
+        self.chat_template: str | None = None  # an override of the model's
+        self.tool_call_parser: str | None = None
+        self.reasoning_parser: str | None = None
+        self.strict_fields = False  # refuse the OpenAI fields the server would ignore
+        self.max_body_bytes = MAX_BODY_BYTES
+        self.logged_ignored: set[str] = set()  # ignored request fields already logged
         if served_model_name is None:
             model = engine.config.model
             served_model_name = os.path.basename(os.path.normpath(model)) if model else "aiosched-default"
@@ -250,34 +288,6 @@ def _shutdown_abort(state: ServerState, outs: Any) -> bool:
 
 def _state(request: Request) -> ServerState:
     return request.app.state.aiosched
-
-
-# ------------------------------------------------------------------ middleware
-
-
-class _GateMiddleware:
-    """API key on every /v1 route; 503 for new /v1 requests while draining."""
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-        self._expected = f"Bearer {state.api_key}".encode() if state.api_key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            err: APIError | None = None
-            if self._expected is not None and scope["method"] != "OPTIONS":
-                got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-                if not hmac.compare_digest(got, self._expected):
-                    msg = "Missing API key: send 'Authorization: Bearer <key>'" if not got else "Incorrect API key provided"
-                    err = APIError(401, msg, "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-            if err is None and self.state.draining:
-                err = APIError(503, "the server is shutting down", "server_error", None, "shutting_down", {"Retry-After": "1", "Connection": "close"})
-            if err is not None:
-                self.state.metrics.http_errors.labels(str(err.status)).inc()
-                await err.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 # ------------------------------------------------------------------ streaming
@@ -379,11 +389,15 @@ async def _until_disconnect(receive: Receive) -> None:
 class _Job:
     """One API call: its engine requests (one per prompt) and how to describe it."""
 
-    def __init__(self, state: ServerState, kind: str, req: CompletionRequest | ChatCompletionRequest) -> None:
+    def __init__(self, state: ServerState, kind: str, req: CompletionRequest | ChatCompletionRequest, request_id: str | None = None) -> None:
         self.state = state
         self.kind = kind
         self.req = req
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        # The client's X-Request-Id names the engine request (a suffix keeps ids of concurrent calls apart).
+        base = ("chatcmpl-" if kind == "chat" else "cmpl-") + (request_id or uuid.uuid4().hex)
+        if base in state.inflight or f"{base}-0" in state.inflight:
+            base += "-" + uuid.uuid4().hex[:8]
+        self.id = base
         self.created = int(time.time())
         self.model = req.model or state.model_name
         self.n = req.n if req.n is not None else 1
@@ -391,6 +405,10 @@ class _Job:
         self.streams: list[RequestStream] = []
         self.finished: set[str] = set()
         self.fields: dict[str, str] = {}  # engine field name -> request field name
+        # chat: how each choice's text becomes content / reasoning / tool calls
+        self.make_parser: Callable[[], ChoiceParser] = ChoiceParser
+        self.named_tool = False  # a named tool_choice: finish_reason stays "stop"
+        self.forced: StructuredOutputParams | None = None  # the grammar of a forced tool call
 
     # --- submission ---
 
@@ -455,7 +473,10 @@ class _Job:
                 except ValueError:
                     raise RequestError(f"logit_bias: keys must be token ids, got {k!r}", "logit_bias") from None
             kw["logit_bias"] = bias
-        if r.response_format is not None and r.response_format.type != "text":
+        if self.forced is not None:
+            kw["structured"] = self.forced
+            self.fields["structured"] = "tools"  # the schema comes from the tool's parameters
+        elif r.response_format is not None and r.response_format.type != "text":
             self.fields["structured"] = "response_format"
             rf = r.response_format
             if rf.type == "json_object":
@@ -536,44 +557,118 @@ def _prompts_of(req: CompletionRequest) -> list[str | list[int]]:
     raise RequestError("prompt: must be a string, a list of strings, a list of token ids, or a list of token-id lists (not a mix)", "prompt")
 
 
-def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    if not req.messages:
-        raise RequestError("messages: must not be empty", "messages")
+def _chat_messages(req: ChatCompletionRequest | TokenizeChatRequest, strict: bool) -> list[dict[str, Any]]:
+    """The request's messages as OpenAI-style dicts for the chat template."""
     out = []
     for i, m in enumerate(req.messages):
-        if m.role not in ("system", "user", "assistant", "developer", "tool"):
-            raise RequestError(f"messages[{i}].role: must be one of system, developer, user, assistant, tool; got {m.role!r}", f"messages[{i}].role")
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise RequestError(f"messages[{i}].content[{j}]: only text content parts are supported, got type {part.type!r}", f"messages[{i}].content")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        msg: dict[str, Any] = {"role": m.role, "content": content if content is not None else ""}
-        if m.name is not None:
-            msg["name"] = m.name
+        if strict:
+            for name in IGNORED_MESSAGE_FIELDS:
+                if getattr(m, name) is not None:
+                    raise RequestError(f"messages[{i}].{name}: not supported (the server runs with --strict-request-fields)", f"messages[{i}].{name}")
+        msg = msgspec.to_builtins(m)
+        for name in IGNORED_MESSAGE_FIELDS:
+            msg.pop(name, None)
         out.append(msg)
     return out
 
 
+def _check_ignored_fields(state: ServerState, req: Any) -> None:
+    """OpenAI fields we accept but do not act on: ignored (logged once), or refused in strict mode."""
+    for name in IGNORED_FIELDS.get(type(req), ()):
+        if getattr(req, name) is None:
+            continue
+        if state.strict_fields:
+            raise RequestError(f"{name}: not supported (the server runs with --strict-request-fields)", name)
+        if name not in state.logged_ignored:
+            state.logged_ignored.add(name)
+            log.debug("request field %r is accepted and ignored (logged once)", name)
+
+
 async def _read_json(request: Request, cls: type) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body too large (max {MAX_BODY_BYTES} bytes)")
+    return decode_request(await _read_body(request), cls)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, up to the limit (a chunked body has no Content-Length for the gate to check)."""
+    limit = request.app.state.aiosched.max_body_bytes
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body too large (max {MAX_BODY_BYTES} bytes)")
-        chunks.append(chunk)
-    return decode_request(b"".join(chunks), cls)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > MAX_DRAIN_BYTES:
+            break  # read (and dropped) the rest, so the client sees the 413, not a reset
+    if size > limit:
+        raise body_too_large(limit)
+    return b"".join(chunks)
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model not in state.served_names:
         raise APIError(404, f"The model `{model}` does not exist; this server serves {state.served_names}", param="model", code="model_not_found")
+
+
+def _check_engine(engine: AsyncEngine) -> None:
+    if engine.is_dead:
+        raise EngineDeadError("the engine loop stopped")
+    if engine.info is None or not engine._running:
+        raise EngineNotRunningError("start the engine (or run the app's lifespan) before sending requests")
+
+
+def _tool_setup(state: ServerState, req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str | NamedToolChoice | None]:
+    """Check tools / tool_choice; returns (tools for the template, the effective choice)."""
+    if req.functions is not None or req.function_call is not None:
+        name = "functions" if req.functions is not None else "function_call"
+        raise RequestError(f"{name}: deprecated by OpenAI and not supported; use tools and tool_choice", name)
+    tools, choice = req.tools, req.tool_choice
+    if tools is not None and not tools:
+        raise RequestError("tools: must not be empty (leave it out for no tools)", "tools")
+    if not tools:
+        if choice not in (None, "none"):
+            raise RequestError("tool_choice: needs tools", "tool_choice")
+        return None, None
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise RequestError("tools: function names must be unique", "tools")
+    choice = choice if choice is not None else "auto"
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise RequestError(f"tool_choice: function {choice.function.name!r} is not in tools", "tool_choice")
+    if choice == "auto" and state.tool_call_parser is None:
+        raise RequestError(f"tool_choice: \"auto\" needs a server started with --tool-call-parser ({', '.join(sorted(TOOL_PARSERS))}); "
+                           "\"required\" or a named function work without one", "tool_choice")
+    if (choice == "required" or isinstance(choice, NamedToolChoice)) and req.response_format is not None and req.response_format.type != "text":
+        raise RequestError("response_format: cannot be combined with a tool_choice that forces a call", "response_format")
+    return tool_dicts(tools), choice
+
+
+def _prepare_chat(state: ServerState, job: _Job, req: ChatCompletionRequest) -> list[int]:
+    """Render the prompt and set up the job's output parsing; returns the prompt's token ids."""
+    engine = state.engine
+    tools, choice = _tool_setup(state, req)
+    text = apply_chat_template(engine.tokenizer, _chat_messages(req, state.strict_fields), tools=tools,
+                               add_generation_prompt=req.add_generation_prompt is not False, chat_template=state.chat_template,
+                               **(req.chat_template_kwargs or {}))
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)  # type: ignore[union-attr]  # the template writes the special tokens itself
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced:
+        assert req.tools is not None and choice is not None
+        job.forced = StructuredOutputParams(json_schema=schema_text(forced_schema(req.tools, choice, req.parallel_tool_calls is not False)))
+        job.named_tool = isinstance(choice, NamedToolChoice)
+    reasoning = state.reasoning_parser if not forced else None  # a forced call is JSON from its first token
+    names = [t.function.name for t in req.tools or []]
+
+    def make_parser() -> ChoiceParser:
+        r = make_reasoning_parser(reasoning, text) if reasoning is not None else None
+        if forced:
+            t = forced_parser(req.tools or [], choice)  # type: ignore[arg-type]
+        elif choice == "auto":
+            t = make_tool_parser(state.tool_call_parser, names)  # type: ignore[arg-type]
+        else:
+            t = None
+        return ChoiceParser(r, t)
+
+    job.make_parser = make_parser
+    return ids
 
 
 async def _handle(request: Request, kind: str) -> Response:
@@ -582,27 +677,15 @@ async def _handle(request: Request, kind: str) -> Response:
     try:
         req = await _read_json(request, CompletionRequest if kind == "completion" else ChatCompletionRequest)
         _check_model(state, req.model)
-        job = _Job(state, kind, req)
+        _check_ignored_fields(state, req)
+        job = _Job(state, kind, req, request.scope.get(SCOPE_REQUEST_ID))
         engine = state.engine
-        if engine.is_dead:
-            raise EngineDeadError("the engine loop stopped")
-        if engine.info is None or not engine._running:
-            raise EngineNotRunningError("start the engine (or run the app's lifespan) before sending requests")
+        _check_engine(engine)
         if kind == "completion":
             prompts = _prompts_of(req)
             params = job.sampling_params(default_max_tokens=16)
         else:
-            tok = engine.tokenizer
-            if tok is None:
-                raise RequestError("messages: this model has no tokenizer (tokenizer.json), so chat is unavailable", "messages")
-            extra = dict(req.chat_template_kwargs or {})
-            for reserved in ("messages", "add_generation_prompt"):
-                if reserved in extra:
-                    raise RequestError(f"chat_template_kwargs: {reserved!r} cannot be overridden", "chat_template_kwargs")
-            specials = {k: v for k, v in tok.special_tokens.items() if k not in extra}
-            text = render_chat(tok.chat_template, _chat_messages(req), add_generation_prompt=req.add_generation_prompt is not False,
-                               special_tokens=specials, **extra)
-            ids = tok.encode(text, add_special_tokens=False)  # the template writes the special tokens itself
+            ids = _prepare_chat(state, job, req)
             job.fields["prompt"] = "messages"
             info = engine.info
             default = 16
@@ -667,7 +750,9 @@ async def _respond(request: Request, job: _Job) -> Response:
         for c in sorted(out.outputs, key=lambda c: c.index):
             completion_tokens += len(c.token_ids)
             lp = job.chat_logprobs(c.logprobs) if c.logprobs is not None else None
-            choices.append(ChatChoice(c.index, ChatResponseMessage("assistant", c.text), lp, c.finish_reason, c.stop_reason))
+            parser = job.make_parser()
+            message = message_of(parser, c.text)
+            choices.append(ChatChoice(c.index, message, lp, finish_reason(c.finish_reason, parser, job.named_tool), c.stop_reason))
         body = ChatCompletionResponse(job.id, job.created, job.model, choices, job.usage(outs, completion_tokens))
     return Response(_encode(body), media_type="application/json")
 
@@ -709,10 +794,12 @@ async def _stream_completion(job: _Job) -> AsyncIterator[bytes]:
                 idx = pi * job.n + c.index
                 if idx in finished:
                     continue
+                if not c.new_token_ids and c.finish_reason is None:
+                    continue
                 ntokens[idx] = len(c.token_ids)
                 lps = _delta_logprobs(c)
-                if not c.new_text and c.finish_reason is None and not lps:
-                    continue  # nothing printable yet (e.g. half a UTF-8 character)
+                # One chunk per output, also when its text is still empty (half a UTF-8
+                # character): clients count chunks as tokens.
                 lp = job.completion_logprobs(lps, offsets.get(idx, 0)) if lps else None
                 offsets[idx] = offsets.get(idx, 0) + len(c.new_text)
                 if c.finish_reason is not None:
@@ -732,6 +819,7 @@ async def _stream_completion(job: _Job) -> AsyncIterator[bytes]:
 
 
 async def _stream_chat(job: _Job) -> AsyncIterator[bytes]:
+    """One chunk per output of each choice; a choice's first chunk (with its first token) carries the role."""
     req = job.req
     so = req.stream_options
     include_usage = bool(so and so.include_usage)
@@ -739,24 +827,28 @@ async def _stream_chat(job: _Job) -> AsyncIterator[bytes]:
     outs: dict[int, RequestOutput] = {}
     ntokens: dict[int, int] = {}
     finished: set[int] = set()
+    parsers: dict[int, ChoiceParser] = {}
     try:
-        # The first chunk of every choice carries the role.
-        yield _sse(ChatCompletionChunk(job.id, job.created, job.model, [ChatChunkChoice(k, DeltaMessage(role="assistant", content="")) for k in range(job.n)]))
         async for pi, out in _merge(job.streams):
             outs[pi] = out
             for c in out.outputs:
-                if c.index in finished:
+                if c.index in finished or (not c.new_token_ids and c.finish_reason is None):
                     continue
                 ntokens[c.index] = len(c.token_ids)
-                lps = _delta_logprobs(c)
-                if not c.new_text and c.finish_reason is None and not lps:
-                    continue
+                first = c.index not in parsers
+                parser = parsers[c.index] if not first else parsers.setdefault(c.index, job.make_parser())
+                piece = parser.feed(c.new_text)
+                reason = None
                 if c.finish_reason is not None:
                     finished.add(c.index)
-                delta = DeltaMessage(content=c.new_text) if c.new_text or c.finish_reason is None else DeltaMessage()
+                    tail = parser.finish()
+                    piece = Piece(piece.reasoning + tail.reasoning, piece.content + tail.content, piece.tool_events + tail.tool_events)
+                    reason = finish_reason(c.finish_reason, parser, job.named_tool)
+                delta = delta_of(piece, "assistant" if first else None)
                 usage = job.usage(outs, sum(ntokens.values())) if continuous else None
+                lps = _delta_logprobs(c)
                 lp = job.chat_logprobs(lps) if lps else None
-                yield _sse(ChatCompletionChunk(job.id, job.created, job.model, [ChatChunkChoice(c.index, delta, lp, c.finish_reason, c.stop_reason)], usage))
+                yield _sse(ChatCompletionChunk(job.id, job.created, job.model, [ChatChunkChoice(c.index, delta, lp, reason, c.stop_reason)], usage))
             if out.finished:
                 job.done(pi, out)
         if _shutdown_abort(job.state, outs.values()):
@@ -780,12 +872,84 @@ async def chat_completions(request: Request) -> Response:
     return await _handle(request, "chat")
 
 
+def _model_card(state: ServerState, name: str) -> ModelCard:
+    info = state.engine.info
+    return ModelCard(name, state.created, root=state.engine.config.resolved_model, max_model_len=info.max_model_len if info else None)
+
+
 async def models(request: Request) -> Response:
     state = _state(request)
-    info = state.engine.info
-    root = state.engine.config.resolved_model
-    cards = [ModelCard(name, state.created, root=root, max_model_len=info.max_model_len if info else None) for name in state.served_names]
-    return Response(_encode(ModelList(cards)), media_type="application/json")
+    return Response(_encode(ModelList([_model_card(state, n) for n in state.served_names])), media_type="application/json")
+
+
+async def model(request: Request) -> Response:
+    state = _state(request)
+    name = request.path_params["model_id"]
+    try:
+        _check_model(state, name)
+    except APIError as e:
+        return e.response()
+    return Response(_encode(_model_card(state, name)), media_type="application/json")
+
+
+async def tokenize(request: Request) -> Response:
+    """vLLM's /tokenize: `prompt` (completions) or `messages` (chat, rendered with the template)."""
+    state = _state(request)
+    try:
+        body = await _read_body(request)
+        try:
+            is_chat = "messages" in msgspec.json.decode(body, type=dict[str, Any])
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            is_chat = False  # decode_request below names the problem
+        req = decode_request(body, TokenizeChatRequest if is_chat else TokenizeCompletionRequest)
+        _check_model(state, req.model)
+        engine = state.engine
+        _check_engine(engine)
+        tok = engine.tokenizer
+        if tok is None:
+            raise RequestError("prompt: this model has no tokenizer (tokenizer.json)", None)
+        if is_chat:
+            tools = tool_dicts(req.tools) if req.tools else None
+            text = apply_chat_template(tok, _chat_messages(req, state.strict_fields), tools=tools, chat_template=state.chat_template,
+                                       add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                                       **(req.chat_template_kwargs or {}))
+            if req.continue_final_message:
+                last = _chat_messages(req, False)[-1].get("content") or ""
+                if isinstance(last, str) and last and last in text:
+                    text = text[: text.rindex(last) + len(last)]  # end the prompt inside the last message
+        else:
+            text = req.prompt
+        ids = tok.encode(text, add_special_tokens=req.add_special_tokens)
+        strs = [tok.id_to_token(t) or "" for t in ids] if req.return_token_strs else None
+        assert engine.info is not None
+        return Response(_encode(TokenizeResponse(len(ids), engine.info.max_model_len, ids, strs)), media_type="application/json")
+    except Exception as e:
+        err = _engine_error(e, {})
+        state.metrics.http_errors.labels(str(err.status)).inc()
+        return err.response()
+
+
+async def detokenize(request: Request) -> Response:
+    """vLLM's /detokenize: token ids -> text."""
+    state = _state(request)
+    try:
+        req = decode_request(await _read_body(request), DetokenizeRequest)
+        _check_model(state, req.model)
+        engine = state.engine
+        _check_engine(engine)
+        tok, info = engine.tokenizer, engine.info
+        assert info is not None
+        if tok is None:
+            raise RequestError("tokens: this model has no tokenizer (tokenizer.json)", "tokens")
+        for t in req.tokens:
+            if not 0 <= t < info.vocab_size:
+                raise RequestError(f"tokens: token id {t} is out of range [0, {info.vocab_size})", "tokens")
+        # Special tokens stay (as vLLM's): the text tokenizes back to the same ids.
+        return Response(_encode(DetokenizeResponse(tok.decode(req.tokens, skip_special_tokens=False))), media_type="application/json")
+    except Exception as e:
+        err = _engine_error(e, {})
+        state.metrics.http_errors.labels(str(err.status)).inc()
+        return err.response()
 
 
 async def health(request: Request) -> Response:
@@ -808,15 +972,33 @@ async def metrics(request: Request) -> Response:
 
 
 def build_app(engine_or_config: "AsyncEngine | EngineConfig | dict[str, Any] | str | os.PathLike[str]", api_key: str | None = None,
-              *, served_model_name: str | list[str] | None = None) -> Starlette:
+              *, served_model_name: str | list[str] | None = None, chat_template: str | os.PathLike[str] | None = None,
+              tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+              allowed_origins: str | list[str] | None = None, strict_request_fields: bool = False,
+              max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """The OpenAI-compatible ASGI app.
 
     `engine_or_config`: a running AsyncEngine (shared: the app never stops it), an
     AsyncEngine not started yet, or anything `EngineConfig.load` accepts (the app's
     lifespan starts and stops the engine). `api_key`: require `Authorization: Bearer`
-    on /v1 routes."""
+    on every route but /health and /metrics, wherever the app is mounted.
+    `chat_template`: a file (or template text) instead of the model's.
+    `tool_call_parser`: how tool calls are found in outputs (`hermes`, `qwen`,
+    `llama3_json`); needed for `tool_choice="auto"`. `reasoning_parser`: `qwen3` /
+    `deepseek_r1` split `<think>` into `reasoning_content`. `allowed_origins`: CORS
+    origins (a list, a JSON list, or comma-separated; `*` for any).
+    `strict_request_fields`: refuse (400) the OpenAI fields otherwise accepted and
+    ignored. Raises ValueError naming the argument for a bad value."""
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"tool_call_parser: must be one of {sorted(TOOL_PARSERS)}, got {tool_call_parser!r}")
+    check_reasoning_parser(reasoning_parser)
+    template = read_template_override(chat_template) if chat_template is not None else None
+    origins = parse_origins(allowed_origins)
     engine = engine_or_config if isinstance(engine_or_config, AsyncEngine) else AsyncEngine.from_config(engine_or_config)
     state = ServerState(engine, api_key or None, served_model_name)
+    state.chat_template, state.tool_call_parser, state.reasoning_parser = template, tool_call_parser, reasoning_parser
+    state.strict_fields = strict_request_fields
+    state.max_body_bytes = max_body_bytes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -839,10 +1021,23 @@ def build_app(engine_or_config: "AsyncEngine | EngineConfig | dict[str, Any] | s
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(_GateMiddleware, state=state)], lifespan=lifespan)
+    middleware = []
+    if origins:  # outermost: errors from the gate carry the CORS headers too, so browsers can read them
+        middleware.append(Middleware(JSONErrorCORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                                     allow_headers=["*"], expose_headers=["X-Request-Id"], max_age=600))
+    middleware += [
+        Middleware(RequestIdMiddleware),
+        Middleware(GateMiddleware, key=state.api_key, draining=lambda: state.draining,
+                   on_error=lambda status: state.metrics.http_errors.labels(str(status)).inc(), max_body_bytes=max_body_bytes),
+    ]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_exception, Exception: internal_error})
     app.state.aiosched = state
     return app
 
@@ -855,8 +1050,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes (default: $AIOSCHED_API_KEY)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and /metrics (default: $AIOSCHED_API_KEY)")
     parser.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model dir's name)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a jinja chat template file to use instead of the model's (chat_template.jinja / tokenizer_config.json)")
+    parser.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                        help="how tool calls are parsed out of outputs; needed for tool_choice=auto (hermes/qwen: <tool_call> JSON; llama3_json: Llama 3 JSON)")
+    parser.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                        help="split <think>...</think> reasoning into reasoning_content")
+    parser.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                        help='CORS: origins browsers may call from, as a JSON list (\'["*"]\') or comma-separated (default: none)')
+    parser.add_argument("--strict-request-fields", action="store_true",
+                        help="refuse (400) OpenAI request fields the server otherwise accepts and ignores (store, metadata, service_tier, ...)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True, help="log every HTTP request")
@@ -866,7 +1071,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _make_server(app: Starlette, shutdown_timeout: float | None = 30.0, **config: Any) -> Any:
     """A uvicorn Server for `app` with aiosched's graceful shutdown.
 
-    On SIGTERM/SIGINT (or `handle_exit`), new /v1 requests get 503 and the listening
+    On SIGTERM/SIGINT (or `handle_exit`), new requests get 503 and the listening
     socket closes; in-flight requests run on for `shutdown_timeout` seconds, then the
     app aborts them (their clients get a `shutting_down` error); then the lifespan
     stops the engine. uvicorn's own graceful timeout is only a backstop."""
@@ -887,10 +1092,26 @@ def _make_server(app: Starlette, shutdown_timeout: float | None = 30.0, **config
     return _Server(uvicorn.Config(app, **config))
 
 
-async def _serve(app: Starlette, args: argparse.Namespace) -> int:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, taken before anything else starts: a port in use fails at once.
+
+    Raises OSError (e.g. EADDRINUSE) from bind."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may reuse a port in TIME_WAIT
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(app: Starlette, args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     server = _make_server(app, shutdown_timeout=args.shutdown_timeout, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=args.access_log)
-    await server.serve()
+    await server.serve(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 1
 
 
@@ -898,8 +1119,19 @@ def main(args: argparse.Namespace) -> int:
     from aiosched.engine_args import engine_config_from_args
     from aiosched.event_loop import run
 
-    config = engine_config_from_args(args)
-    api_key = args.api_key or os.environ.get("AIOSCHED_API_KEY") or None
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = build_app(config, api_key=api_key, served_model_name=args.served_model_name)
-    return run(_serve(app, args))
+    # The port first: a port in use must not cost a model load to find out.
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"aiosched serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    try:
+        config = engine_config_from_args(args)
+        api_key = args.api_key or os.environ.get("AIOSCHED_API_KEY") or None
+        logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app = build_app(config, api_key=api_key, served_model_name=args.served_model_name, chat_template=args.chat_template,
+                        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                        allowed_origins=args.allowed_origins, strict_request_fields=args.strict_request_fields)
+        return run(_serve(app, args, sock))
+    finally:
+        sock.close()

@@ -10,6 +10,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from aiosched.chat_template import load_chat_template
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -55,7 +57,8 @@ class Tokenizer:
         # Sampling defaults the checkpoint recommends (as vLLM's `--generation-config auto`):
         # used for every field a request leaves unset.
         self.generation_defaults: dict[str, float | int] = {k: gen[k] for k in GENERATION_DEFAULT_FIELDS if k in gen}
-        self.chat_template: str | None = self.tokenizer_config.get("chat_template")
+        # chat_template.jinja, chat_template.json or tokenizer_config.json (aiosched.chat_template).
+        self.chat_template: str | list[dict[str, str]] | None = load_chat_template(d, self.tokenizer_config)
         self.special_tokens = {k: _token_text(self.tokenizer_config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
