@@ -10,7 +10,9 @@ mkdir -p "$OUT"
 # carried as wheels in .whl/. The project installs editable into a venv over the image's
 # packages, so `aiosched.executors` maps to this checkout's executors/ (pyproject's package-dir).
 if [ ! -x /tmp/venv/bin/python ]; then
-  python3 -m venv --system-site-packages /tmp/venv
+  IMAGE_SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')  # the image's python3 is itself a venv
+  python3 -m venv /tmp/venv
+  /tmp/venv/bin/python -c 'import site, sys; open(site.getsitepackages()[0] + "/image.pth", "w").write(sys.argv[1] + "\n")' "$IMAGE_SITE"
   if ls .whl/*.whl >/dev/null 2>&1; then
     /tmp/venv/bin/python -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
   fi
