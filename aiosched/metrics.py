@@ -1,32 +1,90 @@
-"""Prometheus metrics: what the engine and the HTTP server export on /metrics."""
+"""Prometheus metrics: what the engine and the HTTP server export on /metrics.
+
+Every `aiosched_*` series carries a `model_name` label (the served model name), as
+vLLM's `vllm:*` series do; the table of which vLLM metric each one corresponds to is in
+docs/user_guide.md ("Metrics"). Each app has its own CollectorRegistry, so several apps
+(or engines) in one process do not clash.
+
+Where the numbers come from:
+- gauges and engine-wide counters: `engine.stats()`, read at scrape time;
+- latency and length histograms: an observer on the engine (`engine.add_observer`), fed
+  every output on the engine's loop. Per-output work is one subtraction and a list append;
+  inter-token gaps are binned in bulk at scrape time (or every few thousand gaps), so the
+  engine loop never pays for Prometheus' locks per token;
+- request / token / HTTP error counters: the server's calls to `observe`, `aborted` and
+  `http_errors.labels(status).inc()` (this app's requests only);
+- `process_*` (CPU, memory, open files) and `python_*` (GC, version): prometheus_client's
+  standard collectors, as any Python exporter has them.
+"""
 from __future__ import annotations
 
-from typing import Any
+import bisect
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from aiosched.engine import AsyncEngine
 from aiosched.outputs import RequestOutput
+from aiosched.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from aiosched.engine import AsyncEngine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+_REQUEST_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+
+
+def _token_buckets(max_len: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to the context length (as vLLM's length buckets)."""
+    out: list[float] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_len:
+                return tuple(out) or (1.0,)
+            out.append(float(m * scale))
+        scale *= 10
+
+
+def default_model_name(engine: "AsyncEngine") -> str:
+    """The server's default served name: the model dir's base name."""
+    model = engine.config.model
+    return os.path.basename(os.path.normpath(model)) if model else "aiosched-default"
 
 
 class _EngineCollector:
     """Gauges and counters read from `engine.stats()` at scrape time."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: "AsyncEngine", model_name: str) -> None:
         self.engine = engine
+        self.model_name = model_name
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Any:
         s = self.engine.stats() or {}
-        g = lambda name, doc, key: GaugeMetricFamily(name, doc, value=float(s.get(key, 0) or 0))  # noqa: E731
-        c = lambda name, doc, key: CounterMetricFamily(name, doc, value=float(s.get(key, 0) or 0))  # noqa: E731
+        labels = [self.model_name]
+
+        def g(name: str, doc: str, key: str) -> GaugeMetricFamily:
+            m = GaugeMetricFamily(name, doc, labels=["model_name"])
+            m.add_metric(labels, float(s.get(key, 0) or 0))
+            return m
+
+        def c(name: str, doc: str, key: str) -> CounterMetricFamily:
+            m = CounterMetricFamily(name, doc, labels=["model_name"])
+            m.add_metric(labels, float(s.get(key, 0) or 0))
+            return m
+
         yield g("aiosched_num_requests_running", "Requests in the running batch.", "num_running")
         yield g("aiosched_num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting")
         yield g("aiosched_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1).", "kv_usage")
         yield g("aiosched_kv_cache_free_blocks", "Free KV cache blocks.", "kv_free_blocks")
+        yield g("aiosched_kv_cache_blocks", "KV cache blocks in the pool.", "kv_num_blocks")
         yield g("aiosched_prefix_cache_hit_rate", "Prefix cache hits / queries, in tokens (0-1).", "prefix_cache_hit_rate")
         yield c("aiosched_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries")
         yield c("aiosched_prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits")
@@ -35,43 +93,182 @@ class _EngineCollector:
         yield c("aiosched_engine_steps", "Engine steps run.", "steps")
 
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+class _BulkHistogram:
+    """A histogram fed in bulk: values are appended on the hot path and binned later."""
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float], model_name: str) -> None:
+        self.name, self.doc, self.model_name = name, doc, model_name
+        self.bounds = list(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound (+Inf only)
+        self.sum = 0.0
+        self.pending: list[float] = []
+        self._lock = threading.Lock()  # scrapes may run on another thread (a WSGI/ASGI exporter)
+
+    def add(self, value: float) -> None:
+        pending = self.pending
+        pending.append(value)
+        if len(pending) >= 4096:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            values, self.pending = self.pending, []
+            counts, bounds = self.counts, self.bounds
+            for v in values:
+                counts[bisect.bisect_left(bounds, v)] += 1
+            self.sum += sum(values)
+
+    def family(self) -> HistogramMetricFamily:
+        self.flush()
+        cum, running = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            cum.append((repr(float(bound)), running))
+        cum.append(("+Inf", running + self.counts[-1]))
+        fam = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        fam.add_metric([self.model_name], cum, self.sum)
+        return fam
+
+
+class _ObserverCollector:
+    def __init__(self, hists: list[_BulkHistogram]) -> None:
+        self.hists = hists
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        for h in self.hists:
+            yield h.family()
+
+
+class RequestTimingObserver:
+    """Engine observer: latency and length histograms of every request of the engine.
+
+    Per request (at its final output): queue time (arrival to first scheduled), prefill
+    time (first scheduled to first token), decode time (first to last token), TTFT,
+    time per output token, end-to-end latency, prompt and generation lengths. Per output:
+    the inter-token latency (time since that sample's previous output, one value per
+    engine step that produced tokens, as vLLM counts it). Aborted requests count in no
+    latency histogram."""
+
+    def __init__(self, model_name: str, max_model_len: int = 131072) -> None:
+        m = model_name
+        tok = _token_buckets(max_model_len)
+        self.queue = _BulkHistogram("aiosched_request_queue_time_seconds", "Time from arrival to first scheduled (waiting queue).", _REQUEST_TIME_BUCKETS, m)
+        self.prefill = _BulkHistogram("aiosched_request_prefill_time_seconds", "Time from first scheduled to first token (prefill).", _REQUEST_TIME_BUCKETS, m)
+        self.decode = _BulkHistogram("aiosched_request_decode_time_seconds", "Time from first to last token (decode).", _REQUEST_TIME_BUCKETS, m)
+        self.ttft = _BulkHistogram("aiosched_time_to_first_token_seconds", "Time to first token (arrival to first token).", _LATENCY_BUCKETS, m)
+        self.tpot = _BulkHistogram("aiosched_time_per_output_token_seconds", "Mean time per output token after the first, per request.", _TPOT_BUCKETS, m)
+        self.itl = _BulkHistogram("aiosched_inter_token_latency_seconds", "Time between consecutive outputs of a sample (one per step with tokens).", _TPOT_BUCKETS, m)
+        self.e2e = _BulkHistogram("aiosched_e2e_request_latency_seconds", "Request latency (arrival to last token).", _LATENCY_BUCKETS, m)
+        self.prompt_len = _BulkHistogram("aiosched_request_prompt_tokens", "Prompt length of finished requests, in tokens.", tok, m)
+        self.gen_len = _BulkHistogram("aiosched_request_generation_tokens", "Tokens generated per finished request (all samples).", tok, m)
+        self.histograms = [self.queue, self.prefill, self.decode, self.ttft, self.tpot, self.itl, self.e2e, self.prompt_len, self.gen_len]
+        self._last: dict[str, dict[int, float]] = {}  # request id -> sample index -> time of its previous output
+
+    def on_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        pass
+
+    def on_output(self, out: RequestOutput) -> None:
+        m = out.metrics
+        if m is None:
+            return
+        t = m.last_token_time
+        if t is not None:
+            last = self._last.get(out.request_id)
+            if last is None:
+                last = self._last[out.request_id] = {}
+            for c in out.outputs:
+                if c.new_token_ids:
+                    prev = last.get(c.index)
+                    if prev is not None:
+                        self.itl.add(t - prev)
+                    last[c.index] = t
+        if out.finished:
+            self._last.pop(out.request_id, None)
+            self._finished(out)
+
+    def _finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        assert m is not None
+        if any(c.finish_reason == "abort" for c in out.outputs):
+            return
+        end = m.finished_time or m.last_token_time
+        ntok = sum(len(c.token_ids) for c in out.outputs)
+        self.prompt_len.add(len(out.prompt_token_ids))
+        self.gen_len.add(ntok)
+        if m.first_scheduled_time is not None:
+            self.queue.add(max(0.0, m.first_scheduled_time - m.arrival_time))
+            if m.first_token_time is not None:
+                self.prefill.add(max(0.0, m.first_token_time - m.first_scheduled_time))
+        if m.first_token_time is not None:
+            self.ttft.add(max(0.0, m.first_token_time - m.arrival_time))
+            if end is not None:
+                self.decode.add(max(0.0, end - m.first_token_time))
+                longest = max((len(c.token_ids) for c in out.outputs), default=0)
+                if longest > 1:
+                    self.tpot.add(max(0.0, (end - m.first_token_time) / (longest - 1)))
+        if end is not None:
+            self.e2e.add(max(0.0, end - m.arrival_time))
+
+
+class _HTTPErrors:
+    """`labels(status).inc()`: counts by status code and by class (4xx / 5xx)."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self.model_name = model_name
+        self.by_status = Counter("aiosched_http_errors", "Requests answered with an error, by status code.", ["model_name", "status"], registry=registry)
+        self.by_class = Counter("aiosched_http_requests_failed", "Requests answered with a client (4xx) or server (5xx) error.",
+                                ["model_name", "status_class"], registry=registry)
+        for cls in ("4xx", "5xx"):
+            self.by_class.labels(model_name, cls)  # exported as 0 before the first error
+
+    def labels(self, status: str | int) -> "_HTTPErrorChild":
+        return _HTTPErrorChild(self, str(status))
+
+
+class _HTTPErrorChild:
+    def __init__(self, parent: _HTTPErrors, status: str) -> None:
+        self.parent, self.status = parent, status
+
+    def inc(self, amount: float = 1.0) -> None:
+        p = self.parent
+        p.by_status.labels(p.model_name, self.status).inc(amount)
+        if self.status[:1] in ("4", "5"):
+            p.by_class.labels(p.model_name, self.status[0] + "xx").inc(amount)
 
 
 class ServerMetrics:
     """Prometheus metrics of one app, in the app's own CollectorRegistry."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: "AsyncEngine", model_name: str | None = None, *, process_metrics: bool = True) -> None:
+        self.model_name = model_name or default_model_name(engine)
         r = self.registry = CollectorRegistry(auto_describe=False)
-        r.register(_EngineCollector(engine))  # type: ignore[arg-type]
-        self.ttft = Histogram("aiosched_time_to_first_token_seconds", "Time to first token (arrival to first token).", buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("aiosched_time_per_output_token_seconds", "Mean time per output token after the first.", buckets=_TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("aiosched_e2e_request_latency_seconds", "Request latency (arrival to last token).", buckets=_LATENCY_BUCKETS, registry=r)
-        self.requests = Counter("aiosched_requests", "Finished requests by finish reason (abort: client left or server stopped).", ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("aiosched_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
-        self.completion_tokens = Counter("aiosched_completion_tokens", "Completion tokens returned to clients.", registry=r)
-        self.http_errors = Counter("aiosched_http_errors", "Requests answered with an error, by status code.", ["status"], registry=r)
+        r.register(_EngineCollector(engine, self.model_name))  # type: ignore[arg-type]
+        max_len = engine.config.max_model_len or 131072
+        self.timing = RequestTimingObserver(self.model_name, max_len)
+        engine.add_observer(self.timing)
+        r.register(_ObserverCollector(self.timing.histograms))  # type: ignore[arg-type]
+        if process_metrics:
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                r.register(collector)
+        labels = ["model_name"]
+        self.requests = Counter("aiosched_requests", "Finished requests by finish reason (abort: client left or server stopped).",
+                                ["model_name", "finish_reason"], registry=r)
+        self.prompt_tokens = Counter("aiosched_prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r).labels(self.model_name)
+        self.completion_tokens = Counter("aiosched_completion_tokens", "Completion tokens returned to clients.", labels, registry=r).labels(self.model_name)
+        self.http_errors = _HTTPErrors(r, self.model_name)
 
     def observe(self, out: RequestOutput) -> None:
-        """Record a finished request (all its samples)."""
-        m = out.metrics
+        """Record a finished request of this app (all its samples); the latency
+        histograms come from the engine observer, for every request of the engine."""
         ntok = sum(len(c.token_ids) for c in out.outputs)
         reason = next((c.finish_reason for c in out.outputs if c.finish_reason), None) or "unknown"
-        self.requests.labels(reason).inc()
+        self.requests.labels(self.model_name, reason).inc()
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.completion_tokens.inc(ntok)
-        if m is None:
-            return
-        if m.first_token_time is not None:
-            self.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
-            end = m.finished_time or m.last_token_time
-            longest = max((len(c.token_ids) for c in out.outputs), default=0)
-            if end is not None and longest > 1:
-                self.tpot.observe(max(0.0, (end - m.first_token_time) / (longest - 1)))
-        end = m.finished_time or m.last_token_time
-        if end is not None:
-            self.e2e.observe(max(0.0, end - m.arrival_time))
 
     def aborted(self) -> None:
-        self.requests.labels("abort").inc()
+        self.requests.labels(self.model_name, "abort").inc()
+

@@ -148,7 +148,7 @@ class ServerState:
         self.shutdown_timeout: float | None = None  # set by `aiosched serve`; None: the ASGI server decides
         self.loop: asyncio.AbstractEventLoop | None = None
         self.inflight: set[str] = set()  # engine request ids this app submitted and has not seen finish
-        self.metrics = ServerMetrics(engine)
+        self.metrics = ServerMetrics(engine, model_name=self.served_names[0])
         self.created = int(time.time())
 
     @property
