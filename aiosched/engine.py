@@ -154,6 +154,8 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         if self._log_task is not None:
             self._log_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._log_task
             self._log_task = None
         if self._task is not None:
             self._task.cancel()
