@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "AsyncEngine": "aiosched.engine",
+    "LLM": "aiosched.llm",
     "EngineConfig": "aiosched.config",
     "SamplingParams": "aiosched.sampling_params",
     "StructuredOutputParams": "aiosched.sampling_params",
@@ -26,6 +27,7 @@ __all__ = list(_PUBLIC)
 if TYPE_CHECKING:
     from aiosched.config import EngineConfig
     from aiosched.engine import AsyncEngine
+    from aiosched.llm import LLM
     from aiosched.errors import EngineDeadError, EngineNotRunningError, EngineOverloadedError
     from aiosched.outputs import RequestOutput
     from aiosched.sampling_params import SamplingParams, StructuredOutputParams

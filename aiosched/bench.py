@@ -5,8 +5,19 @@ Two drivers, one workload and one set of metrics:
   tokenizer is needed. `--compare sync,async` runs both scheduling modes on the same
   prompts in one process and prints the ratios; `--random-weights SHAPE` benchmarks
   a random-weight model of a known shape without a checkpoint.
-- serving (`--base-url http://host:port`): any OpenAI-compatible /v1/completions
-  endpoint, streamed; prompts are sent as token-id lists.
+- serving (`--base-url http://host:port`): any OpenAI-compatible server, streamed:
+  `/v1/completions` (`--backend openai`, the default; random prompts go as token-id
+  lists) or `/v1/chat/completions` (`--backend openai-chat` or that `--endpoint`;
+  prompts go as one user message of text). `--api-key` (default: $OPENAI_API_KEY) is
+  sent as `Authorization: Bearer`. Needs httpx (`pip install 'aiosched[bench]'`).
+
+Datasets: `random` (the default) draws prompt tokens from the model's own vocabulary
+(the tokenizer's ids, without special tokens; offline the engine's tokenizer, serving
+`--tokenizer DIR`, else `--vocab-size`); `sharegpt` reads a ShareGPT-style JSON file
+(`--dataset-path`: a list of {"conversations": [{"from": "human", "value": ...},
+{"from": "gpt", "value": ...}]}, the first human turn is the prompt and the reply's
+length the output length when a tokenizer is at hand); `jsonl` reads one JSON object
+per line with a `prompt` (or `text`) and optionally `output_len` / `max_tokens`.
 
 Metrics (per request, then mean / median / p99): TTFT (send to first token), TPOT
 ((e2e - TTFT) / (output tokens - 1)), ITL (gap between consecutive token arrivals),
@@ -43,7 +54,12 @@ from aiosched.engine_args import add_engine_arguments, engine_config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     w = parser.add_argument_group("workload")
-    w.add_argument("--dataset", choices=["random"], default="random")
+    w.add_argument("--dataset", choices=["random", "sharegpt", "jsonl"], default="random",
+                   help="random token prompts, or prompts from --dataset-path (ShareGPT JSON, or JSONL with a 'prompt' per line)")
+    w.add_argument("--dataset-path", default=None, metavar="FILE", help="the local file of --dataset sharegpt|jsonl")
+    w.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="serving: a model dir whose tokenizer.json gives the random prompts' vocabulary and the datasets' lengths "
+                        "(default: --model, if given)")
     w.add_argument("--input-len", type=int, default=128, help="random prompt tokens per request (after the shared prefix)")
     w.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
     w.add_argument("--prefix-len", type=int, default=0, help="tokens of one shared prefix put before every prompt")
@@ -53,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
     w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     w.add_argument("--seed", type=int, default=0, help="seed of the prompts, arrivals and per-request sampling seeds")
-    w.add_argument("--vocab-size", type=int, default=None, help="prompt token ids are drawn from [0, N) (offline default: the model's vocab; serving: 10000)")
+    w.add_argument("--vocab-size", type=int, default=None,
+                   help="random prompt token ids are drawn from [0, N) (default: the tokenizer's vocabulary without special tokens; "
+                        "serving without a tokenizer: 10000)")
     w.add_argument("--num-warmups", type=int, default=2, help="requests run before timing (compilation, graph capture, caches)")
 
     o = parser.add_argument_group("output")
@@ -63,7 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = parser.add_argument_group("driver")
     d.add_argument("--base-url", default=None, help="benchmark a running OpenAI-compatible server instead of an in-process engine")
-    d.add_argument("--endpoint", default="/v1/completions")
+    d.add_argument("--backend", choices=["openai", "openai-chat"], default=None,
+                   help="serving: openai (/v1/completions) or openai-chat (/v1/chat/completions); default: from --endpoint")
+    d.add_argument("--endpoint", default=None, help="serving: the route (default: /v1/completions, or /v1/chat/completions for openai-chat)")
+    d.add_argument("--api-key", default=None, help="serving: sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
     d.add_argument("--served-model-name", default=None, help="'model' field of the requests (default: the first of /v1/models)")
     d.add_argument("--compare", default=None, metavar="MODES", help="offline: run each scheduling mode on the same workload, e.g. 'sync,async'")
     d.add_argument("--random-weights", default=None, metavar="SHAPE",
@@ -79,26 +100,107 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Workload:
-    prompts: list[list[int]]
+    prompts: list[Any]  # token-id lists (random) or text (datasets)
     output_len: int
     seeds: list[int]
+    output_lens: list[int] | None = None  # per prompt (datasets); None: output_len for all
+    prompt_lens: list[int] | None = None  # tokens per prompt when known for text prompts
 
     @property
     def num_input_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
+        return sum(self.prompt_len(i) for i in range(len(self.prompts)))
+
+    def prompt_len(self, i: int) -> int:
+        p = self.prompts[i]
+        if isinstance(p, list):
+            return len(p)
+        return self.prompt_lens[i] if self.prompt_lens is not None else 0
+
+    def max_tokens(self, i: int) -> int:
+        return self.output_lens[i] if self.output_lens is not None else self.output_len
 
 
-def make_workload(num_prompts: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0, prefix_len: int = 0) -> Workload:
-    """Random token-id prompts: one shared prefix (prefix_len) + input_len unique tokens each."""
+def make_workload(num_prompts: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0, prefix_len: int = 0,
+                  vocab: list[int] | None = None) -> Workload:
+    """Random token-id prompts: one shared prefix (prefix_len) + input_len unique tokens each,
+    drawn from `vocab` (token ids) if given, else from [0, vocab_size)."""
     if num_prompts < 1 or input_len < 0 or output_len < 1 or prefix_len < 0 or input_len + prefix_len < 1:
         raise ValueError("workload: need num_prompts >= 1, output_len >= 1 and a non-empty prompt")
-    if vocab_size < 2:
+    if vocab is None and vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    if vocab is not None and len(vocab) < 2:
+        raise ValueError("vocab: need at least 2 token ids to draw from")
     rng = random.Random(seed)
-    prefix = [rng.randrange(vocab_size) for _ in range(prefix_len)]
-    prompts = [prefix + [rng.randrange(vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+    draw = (lambda: vocab[rng.randrange(len(vocab))]) if vocab is not None else (lambda: rng.randrange(vocab_size))
+    prefix = [draw() for _ in range(prefix_len)]
+    prompts = [prefix + [draw() for _ in range(input_len)] for _ in range(num_prompts)]
     seeds = [rng.getrandbits(62) for _ in range(num_prompts)]
     return Workload(prompts, output_len, seeds)
+
+
+def tokenizer_vocab(tokenizer: Any) -> list[int]:
+    """The tokenizer's ordinary token ids: its vocabulary without special/added tokens,
+    so random prompts look like the model's input and never contain an EOS."""
+    specials = set(tokenizer.eos_token_ids)
+    if tokenizer.bos_token_id is not None:
+        specials.add(tokenizer.bos_token_id)
+    try:
+        added = tokenizer._tok.get_added_tokens_decoder()
+        specials.update(added)
+    except AttributeError:
+        pass
+    base = tokenizer._tok.get_vocab_size(with_added_tokens=False)
+    return [i for i in range(base) if i not in specials]
+
+
+def load_dataset(kind: str, path: str | None, num_prompts: int, output_len: int, seed: int, tokenizer: Any = None) -> Workload:
+    """Text prompts from a local file (`sharegpt` JSON or `jsonl`), the first `num_prompts`
+    usable ones, in file order."""
+    if path is None:
+        raise ValueError(f"dataset-path: --dataset {kind} needs a local file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"dataset-path: cannot read {path}: {e.strerror}") from None
+    items: list[tuple[str, int | None]] = []
+    if kind == "sharegpt":
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"dataset-path: {path} is not JSON ({e})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"dataset-path: {path} must hold a JSON list of conversations")
+        for entry in data:
+            conv = entry.get("conversations") if isinstance(entry, dict) else None
+            if not isinstance(conv, list) or not conv:
+                continue
+            first = conv[0]
+            if not isinstance(first, dict) or first.get("from") not in ("human", "user") or not first.get("value"):
+                continue
+            reply = conv[1].get("value") if len(conv) > 1 and isinstance(conv[1], dict) else None
+            n = len(tokenizer.encode(reply, add_special_tokens=False)) if tokenizer is not None and reply else None
+            items.append((str(first["value"]), max(1, n) if n is not None else None))
+    else:
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"dataset-path: {path} line {lineno} is not JSON ({e})") from None
+            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else obj
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"dataset-path: {path} line {lineno} has no 'prompt' string")
+            n = obj.get("output_len", obj.get("max_tokens")) if isinstance(obj, dict) else None
+            items.append((text, int(n) if n is not None else None))
+    items = items[:num_prompts]
+    if not items:
+        raise ValueError(f"dataset-path: no usable prompts in {path}")
+    rng = random.Random(seed)
+    prompts = [t for t, _ in items]
+    lens = [tokenizer.encode(t).__len__() for t in prompts] if tokenizer is not None else None
+    return Workload(prompts, output_len, [rng.getrandbits(62) for _ in items], [n or output_len for _, n in items], lens)
 
 
 # ---------------------------------------------------------------- one request's record
@@ -307,17 +409,17 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
     try:
         assert engine.info is not None
         if workload is None:
-            workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.vocab_size or engine.info.vocab_size,
-                                     args.seed, args.prefix_len)
+            workload = build_workload(args, engine.tokenizer, engine.info.vocab_size)
 
         def params(i: int, max_tokens: int) -> SamplingParams:
             return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos, seed=workload.seeds[i])
 
         async def send(i: int, max_tokens: int | None = None) -> RequestResult:
             prompt = workload.prompts[i]
-            rec = _Recorder(len(prompt))
+            rec = _Recorder(workload.prompt_len(i))
             try:
-                async for out in engine.generate(prompt, params(i, max_tokens or workload.output_len)):
+                async for out in engine.generate(prompt, params(i, max_tokens or workload.max_tokens(i))):
+                    rec.res.prompt_len = len(out.prompt_token_ids)
                     rec.tokens(len(out.new_token_ids))
             except Exception as e:  # a failed request is counted, not fatal
                 return rec.done(False, f"{type(e).__name__}: {e}")
@@ -325,7 +427,7 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
 
         if args.num_warmups > 0:
             nw = min(args.num_warmups, len(workload.prompts))
-            await asyncio.gather(*[send(i, min(workload.output_len, 16)) for i in range(nw)])
+            await asyncio.gather(*[send(i, min(workload.max_tokens(i), 16)) for i in range(nw)])
         torch = sys.modules.get("torch")
         if torch is not None and config.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -473,17 +575,60 @@ def trace_idle_analysis(trace_path: str, step_gap_us: float = 20.0) -> dict[str,
 def _httpx() -> Any:
     try:
         import httpx
-    except ImportError:  # some environments ship the client under its new name
-        import httpx2 as httpx  # type: ignore[no-redef]
+    except ImportError:
+        try:  # some environments ship the client under its new name
+            import httpx2 as httpx  # type: ignore[no-redef]
+        except ImportError:
+            raise ValueError("base-url: benchmarking a server needs httpx: pip install 'aiosched[bench]' (or pip install httpx)") from None
     return httpx
+
+
+def build_workload(args: argparse.Namespace, tokenizer: Any, model_vocab_size: int | None) -> Workload:
+    """The prompts: a dataset file's, or random tokens of the model's own vocabulary."""
+    if args.dataset != "random":
+        return load_dataset(args.dataset, args.dataset_path, args.num_prompts, args.output_len, args.seed, tokenizer)
+    vocab = None
+    if args.vocab_size is None and tokenizer is not None:
+        vocab = [t for t in tokenizer_vocab(tokenizer) if model_vocab_size is None or t < model_vocab_size]
+    size = args.vocab_size or model_vocab_size or 10000
+    return make_workload(args.num_prompts, args.input_len, args.output_len, size, args.seed, args.prefix_len, vocab=vocab)
+
+
+def _chat_mode(args: argparse.Namespace) -> bool:
+    endpoint = args.endpoint or ""
+    if args.backend == "openai-chat" or endpoint.rstrip("/").endswith("/chat/completions"):
+        if endpoint and not endpoint.rstrip("/").endswith("/chat/completions"):
+            raise ValueError(f"endpoint: --backend openai-chat needs a chat completions route, got {endpoint!r}")
+        return True
+    return False
+
+
+def _serving_tokenizer(args: argparse.Namespace) -> Any:
+    path = args.tokenizer or getattr(args, "model", None)
+    if path is None:
+        return None
+    from aiosched.tokenizer import Tokenizer
+
+    return Tokenizer(path)
 
 
 async def _serving_run(args: argparse.Namespace, label: str) -> tuple[dict[str, Any], Workload]:
     httpx = _httpx()
     base = args.base_url.rstrip("/")
-    workload = make_workload(args.num_prompts, args.input_len, args.output_len, args.vocab_size or 10000, args.seed, args.prefix_len)
+    chat = _chat_mode(args)
+    endpoint = args.endpoint or ("/v1/chat/completions" if chat else "/v1/completions")
+    tokenizer = _serving_tokenizer(args)
+    workload = build_workload(args, tokenizer, None)
+    if chat and workload.prompts and isinstance(workload.prompts[0], list):
+        if tokenizer is None:
+            raise ValueError("tokenizer: the chat endpoint takes text, so random prompts need --tokenizer DIR (or a --dataset file)")
+        # Random token ids as text (a chat message is text); their re-encoded length may differ slightly.
+        workload.prompt_lens = [len(p) for p in workload.prompts]
+        workload.prompts = [tokenizer.decode(p) for p in workload.prompts]
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=args.max_concurrency or 1000, max_keepalive_connections=args.max_concurrency or 1000)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits, headers=headers) as client:
         model = args.served_model_name
         if model is None:
             try:
@@ -495,12 +640,17 @@ async def _serving_run(args: argparse.Namespace, label: str) -> tuple[dict[str, 
 
         async def send(i: int, max_tokens: int | None = None) -> RequestResult:
             prompt = workload.prompts[i]
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens or workload.output_len, "temperature": args.temperature,
-                    "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos, "seed": workload.seeds[i]}
-            rec = _Recorder(len(prompt))
+            body: dict[str, Any] = {"model": model, "max_tokens": max_tokens or workload.max_tokens(i), "temperature": args.temperature,
+                                    "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos,
+                                    "seed": workload.seeds[i]}
+            if chat:
+                body["messages"] = [{"role": "user", "content": prompt}]
+            else:
+                body["prompt"] = prompt
+            rec = _Recorder(workload.prompt_len(i))
             usage_tokens = None
             try:
-                async with client.stream("POST", base + args.endpoint, json=body) as resp:
+                async with client.stream("POST", base + endpoint, json=body) as resp:
                     if resp.status_code != 200:
                         text = (await resp.aread()).decode(errors="replace")[:200]
                         return rec.done(False, f"HTTP {resp.status_code}: {text}")
@@ -514,10 +664,16 @@ async def _serving_run(args: argparse.Namespace, label: str) -> tuple[dict[str, 
                         chunk = json.loads(payload)
                         if chunk.get("error"):
                             return rec.done(False, str(chunk["error"])[:200])
-                        if chunk.get("usage") and chunk["usage"].get("completion_tokens") is not None:
-                            usage_tokens = int(chunk["usage"]["completion_tokens"])
+                        usage = chunk.get("usage") or {}
+                        if usage.get("completion_tokens") is not None:
+                            usage_tokens = int(usage["completion_tokens"])
+                        if usage.get("prompt_tokens") is not None:
+                            rec.res.prompt_len = int(usage["prompt_tokens"])
                         for ch in chunk.get("choices") or []:
-                            if ch.get("text") or ch.get("token_ids"):
+                            if chat:  # the role-only first chunk carries no token
+                                if (ch.get("delta") or {}).get("content"):
+                                    rec.tokens(1)
+                            elif ch.get("text") or ch.get("token_ids"):
                                 rec.tokens(len(ch["token_ids"]) if ch.get("token_ids") else 1)
             except Exception as e:
                 return rec.done(False, f"{type(e).__name__}: {e}")
@@ -527,7 +683,7 @@ async def _serving_run(args: argparse.Namespace, label: str) -> tuple[dict[str, 
             return res
 
         if args.num_warmups > 0:
-            await asyncio.gather(*[send(i, min(workload.output_len, 16)) for i in range(min(args.num_warmups, len(workload.prompts)))])
+            await asyncio.gather(*[send(i, min(workload.max_tokens(i), 16)) for i in range(min(args.num_warmups, len(workload.prompts)))])
         results, duration = await run_workload(send, len(workload.prompts), args.request_rate, args.max_concurrency, args.seed,
                                                progress=not args.disable_tqdm, desc=label)
     return compute_metrics(results, duration), workload
@@ -634,7 +790,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "label": args.label,
-        "workload": {"dataset": args.dataset, "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+        "workload": {"dataset": args.dataset, "dataset_path": args.dataset_path, "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
                      "prefix_len": args.prefix_len, "max_concurrency": args.max_concurrency,
                      "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
                      "ignore_eos": args.ignore_eos, "temperature": args.temperature, "seed": args.seed},
@@ -646,6 +802,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         metrics, _ = await _serving_run(args, "serving")
         report["mode"] = "serving"
         report["base_url"] = args.base_url
+        report["endpoint"] = args.endpoint or ("/v1/chat/completions" if _chat_mode(args) else "/v1/completions")
         report["runs"]["serving"] = metrics
         return report
 

@@ -5,12 +5,22 @@ remote address) is config, never code.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+# Value sets of the fields that take one of a few names: validate() and the CLI's choices
+# both read these (executor is open: executors register themselves by name).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+LOAD_FORMATS = ("auto", "random")
+RUNNERS = ("torch", "jax", "fake")
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "runner": RUNNERS}
 
 
 class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -31,7 +41,7 @@ class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Model
     model: str | None = None  # HF-layout directory; None = the embedded default model
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"  # auto: on cuda the checkpoint's config.json dtype (a float32 checkpoint runs in bfloat16); on cpu float32. Aliases: half, float, bf16, fp16, fp32
     load_format: str = "auto"  # auto: safetensors from `model`; random: random weights of config.json's shape
     max_model_len: int | None = None  # None: from config.json (max_position_embeddings)
     # Where it runs
@@ -63,8 +73,13 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Misc
     seed: int = 0  # engine RNG: draws the seed of every request that sets none
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None: off
+    # Logging
+    log_requests: bool = False  # log each request's arrival and finish (logger aiosched.requests, INFO)
+    log_stats_interval_s: float = 10.0  # throughput / queue / KV usage log line every N seconds while busy (logger aiosched.stats, INFO); 0: off
 
     def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         self.validate()
 
     def validate(self) -> None:
@@ -80,8 +95,8 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError(f"{name} must be a positive integer or unset, got {v!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)}), got {self.dtype!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -90,10 +105,12 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not self.worker_timeout_s > 0.0:
             raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
-        if self.load_format not in ("auto", "random"):
+        if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be 'auto' or 'random', got {self.load_format!r}")
-        if self.runner not in ("torch", "jax", "fake"):
+        if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of torch, jax, fake, got {self.runner!r}")
+        if not self.log_stats_interval_s >= 0.0:
+            raise ValueError(f"log_stats_interval_s must be >= 0 (0: off), got {self.log_stats_interval_s}")
         if self.executor == "remote" and not self.remote_address:
             raise ValueError("remote_address is required when executor = 'remote'")
         if self.model is not None and not isinstance(self.model, str):
@@ -116,9 +133,15 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @property
     def resolved_dtype(self) -> str:
+        """`dtype`, or for auto: float32 on cpu (torch's CPU kernels are fastest and exact
+        there); on cuda the checkpoint's own half type, and bfloat16 for a float32 (or
+        undeclared) checkpoint, as vLLM does."""
         if self.dtype != "auto":
             return self.dtype
-        return "float32" if self.device == "cpu" else "bfloat16"
+        if self.device == "cpu":
+            return "float32"
+        declared = checkpoint_dtype(self.resolved_model)
+        return declared if declared in ("bfloat16", "float16") else "bfloat16"
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return msgspec.structs.replace(self, **changes)
@@ -144,3 +167,21 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return msgspec.convert(data, cls)
         except msgspec.ValidationError as e:
             raise ValueError(f"invalid engine config: {e}") from None
+
+
+_HF_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16", "float32": "float32", "float": "float32"}
+
+
+@functools.lru_cache(maxsize=32)
+def checkpoint_dtype(model_dir: str | None) -> str | None:
+    """The dtype a checkpoint declares in config.json (`torch_dtype`, or `dtype` as
+    transformers >= 4.56 writes it), normalised to our names; None if it declares none."""
+    if model_dir is None:
+        return None
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("torch_dtype")
+    return _HF_DTYPES.get(str(value).removeprefix("torch.")) if value else None

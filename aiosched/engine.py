@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from aiosched import engine_log, preflight
 from aiosched.async_scheduler import AsyncScheduler
 from aiosched.config import EngineConfig
 from aiosched.detokenizer import IncrementalDetokenizer
@@ -108,6 +109,10 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._running = False
         self.timings = EngineTimings()
+        # on_request(request_id, prompt_ids, params) / on_output(RequestOutput): Prometheus
+        # metrics and request logs (aiosched.metrics, aiosched.engine_log); empty: no cost.
+        self._observers: list[Any] = []
+        self._log_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
 
@@ -118,6 +123,8 @@ class AsyncEngine:
     async def start(self) -> "AsyncEngine":
         if self._running:
             return self
+        t_start = time.perf_counter()
+        preflight.check_startup(self.config)  # one clear ValueError for what would fail late
         # The tokenizer (and its EOS ids) must be the runner's model's. The fake runner runs
         # only a model dir it is given, never the embedded default model.
         fake_without_model = self.config.runner == "fake" and self.config.model is None
@@ -141,9 +148,15 @@ class AsyncEngine:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="aiosched-engine")
         self._running = True
         self.timings.started = time.perf_counter()
+        self._log_task = engine_log.on_started(self, self.timings.started - t_start)
         return self
 
     async def shutdown(self) -> None:
+        if self._log_task is not None:
+            self._log_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._log_task
+            self._log_task = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -159,6 +172,12 @@ class AsyncEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
+
+    def add_observer(self, observer: Any) -> None:
+        """Call `observer.on_request(request_id, prompt_token_ids, params)` for every request
+        and `observer.on_output(request_output)` for every output (on the engine's loop)."""
+        if observer not in self._observers:
+            self._observers.append(observer)
 
     # ---- requests ----
 
@@ -203,6 +222,8 @@ class AsyncEngine:
             # best_of ranks samples by cumulative logprob: the worker must compute it.
             worker_params = msgspec.structs.replace(params, logprobs=0)
         self._by_user_id[user_id] = group
+        for obs in self._observers:
+            obs.on_request(user_id, prompt_ids, params)
         serial = next(self._ids)
         for index in range(num_samples):
             internal = f"{user_id}#{serial}.{index}"
@@ -432,6 +453,8 @@ class AsyncEngine:
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time, now, now if done else None,
                                  req.num_cached_prompt_tokens, req.num_preemptions)
         out = RequestOutput(group.user_id, group.prompt, req.prompt_token_ids, outputs, done, metrics, prompt_lps)
+        for obs in self._observers:
+            obs.on_output(out)
         try:
             group.stream.put(out)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):

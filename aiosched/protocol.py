@@ -105,6 +105,7 @@ class WorkerInfo(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     # Optional request features this worker implements ("structured_output", "logprobs",
     # "prompt_logprobs"); the engine rejects requests that need one it lacks.
     features: list[str] = []
+    cuda_graphs: int = 0  # CUDA graphs captured at load (decode batch sizes + mixed-step token counts); for the startup log
 
 
 # --- control messages for out-of-process executors (multiproc, remote) ---

@@ -212,3 +212,119 @@ async def test_offline_torch_runner_random_weights(tmp_path) -> None:
         assert report["runs"][mode]["engine"]["runner"] == "torch"
         prof = report["runs"][mode]["profile"]
         assert prof["traced_steps"] >= 2 and (tmp_path / "prof" / f"trace_profile_{mode}.json").is_file()
+
+
+# ---- against the real aiosched server: API key, the chat endpoint, dataset files, vocabulary
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from tests.tiny_model import _write_tokenizer_only
+
+    d = tmp_path_factory.mktemp("bench-tok")
+    _write_tokenizer_only(d, max_model_len=256)
+    return d
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tok_dir):
+    from aiosched.server import build_app
+    from tests.server_thread import ServerThread
+
+    app = build_app({"runner": "fake", "model": str(tok_dir), "num_kv_blocks": 256, "block_size": 4, "max_num_batched_tokens": 128},
+                    api_key="bench-key", served_model_name="m")
+    with ServerThread(app) as s:
+        yield s
+
+
+def _jsonl(tmp_path, prompts: list[str], output_len: int | None = None):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": t, **({"output_len": output_len} if output_len else {})}) + "\n" for t in prompts))
+    return str(p)
+
+
+async def test_chat_backend_with_api_key_from_the_environment(keyed_server, tok_dir, tmp_path, monkeypatch) -> None:
+    path = _jsonl(tmp_path, [f"question {i}?" for i in range(5)], output_len=4)
+    argv = ["--base-url", keyed_server.url, "--backend", "openai-chat", "--dataset", "jsonl", "--dataset-path", path,
+            "--num-prompts", "5", "--ignore-eos", "--max-concurrency", "2"]
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    denied = (await bench.run_bench(parse(*argv)))["runs"]["serving"]
+    assert denied["completed"] == 0 and any("401" in e for e in denied["errors"])
+    monkeypatch.setenv("OPENAI_API_KEY", "bench-key")
+    report = await bench.run_bench(parse(*argv))
+    assert report["endpoint"] == "/v1/chat/completions"
+    m = report["runs"]["serving"]
+    check_metrics(m, 5, 4)
+    assert m["total_input_tokens"] > 5  # prompt_tokens from the server's usage (the chat template adds some)
+    # --api-key wins over the environment; the completions endpoint with token-id prompts
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+    report = await bench.run_bench(parse("--base-url", keyed_server.url, "--api-key", "bench-key", "--num-prompts", "3", "--input-len", "6",
+                                         "--output-len", "3", "--ignore-eos", "--tokenizer", str(tok_dir)))
+    check_metrics(report["runs"]["serving"], 3, 3)
+    assert report["runs"]["serving"]["total_input_tokens"] == 18
+
+
+async def test_chat_endpoint_random_prompts_need_a_tokenizer(keyed_server, tok_dir) -> None:
+    with pytest.raises(ValueError, match="tokenizer: the chat endpoint takes text"):
+        await bench.run_bench(parse("--base-url", keyed_server.url, "--endpoint", "/v1/chat/completions", "--num-prompts", "2"))
+    report = await bench.run_bench(parse("--base-url", keyed_server.url, "--endpoint", "/v1/chat/completions", "--api-key", "bench-key",
+                                         "--tokenizer", str(tok_dir), "--num-prompts", "3", "--input-len", "8", "--output-len", "3",
+                                         "--ignore-eos"))
+    check_metrics(report["runs"]["serving"], 3, 3)
+    with pytest.raises(ValueError, match="endpoint: --backend openai-chat needs a chat"):
+        await bench.run_bench(parse("--base-url", keyed_server.url, "--backend", "openai-chat", "--endpoint", "/v1/completions"))
+
+
+async def test_offline_sharegpt_dataset(tok_dir, tmp_path) -> None:
+    from aiosched.tokenizer import Tokenizer
+
+    tok = Tokenizer(tok_dir)
+    convs = [{"conversations": [{"from": "human", "value": f"Write function {i}"}, {"from": "gpt", "value": "def f(x):\n    return x" * (i + 1)}]}
+             for i in range(4)]
+    convs.insert(1, {"conversations": [{"from": "gpt", "value": "starts with the model: skipped"}]})
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(convs))
+    args = parse("--runner", "fake", "--model", str(tok_dir), "--dataset", "sharegpt", "--dataset-path", str(path), "--num-prompts", "3",
+                 "--ignore-eos", "--num-kv-blocks", "256", "--block-size", "4")
+    report = await bench.run_bench(args)
+    m = report["runs"]["async"]
+    want_out = [len(tok.encode(c["conversations"][1]["value"], add_special_tokens=False)) for c in (convs[0], convs[2], convs[3])]
+    want_in = [len(tok.encode(c["conversations"][0]["value"])) for c in (convs[0], convs[2], convs[3])]
+    check_metrics(m, 3)
+    assert m["total_output_tokens"] == sum(want_out) and m["total_input_tokens"] == sum(want_in)
+
+
+def test_dataset_file_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="dataset-path: --dataset jsonl needs a local file"):
+        bench.load_dataset("jsonl", None, 4, 8, 0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(ValueError, match="line 2 has no 'prompt'"):
+        bench.load_dataset("jsonl", str(bad), 4, 8, 0)
+    w = bench.load_dataset("jsonl", _jsonl(tmp_path, ["a", "b", "c"]), 2, 8, 0)
+    assert w.prompts == ["a", "b"] and [w.max_tokens(i) for i in range(2)] == [8, 8]
+
+
+def test_random_prompts_come_from_the_models_own_vocabulary(tok_dir) -> None:
+    from aiosched.tokenizer import Tokenizer
+
+    tok = Tokenizer(tok_dir)
+    vocab = bench.tokenizer_vocab(tok)
+    specials = {tok._tok.token_to_id(t) for t in ("<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")}
+    assert specials and not specials & set(vocab)
+    assert len(vocab) == tok.vocab_size - len(specials)
+    args = parse("--num-prompts", "20", "--input-len", "30")
+    w = bench.build_workload(args, tok, tok.vocab_size)
+    ids = {t for p in w.prompts for t in p}
+    assert ids <= set(vocab) and len(ids) > 100
+    w2 = bench.build_workload(parse("--num-prompts", "20", "--input-len", "30", "--vocab-size", "50"), tok, tok.vocab_size)
+    assert max(t for p in w2.prompts for t in p) < 50  # --vocab-size still wins
+
+
+async def test_missing_httpx_is_a_clear_error(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    monkeypatch.setitem(sys.modules, "httpx2", None)
+    with pytest.raises(ValueError, match=r"needs httpx: pip install 'aiosched\[bench\]'"):
+        await bench.run_bench(parse("--base-url", "http://127.0.0.1:9", "--num-prompts", "1"))

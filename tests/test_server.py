@@ -307,7 +307,7 @@ def test_models_health_metrics(srv) -> None:
     for name in ("aiosched_num_requests_running", "aiosched_num_requests_waiting", "aiosched_kv_cache_usage_ratio",
                  "aiosched_prefix_cache_hit_rate", "aiosched_time_to_first_token_seconds_bucket",
                  "aiosched_time_per_output_token_seconds_bucket", "aiosched_e2e_request_latency_seconds_bucket",
-                 "aiosched_generation_tokens_total", "aiosched_num_preemptions_total", 'aiosched_requests_total{finish_reason="length"}'):
+                 "aiosched_generation_tokens_total", "aiosched_num_preemptions_total", 'aiosched_requests_total{finish_reason="length",model_name="tiny"}'):
         assert name in text, name
     count = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("aiosched_e2e_request_latency_seconds_count"))
     assert count >= 1
@@ -468,7 +468,7 @@ def test_stream_disconnect_aborts_the_request(slow) -> None:
         stream.close()
         wait_idle_and_check_pool(slow, timeout=10)
     wait_idle_and_check_pool(slow, timeout=5)
-    assert 'aiosched_requests_total{finish_reason="abort"}' in httpx.get(slow.url + "/metrics").text
+    assert 'aiosched_requests_total{finish_reason="abort",model_name="tiny"}' in httpx.get(slow.url + "/metrics").text
 
 
 def test_non_streaming_disconnect_aborts_the_request(slow) -> None:
@@ -520,10 +520,10 @@ async def test_100_streaming_clients_with_random_disconnects(slow) -> None:
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     completed = [i for i in range(n_clients) if results[i] is not None]
     assert sorted(set(range(n_clients)) - set(completed)) == sorted(leave_after)
-    assert delta['aiosched_requests_total{finish_reason="abort"}'] == len(leave_after)
-    assert delta['aiosched_requests_total{finish_reason="length"}'] == n_clients - len(leave_after)
+    assert delta['aiosched_requests_total{finish_reason="abort",model_name="tiny"}'] == len(leave_after)
+    assert delta['aiosched_requests_total{finish_reason="length",model_name="tiny"}'] == n_clients - len(leave_after)
     assert all(gate.sent[o] < max_tokens for o in owner)
-    assert delta["aiosched_num_preemptions_total"] > 0, "the small KV pool must force preemption"
+    assert delta['aiosched_num_preemptions_total{model_name="tiny"}'] > 0, "the small KV pool must force preemption"
     for i in completed:
         text, reason, ntok = results[i]
         assert reason == "length" and ntok == max_tokens, (i, results[i])

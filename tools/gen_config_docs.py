@@ -10,13 +10,8 @@ lines inside a class body start a new table.
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
-import io
 import pathlib
 import sys
-import textwrap
-import tokenize
 import types
 import typing
 from typing import Any
@@ -28,6 +23,7 @@ if str(ROOT) not in sys.path:
 import msgspec  # noqa: E402
 
 from aiosched.config import EngineConfig, SpeculativeConfig  # noqa: E402
+from aiosched.field_docs import field_comments  # noqa: E402
 from aiosched.openai_protocol import ChatCompletionRequest, CompletionRequest  # noqa: E402
 from aiosched.sampling_params import SamplingParams, StructuredOutputParams  # noqa: E402
 
@@ -70,35 +66,15 @@ def _default(f: Any) -> str:
 
 
 def _comments(cls: type) -> tuple[dict[str, str], dict[str, str]]:
-    """(field -> trailing comment, field -> section it opens) from the class source."""
-    src = textwrap.dedent(inspect.getsource(cls))
-    line_comments: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT:
-            line_comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    body = ast.parse(src).body[0]
-    assert isinstance(body, ast.ClassDef)
-    lines = src.splitlines()
-    trailing, sections = {}, {}
-    prev_end = body.lineno  # the `class` line (one line: no multi-line bases here)
-    for node in body.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            name = node.target.id
-            if node.lineno in line_comments and not lines[node.lineno - 1].lstrip().startswith("#"):
-                trailing[name] = line_comments[node.lineno]
-            titles = [line_comments[ln] for ln in range(prev_end + 1, node.lineno) if lines[ln - 1].lstrip().startswith("#")]
-            if titles:  # comment lines just above a field open a section
-                sections[name] = " ".join(titles)
-        prev_end = node.end_lineno or node.lineno
-    return trailing, sections
+    return field_comments(cls)
 
 
 def _engine_flag(name: str) -> str:
-    from aiosched.engine_args import _RENAME, _SKIP
+    from aiosched.engine_args import _SKIP, ALIASES, flag_name
 
     if name in _SKIP:
         return "`--speculative-tokens N`" if name == "speculative" else ""
-    return "`--" + _RENAME.get(name, name.replace("_", "-")) + "`"
+    return ", ".join(f"`{n}`" for n in [flag_name(name), *ALIASES.get(name, [])])
 
 
 def _api_name(name: str) -> str:
@@ -136,7 +112,7 @@ def render() -> str:
         "",
         "Engine settings: a dict, keyword arguments, or a TOML file (top level or an `[engine]` table),",
         "`AsyncEngine.from_config(...)` / `EngineConfig.load(...)`. Every field is also a command-line flag",
-        "of `aiosched generate|serve|bench` (flags override `--config FILE`). Invalid values raise",
+        "of `aiosched generate|chat|serve|bench` (flags override `--config FILE`; `aiosched serve --help` lists them). Invalid values raise",
         "`ValueError` naming the field.",
         "",
         *_table(EngineConfig, ("CLI flag", _engine_flag)),

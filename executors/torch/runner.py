@@ -114,8 +114,10 @@ class TorchModelRunner(ModelRunner):
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
         self.extras = SamplingExtras(cfg.resolved_model, a.vocab_size, cfg.max_num_seqs, self.device)
         self.prompt_lp_reqs: set[str] = set()
+        graphs = [getattr(self.fast, name, None) for name in ("graphs", "mixed")]
         return WorkerInfo(PROTOCOL_VERSION, self.num_blocks, self.block_size, a.vocab_size, self.max_model_len,
-                          str(self.device), cfg.resolved_dtype, "torch", features=self.extras.features)
+                          str(self.device), cfg.resolved_dtype, "torch", features=self.extras.features,
+                          cuda_graphs=sum(len(g.graphs) for g in graphs if g is not None))
 
     def _rank_device(self, device: str) -> torch.device:
         """This rank's device: under TP on CUDA, rank r uses the r-th GPU after the configured one."""
