@@ -16,7 +16,7 @@ import pytest
 from aiosched import AsyncEngine, EngineConfig
 from aiosched.cli import _resolve_model_tag, build_parser
 from aiosched.preflight import available_memory
-from executors.random_checkpoint import write_random_checkpoint
+from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--num-kv-blocks", "64", "--block-size", "4"]

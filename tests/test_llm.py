@@ -16,7 +16,7 @@ import pytest
 
 from aiosched import LLM, AsyncEngine, EngineConfig, SamplingParams
 from aiosched.chat_template import render_chat
-from executors.random_checkpoint import write_random_checkpoint
+from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = ["def fibonacci(n):", "import asyncio\n", "The quick brown fox", "Hello world!"]
