@@ -47,6 +47,7 @@ _REGISTRY: dict[str, str | ExecutorFactory] = {
     "inproc": "executors.inproc:InprocExecutor",
     "multiproc": "executors.multiproc:MultiprocExecutor",
     "remote": "executors.remote:RemoteExecutor",
+    "ray": "executors.ray_executor:RayExecutor",  # needs the `ray` extra
 }
 
 
