@@ -139,7 +139,7 @@ _DRIVER = textwrap.dedent("""
     from aiosched import AsyncEngine, SamplingParams
 
     async def main():
-        eng = AsyncEngine.from_config(executor="ray", runner="fake", tensor_parallel_size=2, num_kv_blocks=256, block_size=16)
+        eng = AsyncEngine.from_config(executor="ray", runner="fake", num_kv_blocks=256, block_size=16)
         await eng.start()
         await eng.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
         print("PIDS", *eng._executor.worker_pids, flush=True)
@@ -163,7 +163,7 @@ def test_no_actor_outlives_its_driver(ray, tmp_path: Path) -> None:
         line = proc.stdout.readline()
         assert line.startswith("PIDS"), line + (proc.stderr.read() if proc.stderr else "")
         pids = [int(x) for x in line.split()[1:]]
-        assert len(pids) == 2 and wait_gone(pids, 0.5) == pids
+        assert len(pids) == 1 and wait_gone(pids, 0.5) == pids
         proc.kill()
         proc.wait(10)
         assert wait_gone(pids, 30.0) == [], "actors outlived their driver"
