@@ -45,7 +45,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     load_format: str = "auto"  # auto: safetensors from `model`; random: random weights of config.json's shape
     max_model_len: int | None = None  # None: from config.json (max_position_embeddings)
     # Where it runs
-    executor: str = "inproc"  # inproc | multiproc | remote (registry names)
+    executor: str = "inproc"  # inproc | multiproc | remote | ray (registry names)
     runner: str = "torch"  # torch | jax | fake (the worker-side model runner)
     device: str = "cpu"  # cpu | cuda | cuda:N
     tensor_parallel_size: int = 1  # ranks the model is sharded over (one worker per rank)
@@ -53,7 +53,10 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     remote_server_key: str | None = None  # worker's public key file (CurveZMQ)
     remote_client_key: str | None = None  # our secret key file
     remote_insecure: bool = False  # allow plaintext ZeroMQ to the remote worker (trusted networks only)
-    worker_timeout_s: float = 5.0  # a worker silent this long is declared dead
+    worker_timeout_s: float = 5.0  # a ready worker silent (or stopped) this long is declared dead
+    worker_start_timeout_s: float = 600.0  # a worker not ready this long after start is declared dead (imports, loading)
+    ray_address: str | None = None  # executor = "ray": the cluster to join ("auto", "ray://host:10001", host:port); None: the current one, else a new local one
+    ray_placement: str = "pack"  # executor = "ray": pack the ranks on one node when they fit | spread them over nodes
     # Scheduling
     async_scheduling: bool = True  # schedule step N+1 while step N runs; false: the synchronous baseline
     max_num_seqs: int = 256  # most requests in one batch
@@ -105,6 +108,10 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not self.worker_timeout_s > 0.0:
             raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        if not self.worker_start_timeout_s > 0.0:
+            raise ValueError(f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s}")
+        if self.ray_placement not in ("pack", "spread"):
+            raise ValueError(f"ray_placement must be 'pack' or 'spread', got {self.ray_placement!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be 'auto' or 'random', got {self.load_format!r}")
         if self.runner not in RUNNERS:

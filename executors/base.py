@@ -47,6 +47,7 @@ _REGISTRY: dict[str, str | ExecutorFactory] = {
     "inproc": "aiosched.executors.inproc:InprocExecutor",
     "multiproc": "aiosched.executors.multiproc:MultiprocExecutor",
     "remote": "aiosched.executors.remote:RemoteExecutor",
+    "ray": "aiosched.executors.ray_executor:RayExecutor",  # needs the `ray` extra
 }
 
 

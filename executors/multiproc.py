@@ -5,24 +5,30 @@ engine's threads or event loop; scripts must guard their entry point with
 `if __name__ == "__main__":`, as for any spawn-based library). Only primitive
 arguments travel to the child; the config goes over the socket as msgpack.
 
-Transport: the engine binds one ZeroMQ ROUTER socket on `ipc://` inside a fresh
-private (0700) temp directory, driven by `zmq.asyncio` on the engine's loop. Each
-worker connects a DEALER whose routing id is its rank and announces itself, then
-gets `Hello` and serves `Execute`s; its result thread sends `Ready` and the
-`StepResult`s on a second DEALER of its own (see `aiosched.executors.worker_loop`).
-Every step is encoded once and sent to every rank; rank 0's `StepResult` resolves
-the step's future.
+Transport: one Unix stream socket per worker, listening inside a fresh private
+(0700) temp directory; frames are the protocol's msgpack Structs with a 4-byte
+length prefix (`aiosched.executors.worker_loop.FrameSocket` on the worker side). The
+engine side is non-blocking and driven by the event loop's reader callbacks, which
+decode each frame and resolve the step's future on the spot. Every step is
+encoded once and sent to every rank; rank 0's `StepResult` resolves the step's
+future. No ZeroMQ here: its I/O threads put four more thread wake-ups on every
+step's path (engine I/O thread, worker I/O thread, both ways), which a
+synchronous step pays in full (issue 17; `benchmarks/mp_sync_overhead.py`).
 
-Failure handling, all within `worker_timeout_s` (5 s by default):
+Failure handling:
 - a worker process that exits (crash, SIGKILL, OOM kill) is seen at once through
-  its process sentinel on the event loop;
-- a hung or stopped worker stops answering heartbeats;
+  its process sentinel on the event loop (or its connection closing);
+- a worker stopped (SIGSTOP, a debugger) for `worker_timeout_s` is declared dead;
+  the engine reads the process state from the kernel, so a worker that is merely
+  busy (importing torch with the interpreter lock held, a long step, a loaded
+  machine) is never mistaken for a dead one (issue 16, item 5). Starting is bounded
+  by `worker_start_timeout_s` alone;
 - a runner exception arrives as a fatal `WorkerError`.
 Then every pending step fails with `EngineDeadError`, `check_health` raises, the
 remaining workers are terminated, and `shutdown` reaps them all (terminate, then
-kill). Workers in turn exit by themselves when the engine process disappears
-(parent pid changes) or goes silent, and ignore SIGINT so Ctrl-C is handled once,
-by the engine.
+kill). Workers in turn exit by themselves when their connection to the engine
+ends, which the kernel does when the engine process dies, however it dies; they
+ignore SIGINT so Ctrl-C is handled once, by the engine.
 """
 from __future__ import annotations
 
@@ -34,22 +40,25 @@ import os
 import shutil
 import signal
 import socket
+import struct
+import sys
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
 from aiosched.config import EngineConfig
-from aiosched.executors.worker_loop import rank_identity, result_identity, worker_main
+from aiosched.protocol import MAX_FRAME_BYTES
+from aiosched.executors.worker_loop import worker_main
 from aiosched.executors.zmq_executor import ZmqExecutor
 
 log = logging.getLogger("aiosched.executor")
 
 SHUTDOWN_GRACE_S = 5.0  # after Shutdown, before SIGTERM
 TERMINATE_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
+_HEADER = struct.Struct("<I")  # frame length prefix (as aiosched.executors.worker_loop.FrameSocket)
+_RECV_CHUNK = 1 << 16
+_STOPPED_STATES = ("T", "t")  # /proc/PID/stat: stopped by a signal, stopped by a tracer
 
 
 def free_tcp_port() -> int:
@@ -77,6 +86,16 @@ def _resume(proc: BaseProcess) -> None:
             os.kill(proc.pid, signal.SIGCONT)
 
 
+def process_state(pid: int) -> str | None:
+    """The kernel's state letter for `pid` (Linux /proc); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return chr(data[data.rindex(b")") + 2])
+
+
 def dist_env(world_size: int) -> dict[str, str]:
     """Environment for torch.distributed's env:// rendezvous (TP > 1 only)."""
     if world_size == 1:
@@ -88,17 +107,28 @@ class MultiprocExecutor(ZmqExecutor):
     """`runner_factory` ('module:Class') replaces create_runner in the workers: a hook
     for tests and benchmarks; engines leave it unset."""
 
+    silence_deadline = False  # liveness from the kernel's view of the process (_check_peers)
+    push_frames = True
+    one_start_budget = True  # spawn, imports and loading: one generous deadline (worker_start_timeout_s)
+    connect_hint = " (worker_start_timeout_s)"
+
     def __init__(self, config: EngineConfig, *, runner_factory: str | None = None) -> None:
         super().__init__(config)
         self.world_size = config.tensor_parallel_size
         self._runner_factory = runner_factory
         self._procs: list[BaseProcess] = []
         self._tmpdir: str | None = None
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        # each worker connects twice: its IO thread (control) and its result thread (results)
-        self._ranks = {ident: r for r in range(self.world_size) for ident in (rank_identity(r), result_identity(r))}
-        self.address: str | None = None
+        self._listeners: list[socket.socket] = []
+        self._conns: list[socket.socket | None] = [None] * self.world_size
+        self._inbuf = [bytearray() for _ in range(self.world_size)]
+        self._outbuf: list[bytearray | None] = [None] * self.world_size
+        self._stopped_since: list[float | None] = [None] * self.world_size
+        self.address: str | None = None  # the directory holding the workers' sockets
+
+    @property
+    def connect_timeout_s(self) -> float:  # type: ignore[override]
+        """A slow spawn is not a dead worker: a crash is seen at once through the sentinel."""
+        return self.startup_timeout_s
 
     @property
     def peer_names(self) -> list[str]:
@@ -116,60 +146,174 @@ class MultiprocExecutor(ZmqExecutor):
 
     async def _open(self) -> None:
         self._tmpdir = tempfile.mkdtemp(prefix="aiosched-")  # mode 0700: only we can connect
-        self.address = f"ipc://{self._tmpdir}/engine"
-        self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.sndhwm = sock.rcvhwm = 0
-        sock.router_mandatory = 1  # sending to a vanished worker raises instead of dropping
-        sock.bind(self.address)
-        self._sock = sock
+        self.address = self._tmpdir
         mp = multiprocessing.get_context("spawn")
         env = dist_env(self.world_size)
         assert self._loop is not None
         for rank in range(self.world_size):
-            args = (self.address, rank, self.world_size, os.getpid(), env, self._runner_factory)
+            path = os.path.join(self._tmpdir, f"rank-{rank}")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(1)
+            listener.setblocking(False)
+            self._listeners.append(listener)
+            self._tasks.append(self._loop.create_task(self._accept(rank, listener), name=f"aiosched-mp-accept-{rank}"))
+            args = (path, rank, self.world_size, os.getpid(), env, self._runner_factory)
             proc = mp.Process(target=worker_main, args=args, name=f"aiosched-worker-{rank}", daemon=True)
             proc.start()
             self._procs.append(proc)
             self._loop.add_reader(proc.sentinel, self._on_exit, rank)
 
+    async def _accept(self, rank: int, listener: socket.socket) -> None:
+        assert self._loop is not None
+        conn, _ = await self._loop.sock_accept(listener)
+        listener.close()  # one worker per socket: nobody else may connect
+        conn.setblocking(False)
+        self._conns[rank] = conn
+        self._loop.add_reader(conn.fileno(), self._on_readable, rank)
+
     def _send(self, peer: int, frame: bytes) -> None:
-        assert self._sock is not None
-        fut = self._sock.send_multipart([rank_identity(peer), frame], copy=False)
-        if fut.done():
-            if (exc := fut.exception()) is not None:
-                if self._exited(peer):  # the socket noticed before the sentinel: report the exit itself
-                    return
-                raise exc
-        else:
-            fut.add_done_callback(lambda f: self._on_send_done(f, peer))
+        conn = self._conns[peer]
+        if conn is None:
+            raise ConnectionError("not connected yet")
+        data = _HEADER.pack(len(frame)) + frame
+        pending = self._outbuf[peer]
+        if pending is not None:  # earlier bytes still queued: keep the order
+            pending += data
+            return
+        try:
+            sent = conn.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            if self._exited(peer):  # the socket noticed before the sentinel: report the exit itself
+                return
+            raise
+        if sent < len(data):
+            self._outbuf[peer] = bytearray(memoryview(data)[sent:])
+            assert self._loop is not None
+            self._loop.add_writer(conn.fileno(), self._on_writable, peer)
 
-    def _on_send_done(self, fut: "asyncio.Future[Any]", peer: int) -> None:
-        if not fut.cancelled() and fut.exception() is not None and not self._exited(peer):
-            self._die(f"sending to worker {self.peer_names[peer]} failed: {fut.exception()}")
+    def _on_writable(self, peer: int) -> None:
+        conn, pending = self._conns[peer], self._outbuf[peer]
+        if conn is None or pending is None:
+            return
+        try:
+            sent = conn.send(pending)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._drop(peer)
+            if not self._exited(peer):
+                self._die(f"sending to worker {self.peer_names[peer]} failed: {e}")
+            return
+        del pending[:sent]
+        if not pending:
+            self._outbuf[peer] = None
+            assert self._loop is not None
+            self._loop.remove_writer(conn.fileno())
 
-    async def _recv(self) -> tuple[int, list[Any]]:
-        assert self._sock is not None
+    def _on_readable(self, peer: int) -> None:
+        """Read what arrived and hand each complete frame to `_on_frame`, here on the loop."""
+        conn = self._conns[peer]
+        if conn is None:
+            return
+        buf = self._inbuf[peer]
         while True:
-            parts = await self._sock.recv_multipart(copy=False)
-            rank = self._ranks.get(parts[0].bytes)
-            if rank is not None:
-                return rank, parts[1:]
+            try:
+                chunk = conn.recv(_RECV_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._on_closed(peer)
+                return
+            if not buf and self._whole_frames(peer, chunk):
+                pass  # the common case: whole frames in one read, no copy into the buffer
+            else:
+                buf += chunk
+                self._drain(peer)
+            if len(chunk) < _RECV_CHUNK or self._dead is not None:
+                break
+
+    def _whole_frames(self, peer: int, chunk: bytes) -> bool:
+        """Dispatch `chunk` if it holds whole frames only; False (nothing done) otherwise."""
+        view, pos, end, frames = memoryview(chunk), 0, len(chunk), []
+        while pos < end:
+            if end - pos < _HEADER.size:
+                return False
+            (n,) = _HEADER.unpack_from(chunk, pos)
+            if n > MAX_FRAME_BYTES or end - pos - _HEADER.size < n:
+                return False
+            frames.append(view[pos + _HEADER.size:pos + _HEADER.size + n])
+            pos += _HEADER.size + n
+        for frame in frames:
+            self._on_frame(peer, frame)
+        return True
+
+    def _drain(self, peer: int) -> None:
+        buf = self._inbuf[peer]
+        pos = 0
+        while len(buf) - pos >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(buf, pos)
+            if n > MAX_FRAME_BYTES:
+                self._die(f"worker {self.peer_names[peer]} sent a frame of {n} bytes (limit {MAX_FRAME_BYTES})")
+                return
+            if len(buf) - pos - _HEADER.size < n:
+                break
+            frame = bytes(buf[pos + _HEADER.size:pos + _HEADER.size + n])
+            pos += _HEADER.size + n
+            self._on_frame(peer, frame)
+        del buf[:pos]
+
+    def _on_closed(self, peer: int) -> None:
+        self._drop(peer)
+        if not self._closing and not self._exited(peer):
+            self._die(f"worker {self.peer_names[peer]} closed its connection")
+
+    def _drop(self, peer: int) -> None:
+        conn = self._conns[peer]
+        if conn is None:
+            return
+        self._conns[peer] = None
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(conn.fileno())
+            self._loop.remove_writer(conn.fileno())
+        conn.close()
+
+    async def _recv(self) -> tuple[int, list[Any]]:  # pragma: no cover - push_frames
+        raise NotImplementedError
 
     async def _close_transport(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        for peer in range(self.world_size):
+            self._drop(peer)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
     # ---- worker processes ----
 
+    def _check_peers(self, now: float) -> None:
+        """A worker the kernel shows stopped (SIGSTOP, a tracer) for worker_timeout_s is dead."""
+        if not sys.platform.startswith("linux"):
+            return
+        timeout = self.config.worker_timeout_s
+        for rank, proc in enumerate(self._procs):
+            state = process_state(proc.pid) if proc.pid is not None and proc.exitcode is None else None
+            if state not in _STOPPED_STATES:
+                self._stopped_since[rank] = None
+                continue
+            since = self._stopped_since[rank]
+            if since is None:
+                self._stopped_since[rank] = now
+            elif now - since > timeout:
+                self._die(f"worker {self.peer_names[rank]} is stopped (process state {state}) for "
+                          f"{now - since:.1f}s (worker_timeout_s={timeout}): hung")
+                return
     def _exited(self, rank: int) -> bool:
         """If this worker's process is gone (or going), report it as the cause; True then."""
         proc = self._procs[rank]

@@ -1,33 +1,39 @@
-"""The worker side of the out-of-process executors (`multiproc` and `remote`).
+"""The worker side of the out-of-process executors (`multiproc`, `remote`, `ray`).
 
 A worker serves one engine *session* at a time: `Hello` starts it (load the runner,
-answer `Ready(WorkerInfo)`), `Execute` runs steps, `Shutdown` ends it. Three threads:
+answer `Ready(WorkerInfo)`), `Execute` runs steps, `Shutdown` ends it. `Session`
+holds the step logic every transport shares: strict decoding, the launch of each
+step in submission order (`runner.execute(so)` only launches it), the wait for its
+tokens (`PendingOutput.result()`) and the encoded replies, in order: `Ready`, then
+one `StepResult` per step, or a fatal `WorkerError`. Replies go to an *emitter*
+(a callable taking the encoded frame) that the transport provides.
 
-- the IO thread (whoever calls `serve_engine` or the remote server's loop) is the
-  only one touching the engine socket. It decodes every frame strictly (size
-  first), answers `Heartbeat`s at once (also while a model loads or a step runs),
-  queues `Hello`/`Execute` for the launch thread and forwards finished replies;
-- the launch thread loads the runner and calls `runner.execute(so)` for each step in
-  submission order. `execute` only launches the step;
-- the result thread waits for each step's `.result()` and sends the encoded
-  `StepResult` (and `Ready`, and fatal errors, in order) on a socket of its own:
-  in a multiproc worker a second DEALER connected to the engine (so results skip
-  the IO thread; measured: ~1.6x the pipelined step rate at batch 256), in the
-  remote server an inproc PAIR back to the IO thread, which owns the one bound
-  ROUTER. ZeroMQ sockets are single-threaded: each is owned by one thread.
+Two ways to drive a session:
 
-So step N+1 is launched while step N's tokens are still on their way to the host,
-as in the in-process executor.
+- threaded (remote server, Ray actor): `handle()` runs on the transport's thread
+  and returns at once; a launch thread loads the runner and launches the steps, a
+  result thread waits for each step's tokens and emits the replies. The transport
+  thread stays free for heartbeats and other clients while a step runs.
+- inline (multiproc worker): the thread that reads the socket loads the runner and
+  launches each step itself; with async scheduling a result thread waits for the
+  tokens (so step N+1 is launched while step N's tokens are on their way), in sync
+  mode the same thread waits and replies. A sync step thus crosses two thread
+  wake-ups in the worker process in all (engine -> reader, reader -> engine)
+  instead of the six a ZeroMQ + three-thread pipeline costs (issue 17).
 
-Bad input never takes a worker down: a malformed, truncated, oversized or
-multi-part frame, or a message that does not fit the session state, is answered
-with `WorkerError(fatal=False)` and the worker keeps serving. A runner failure is
+Bad input never takes a worker down: a malformed, truncated or oversized frame, or
+a message that does not fit the session state, is answered with
+`WorkerError(fatal=False)` and the worker keeps serving. A runner failure is
 `WorkerError(fatal=True)`: the worker's model state is then unknown, so the session
 refuses further steps.
 
-`serve_engine` is the multiproc worker process: a DEALER socket connected to the
-engine's ROUTER, one session, and an exit as soon as the engine process is gone
-(parent pid changes) or silent for too long, so no worker outlives its engine.
+`worker_main` is the multiproc worker process: one Unix stream socket to the engine
+(length-prefixed frames, `FrameSocket`), one session, and an exit as soon as the
+engine closes the connection (which the kernel does when the engine process dies,
+however it dies), so no worker outlives its engine. Liveness needs no heartbeat
+thread here: the engine watches the worker process itself (exit, stopped state),
+which nothing inside the worker (an import holding the interpreter lock, a long
+step) can delay (issue 16, item 5).
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ import logging
 import os
 import queue
 import signal
+import socket
+import struct
 import threading
 import time
 import traceback
@@ -66,31 +74,24 @@ from aiosched.executors.runner import ModelRunner, PendingOutput, create_runner
 
 log = logging.getLogger("aiosched.worker")
 
-POLL_MS = 200  # IO loop wake-up period: parent-death and silence checks
+POLL_MS = 200  # remote server loop wake-up period: silence checks
 JOIN_TIMEOUT_S = 10.0  # how long closing a session waits for a busy runner thread
 _STOP = object()
 _session_ids = itertools.count()
 
 RunnerFactory = Callable[[EngineConfig, int, int], ModelRunner]
 ConfigHook = Callable[[EngineConfig], EngineConfig]
+Emit = Callable[[bytes], None]
+# Called on each thread that emits (once): returns that thread's emitter and its closer.
+EmitterFactory = Callable[[], tuple[Emit, Callable[[], None]]]
 
 
 def error_frame(message: str, fatal: bool) -> bytes:
     return encode(WorkerError(message=message[:8000], fatal=fatal))
 
 
-def rank_identity(rank: int) -> bytes:
-    """The ZeroMQ routing id a multiproc worker of this rank connects with."""
-    return b"rank-%d" % rank
-
-
-def result_identity(rank: int) -> bytes:
-    """The routing id of a multiproc worker's result socket."""
-    return b"rank-%d-results" % rank
-
-
 def parse_frames(parts: list[Any], limit: int = MAX_FRAME_BYTES) -> tuple[ToWorker | None, bytes | None]:
-    """Decode one ZeroMQ message (a list of frames): (message, None) or (None, error reply)."""
+    """Decode one message (a list of frames): (message, None) or (None, error reply)."""
     if len(parts) != 1:
         return None, error_frame(f"expected a message of one frame, got {len(parts)} frames", fatal=False)
     frame = parts[0]
@@ -116,30 +117,39 @@ def _describe(e: BaseException) -> str:
 
 
 class Session:
-    """One engine session: the runner and its launch/result threads.
+    """One engine session: the runner, its launch and result logic, the replies.
 
-    `handle(msg)` runs on the IO thread and returns an immediate reply (or None).
-    Replies produced later (Ready, StepResult, fatal errors) go out on the socket
-    `reply_socket(ctx)` makes in the result thread when given; otherwise the IO
-    thread reads them from `replies` with `pending_replies()` and forwards them.
+    `handle(msg)` returns an immediate reply (or None) and whether the session is
+    over. Later replies (Ready, StepResult, fatal errors) go to the emitter that
+    `emitter` makes on the thread that sends them. Without `emitter` (the remote
+    server) they go to an inproc PAIR socket that the server's IO thread reads with
+    `pending_replies()` (ZeroMQ sockets are single-threaded: each is owned by one
+    thread). `inline=True` runs loading and launching on the caller's thread.
     """
 
-    def __init__(self, ctx: zmq.Context, *, rank: int = 0, world_size: int = 1,
+    def __init__(self, ctx: zmq.Context | None = None, *, rank: int = 0, world_size: int = 1,
                  prepare: ConfigHook | None = None, runner_factory: RunnerFactory = create_runner,
-                 reply_socket: Callable[[zmq.Context], zmq.Socket] | None = None) -> None:
+                 emitter: EmitterFactory | None = None, inline: bool = False) -> None:
         self.rank = rank
-        self._reply_socket = reply_socket
         self.world_size = world_size
         self._prepare = prepare or (lambda c: c)
         self._runner_factory = runner_factory
-        self._ctx = ctx
-        self._addr = f"inproc://aiosched-session-{os.getpid()}-{next(_session_ids)}"
-        self.replies: zmq.Socket = ctx.socket(zmq.PAIR)
-        self.replies.linger = 0
-        self.replies.bind(self._addr)
+        self._inline = inline
+        self.replies: zmq.Socket | None = None
+        if emitter is None:
+            if ctx is None:
+                raise ValueError("Session needs a ZeroMQ context or an emitter")
+            addr = f"inproc://aiosched-session-{os.getpid()}-{next(_session_ids)}"
+            self.replies = ctx.socket(zmq.PAIR)
+            self.replies.linger = 0
+            self.replies.bind(addr)
+            emitter = _pair_emitter(ctx, addr)
+        self._emitter = emitter
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._launched: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._direct: tuple[Emit, Callable[[], None]] | None = None  # the caller thread's emitter (inline)
+        self._started = False
         self.runner: ModelRunner | None = None
         self.config: EngineConfig | None = None
         self.failed: str | None = None  # set once a fatal error was produced
@@ -147,9 +157,14 @@ class Session:
 
     @property
     def started(self) -> bool:
-        return bool(self._threads)
+        return self._started
 
-    # ---- IO thread ----
+    @property
+    def _sync(self) -> bool:
+        """One step in flight at a time: the launching thread can wait for the tokens itself."""
+        return self.config is not None and not self.config.async_scheduling
+
+    # ---- the caller's thread ----
 
     def handle(self, msg: ToWorker) -> tuple[bytes | None, bool]:
         """Apply one decoded message: (immediate reply or None, session over)."""
@@ -164,7 +179,10 @@ class Session:
             if not self.started:
                 return error_frame(f"Execute (step {msg.output.step_id}) before Hello: ignored", fatal=False), False
             if self.failed is None:
-                self._jobs.put(msg.output)
+                if self._inline:
+                    self._launch(msg.output)
+                else:
+                    self._jobs.put(msg.output)
             return None, False
         return error_frame(f"unexpected message {type(msg).__name__}", fatal=False), False  # pragma: no cover
 
@@ -181,17 +199,26 @@ class Session:
         except ValueError as e:
             return error_frame(f"config refused by the worker: {e}", fatal=True)
         self.config = config
-        self._threads = [
-            threading.Thread(target=self._launch_loop, name="aiosched-worker-launch", daemon=True),
-            threading.Thread(target=self._result_loop, name="aiosched-worker-results", daemon=True),
-        ]
-        for th in self._threads:
-            th.start()
+        self._started = True
+        if self._inline:
+            if not self._sync:
+                self._start_thread(self._result_loop, "aiosched-worker-results")
+            self._load()
+        else:
+            self._start_thread(self._launch_loop, "aiosched-worker-launch")
+            self._start_thread(self._result_loop, "aiosched-worker-results")
         return None
 
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        th = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(th)
+        th.start()
+
     def pending_replies(self) -> list[zmq.Frame]:
-        """Replies the result thread finished since the last call (non-blocking)."""
+        """Replies the result thread finished since the last call (non-blocking; PAIR mode)."""
         out: list[zmq.Frame] = []
+        if self.replies is None:
+            return out
         while True:
             try:
                 out.append(self.replies.recv(zmq.NOBLOCK, copy=False))
@@ -204,8 +231,10 @@ class Session:
         False when a runner thread is stuck (it may still hold a socket): the caller
         must then not `term()` the ZeroMQ context, which would wait for it forever."""
         clean = True
-        if self._threads:
+        if self._started:
             self._jobs.put(_STOP)
+            if self._inline:
+                self._launched.put(_STOP)
             deadline = time.monotonic() + JOIN_TIMEOUT_S
             for th in self._threads:
                 th.join(max(0.0, deadline - time.monotonic()))
@@ -222,12 +251,16 @@ class Session:
             self.runner = None
             gc.unfreeze()  # what the load froze may now be garbage (a remote worker serves on)
             gc.collect()
-        self.replies.close(linger=0)
+        if self._direct is not None:
+            self._direct[1]()
+            self._direct = None
+        if self.replies is not None:
+            self.replies.close(linger=0)
         return clean
 
-    # ---- launch thread ----
+    # ---- loading and launching (launch thread, or the caller's thread when inline) ----
 
-    def _launch_loop(self) -> None:
+    def _load(self) -> None:
         assert self.config is not None
         try:
             self.runner = self._runner_factory(self.config, self.rank, self.world_size)
@@ -235,125 +268,168 @@ class Session:
             # As in the engine: the model and modules leave the GC's view, so collections stay short.
             gc.collect()
             gc.freeze()
-            self._launched.put(encode(Ready(info)))
+            self._out(encode(Ready(info)))
         except BaseException as e:
             self._fail(f"loading the {self.config.runner} runner failed: {_describe(e)}")
+
+    def _launch(self, so: SchedulerOutput) -> None:
+        if self.failed is not None:
+            return
+        try:
+            assert self.runner is not None
+            pending = self.runner.execute(so)
+        except BaseException as e:
+            self._fail(f"step {so.step_id} failed: {_describe(e)}")
+            return
+        if self._inline and self._sync:
+            self._out(self._result_frame(pending))  # nothing else is in flight: no hand-off
+        else:
+            self._launched.put(pending)
+
+    def _launch_loop(self) -> None:
+        self._load()
         while (job := self._jobs.get()) is not _STOP:
-            if self.failed is not None:
-                continue
-            so: SchedulerOutput = job
-            try:
-                assert self.runner is not None
-                self._launched.put(self.runner.execute(so))
-            except BaseException as e:
-                self._fail(f"step {so.step_id} failed: {_describe(e)}")
+            self._launch(job)
         self._launched.put(_STOP)
+
+    def _out(self, frame: bytes) -> None:
+        """Emit in order: through the result thread when one runs, else on this thread."""
+        if self._inline and self._sync:
+            if self._direct is None:
+                self._direct = self._emitter()
+            self._direct[0](frame)
+        else:
+            self._launched.put(frame)
 
     def _fail(self, message: str) -> None:
         log.error("%s", message)
         self.failed = message
-        self._launched.put(error_frame(message, fatal=True))
+        self._out(error_frame(message, fatal=True))
+
+    def _result_frame(self, pending: PendingOutput) -> bytes:
+        try:
+            return encode(StepResult(pending.result()))
+        except BaseException as e:
+            self.failed = f"step failed: {_describe(e)}"
+            log.error("%s", self.failed)
+            return error_frame(self.failed, fatal=True)
 
     # ---- result thread ----
 
     def _result_loop(self) -> None:
-        if self._reply_socket is not None:
-            out = self._reply_socket(self._ctx)
-        else:
-            out = self._ctx.socket(zmq.PAIR)
-            out.linger = 0
-            out.connect(self._addr)
+        emit, close = self._emitter()
         try:
             while (item := self._launched.get()) is not _STOP:
-                if isinstance(item, bytes):
-                    out.send(item, copy=False)
-                    continue
-                pending: PendingOutput = item
-                try:
-                    frame = encode(StepResult(pending.result()))
-                except BaseException as e:
-                    self.failed = f"step failed: {_describe(e)}"
-                    log.error("%s", self.failed)
-                    frame = error_frame(self.failed, fatal=True)
-                out.send(frame, copy=False)
+                emit(item if isinstance(item, bytes) else self._result_frame(item))
         finally:
-            out.close(linger=0)
+            close()
 
 
-# ---- the multiproc worker process ----
+def _pair_emitter(ctx: zmq.Context, addr: str) -> EmitterFactory:
+    """Replies through an inproc PAIR to the thread that owns the bound end."""
+    def make() -> tuple[Emit, Callable[[], None]]:
+        out = ctx.socket(zmq.PAIR)
+        out.linger = 0
+        out.connect(addr)
+        return (lambda frame: out.send(frame, copy=False)), (lambda: out.close(linger=0))
+    return make
 
 
-def silence_limit(config: EngineConfig | None) -> float:
-    """How long a multiproc worker waits for a silent engine before exiting."""
-    return 120.0 if config is None else max(30.0, 6 * config.worker_timeout_s)
+# ---- the multiproc worker's transport: length-prefixed frames on a Unix stream socket ----
+
+_HEADER = struct.Struct("<I")  # frame length; frames are at most MAX_FRAME_BYTES (< 4 GiB)
 
 
-def serve_engine(sock: zmq.Socket, session: Session, *, parent_pid: int | None = None,
-                 stop: threading.Event | None = None) -> str:
-    """Serve one session on a DEALER socket until it ends; returns why it ended."""
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(session.replies, zmq.POLLIN)
+class FrameSocket:
+    """Blocking, length-prefixed frames on a connected stream socket.
+
+    `send` may be called from several threads (a lock keeps frames whole);
+    `recv` from one. An oversized frame is read and discarded, and reported
+    as a `ValueError`, so the stream stays in sync."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._reader = sock.makefile("rb", buffering=1 << 16)
+        self._lock = threading.Lock()
+
+    def send(self, frame: bytes | memoryview) -> None:
+        with self._lock:
+            self.sock.sendall(_HEADER.pack(len(frame)) + frame)
+
+    def recv(self, limit: int = MAX_FRAME_BYTES) -> bytes | None:
+        """The next frame; None at end of stream (the engine closed the connection)."""
+        head = self._reader.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            return None
+        (n,) = _HEADER.unpack(head)
+        if n > limit:
+            left = n
+            while left > 0:
+                chunk = self._reader.read(min(left, 1 << 20))
+                if not chunk:
+                    return None
+                left -= len(chunk)
+            raise ValueError(f"frame of {n} bytes exceeds the limit of {limit} bytes")
+        data = self._reader.read(n)
+        return data if len(data) == n else None
+
+    def close(self) -> None:
+        self._reader.close()
+        self.sock.close()
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind the serving thread and close the session."""
+
+
+def serve_connection(chan: FrameSocket, session: Session) -> str:
+    """Serve one session on a stream connection until it ends; returns why it ended."""
     while True:
-        events = dict(poller.poll(POLL_MS))
-        if session.replies in events:
-            for frame in session.pending_replies():
-                sock.send(frame, copy=False)
-        if sock in events:
-            while True:
-                try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                msg, reply = parse_frames(parts)
-                over = False
-                if msg is not None:
-                    session.last_heard = time.monotonic()
-                    reply, over = session.handle(msg)
-                if reply is not None:
-                    sock.send(reply, copy=False)
-                if over:
-                    return "shutdown requested"
-        if parent_pid is not None and os.getppid() != parent_pid:
-            return f"engine process {parent_pid} is gone"
-        limit = silence_limit(session.config)
-        if time.monotonic() - session.last_heard > limit:
-            return f"engine silent for {limit:.0f}s"
-        if stop is not None and stop.is_set():
-            return "stopped"
+        try:
+            frame = chan.recv()
+        except ValueError as e:  # oversized: discarded, the stream is still in sync
+            chan.send(error_frame(str(e), fatal=False))
+            continue
+        if frame is None:
+            return "the engine closed the connection"
+        msg, reply = parse_frames([frame])
+        over = False
+        if msg is not None:
+            reply, over = session.handle(msg)
+        if reply is not None:
+            chan.send(reply)
+        if over:
+            return "shutdown requested"
+
+
+def _raise_terminated(*_: object) -> None:
+    raise _Terminated()
 
 
 def worker_main(address: str, rank: int, world_size: int, parent_pid: int,
                 env: dict[str, str] | None = None, runner_factory: str | None = None) -> None:
-    """Entry point of a multiproc worker process (spawn context)."""
+    """Entry point of a multiproc worker process (spawn context); `address` is a Unix socket path."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the engine, which shuts us down
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, _raise_terminated)
     os.environ.update(env or {})
     logging.basicConfig(level=logging.WARNING, format=f"[worker rank {rank}] %(levelname)s %(message)s")
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.sndhwm = sock.rcvhwm = 0
-    sock.routing_id = rank_identity(rank)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address)
-    def reply_socket(ctx: zmq.Context) -> zmq.Socket:
-        """The result thread's own connection to the engine: results skip the IO thread."""
-        out = ctx.socket(zmq.DEALER)
-        out.linger = 0
-        out.sndhwm = 0
-        out.routing_id = result_identity(rank)
-        out.connect(address)
-        return out
-
-    session = Session(ctx, rank=rank, world_size=world_size, runner_factory=resolve_runner_factory(runner_factory),
-                      reply_socket=reply_socket)
+    chan = FrameSocket(sock)
+    emitter: EmitterFactory = lambda: (chan.send, lambda: None)  # noqa: E731
+    session = Session(rank=rank, world_size=world_size, runner_factory=resolve_runner_factory(runner_factory),
+                      emitter=emitter, inline=True)
+    why = "terminated (SIGTERM)"
     try:
-        sock.send(encode(Heartbeat(0)))  # announce ourselves: the engine's ROUTER now knows our id
-        why = serve_engine(sock, session, parent_pid=parent_pid, stop=stop)
-        log.info("worker exiting: %s", why)
+        chan.send(encode(Heartbeat(0)))  # our first word: the engine knows we are up
+        why = serve_connection(chan, session)
+    except _Terminated:
+        pass
+    except OSError as e:  # the engine vanished mid-send
+        why = f"connection to the engine failed: {e}"
     finally:
-        clean = session.close()
-        sock.close(linger=0)
-        if clean:
-            ctx.term()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while closing: just exit
+        log.info("worker exiting: %s", why)
+        session.close()
+        chan.close()
+    del parent_pid  # the connection's end of stream tells us the engine is gone, however it died

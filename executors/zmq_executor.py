@@ -1,20 +1,24 @@
-"""Engine side shared by the ZeroMQ executors (`multiproc`, `remote`).
+"""Engine side shared by the socket executors (`multiproc`, `remote`).
 
 Owns what does not depend on the transport:
 
 - step futures, resolved in submission order by the StepResult of peer 0 (rank 0);
   other ranks' results are drained and ignored;
 - the startup handshake: wait for every peer's first word (`connect_timeout_s`),
-  send `Hello`, wait for every `Ready` (`startup_timeout_s`), check protocol
+  send `Hello`, wait for every `Ready` (`worker_start_timeout_s`), check protocol
   version and that all ranks agree on the KV cache size and model limits;
-- heartbeats: every `worker_timeout_s / 10` each peer gets a `Heartbeat`; a peer
-  silent for `worker_timeout_s` is declared dead (this catches hung and
-  unreachable workers; subclasses report crashes sooner);
+- liveness, after a peer reported `Ready` only: a slow start (imports, loading,
+  a loaded machine) is not a dead worker, the start timeout covers it. Then either
+  the subclass checks its peers itself (`_check_peers`: the multiproc executor
+  watches its worker processes, which nothing inside them can delay) or, with
+  `silence_deadline`, every `worker_timeout_s / 10` each peer gets a `Heartbeat`
+  and a peer silent for `worker_timeout_s` is declared dead (remote workers);
 - failure: the first fatal event fails every pending future with
   `EngineDeadError`, later `submit`s fail at once and `check_health` raises.
 
-Subclasses provide the transport: `peer_names`, `_open`, `_send`, `_recv`,
-`_close_transport`, and optionally `_stop_workers` / `_on_dead`.
+Subclasses provide the transport: `peer_names`, `_open`, `_send`, `_recv` (or
+they push frames to `_on_frame` themselves and set `push_frames`),
+`_close_transport`, and optionally `_stop_workers` / `_on_dead` / `_check_peers`.
 Everything runs on the engine's event loop; nothing here blocks it.
 """
 from __future__ import annotations
@@ -55,11 +59,27 @@ log = logging.getLogger("aiosched.executor")
 _AGREED_FIELDS = ("num_kv_blocks", "block_size", "vocab_size", "max_model_len", "runner")
 
 
+def disagreement(names: list[str], infos: list[WorkerInfo]) -> str | None:
+    """Why these ranks' Ready infos cannot serve one engine (protocol, KV size, limits), or None."""
+    for name, info in zip(names, infos):
+        if info.protocol_version != PROTOCOL_VERSION:
+            return f"worker {name} speaks protocol {info.protocol_version}, the engine {PROTOCOL_VERSION}"
+    first = infos[0]
+    for name, info in zip(names[1:], infos[1:]):
+        for field in _AGREED_FIELDS:
+            if getattr(info, field) != getattr(first, field):
+                return (f"workers disagree on {field}: {names[0]} has {getattr(first, field)!r}, "
+                        f"{name} has {getattr(info, field)!r}")
+    return None
+
+
 class ZmqExecutor(Executor):
     connect_timeout_s: float = 60.0  # first word from every peer (process spawn, imports, TCP connect)
-    startup_timeout_s: float = 600.0  # every Ready (model loading)
     probe_before_heard: bool = False  # send heartbeats to peers we have not heard from yet
     connect_hint: str = ""  # appended to the "no answer" startup error
+    silence_deadline: bool = True  # heartbeats, and a Ready peer silent for worker_timeout_s is dead
+    push_frames: bool = False  # the transport calls _on_frame itself (no _recv loop)
+    one_start_budget: bool = False  # connecting and loading share startup_timeout_s (else each has its own)
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
@@ -108,6 +128,14 @@ class ZmqExecutor(Executor):
     def _on_dead(self) -> None:
         """Called once when the executor is declared dead."""
 
+    def _check_peers(self, now: float) -> None:
+        """Called every heartbeat interval: a subclass's own liveness checks (call `_die`)."""
+
+    @property
+    def startup_timeout_s(self) -> float:
+        """Every Ready within this (model loading; no silence deadline before it)."""
+        return self.config.worker_start_timeout_s
+
     # ---- Executor API ----
 
     async def start(self) -> WorkerInfo:
@@ -116,18 +144,20 @@ class ZmqExecutor(Executor):
         self._last_seen = [None] * n
         self._infos = [None] * n
         await self._open()
-        self._tasks += [
-            self._loop.create_task(self._recv_loop(), name="aiosched-zmq-recv"),
-            self._loop.create_task(self._heartbeat_loop(), name="aiosched-zmq-heartbeat"),
-        ]
+        if not self.push_frames:
+            self._tasks.append(self._loop.create_task(self._recv_loop(), name="aiosched-zmq-recv"))
+        self._tasks.append(self._loop.create_task(self._heartbeat_loop(), name="aiosched-zmq-heartbeat"))
         if self.probe_before_heard:
             self._send_all(encode(Heartbeat(0)))
+        t0 = time.monotonic()
         await self._wait_for(lambda: all(t is not None for t in self._last_seen), self.connect_timeout_s,
-                             lambda: f"no answer from {self._unheard()} within {self.connect_timeout_s:.0f}s{self.connect_hint}")
+                             lambda: f"no answer from {self._unheard()} within {self.connect_timeout_s:g}s{self.connect_hint}")
         for peer in range(n):
             self._send_checked(peer, encode(Hello(PROTOCOL_VERSION, self._config_for_workers(), rank=peer)))
-        await self._wait_for(lambda: all(i is not None for i in self._infos), self.startup_timeout_s,
-                             lambda: f"{self._unready()} did not finish loading within {self.startup_timeout_s:.0f}s")
+        budget = self.startup_timeout_s - (time.monotonic() - t0 if self.one_start_budget else 0.0)
+        await self._wait_for(lambda: all(i is not None for i in self._infos), budget,
+                             lambda: f"{self._unready()} did not finish loading within {self.startup_timeout_s:g}s "
+                                     "(worker_start_timeout_s)")
         return self._agree([i for i in self._infos if i is not None])
 
     def submit(self, output: SchedulerOutput) -> "asyncio.Future[RunnerOutput]":
@@ -196,18 +226,11 @@ class ZmqExecutor(Executor):
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.25))
 
     def _agree(self, infos: list[WorkerInfo]) -> WorkerInfo:
-        for name, info in zip(self.peer_names, infos):
-            if info.protocol_version != PROTOCOL_VERSION:
-                self._die(f"worker {name} speaks protocol {info.protocol_version}, the engine {PROTOCOL_VERSION}")
-                raise EngineDeadError(self._dead)
-        first = infos[0]
-        for name, info in zip(self.peer_names[1:], infos[1:]):
-            for field in _AGREED_FIELDS:
-                if getattr(info, field) != getattr(first, field):
-                    self._die(f"workers disagree on {field}: {self.peer_names[0]} has {getattr(first, field)!r}, "
-                              f"{name} has {getattr(info, field)!r}")
-                    raise EngineDeadError(self._dead)
-        return first
+        problem = disagreement(self.peer_names, infos)
+        if problem is not None:
+            self._die(problem)
+            raise EngineDeadError(self._dead)
+        return infos[0]
 
     def _send_checked(self, peer: int, frame: bytes) -> None:
         try:
@@ -225,23 +248,30 @@ class ZmqExecutor(Executor):
         try:
             while self._dead is None:
                 peer, parts = await self._recv()
-                self._last_seen[peer] = time.monotonic()
                 if len(parts) != 1:
                     self._die(f"worker {self.peer_names[peer]} sent a message of {len(parts)} frames")
                     return
                 frame = parts[0]
-                try:
-                    msg = decode_from_worker(frame.buffer if isinstance(frame, zmq.Frame) else frame)
-                except ValueError as e:
-                    self._die(f"worker {self.peer_names[peer]} sent a malformed message: {e}")
-                    return
-                self._dispatch(peer, msg)
-                self._changed.set()
+                self._on_frame(peer, frame.buffer if isinstance(frame, zmq.Frame) else frame)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             if not self._closing:
                 self._die(f"receiving from workers failed: {e!r}")
+
+    def _on_frame(self, peer: int, frame: bytes | memoryview) -> None:
+        """One message from a peer (on the loop)."""
+        if self._dead is not None:
+            return
+        self._last_seen[peer] = time.monotonic()
+        try:
+            msg = decode_from_worker(frame)
+        except ValueError as e:
+            self._die(f"worker {self.peer_names[peer]} sent a malformed message: {e}")
+            return
+        self._dispatch(peer, msg)
+        if not isinstance(msg, StepResult):  # only the startup waits care; keep the step path lean
+            self._changed.set()
 
     def _dispatch(self, peer: int, msg: Any) -> None:
         if isinstance(msg, StepResult):
@@ -280,13 +310,18 @@ class ZmqExecutor(Executor):
             now = time.monotonic()
             stalled = now - last_tick > 3 * interval  # our own loop was blocked: let recv catch up first
             last_tick = now
+            self._check_peers(now)
+            if not self.silence_deadline or self._dead is not None:
+                continue
             frame = encode(Heartbeat(next(self._hb_seq)))
             for peer, seen in enumerate(self._last_seen):
                 if seen is None:
                     if self.probe_before_heard:
                         self._send_checked(peer, frame)
                     continue
-                if not stalled and now - seen > timeout:
+                # Only once the peer is Ready: before, it may be importing or loading
+                # with its interpreter lock held for long stretches (the start timeout covers that).
+                if not stalled and self._infos[peer] is not None and now - seen > timeout:
                     self._die(f"worker {self.peer_names[peer]} sent nothing for {now - seen:.1f}s "
                               f"(worker_timeout_s={timeout}): hung or unreachable")
                     return

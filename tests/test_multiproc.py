@@ -6,10 +6,12 @@ when it is available); every test is bounded in time.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.util
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
 
 from aiosched import SamplingParams
 from aiosched.config import EngineConfig
@@ -41,7 +42,7 @@ from aiosched.protocol import (
 from aiosched.executors.base import register_executor
 from aiosched.executors.multiproc import MultiprocExecutor
 from aiosched.executors.fake_runner import FakeModelRunner, reference_tokens
-from aiosched.executors.worker_loop import rank_identity, result_identity, worker_main
+from aiosched.executors.worker_loop import FrameSocket, worker_main
 from procs import children_of, is_gone, proc_state, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +164,7 @@ async def test_sigkill_fails_pending_fast_and_leaves_no_orphans(make_engine, tp:
         assert await run_all(eng2, ps) == [reference_tokens(p, GREEDY.max_tokens) for p in ps]
 
 
-async def test_hung_worker_is_detected_by_heartbeat(make_engine) -> None:
+async def test_stopped_worker_is_detected(make_engine) -> None:
     eng = make_engine(executor="multiproc", runner="fake", num_kv_blocks=1024, block_size=16, worker_timeout_s=1.0)
     await eng.start()
     pid = eng._executor.worker_pids[0]
@@ -172,7 +173,7 @@ async def test_hung_worker_is_detected_by_heartbeat(make_engine) -> None:
     t0 = time.monotonic()
     os.kill(pid, signal.SIGSTOP)
     try:
-        with pytest.raises(EngineDeadError, match="sent nothing"):
+        with pytest.raises(EngineDeadError, match=r"is stopped \(process state T\)"):
             await asyncio.wait_for(_await(stream), 5.0)
         assert time.monotonic() - t0 < 2.5
     finally:
@@ -206,6 +207,31 @@ class BigKVRunner(FakeModelRunner):
         return info
 
 
+def hold_the_interpreter_lock(seconds: float) -> None:
+    """Block this thread *with* the GIL held, as `import torch` or a long C call can.
+
+    ctypes.PyDLL calls keep the lock (CDLL calls release it), so no other thread of
+    the process runs meanwhile: a heartbeat thread in Python would fall silent."""
+    ctypes.PyDLL(None).usleep(int(seconds * 1e6))
+
+
+class SlowImportRunner(FakeModelRunner):
+    """Loading holds the interpreter lock for 3x worker_timeout_s (a starved start)."""
+
+    def load(self):  # type: ignore[override]
+        hold_the_interpreter_lock(3 * self.config.worker_timeout_s)
+        return super().load()
+
+
+class LongStepRunner(FakeModelRunner):
+    """The third step holds the interpreter lock for 3x worker_timeout_s (a long compute)."""
+
+    def execute(self, so):  # type: ignore[override]
+        if self.steps == 2:
+            hold_the_interpreter_lock(3 * self.config.worker_timeout_s)
+        return super().execute(so)
+
+
 def _register(name: str, runner: type) -> None:
     path = f"{runner.__module__}:{runner.__qualname__}"
     register_executor(name, lambda config: MultiprocExecutor(config, runner_factory=path))
@@ -233,6 +259,29 @@ async def test_startup_failure_is_clear_and_clean(make_engine, runner: type, mat
     assert wait_gone(sorted(spawned), 2.0) == []
 
 
+@pytest.mark.parametrize("runner", [SlowImportRunner, LongStepRunner])
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_a_busy_worker_is_not_a_dead_one(make_engine, runner: type, async_scheduling: bool) -> None:
+    """Issue 16.5: a worker whose own load or step starves its threads for longer than
+    worker_timeout_s still starts and serves; only a stopped or exited worker is dead."""
+    _register(f"mp-{runner.__name__}", runner)
+    async with make_engine(**FAKE, executor=f"mp-{runner.__name__}", async_scheduling=async_scheduling,
+                           worker_timeout_s=0.4) as eng:
+        ps = prompts(4)
+        assert await run_all(eng, ps) == [reference_tokens(p, GREEDY.max_tokens) for p in ps]
+        assert not eng.is_dead
+
+
+async def test_start_timeout_is_separate_and_clear(make_engine) -> None:
+    """Not ready within worker_start_timeout_s: a clear error naming the setting (and no silence deadline before)."""
+    _register("mp-slow-start", SlowImportRunner)
+    eng = make_engine(**FAKE, executor="mp-slow-start", worker_timeout_s=0.5, worker_start_timeout_s=0.6)
+    # (on a loaded machine the spawn itself may take longer than 0.6 s: either phase, one budget)
+    with pytest.raises(EngineDeadError, match=r"rank 0 \(pid \d+\).* within 0.6s.*worker_start_timeout_s"):
+        await eng.start()
+    await eng.shutdown()
+
+
 async def test_startup_timeout_is_clear(make_engine, monkeypatch) -> None:
     monkeypatch.setattr(MultiprocExecutor, "connect_timeout_s", 0.5)
     monkeypatch.setattr("aiosched.executors.multiproc.worker_main", _sleep_forever)
@@ -257,29 +306,28 @@ def _tiny_step(step_id: int, req: str, new: bool, computed: int, tokens: list[in
     return SchedulerOutput(step_id, news, [ScheduledRequest(req, n, computed, blocks, True)], [], n)
 
 
-def test_worker_survives_malformed_truncated_and_oversized_frames() -> None:
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    router.rcvtimeo = 10_000
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+def test_worker_survives_malformed_truncated_and_oversized_frames(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "w.sock")
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(30)
     proc = multiprocessing.get_context("spawn").Process(
-        target=worker_main, args=(f"tcp://127.0.0.1:{port}", 0, 1, os.getpid(), {}, None), daemon=True)
+        target=worker_main, args=(path, 0, 1, os.getpid(), {}, None), daemon=True)
     proc.start()
-    ident = rank_identity(0)
-
-    def send(*frames: bytes) -> None:
-        router.send_multipart([ident, *frames])
+    conn, _ = listener.accept()
+    conn.settimeout(10)
+    chan = FrameSocket(conn)
 
     def recv():
-        parts = router.recv_multipart()
-        assert parts[0] in (ident, result_identity(0)) and len(parts) == 2
-        return decode_from_worker(parts[1])
+        frame = chan.recv()
+        assert frame is not None, "the worker hung up"
+        return decode_from_worker(frame)
 
     try:
         assert recv() == Heartbeat(0)  # the worker announces itself
         cfg = EngineConfig(runner="fake", num_kv_blocks=8, block_size=4)
-        send(encode(Hello(PROTOCOL_VERSION, cfg, rank=0)))
+        chan.send(encode(Hello(PROTOCOL_VERSION, cfg, rank=0)))
         assert isinstance(recv(), Ready)
         valid = encode(Execute(_tiny_step(0, "a", True, 0, [1, 2, 3])))
         hostile = [
@@ -289,37 +337,60 @@ def test_worker_survives_malformed_truncated_and_oversized_frames() -> None:
             (encode({"type": "Execute", "output": {"step_id": "x"}}), "malformed"),  # wrong types
             (encode({"type": "Nope"}), "malformed"),
             (encode({"type": "Ready", "info": {}}), "malformed"),  # a from-worker message
-            (b"\x00" * (MAX_FRAME_BYTES + 1), "exceeds the limit"),  # oversized
+            (b"\x00" * (MAX_FRAME_BYTES + 1), "exceeds the limit"),  # oversized: read, discarded, reported
         ]
         for frame, match in hostile:
-            send(frame)
+            chan.send(frame)
             err = recv()
             assert isinstance(err, WorkerError) and not err.fatal and match in err.message, (frame[:20], err)
-            send(encode(Heartbeat(7)))
+            chan.send(encode(Heartbeat(7)))
             assert recv() == Heartbeat(7), "the worker must answer the next valid message"
-        send(b"one", b"two")  # multi-part
-        err = recv()
-        assert isinstance(err, WorkerError) and not err.fatal and "one frame" in err.message
-        send(encode(Hello(PROTOCOL_VERSION, cfg, rank=0)))  # second Hello: refused, session kept
+        chan.send(encode(Hello(PROTOCOL_VERSION, cfg, rank=0)))  # second Hello: refused, session kept
         err = recv()
         assert isinstance(err, WorkerError) and not err.fatal
-        send(valid)  # the session still works
+        chan.send(valid)  # the session still works
         res = recv()
         assert isinstance(res, StepResult) and res.output.req_ids == ["a"]
         tok = res.output.sampled_token_ids[0][0]
-        send(encode(Execute(_tiny_step(1, "a", False, 3, [1, 2, 3, tok]))))
+        chan.send(encode(Execute(_tiny_step(1, "a", False, 3, [1, 2, 3, tok]))))
         res = recv()
         assert isinstance(res, StepResult) and res.output.step_id == 1
         assert [tok, res.output.sampled_token_ids[0][0]] == reference_tokens([1, 2, 3], 2)
-        send(encode(Shutdown()))
+        chan.send(encode(Shutdown()))
         proc.join(10)
         assert proc.exitcode == 0
     finally:
         if proc.exitcode is None:
             proc.kill()
             proc.join()
-        router.close(0)
-        ctx.term()
+        chan.close()
+        listener.close()
+
+
+def test_worker_exits_when_the_engine_closes_the_connection(tmp_path: Path) -> None:
+    """End of stream is how a worker learns its engine is gone (the kernel closes a dead engine's sockets)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "w.sock")
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(30)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=worker_main, args=(path, 0, 1, os.getpid(), {}, None), daemon=True)
+    proc.start()
+    try:
+        conn, _ = listener.accept()
+        chan = FrameSocket(conn)
+        assert decode_from_worker(chan.recv()) == Heartbeat(0)
+        chan.send(encode(Hello(PROTOCOL_VERSION, EngineConfig(runner="fake", num_kv_blocks=8, block_size=4), rank=0)))
+        assert isinstance(decode_from_worker(chan.recv()), Ready)
+        chan.close()
+        proc.join(10)
+        assert proc.exitcode == 0
+    finally:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+        listener.close()
 
 
 async def test_bad_frames_through_the_executor_are_reported_not_fatal(make_engine) -> None:

@@ -122,7 +122,8 @@ class TorchModelRunner(ModelRunner):
     def _rank_device(self, device: str) -> torch.device:
         """This rank's device: under TP on CUDA, rank r uses the r-th GPU after the configured one."""
         dev = torch.device(device)
-        if dev.type == "cuda" and self.world_size > 1:
+        # The Ray executor pins each rank's process to its own GPU (CUDA_VISIBLE_DEVICES): no offset then.
+        if dev.type == "cuda" and self.world_size > 1 and not os.environ.get("AIOSCHED_RANK_LOCAL_DEVICE"):
             return torch.device("cuda", (dev.index or 0) + self.rank)
         return dev
 
