@@ -53,14 +53,18 @@ def gather_kv(cache: torch.Tensor, block_table: list[int], seq_len: int) -> torc
     return cache.index_select(0, idx).flatten(0, 1)[:seq_len]
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole cached context.
 
     q: [T, Hq, D] -> [T, Hq, D]. Query j of request i sits at position
-    seq_len - q_len + j and sees keys at positions <= its own."""
-    if kernel_applies(q, k_cache, v_cache) and (lib := cpu_kernel.load()) is not None:
+    seq_len - q_len + j and sees keys at positions <= its own; with `window`, only the
+    last `window` of them (HF's sliding window). `softcap` bounds the scores to
+    cap * tanh(s / cap) before the mask (Gemma 2). The C kernel covers neither: such
+    layers take the torch path."""
+    if window is None and softcap is None and kernel_applies(q, k_cache, v_cache) and (lib := cpu_kernel.load()) is not None:
         return _kernel_attention(lib, q, k_cache, v_cache, meta, scale)
-    return torch_paged_attention(q, k_cache, v_cache, meta, scale)
+    return torch_paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
 
 
 def kernel_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -99,34 +103,44 @@ def _kernel_attention(lib, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def torch_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                          scale: float) -> torch.Tensor:
+                          scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """The plain-torch path (any dtype and device)."""
     if len(q) == meta.num_reqs:  # decode-only step: one batched computation
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
+        return _decode_attention(q, k_cache, v_cache, meta, scale, window, softcap)
     out = torch.empty_like(q)
     for i in range(meta.num_reqs):
         s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         k = gather_kv(k_cache, meta.block_tables[i], meta.seq_lens[i])
         v = gather_kv(v_cache, meta.block_tables[i], meta.seq_lens[i])
-        out[s:e] = _causal_attention(q[s:e], k, v, scale)
+        out[s:e] = _causal_attention(q[s:e], k, v, scale, window, softcap)
     return out
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [q_len, Hq, D] at the last q_len positions of k/v: [seq_len, Hkv, D]; GQA by
     grouping the query heads (K/V are not expanded). Plain math in float32 (CPU SDPA picks
     a path that is ~1000x slower on these small shapes)."""
     q_len, seq_len, hkv = q.shape[0], k.shape[0], k.shape[1]
     qg = q.float().view(q_len, hkv, q.shape[1] // hkv, q.shape[2])
-    scores = torch.einsum("qhgd,khd->hgqk", qg, k.float()) * scale
-    if q_len > 1:
+    scores = _capped(torch.einsum("qhgd,khd->hgqk", qg, k.float()) * scale, softcap)
+    if q_len > 1 or window is not None:
         qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-        scores.masked_fill_(torch.arange(seq_len, device=q.device).unsqueeze(0) > qpos, float("-inf"))
+        kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+        hidden = kpos > qpos
+        if window is not None:
+            hidden |= kpos <= qpos - window
+        scores.masked_fill_(hidden, float("-inf"))
     out = torch.einsum("hgqk,khd->qhgd", scores.softmax(dim=-1), v.float())
     return out.reshape(q.shape).to(q.dtype)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """One query per request: gather every request's blocks padded to the longest, mask the tail."""
     B, bs = meta.num_reqs, k_cache.shape[1]
     max_blocks = -(-max(meta.seq_lens) // bs)
@@ -135,9 +149,12 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     v = v_cache[table].flatten(1, 2).float()
     groups = q.shape[1] // k.shape[2]
     qg = q.float().view(B, k.shape[2], groups, q.shape[2])  # [B, Hkv, G, D]
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
-    lens = torch.tensor(meta.seq_lens, device=q.device)
-    pad = torch.arange(k.shape[1], device=q.device).unsqueeze(0) >= lens.unsqueeze(1)  # [B, L]
+    scores = _capped(torch.einsum("bhgd,blhd->bhgl", qg, k) * scale, softcap)
+    lens = torch.tensor(meta.seq_lens, device=q.device).unsqueeze(1)
+    kpos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
+    pad = kpos >= lens  # [B, L]
+    if window is not None:  # the query sits at lens - 1
+        pad |= kpos <= lens - 1 - window
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     out = torch.einsum("bhgl,blhd->bhgd", scores.softmax(dim=-1), v)
     return out.reshape(B, q.shape[1], q.shape[2]).to(q.dtype)
