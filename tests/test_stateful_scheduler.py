@@ -610,8 +610,6 @@ def test_engine_state_machine_multiproc() -> None:
     _run_engine_machine(MultiprocMachine, 12)
 
 
-@pytest.mark.skipif(not (ROOT / "executors" / "runners" / "torch_runner.py").exists(),
-                    reason="executors/torch/runner.py does not exist yet (the torch runner is being written)")
 def test_engine_state_machine_torch(tmp_path_factory) -> None:
     """The real tiny torch model; the oracle is each request alone on a sync engine."""
     random_checkpoint = pytest.importorskip("aiosched.executors.torch.random_checkpoint")
