@@ -180,3 +180,21 @@ async def test_padded_mixed_steps_with_sampling_extras(make_engine, ckpt) -> Non
         if b.outputs[0].logprobs:
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
                 assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
+
+
+def test_free_only_steps_leave_no_request_state_on_the_fast_path(ckpt) -> None:
+    """The CUDA path keeps no per-request state past a request's free, also when the
+    frees come in steps that schedule nothing (issue 16, item 6)."""
+    from aiosched.config import EngineConfig
+    from aiosched.executors.runner import create_runner
+    from tests.test_torch_runner import BLOCK, MAX_SEQS, check_free_only_steps_leave_no_request_state
+
+    runner = create_runner(EngineConfig(model=ckpt, runner="torch", device=DEV, dtype="float32", block_size=BLOCK,
+                                        max_num_seqs=MAX_SEQS, num_kv_blocks=160, max_model_len=128, cuda_graph_max_batch=MAX_SEQS))
+    runner.load()
+    if not CUDA:
+        from aiosched.executors.torch.cuda_path import CudaStepRunner
+
+        runner.fast = CudaStepRunner(runner, use_graphs=False)
+    assert runner.fast is not None
+    check_free_only_steps_leave_no_request_state(runner)

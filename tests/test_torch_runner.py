@@ -301,3 +301,50 @@ def test_top_k_requests_sample_like_the_full_vocabulary_path(ckpt, monkeypatch) 
 
     monkeypatch.setattr("aiosched.executors.torch.runner.sample", full_path)
     assert run() == fast
+
+
+def request_state_left(root: object, req_ids: set[str]) -> list[str]:
+    """Where anything reachable from `root` (the runner's own objects, their dicts, sets,
+    lists and tuples; not tensors or the model) still names one of `req_ids`."""
+    found: list[str] = []
+    seen: set[int] = set()
+    todo: list[tuple[str, object]] = [("runner", root)]
+    while todo:
+        path, obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (torch.Tensor, torch.nn.Module)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str):
+            if obj in req_ids:
+                found.append(path)
+        elif isinstance(obj, dict):
+            todo += [(f"{path}[{k!r}]", k) for k in obj] + [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
+            todo += [(f"{path}[]", v) for v in obj]
+        elif type(obj).__module__.startswith("aiosched") and hasattr(obj, "__dict__"):
+            todo += [(f"{path}.{k}", v) for k, v in vars(obj).items()]
+    return found
+
+
+def check_free_only_steps_leave_no_request_state(runner: TorchModelRunner) -> None:
+    """Requests that ran (prefill, decodes; penalties, logprobs) and then leave through
+    steps that carry only frees: no object of the runner remembers them."""
+    prompts = _prompts(runner.model.args.vocab_size, [5, 9, 3, 14], seed=4)
+    drv = Driver(runner)
+    params = [GREEDY, SamplingParams(temperature=0.7, max_tokens=8), SamplingParams(temperature=0.0, presence_penalty=0.5, logprobs=2),
+              SamplingParams(temperature=0.0, min_tokens=3, prompt_logprobs=1)]
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        drv.add(f"leak-{i}", p, sp, seed=i, eos=[1])
+    drv.run_sync(4)
+    ids = set(drv.reqs)
+    for i, rid in enumerate(sorted(ids)):  # one free per step: each step carries only a free
+        drv.finish(rid)
+        so = drv.schedule(budget={r: 0 for r in ids})  # the others stay live but idle
+        assert so.scheduled == [] and so.freed_req_ids == [rid]
+        assert runner.execute(so).result().req_ids == []
+    assert request_state_left(runner, ids) == []
+    assert len(runner.free_rows) == MAX_SEQS
+
+
+def test_free_only_steps_leave_no_request_state(ckpt) -> None:
+    check_free_only_steps_leave_no_request_state(make_runner(ckpt))

@@ -109,7 +109,6 @@ class CudaStepRunner:
         runner.tokens[: old.shape[0]].copy_(old)
         self.max_blocks = math.ceil(self.row_len / self.bs)
         self.bt = torch.zeros((self.max_rows + 1, self.max_blocks), dtype=torch.int64, device=self.dev)
-        self.synced: dict[str, tuple[Any, int]] = {}  # req id -> (its worker state, table entries on the device)
         self.max_tokens = max(cfg.max_num_batched_tokens, self.max_rows) + 64
         T, R = self.max_tokens, self.max_rows
         # decode layout [rows | pos | dst] at fixed offsets (the graphs read there), then the rest
@@ -404,21 +403,17 @@ class CudaStepRunner:
         upd_idx: list[int] = []
         upd_val: list[int] = []
         states = []
-        for rid in so.freed_req_ids:
-            self.synced.pop(rid, None)
         for sr in sched:
             st = r.reqs[sr.req_id]
             st.block_table.extend(sr.new_block_ids)
             # Send the device table every entry it lacks: entries another path (e.g. a
             # speculative step on the reference forward) appended count too.
-            rec = self.synced.get(sr.req_id)
-            have = rec[1] if rec is not None and rec[0] is st else 0
-            n_bt = len(st.block_table)
+            have, n_bt = st.device_blocks, len(st.block_table)
             if n_bt > have:
                 base = st.row * mb
                 upd_idx.extend(range(base + have, base + n_bt))
                 upd_val.extend(st.block_table[have:n_bt])
-                self.synced[sr.req_id] = (st, n_bt)
+                st.device_blocks = n_bt
             end = sr.num_computed_tokens + sr.num_tokens
             if end > st.num_tokens:
                 raise RuntimeError(f"{sr.req_id}: step needs tokens up to {end} but the worker has {st.num_tokens}")

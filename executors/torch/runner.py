@@ -42,6 +42,9 @@ class _ReqState:
     data: NewRequestData
     ban_ids: list[int] = field(default_factory=list)  # masked until min_tokens are out
     block_table: list[int] = field(default_factory=list)
+    # Entries of block_table already in the CUDA path's device block table. Kept on the
+    # state (not in a map by request id) so it dies with the request, whatever the step.
+    device_blocks: int = 0
 
 
 class _DevicePending(PendingOutput):
