@@ -1,7 +1,7 @@
 """Plant known async-scheduling bugs one at a time and check the tests catch each (issues 12, 16).
 
 Runs in a throwaway git worktree of HEAD, so the checkout is never touched:
-    .venv/bin/python tools/mutation_check.py
+    .venv/bin/python tools/mutation_check.py            (MUTANTS=M1,M9 for a subset)
 Each line: the planted bug, the test target, CAUGHT or missed, seconds.
 The state machine is expected to miss M6 (queue order changes fairness, not tokens);
 the deterministic regression tests pin it.
@@ -39,6 +39,9 @@ def main() -> int:
     subprocess.run(["git", "-C", repo, "worktree", "add", "-q", "--detach", tree, "HEAD"], check=True)
     try:
         os.chdir(tree)
+        # The editable install maps `aiosched.executors` to the checkout's executors/; a link
+        # inside this tree's package makes the tree's own (mutated) copy the one imported.
+        os.symlink(os.path.join("..", "executors"), os.path.join("aiosched", "executors"))
         run_mutants()
     finally:
         subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", tree], check=False)
@@ -49,7 +52,10 @@ TARGETS = ["tests/test_stateful_scheduler.py::test_async_scheduler_state_machine
 
 
 def run_mutants() -> None:
+    only = os.environ.get("MUTANTS")  # e.g. MUTANTS=M1,M9: a subset
     for name, path, old, new, *targets in MUTANTS:
+        if only and name.split()[0] not in only.split(","):
+            continue
         with open(path) as f:
             src = f.read()
         edits = old if isinstance(old, list) else [(old, new)]  # one replacement, or several (old, new) pairs
