@@ -135,7 +135,7 @@ def cmd_e2e(args: argparse.Namespace) -> None:
                 rep = json.load(f)
             for mode, run in rep["runs"].items():
                 rows.setdefault(f"{name}/{mode}", []).append(run["request_throughput"])
-                print(f"  round {r} {name}/{mode}: {run['metrics']['request_throughput']:.3f} req/s", flush=True)
+                print(f"  round {r} {name}/{mode}: {run['request_throughput']:.3f} req/s", flush=True)
     print("\nvariant/mode: median req/s [min-max] over rounds")
     for k, xs in rows.items():
         print(f"{k:30s} {statistics.median(xs):6.3f} [{min(xs):.3f}-{max(xs):.3f}]  n={len(xs)}")
