@@ -294,6 +294,14 @@ class SchedulerMachine(RuleBasedStateMachine):
                         self._guard(self.h.abort, rid)
                         break
 
+    @precondition(lambda self: self.h is not None and self.h.config.speculative is not None)
+    @rule()
+    def toggle_drafting(self) -> None:
+        """The engine's speculation policy switches drafting off and on between steps, also
+        while speculative steps are in flight (their requests wait for them to land)."""
+        self.h.sched.drafting = not self.h.sched.drafting
+        COVERAGE["drafting_toggled"] += 1
+
     def teardown(self) -> None:
         if self.h is None or not self.ok:
             return
@@ -316,7 +324,7 @@ def test_async_scheduler_state_machine() -> None:
                  "abort_preempted_with_token_in_flight", "finished_while_preempted", "resumed_with_prefix_hit",
                  "prefix_hit_on_shared_block", "discarded", "prefill_chunks", "chunk_beside_decode", "finished_stop",
                  "finished_length", "stop_after_min_tokens", "stop_string", "sync", "penalties_change_tokens",
-                 "resumed_with_penalties"):
+                 "resumed_with_penalties", "drafting_toggled"):
         assert cov.get(what, 0) > 0, f"no example reached {what!r}: {cov}"
     assert cov["examples"] >= min(2000, SCHED_SETTINGS.max_examples)
 
