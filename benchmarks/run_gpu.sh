@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 families before
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec families before
 #   (default: env tests decode hf tpu c256 profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -94,6 +94,11 @@ if has c256si8; then
   say "concurrency 256 with --stream-interval 8"
   $BENCH --input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 \
     --no-enable-prefix-caching --stream-interval 8 --compare async --json "$OUT/bench_c256_si8.json" 2>&1 | tee -a "$LOG"
+fi
+if has spec; then
+  say "speculative decoding: none / always / auto (SpecPolicy), sync and async, 16 requests x 128 tokens"
+  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code,random --requests 16 --max-tokens 128 \
+    --json "$OUT/spec.json" 2>&1 | tee -a "$LOG"
 fi
 if has families; then
   say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"
