@@ -285,3 +285,19 @@ def test_moe_refusals_name_the_field(tmp_path) -> None:
     # transformers >= 5 writes num_local_experts, the hub's configs num_experts: both are read
     hub = {k: v for k, v in cfg.items() if k != "num_local_experts"}
     assert ModelConfig.from_hf({**hub, "num_experts": 8}).num_experts == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family_name", ["gemma2", "phi3", "qwen3_moe"])
+async def test_cuda_engine_runs_the_family_forward(make_engine, tmp_path, family_name: str) -> None:
+    """On CUDA the runner keeps the Llama-only fast path away from these models (their own
+    forward runs: torch paged attention for windows / soft-caps, the Triton MoE kernel),
+    and the greedy tokens are HF's (float32)."""
+    path = write_hf_family_checkpoint(tmp_path / family_name, family_name, seed=3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = _engine_prompts()[:4]
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    async with make_engine(model=str(path), device="cuda", dtype="float32", num_kv_blocks=96, block_size=BLOCK,
+                           max_num_batched_tokens=16) as eng:
+        outs = await asyncio.gather(*[eng.generate(p, params) for p in prompts])
+    assert [o.token_ids for o in outs] == [_hf_greedy(hf, p, NEW) for p in prompts]
