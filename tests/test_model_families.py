@@ -11,7 +11,7 @@ norm_topk_prob, and a dense layer (mlp_only_layers) between sparse ones.
   prefilled in chunks that cross the window) against HF on the full sequences;
 - tokens: greedy output through the engine (sync and async scheduling, chunked prefill,
   prefix caching with a shared prefix) and through the offline `LLM` equals HF's;
-- what we cannot run is refused by name: JAX runner, Phi-3 long-context rope, partial
+- Phi-3 through the JAX runner too; what we cannot run is refused by name: the JAX runner for Gemma and the MoE, Phi-3 long-context rope, partial
   rotary, Gemma 3 attention soft-capping, bidirectional attention, MoE tensor parallelism.
 """
 from __future__ import annotations
@@ -242,13 +242,50 @@ def _config(tmp_path: pathlib.Path, family: str) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-@pytest.mark.parametrize("family_name", FAMILIES)
-def test_jax_runner_refuses_by_name(tmp_path, family_name: str) -> None:
-    from aiosched.executors.model_registry import check_jax_supported
-
-    arch = _config(tmp_path, family_name)["architectures"][0]
+@pytest.mark.parametrize("family_name", ["gemma2", "gemma3", "qwen3_moe"])
+async def test_jax_runner_refuses_by_name(make_engine, tmp_path, family_name: str) -> None:
+    pytest.importorskip("jax")
+    path = write_hf_family_checkpoint(tmp_path / family_name, family_name)
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
     with pytest.raises(ValueError, match=f"architecture '{arch}' is not supported by the jax runner"):
-        check_jax_supported(arch)
+        async with make_engine(model=str(path), runner="jax", device="cpu"):
+            pass
+
+
+def test_jax_runner_refuses_mixed_layer_types(tmp_path, monkeypatch) -> None:
+    """The JAX forward has one static window for all (scanned) layers: a supported architecture
+    whose config mixes full and sliding layers is refused, naming layer_types."""
+    pytest.importorskip("jax")
+    import dataclasses
+
+    from aiosched.executors.jax import llama as llama_jax
+    from aiosched.executors.model_config import FULL, SLIDING
+
+    cfg = _config(tmp_path, "phi3")
+    assert llama_jax.LlamaArch.from_hf_config(cfg).window_of(1) == 8
+    mixed = dataclasses.replace(ModelConfig.from_hf(cfg), layer_types=(SLIDING, FULL))
+    monkeypatch.setattr(llama_jax.ModelConfig, "from_hf", staticmethod(lambda c: mixed))
+    with pytest.raises(ValueError, match="layer_types"):
+        llama_jax.LlamaArch.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+async def test_jax_runner_phi3_greedy_matches_hf(make_engine, tmp_path, async_scheduling: bool) -> None:
+    """Phi-3 through the JAX runner: fused checkpoint weights, the window on every layer,
+    prompts longer than the window, chunked prefill."""
+    pytest.importorskip("jax")
+    import os
+
+    os.environ.setdefault("AIOSCHED_JAX_FAST_COMPILE", "1")
+    path = write_hf_family_checkpoint(tmp_path / "phi3", "phi3", seed=3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = _engine_prompts()[:4]
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    async with make_engine(model=str(path), runner="jax", executor="inproc", device="cpu", dtype="float32",
+                           async_scheduling=async_scheduling, num_kv_blocks=16, block_size=8, max_num_batched_tokens=16,
+                           max_num_seqs=4, max_model_len=128) as eng:
+        outs = await asyncio.gather(*[eng.generate(p, params) for p in prompts])
+    assert [o.token_ids for o in outs] == [_hf_greedy(hf, p, NEW) for p in prompts]
 
 
 @pytest.mark.parametrize("change, field", [

@@ -1,4 +1,4 @@
-"""Llama-family decoder in JAX: Llama (llama3 rope scaling), Qwen2 (qkv bias), Qwen3 (q/k norm).
+"""Llama-family decoder in JAX: Llama (llama3 rope scaling), Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3 (fused checkpoint weights, a window on every layer).
 
 Pure functions over a params pytree, so the runner can `jax.jit` one step program per
 bucketed shape. Loads HF-layout checkpoints (config.json + *.safetensors) without torch:
@@ -21,6 +21,8 @@ Layout choices:
   attention implementations.
 """
 from __future__ import annotations
+
+import functools
 
 import glob
 import json
@@ -49,6 +51,8 @@ class LlamaArch(ModelConfig):
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         mc = ModelConfig.from_hf(cfg)
         check_jax_supported(mc.arch)
+        if len({mc.window_of(i) for i in range(mc.num_layers)}) > 1:  # one static window for every (scanned) layer
+            raise ValueError(f"config.json: layer_types (sliding and full layers mixed) is not supported by the jax runner for {mc.arch}")
         return mc
 
     @classmethod
@@ -145,8 +149,11 @@ def load_params(arch: LlamaArch, model_dir: str, dtype: Any, device: Any) -> Par
 
     for i in range(L):
         p = f"model.layers.{i}."
-        q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
-        add("wqkv", np.concatenate([q, k, v], axis=0).T)
+        if p + "self_attn.qkv_proj.weight" in t:  # fused in the checkpoint (Phi-3): [q; k; v] rows
+            add("wqkv", get(p + "self_attn.qkv_proj.weight").T)
+        else:
+            q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            add("wqkv", np.concatenate([q, k, v], axis=0).T)
         add("wo", get(p + "self_attn.o_proj.weight").T)
         if arch.qkv_bias:
             add("bqkv", np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
@@ -155,7 +162,10 @@ def load_params(arch: LlamaArch, model_dir: str, dtype: Any, device: Any) -> Par
         if arch.qk_norm:
             add("q_norm", get(p + "self_attn.q_norm.weight"))
             add("k_norm", get(p + "self_attn.k_norm.weight"))
-        add("wgu", np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0).T)
+        if p + "mlp.gate_up_proj.weight" in t:  # fused in the checkpoint (Phi-3): [gate; up] rows
+            add("wgu", get(p + "mlp.gate_up_proj.weight").T)
+        else:
+            add("wgu", np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0).T)
         add("wd", get(p + "mlp.down_proj.weight").T)
         if arch.mlp_bias:
             add("bgu", np.concatenate([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")]))
@@ -256,6 +266,8 @@ def forward(
     freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
     scale = D ** -0.5
+    window = arch.window_of(0)  # the same on every layer (LlamaArch refuses mixed layer types)
+    attend = attention if window is None else functools.partial(attention, window=window)
     h = params["embed"][token_ids]
 
     def layer(h: jax.Array, lp: Params, cache: jax.Array, li: Any) -> tuple[jax.Array, jax.Array]:
@@ -272,7 +284,7 @@ def forward(
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         cache = jax_paged.write_kv(cache, li, k, v, meta)
-        o = attention(q, cache, li, meta, scale=scale)
+        o = attend(q, cache, li, meta, scale=scale)
         o = o.reshape(T, Hq * D) @ lp["wo"]
         if "bo" in lp:
             o = o + lp["bo"]
