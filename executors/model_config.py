@@ -273,6 +273,8 @@ def _gemma_layer_types(cfg: dict[str, Any], n: int, pattern: int) -> tuple[str, 
         bad = set(types) - {FULL, SLIDING}
         if bad:
             raise ValueError(f"config.json: layer_types {sorted(bad)} are not supported")
+        if len(types) != n:
+            raise ValueError(f"config.json: layer_types has {len(types)} entries for {n} layers (num_hidden_layers)")
         return tuple(types)
     return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n))
 

@@ -305,6 +305,8 @@ def test_gemma_unsupported_fields_are_refused_by_name(tmp_path) -> None:
         ModelConfig.from_hf({**g3, "attn_logit_softcapping": 50.0})
     with pytest.raises(ValueError, match="use_bidirectional_attention"):
         ModelConfig.from_hf({**g3, "use_bidirectional_attention": True})
+    with pytest.raises(ValueError, match="layer_types has 3 entries for 4 layers"):
+        ModelConfig.from_hf({**g3, "layer_types": g3["layer_types"][:3]})
     # Without layer_types, Gemma 3's default pattern: every 6th layer (here from the old field) full.
     no_types = {k: v for k, v in g3.items() if k != "layer_types"}
     assert ModelConfig.from_hf({**no_types, "sliding_window_pattern": 2}).layer_types == (
