@@ -11,7 +11,7 @@ norm_topk_prob, and a dense layer (mlp_only_layers) between sparse ones.
   prefilled in chunks that cross the window) against HF on the full sequences;
 - tokens: greedy output through the engine (sync and async scheduling, chunked prefill,
   prefix caching with a shared prefix) and through the offline `LLM` equals HF's;
-- Phi-3 through the JAX runner too; what we cannot run is refused by name: the JAX runner for Gemma and the MoE, Phi-3 long-context rope, partial
+- Gemma and Phi-3 through the JAX runner too; what we cannot run is refused by name: the JAX runner for the MoE, Phi-3 long-context rope, partial
   rotary, Gemma 3 attention soft-capping, bidirectional attention, MoE tensor parallelism.
 """
 from __future__ import annotations
@@ -242,7 +242,7 @@ def _config(tmp_path: pathlib.Path, family: str) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-@pytest.mark.parametrize("family_name", ["gemma2", "gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("family_name", ["qwen3_moe"])
 async def test_jax_runner_refuses_by_name(make_engine, tmp_path, family_name: str) -> None:
     pytest.importorskip("jax")
     path = write_hf_family_checkpoint(tmp_path / family_name, family_name)
@@ -252,32 +252,17 @@ async def test_jax_runner_refuses_by_name(make_engine, tmp_path, family_name: st
             pass
 
 
-def test_jax_runner_refuses_mixed_layer_types(tmp_path, monkeypatch) -> None:
-    """The JAX forward has one static window for all (scanned) layers: a supported architecture
-    whose config mixes full and sliding layers is refused, naming layer_types."""
+@pytest.mark.parametrize("family_name, async_scheduling", [("phi3", False), ("phi3", True), ("gemma2", False), ("gemma3", True)],
+                         ids=["phi3-sync", "phi3-async", "gemma2-sync", "gemma3-async"])
+async def test_jax_runner_greedy_matches_hf(make_engine, tmp_path, monkeypatch, family_name: str, async_scheduling: bool) -> None:
+    """Through the JAX runner: Phi-3's fused checkpoint weights and window on every layer;
+    Gemma's sandwich norms, soft-caps, per-layer windows (traced under the layer scan; Gemma 2
+    runs the unrolled layers) and Gemma 3's local rope table; prompts longer than the window,
+    chunked prefill."""
     pytest.importorskip("jax")
-    import dataclasses
-
-    from aiosched.executors.jax import llama as llama_jax
-    from aiosched.executors.model_config import FULL, SLIDING
-
-    cfg = _config(tmp_path, "phi3")
-    assert llama_jax.LlamaArch.from_hf_config(cfg).window_of(1) == 8
-    mixed = dataclasses.replace(ModelConfig.from_hf(cfg), layer_types=(SLIDING, FULL))
-    monkeypatch.setattr(llama_jax.ModelConfig, "from_hf", staticmethod(lambda c: mixed))
-    with pytest.raises(ValueError, match="layer_types"):
-        llama_jax.LlamaArch.from_hf_config(cfg)
-
-
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-async def test_jax_runner_phi3_greedy_matches_hf(make_engine, tmp_path, async_scheduling: bool) -> None:
-    """Phi-3 through the JAX runner: fused checkpoint weights, the window on every layer,
-    prompts longer than the window, chunked prefill."""
-    pytest.importorskip("jax")
-    import os
-
-    os.environ.setdefault("AIOSCHED_JAX_FAST_COMPILE", "1")
-    path = write_hf_family_checkpoint(tmp_path / "phi3", "phi3", seed=3)
+    monkeypatch.setenv("AIOSCHED_JAX_FAST_COMPILE", "1")
+    monkeypatch.setenv("AIOSCHED_JAX_SCAN_LAYERS", "0" if family_name == "gemma2" else "1")
+    path = write_hf_family_checkpoint(tmp_path / family_name, family_name, seed=3)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = _engine_prompts()[:4]
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)

@@ -1,4 +1,6 @@
-"""Llama-family decoder in JAX: Llama (llama3 rope scaling), Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3 (fused checkpoint weights, a window on every layer).
+"""Llama-family decoder in JAX: Llama (llama3 rope scaling), Qwen2 (qkv bias), Qwen3 (q/k norm),
+Phi-3 (fused checkpoint weights, a window on every layer), Gemma 2 / 3 ((1 + w) sandwich
+norms, GeGLU, soft-capping, per-layer sliding windows, Gemma 3's local rope table).
 
 Pure functions over a params pytree, so the runner can `jax.jit` one step program per
 bucketed shape. Loads HF-layout checkpoints (config.json + *.safetensors) without torch:
@@ -37,7 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from aiosched.executors.jax import paged_attention as jax_paged
-from aiosched.executors.model_config import IGNORED_TENSORS, ModelConfig, read_config_json
+from aiosched.executors.model_config import IGNORED_TENSORS, SLIDING, ModelConfig, RopeConfig, read_config_json
 from aiosched.executors.model_registry import check_jax_supported
 
 Params = dict[str, Any]
@@ -51,8 +53,6 @@ class LlamaArch(ModelConfig):
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         mc = ModelConfig.from_hf(cfg)
         check_jax_supported(mc.arch)
-        if len({mc.window_of(i) for i in range(mc.num_layers)}) > 1:  # one static window for every (scanned) layer
-            raise ValueError(f"config.json: layer_types (sliding and full layers mixed) is not supported by the jax runner for {mc.arch}")
         return mc
 
     @classmethod
@@ -60,9 +60,10 @@ class LlamaArch(ModelConfig):
         return cls.from_hf_config(read_config_json(model_dir))
 
 
-def rope_inv_freq(arch: ModelConfig) -> np.ndarray:
-    """Inverse frequencies, float32, computed the way transformers computes them."""
-    d, r = arch.head_dim, arch.rope
+def rope_inv_freq(arch: ModelConfig, rope: RopeConfig | None = None) -> np.ndarray:
+    """Inverse frequencies, float32, computed the way transformers computes them (of `rope`,
+    default the model's main one; Gemma 3's sliding layers have their own)."""
+    d, r = arch.head_dim, rope or arch.rope
     inv = (1.0 / (np.float32(r.theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)))).astype(np.float32)
     if r.kind == "default":
         return inv
@@ -172,6 +173,9 @@ def load_params(arch: LlamaArch, model_dir: str, dtype: Any, device: Any) -> Par
             add("bd", get(p + "mlp.down_proj.bias"))
         add("in_norm", get(p + "input_layernorm.weight"))
         add("post_norm", get(p + "post_attention_layernorm.weight"))
+        if arch.sandwich_norm:  # Gemma: post_norm norms the attention output; the MLP has its own pre/post norms
+            add("pre_ff_norm", get(p + "pre_feedforward_layernorm.weight"))
+            add("post_ff_norm", get(p + "post_feedforward_layernorm.weight"))
     params: Params = {
         "embed": put(get("model.embed_tokens.weight")),
         "norm": put(get("model.norm.weight")),
@@ -203,14 +207,17 @@ def random_params(arch: LlamaArch, dtype: Any, device: Any, seed: int = 0, std: 
     ones = {"in_norm": (L, H), "post_norm": (L, H)}
     if arch.qk_norm:
         ones.update(q_norm=(L, D), k_norm=(L, D))
+    if arch.sandwich_norm:
+        ones.update(pre_ff_norm=(L, H), post_ff_norm=(L, H))
+    identity = jnp.zeros if arch.norm_unit_offset else jnp.ones  # an identity norm either way
 
     @jax.jit
     def make(key: jax.Array) -> Params:
         keys = jax.random.split(key, len(shapes) + 2)
         layers = {n: (std * jax.random.normal(k, s, jnp.float32)).astype(dtype) for (n, s), k in zip(shapes.items(), keys)}
-        layers.update({n: jnp.ones(s, dtype) for n, s in ones.items()})
+        layers.update({n: identity(s, dtype) for n, s in ones.items()})
         p: Params = {"embed": (std * jax.random.normal(keys[-2], (arch.vocab_size, H), jnp.float32)).astype(dtype),
-                     "norm": jnp.ones((H,), dtype), "layers": layers}
+                     "norm": identity((H,), dtype), "layers": layers}
         if not arch.tie_word_embeddings:
             p["lm_head"] = (std * jax.random.normal(keys[-1], (H, arch.vocab_size), jnp.float32)).astype(dtype)
         return p
@@ -228,11 +235,19 @@ def params_nbytes(params: Params) -> int:
 # ---------------------------------------------------------------------------
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale."""
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, unit_offset: bool = False) -> jax.Array:
+    """transformers' LlamaRMSNorm: normalise in float32, cast back, then scale. unit_offset
+    (Gemma): scale by (1 + w) in float32, then cast."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if unit_offset:
+        return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w * xf.astype(x.dtype)
+
+
+_ACT = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+_NO_WINDOW = 1 << 30
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -261,17 +276,32 @@ def forward(
     float32 logits [S, vocab] for the requested rows and the updated cache; with
     `all_logits`, logits [T, vocab] of every row instead (prompt logprobs)."""
     Hq, Hkv, D = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    T = token_ids.shape[0]
-    inv_freq = jnp.asarray(rope_inv_freq(arch))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-    scale = D ** -0.5
-    window = arch.window_of(0)  # the same on every layer (LlamaArch refuses mixed layer types)
-    attend = attention if window is None else functools.partial(attention, window=window)
-    h = params["embed"][token_ids]
+    T, L = token_ids.shape[0], arch.num_layers
+    eps, uo = arch.rms_norm_eps, arch.norm_unit_offset
 
-    def layer(h: jax.Array, lp: Params, cache: jax.Array, li: Any) -> tuple[jax.Array, jax.Array]:
-        x = rms_norm(h, lp["in_norm"], arch.rms_norm_eps)
+    def cos_sin(rope: RopeConfig | None) -> tuple[jax.Array, jax.Array]:
+        freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(arch, rope))[None, :]
+        return jnp.cos(freqs), jnp.sin(freqs)
+
+    cos, sin = cos_sin(None)
+    # Per-layer variants, indexed by the layer number (traced under scan): Gemma's sliding
+    # window (full layers get a window no sequence reaches) and Gemma 3's local rope table.
+    local = [arch.rope_local is not None and bool(arch.layer_types) and arch.layer_types[i] == SLIDING for i in range(L)]
+    local_rope = cos_sin(arch.rope_local) if any(local) else None
+    is_local = jnp.asarray(local)
+    windows = [arch.window_of(i) for i in range(L)]
+    window_of = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], dtype=jnp.int32)
+    attn_kw: dict[str, Any] = {}
+    if arch.attn_logit_softcap is not None:
+        attn_kw["softcap"] = arch.attn_logit_softcap
+    scale = arch.attn_scale
+    act = _ACT[arch.hidden_act]
+    h = params["embed"][token_ids]
+    if arch.embed_scale is not None:  # Gemma: the constant rounded to the model's dtype, as HF does
+        h = h * jnp.asarray(arch.embed_scale, jnp.float32).astype(h.dtype)
+
+    def layer(h: jax.Array, lp: Params, cache: jax.Array, li: Any, idx: Any) -> tuple[jax.Array, jax.Array]:
+        x = rms_norm(h, lp["in_norm"], eps, uo)
         qkv = x @ lp["wqkv"]
         if "bqkv" in lp:
             qkv = qkv + lp["bqkv"]
@@ -279,31 +309,41 @@ def forward(
         k = qkv[:, Hq * D: (Hq + Hkv) * D].reshape(T, Hkv, D)
         v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D)
         if "q_norm" in lp:
-            q = rms_norm(q, lp["q_norm"], arch.rms_norm_eps)
-            k = rms_norm(k, lp["k_norm"], arch.rms_norm_eps)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+            q = rms_norm(q, lp["q_norm"], eps, uo)
+            k = rms_norm(k, lp["k_norm"], eps, uo)
+        c, s = cos, sin
+        if local_rope is not None:
+            c, s = jnp.where(is_local[idx], local_rope[0], cos), jnp.where(is_local[idx], local_rope[1], sin)
+        q = apply_rope(q, c, s)
+        k = apply_rope(k, c, s)
         cache = jax_paged.write_kv(cache, li, k, v, meta)
-        o = attend(q, cache, li, meta, scale=scale)
+        kw = dict(attn_kw, window=window_of[idx]) if any(w is not None for w in windows) else attn_kw
+        o = attention(q, cache, li, meta, scale=scale, **kw)
         o = o.reshape(T, Hq * D) @ lp["wo"]
         if "bo" in lp:
             o = o + lp["bo"]
-        h = h + o
-        x = rms_norm(h, lp["post_norm"], arch.rms_norm_eps)
+        if arch.sandwich_norm:
+            h = h + rms_norm(o, lp["post_norm"], eps, uo)
+            x = rms_norm(h, lp["pre_ff_norm"], eps, uo)
+        else:
+            h = h + o
+            x = rms_norm(h, lp["post_norm"], eps, uo)
         gu = x @ lp["wgu"]
         if "bgu" in lp:
             gu = gu + lp["bgu"]
         g, u = jnp.split(gu, 2, axis=-1)
-        m = (jax.nn.silu(g) * u) @ lp["wd"]
+        m = (act(g) * u) @ lp["wd"]
         if "bd" in lp:
             m = m + lp["bd"]
+        if arch.sandwich_norm:
+            m = rms_norm(m, lp["post_ff_norm"], eps, uo)
         return h + m, cache
 
     if scan_layers:
         def body(carry: tuple[jax.Array, jax.Array], xs: tuple[Params, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], None]:
             h, cache = carry
             lp, li = xs
-            return layer(h, lp, cache, li), None
+            return layer(h, lp, cache, li, li), None
 
         (h, kv_cache), _ = jax.lax.scan(body, (h, kv_cache), (params["layers"], jnp.arange(arch.num_layers, dtype=jnp.int32)))
     else:
@@ -311,10 +351,12 @@ def forward(
         for i in range(arch.num_layers):
             layers = params["layers"]
             lp = layers[i] if isinstance(layers, list) else jax.tree.map(lambda w: w[i], layers)
-            h, caches[i] = layer(h, lp, caches[i], None)
+            h, caches[i] = layer(h, lp, caches[i], None, i)
         kv_cache = tuple(caches)
 
-    h = rms_norm(h if all_logits else h[logits_indices], params["norm"], arch.rms_norm_eps)
+    h = rms_norm(h if all_logits else h[logits_indices], params["norm"], eps, uo)
     w = params["lm_head"] if "lm_head" in params else params["embed"].T
     logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+    if arch.final_logit_softcap is not None:  # Gemma 2
+        logits = jnp.tanh(logits / arch.final_logit_softcap) * arch.final_logit_softcap
     return logits, kv_cache
