@@ -270,7 +270,15 @@ async def test_jax_runner_greedy_matches_hf(make_engine, tmp_path, monkeypatch, 
                            async_scheduling=async_scheduling, num_kv_blocks=16, block_size=8, max_num_batched_tokens=16,
                            max_num_seqs=4, max_model_len=128) as eng:
         outs = await asyncio.gather(*[eng.generate(p, params) for p in prompts])
+        # Logits, not only tokens: raw logprobs of the 30-token prompt (chunked) and of the sampled tokens.
+        lp = await eng.generate(prompts[3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=0,
+                                                           prompt_logprobs=0))
     assert [o.token_ids for o in outs] == [_hf_greedy(hf, p, NEW) for p in prompts]
+    seq = prompts[3] + lp.outputs[0].token_ids
+    ref = torch.log_softmax(_hf_logits(hf, seq).double(), -1)
+    got = [x.logprob for x in lp.prompt_logprobs[1:]] + [x.logprob for x in lp.outputs[0].logprobs]
+    want = [ref[j - 1][seq[j]].item() for j in range(1, len(seq))]
+    assert got == pytest.approx(want, abs=2e-4)
 
 
 @pytest.mark.parametrize("change, field", [
