@@ -11,7 +11,7 @@ norm_topk_prob, and a dense layer (mlp_only_layers) between sparse ones.
   prefilled in chunks that cross the window) against HF on the full sequences;
 - tokens: greedy output through the engine (sync and async scheduling, chunked prefill,
   prefix caching with a shared prefix) and through the offline `LLM` equals HF's;
-- Gemma and Phi-3 through the JAX runner too; what we cannot run is refused by name: the JAX runner for the MoE, Phi-3 long-context rope, partial
+- each family through the JAX runner too; what we cannot run is refused by name: a MoE with dense layers in JAX, Phi-3 long-context rope, partial
   rotary, Gemma 3 attention soft-capping, bidirectional attention, MoE tensor parallelism.
 """
 from __future__ import annotations
@@ -242,27 +242,38 @@ def _config(tmp_path: pathlib.Path, family: str) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-@pytest.mark.parametrize("family_name", ["qwen3_moe"])
-async def test_jax_runner_refuses_by_name(make_engine, tmp_path, family_name: str) -> None:
+async def test_jax_runner_refuses_what_it_lacks_by_name(make_engine, tmp_path) -> None:
+    """The JAX layers are scanned with one parameter layout: a MoE with dense layers among the
+    sparse ones (mlp_only_layers) is refused through the engine, naming the field; an
+    architecture without a JAX implementation is refused by name."""
     pytest.importorskip("jax")
-    path = write_hf_family_checkpoint(tmp_path / family_name, family_name)
-    arch = json.loads((path / "config.json").read_text())["architectures"][0]
-    with pytest.raises(ValueError, match=f"architecture '{arch}' is not supported by the jax runner"):
+    from aiosched.executors import model_registry
+
+    path = write_hf_family_checkpoint(tmp_path / "moe", "qwen3_moe")  # mlp_only_layers = [1]
+    with pytest.raises(ValueError, match="mlp_only_layers .* is not supported by the jax runner"):
         async with make_engine(model=str(path), runner="jax", device="cpu"):
             pass
+    entry = model_registry.REGISTRY["Phi3ForCausalLM"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(model_registry.REGISTRY, "Phi3ForCausalLM", model_registry.ModelEntry(entry.parser, entry.torch_class, None))
+        with pytest.raises(ValueError, match="architecture 'Phi3ForCausalLM' is not supported by the jax runner"):
+            async with make_engine(model=str(write_hf_family_checkpoint(tmp_path / "phi3", "phi3")), runner="jax", device="cpu"):
+                pass
 
 
-@pytest.mark.parametrize("family_name, async_scheduling", [("phi3", False), ("phi3", True), ("gemma2", False), ("gemma3", True)],
-                         ids=["phi3-sync", "phi3-async", "gemma2-sync", "gemma3-async"])
+@pytest.mark.parametrize("family_name, async_scheduling",
+                         [("phi3", False), ("gemma2", False), ("gemma3", True), ("qwen3_moe", True)],
+                         ids=["phi3-sync", "gemma2-sync", "gemma3-async", "qwen3_moe-async"])
 async def test_jax_runner_greedy_matches_hf(make_engine, tmp_path, monkeypatch, family_name: str, async_scheduling: bool) -> None:
     """Through the JAX runner: Phi-3's fused checkpoint weights and window on every layer;
-    Gemma's sandwich norms, soft-caps, per-layer windows (traced under the layer scan; Gemma 2
-    runs the unrolled layers) and Gemma 3's local rope table; prompts longer than the window,
-    chunked prefill."""
+    Gemma's sandwich norms, soft-caps, per-layer windows (traced under the layer scan) and
+    Gemma 3's local rope table; the MoE's grouped experts (lax.ragged_dot); prompts longer
+    than the window, chunked prefill."""
     pytest.importorskip("jax")
     monkeypatch.setenv("AIOSCHED_JAX_FAST_COMPILE", "1")
-    monkeypatch.setenv("AIOSCHED_JAX_SCAN_LAYERS", "0" if family_name == "gemma2" else "1")
-    path = write_hf_family_checkpoint(tmp_path / family_name, family_name, seed=3)
+    monkeypatch.setenv("AIOSCHED_JAX_SCAN_LAYERS", "1")  # compiles fast (the unrolled path: test_jax_runner.py)
+    extra = {"mlp_only_layers": []} if family_name == "qwen3_moe" else {}  # every layer sparse (the JAX layout)
+    path = write_hf_family_checkpoint(tmp_path / family_name, family_name, seed=3, **extra)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = _engine_prompts()[:4]
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
@@ -270,10 +281,13 @@ async def test_jax_runner_greedy_matches_hf(make_engine, tmp_path, monkeypatch, 
                            async_scheduling=async_scheduling, num_kv_blocks=16, block_size=8, max_num_batched_tokens=16,
                            max_num_seqs=4, max_model_len=128) as eng:
         outs = await asyncio.gather(*[eng.generate(p, params) for p in prompts])
-        # Logits, not only tokens: raw logprobs of the 30-token prompt (chunked) and of the sampled tokens.
-        lp = await eng.generate(prompts[3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=0,
-                                                           prompt_logprobs=0))
+        # Logits, not only tokens (soft-caps, local rope, routing weights): logprobs of the 30-token
+        # prompt (chunked) and of the samples. Phi-3's window already changes its tokens.
+        lp_params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+        lp = await eng.generate(prompts[3], lp_params) if family_name != "phi3" else None
     assert [o.token_ids for o in outs] == [_hf_greedy(hf, p, NEW) for p in prompts]
+    if lp is None:
+        return
     seq = prompts[3] + lp.outputs[0].token_ids
     ref = torch.log_softmax(_hf_logits(hf, seq).double(), -1)
     got = [x.logprob for x in lp.prompt_logprobs[1:]] + [x.logprob for x in lp.outputs[0].logprobs]

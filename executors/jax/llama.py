@@ -1,6 +1,7 @@
 """Llama-family decoder in JAX: Llama (llama3 rope scaling), Qwen2 (qkv bias), Qwen3 (q/k norm),
 Phi-3 (fused checkpoint weights, a window on every layer), Gemma 2 / 3 ((1 + w) sandwich
-norms, GeGLU, soft-capping, per-layer sliding windows, Gemma 3's local rope table).
+norms, GeGLU, soft-capping, per-layer sliding windows, Gemma 3's local rope table),
+Qwen3-MoE (top-k routing, grouped experts through `lax.ragged_dot`; every layer sparse).
 
 Pure functions over a params pytree, so the runner can `jax.jit` one step program per
 bucketed shape. Loads HF-layout checkpoints (config.json + *.safetensors) without torch:
@@ -53,6 +54,9 @@ class LlamaArch(ModelConfig):
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         mc = ModelConfig.from_hf(cfg)
         check_jax_supported(mc.arch)
+        if mc.moe_layers and not all(mc.moe_layers):  # scanned layers share one parameter layout
+            raise ValueError(f"config.json: mlp_only_layers / decoder_sparse_step (dense layers among the MoE layers) "
+                             f"is not supported by the jax runner for {mc.arch}")
         return mc
 
     @classmethod
@@ -163,11 +167,17 @@ def load_params(arch: LlamaArch, model_dir: str, dtype: Any, device: Any) -> Par
         if arch.qk_norm:
             add("q_norm", get(p + "self_attn.q_norm.weight"))
             add("k_norm", get(p + "self_attn.k_norm.weight"))
-        if p + "mlp.gate_up_proj.weight" in t:  # fused in the checkpoint (Phi-3): [gate; up] rows
+        if arch.moe_layers and arch.moe_layers[i]:  # Qwen3-MoE: router + stacked experts, [E, in, out]
+            add("router", get(p + "mlp.gate.weight").T)
+            gu, down = _expert_weights(get, t, p + "mlp.experts.", arch.num_experts)
+            add("we_gu", gu.transpose(0, 2, 1))
+            add("we_d", down.transpose(0, 2, 1))
+        elif p + "mlp.gate_up_proj.weight" in t:  # fused in the checkpoint (Phi-3): [gate; up] rows
             add("wgu", get(p + "mlp.gate_up_proj.weight").T)
         else:
             add("wgu", np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0).T)
-        add("wd", get(p + "mlp.down_proj.weight").T)
+        if not (arch.moe_layers and arch.moe_layers[i]):
+            add("wd", get(p + "mlp.down_proj.weight").T)
         if arch.mlp_bias:
             add("bgu", np.concatenate([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")]))
             add("bd", get(p + "mlp.down_proj.bias"))
@@ -191,13 +201,28 @@ def load_params(arch: LlamaArch, model_dir: str, dtype: Any, device: Any) -> Par
     return params
 
 
+def _expert_weights(get: Callable[[str], np.ndarray], t: dict[str, np.ndarray], prefix: str,
+                    num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gate_up [E, 2I, H], down [E, H, I]) from the stacked layout (transformers >= 5) or the
+    hub's one matrix per expert."""
+    if prefix + "gate_up_proj" in t:
+        return get(prefix + "gate_up_proj"), get(prefix + "down_proj")
+    gu = np.stack([np.concatenate([get(f"{prefix}{e}.gate_proj.weight"), get(f"{prefix}{e}.up_proj.weight")])
+                   for e in range(num_experts)])
+    return gu, np.stack([get(f"{prefix}{e}.down_proj.weight") for e in range(num_experts)])
+
+
 def random_params(arch: LlamaArch, dtype: Any, device: Any, seed: int = 0, std: float = 0.02) -> Params:
     """Random weights made on the device (no checkpoint): for benchmarks of a model shape."""
     L, H, I, D = arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.head_dim
     shapes: dict[str, tuple[int, ...]] = {
         "wqkv": (L, H, arch.qkv_out), "wo": (L, arch.num_heads * D, H),
-        "wgu": (L, H, 2 * I), "wd": (L, I, H),
     }
+    if arch.moe_layers:  # every layer sparse (LlamaArch refuses a mix)
+        E, MI = arch.num_experts, arch.moe_intermediate_size
+        shapes.update(router=(L, H, E), we_gu=(L, E, H, 2 * MI), we_d=(L, E, MI, H))
+    else:
+        shapes.update(wgu=(L, H, 2 * I), wd=(L, I, H))
     if arch.qkv_bias:
         shapes["bqkv"] = (L, arch.qkv_out)
     if arch.o_bias:
@@ -257,6 +282,26 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     s = jnp.concatenate([sin, sin], axis=-1)[:, None, :].astype(x.dtype)
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * c + rot * s
+
+
+def _moe(x: jax.Array, lp: Params, arch: LlamaArch, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Qwen3-MoE block: softmax (float32) top-k routing, optionally renormalised; the (token, k)
+    pairs sorted by expert and run as grouped matmuls (`lax.ragged_dot`: static shapes, each
+    expert's rows against its own matrices); each token's terms summed with their weights."""
+    T, K, E = x.shape[0], arch.num_experts_per_tok, arch.num_experts
+    probs = jax.nn.softmax((x @ lp["router"]).astype(jnp.float32), axis=-1)
+    w, ids = jax.lax.top_k(probs, K)
+    if arch.norm_topk_prob:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // K
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    gu = jax.lax.ragged_dot(x[token], lp["we_gu"], sizes)  # [T*K, 2I]
+    g, u = jnp.split(gu, 2, axis=-1)
+    out = jax.lax.ragged_dot(act(g) * u, lp["we_d"], sizes)  # [T*K, H]
+    out = out * w.astype(x.dtype).reshape(-1)[order][:, None]
+    return jnp.zeros_like(x).at[token].add(out)
 
 
 def forward(
@@ -328,11 +373,14 @@ def forward(
         else:
             h = h + o
             x = rms_norm(h, lp["post_norm"], eps, uo)
-        gu = x @ lp["wgu"]
-        if "bgu" in lp:
-            gu = gu + lp["bgu"]
-        g, u = jnp.split(gu, 2, axis=-1)
-        m = (act(g) * u) @ lp["wd"]
+        if "router" in lp:
+            m = _moe(x, lp, arch, act)
+        else:
+            gu = x @ lp["wgu"]
+            if "bgu" in lp:
+                gu = gu + lp["bgu"]
+            g, u = jnp.split(gu, 2, axis=-1)
+            m = (act(g) * u) @ lp["wd"]
         if "bd" in lp:
             m = m + lp["bd"]
         if arch.sandwich_norm:
