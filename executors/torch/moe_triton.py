@@ -41,7 +41,8 @@ def align_pairs(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> tup
     flat = expert_ids.reshape(-1).to(torch.int64)
     n = flat.numel()
     dev = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount sizes its output from the data (a device sync on CUDA)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)  # inclusive end of each expert's padded run
     pad_start = pad_end - padded
