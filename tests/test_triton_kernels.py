@@ -304,3 +304,46 @@ def test_moe_model_layer_on_cuda_uses_the_kernel_and_matches_cpu(monkeypatch) ->
         monkeypatch.setattr(moe_triton, "fused_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
         out = block.cuda()(x.cuda())
     assert calls and rel_err(out.cpu(), ref) < 1e-4
+
+
+# ---------------------------------------------------------------- sliding window and soft-capping (Gemma, Phi-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,softcap", [(24, None), (None, 0.7), (9, 0.7)])
+def test_window_and_softcap_decode_and_varlen(dtype, window, softcap) -> None:
+    """Decode (1 and 4 splits: with a window some splits see no key) and varlen tiles (a chunk
+    after a cached prefix, decodes) equal the float32 reference, which equals the torch paged
+    attention the models run elsewhere (attention/torch_paged.py)."""
+    from aiosched.executors.torch.attention import torch_paged
+
+    rng = random.Random(window or 3)
+    page, hq, hkv, d = 8, 8, 2, 64
+    spec = [(0, 37), (20, 45), (63, 1), (5, 1), (0, 1)]
+    lens, qlens = [c + n for c, n in spec], [n for _, n in spec]
+    num_blocks = sum((n + page - 1) // page for n in lens) + 5
+    _, kc, vc = make_cache(num_blocks, page, hkv, d, dtype, False)
+    bt = random_tables(lens, page, num_blocks, rng)
+    T, scale = sum(qlens), d ** -0.5
+    q = torch.randn(T, hq, d, device=DEV).to(dtype) * 2
+    ref = tp.reference_paged_attention(q, kc, vc, bt, lens, qlens, scale, window=window, softcap=softcap)
+    if dtype == torch.float32:
+        tables = [bt[r].tolist() for r in range(len(lens))]
+        meta = torch_paged.AttentionMetadata(torch.zeros(T, dtype=torch.int64), [0] + torch.tensor(qlens).cumsum(0).tolist(),
+                                             lens, tables, page)
+        model_path = torch_paged.torch_paged_attention(q.cpu(), kc.cpu(), vc.cpu(), meta, scale, window, softcap)
+        assert rel_err(model_path, ref.cpu()) < 1e-5
+    out = torch.full_like(q, float("nan"))
+    bq = tp.varlen_block_q(hq, hkv, max(qlens))
+    tiles = torch.tensor(tp.varlen_tiles(qlens, bq), dtype=torch.int32, device=DEV)
+    cu = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32, device=DEV)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    tp.paged_varlen_attention(q, kc, vc, bt, seq, cu, tiles, bq, scale, out=out, window=window, softcap=softcap)
+    assert rel_err(out, ref) < tol(dtype)
+    # decode: the last token of every request
+    last = [sum(qlens[:r + 1]) - 1 for r in range(len(lens))]
+    qd = q[last].contiguous()
+    ref_d = tp.reference_paged_attention(qd, kc, vc, bt, lens, [1] * len(lens), scale, window=window, softcap=softcap)
+    for splits in (1, 4):
+        out_d = tp.paged_decode_attention(qd, kc, vc, bt, seq, scale, num_splits=splits, window=window, softcap=softcap)
+        assert rel_err(out_d, ref_d) < tol(dtype)
