@@ -143,3 +143,43 @@ def scale_embedding(x: torch.Tensor, scale: float | None) -> torch.Tensor:
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap) (Gemma 2)."""
     return x if cap is None else torch.tanh(x / cap) * cap
+
+
+# ---------------------------------------------------------------------------
+# Mixture of experts: routing and the reference grouped-expert MLP
+# ---------------------------------------------------------------------------
+
+
+def route_topk(router_logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in the logits' dtype, expert ids [T, k]): softmax over all experts in
+    float32, the k largest, optionally renormalised to sum to 1 (HF's norm_topk_prob)."""
+    probs = router_logits.softmax(dim=-1, dtype=torch.float32)
+    weights, ids = probs.topk(k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_ids: torch.Tensor,
+                    weights: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """The reference expert MLPs: sum_k weights[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, k].
+
+    x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]. The (token, k) pairs are
+    sorted by expert, so each expert runs one matmul over all its tokens (grouped); each
+    token's terms are added in ascending expert order, as transformers adds them."""
+    T, K = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // K
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    xs = x[token]
+    out = torch.empty_like(xs)
+    f, inter, start = activation(act), down.shape[2], 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = slice(start, start + n)
+            gate, up = F.linear(xs[rows], gate_up[e]).split([inter, inter], dim=-1)
+            out[rows] = F.linear(f(gate) * up, down[e])
+            start += n
+    out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token, out)

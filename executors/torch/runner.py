@@ -110,6 +110,10 @@ class TorchModelRunner(ModelRunner):
             # The fast path's fused kernels and graphs assume the whole model on one device.
             log.warning("tensor_parallel_size = %d: the CUDA fast path (Triton kernels, CUDA graphs) is off; "
                         "steps run on the eager path", self.world_size)
+        elif self.is_cuda and not getattr(self.model, "cuda_fast_path", False):
+            # The fast path re-implements the Llama forward; other families run their own forward.
+            log.info("%s: the CUDA fast path (Triton attention, CUDA graphs) is Llama-only; steps run the model's forward",
+                     a.arch)
         elif self.is_cuda:
             from aiosched.executors.torch.cuda_path import CudaStepRunner
 
