@@ -39,6 +39,7 @@ import random
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Sequence
 
+from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter  # Ray's default; no public path
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 # Router kwargs (RequestRouterConfig.request_router_kwargs) and their defaults.
@@ -187,6 +188,39 @@ class PrefixAffinity:
         return fallback
 
 
+def check_options(options: dict[str, Any]) -> dict[str, int]:
+    """The router's kwargs with the defaults filled in; ValueError naming a bad or unknown one."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a PrefixAffinityRouter option (known: {sorted(DEFAULTS)})")
+    opts = {**DEFAULTS, **options}
+    for name, v in opts.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+    return opts
+
+
+def pinned_replica(candidates: Sequence[RunningReplica], pending_request: PendingRequest | None) -> RunningReplica | None:
+    """The candidate a call names with a `replica_id=` keyword (per-replica introspection), if any."""
+    pinned = pending_request.kwargs.get("replica_id") if pending_request is not None else None
+    if not isinstance(pinned, str):
+        return None
+    return next((r for r in candidates if r.replica_id.unique_id == pinned), None)
+
+
+class PinnedPowerOfTwoRouter(PowerOfTwoChoicesRequestRouter):
+    """Ray Serve's default router (the less loaded of two random replicas) for every request, except
+    that a call naming a replica (`replica_id=`) goes to it: `pow2` routing, with per-replica
+    `engine_stats` for the benchmark's comparison."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        pinned = pinned_replica(candidate_replicas, pending_request)
+        if pinned is not None:
+            return [[pinned]]
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+
 class PrefixAffinityRouter(RequestRouter):
     """Ray Serve request router: `PrefixAffinity` over the engine replicas.
 
@@ -200,14 +234,7 @@ class PrefixAffinityRouter(RequestRouter):
         self.initialize_state()  # the defaults, until Ray Serve passes the configured kwargs
 
     def initialize_state(self, **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"{unknown[0]}: not a PrefixAffinityRouter option (known: {sorted(DEFAULTS)})")
-        opts = {**DEFAULTS, **kwargs}
-        for name in ("chunk_chars", "max_chunks"):
-            v = opts[name]
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        opts = check_options(kwargs)
         self._chunk_chars: int = opts["chunk_chars"]
         self._max_chunks: int = opts["max_chunks"]
         self._affinity = PrefixAffinity(opts["max_load"], opts["capacity"])
@@ -225,9 +252,9 @@ class PrefixAffinityRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if not by_id:
             return []
-        pinned = pending_request.kwargs.get("replica_id") if pending_request is not None else None
-        if isinstance(pinned, str) and pinned in by_id:
-            return [[by_id[pinned]]]
+        pinned = pinned_replica(candidate_replicas, pending_request)
+        if pinned is not None:
+            return [[pinned]]
 
         def load(rid: str) -> int:  # unknown (not probed yet, or stale): assume idle, Ray probes it before sending
             return self.replica_queue_len_cache.get(by_id[rid].replica_id) or 0

@@ -25,7 +25,7 @@ Routing (`--router`):
   its ASGI app (`OpenAIReplica.forward`) and streams the ASGI messages back.
   Every response names its replica in the `x-aiosched-replica` header.
 - `pow2`: the same ingress with Ray Serve's default router (the less loaded of
-  two random replicas), for comparison.
+  two random replicas), for comparison (benchmarks/ray_prefix_routing.py).
 - `direct`: the engine replicas are the HTTP ingress themselves (one hop fewer),
   spread by the proxy's default router.
 
@@ -46,7 +46,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy, RequestRouterConfig
@@ -85,6 +85,54 @@ def engine_load_policy(ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
     total = sum(per_replica.values())
     wanted = math.ceil(total / max(1e-9, ctx.config.get_target_ongoing_requests()))
     return max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, wanted)), {}
+
+
+async def relay_to_app(app: Any, request: dict[str, Any],
+                       extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> AsyncIterator[Message]:
+    """Run one HTTP request through an ASGI app in this process: the app's ASGI messages, streamed.
+
+    `request`: method, path, root_path, query_string, headers, client and the whole body, as
+    `PrefixRoutedIngress` reads them. `extra_headers` are added to the response's. Closing the
+    stream early (the client left, so Ray Serve cancels it) is a disconnect for the app, which
+    aborts the engine request (its KV blocks are freed at once)."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "scheme": "http", "method": request["method"], "path": request["path"],
+             "raw_path": request["path"].encode(), "root_path": request.get("root_path", ""),
+             "query_string": request.get("query_string", b""),
+             "headers": [(bytes(k), bytes(v)) for k, v in request.get("headers", [])],
+             "client": tuple(request["client"]) if request.get("client") else None, "server": None}
+    body = [request.get("body", b"")]
+    gone = asyncio.Event()
+    out: asyncio.Queue[Message | None] = asyncio.Queue()
+
+    async def receive() -> Message:
+        if body:
+            return {"type": "http.request", "body": body.pop(), "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start" and extra_headers:
+            message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+        await out.put(message)
+
+    task = asyncio.ensure_future(app(scope, receive, send))
+    task.add_done_callback(lambda _: out.put_nowait(None))
+    complete = False
+    try:
+        while (message := await out.get()) is not None:
+            complete = message["type"] == "http.response.body" and not message.get("more_body", False)
+            yield message
+        if not task.cancelled() and task.exception() is not None:
+            if not complete:
+                raise task.exception()  # type: ignore[misc]
+            # Starlette re-raises an error after sending its 500: the response is whole, keep it.
+            log.error("%s %s failed after its response", request["method"], request["path"], exc_info=task.exception())
+    finally:
+        gone.set()
+        if not task.done():
+            await asyncio.wait({task}, timeout=5.0)  # the app sees the disconnect and aborts the request
+            task.cancel()
 
 
 class _Replica:
@@ -137,49 +185,9 @@ class OpenAIEngine(_Replica):
             await lifespan.__aexit__(None, None, None)
 
     async def forward(self, request: dict[str, Any]) -> AsyncIterator[Message]:
-        """One HTTP request relayed by `PrefixRoutedIngress` (method, path, root_path, query_string,
-        headers, client, body), run through this replica's ASGI app: the app's ASGI messages, streamed.
-        Closing the stream early (the client left) is a disconnect for the app, which aborts the request."""
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-                 "scheme": "http", "method": request["method"], "path": request["path"],
-                 "raw_path": request["path"].encode(), "root_path": request.get("root_path", ""),
-                 "query_string": request.get("query_string", b""),
-                 "headers": [(bytes(k), bytes(v)) for k, v in request.get("headers", [])],
-                 "client": tuple(request["client"]) if request.get("client") else None, "server": None}
-        body = [request.get("body", b"")]
-        gone = asyncio.Event()
-        out: asyncio.Queue[Message | None] = asyncio.Queue()
-
-        async def receive() -> Message:
-            if body:
-                return {"type": "http.request", "body": body.pop(), "more_body": False}
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [*message.get("headers", []), (REPLICA_HEADER, self.replica_id.encode())]
-                message = {**message, "headers": headers}
-            await out.put(message)
-
-        app = asyncio.ensure_future(self._app(scope, receive, send))
-        app.add_done_callback(lambda _: out.put_nowait(None))
-        complete = False
-        try:
-            while (message := await out.get()) is not None:
-                complete = message["type"] == "http.response.body" and not message.get("more_body", False)
-                yield message
-            if app.exception() is not None:
-                if not complete:
-                    raise app.exception()  # type: ignore[misc]
-                # Starlette re-raises an error after sending its 500; the response is whole, keep the stream.
-                log.error("request %s %s failed after its response", request["method"], request["path"],
-                          exc_info=app.exception())
-        finally:
-            gone.set()
-            if not app.done():
-                await asyncio.wait({app}, timeout=5.0)  # the app sees the disconnect and aborts the request
-                app.cancel()
+        """One HTTP request relayed by `PrefixRoutedIngress`, run through this replica's app (streamed)."""
+        async for message in relay_to_app(self._app, request, [(REPLICA_HEADER, self.replica_id.encode())]):
+            yield message
 
 
 async def _read_body(receive: Callable[[], Awaitable[Message]], limit: int) -> bytes | None:
@@ -296,8 +304,11 @@ def deployment(engine_config: dict[str, Any], *, replicas: int | None = 2, min_r
     else:
         options["num_replicas"] = replicas
     if router == "prefix":
+        kwargs = _router_module().check_options(dict(router_options or {}))  # here, not in a replica's log
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=_router_module().PrefixAffinityRouter, request_router_kwargs=dict(router_options or {}))
+            request_router_class=_router_module().PrefixAffinityRouter, request_router_kwargs=kwargs)
+    elif router == "pow2":  # Ray's default router; calls naming a replica (engine_stats) go there
+        options["request_router_config"] = RequestRouterConfig(request_router_class=_router_module().PinnedPowerOfTwoRouter)
     if router == "direct":
         return OpenAIReplica.options(**options).bind(engine_config, api_key, served_model_name)
     engines = OpenAIEngine.options(**options).bind(engine_config, api_key, served_model_name)

@@ -168,6 +168,43 @@ def test_requests_sharing_a_prefix_land_on_one_replica(served: Served) -> None:
     assert hits(fox_replica) == before[fox_replica]
 
 
+def test_the_relay_runs_a_request_through_the_app_and_a_closed_stream_aborts_it(tmp_path: Path) -> None:
+    """OpenAIEngine.forward's relay, in this process: the app's answer with the replica header added;
+    a stream closed early (Ray Serve cancels it when the client leaves) aborts the engine request."""
+    from aiosched.server import build_app
+
+    example = load_example(local_ray())
+    config = {**fake(write_tiny_model(tmp_path / "tiny")), "num_kv_blocks": 256, "block_size": 4}
+
+    def request(**body: Any) -> dict[str, Any]:
+        return {"method": "POST", "path": "/v1/completions", "headers": [(b"content-type", b"application/json")],
+                "client": ("127.0.0.1", 5000), "body": json.dumps({"model": "tiny", "temperature": 0, **body}).encode()}
+
+    async def scenario() -> None:
+        engine = AsyncEngine(EngineConfig.load(config))
+        app = build_app(engine, served_model_name="tiny")
+        async with app.router.lifespan_context(app):
+            msgs = [m async for m in example.relay_to_app(app, request(prompt="def fibonacci(n):", max_tokens=12),
+                                                          [(b"x-aiosched-replica", b"r1")])]
+            assert msgs[0]["status"] == 200 and (b"x-aiosched-replica", b"r1") in msgs[0]["headers"]
+            text = json.loads(b"".join(m.get("body", b"") for m in msgs[1:]))["choices"][0]["text"]
+            local = await engine.generate("def fibonacci(n):", SamplingParams(max_tokens=12, temperature=0.0))
+            assert text == local.text
+            stream = example.relay_to_app(app, request(prompt="import asyncio", max_tokens=400, ignore_eos=True,
+                                                       stream=True))
+            assert (await stream.__anext__())["type"] == "http.response.start"
+            assert (await stream.__anext__())["body"]  # the first chunk: the request is running
+            await stream.aclose()  # the client left
+            deadline = time.monotonic() + 10
+            while engine.stats()["kv_free_blocks"] < engine.stats()["kv_num_blocks"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            stats = engine.stats()
+            assert stats["num_running"] == 0 and stats["kv_free_blocks"] == stats["kv_num_blocks"], stats
+            assert stats["generated_tokens"] < 12 + 12 + 400, stats  # aborted before its 400 tokens
+
+    asyncio.run(scenario())
+
+
 # --- the router's choice logic, without Ray actors ---
 
 @pytest.fixture(scope="module")
@@ -304,3 +341,5 @@ def test_deployment_refuses_unknown_routers() -> None:
         example.deployment({"model": "m"}, router="round-robin")
     with pytest.raises(ValueError, match="router_options"):
         example.deployment({"model": "m"}, router="pow2", router_options={"max_load": 4})
+    with pytest.raises(ValueError, match="max_load"):  # checked before anything is deployed
+        example.deployment({"model": "m"}, router_options={"max_load": 0})
