@@ -153,7 +153,8 @@ def main() -> None:
     print("| --- | ---: | ---: | --- |")
     for name, rs in runs.items():
         print(f"| {name} | {statistics.median(r['hit_rate'] for r in rs):.3f} | "
-              f"{statistics.median(r['computed'] for r in rs):.0f} / {rs[0]['queries']} | {rs[-1]['split']} |")
+              f"{statistics.median(r['computed'] for r in rs):.0f} of {statistics.median(r['queries'] for r in rs):.0f} | "
+              f"{rs[-1]['split']} |")
 
 
 if __name__ == "__main__":
