@@ -140,9 +140,9 @@ class _Replica:
     how requests reach the app: as Ray Serve's HTTP ingress, or relayed through `forward`."""
 
     def __init__(self, engine_config: dict[str, Any], api_key: str | None = None,
-                 served_model_name: str | None = None) -> None:
+                 served_model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.engine = AsyncEngine.from_config(engine_config)
-        self._app = build_app(self.engine, api_key, served_model_name=served_model_name)
+        self._app = build_app(self.engine, api_key, served_model_name=served_model_name, max_body_bytes=max_body_bytes)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -174,8 +174,8 @@ class OpenAIEngine(_Replica):
     the app runs here through `forward`; this replica runs the app's lifespan itself."""
 
     async def __init__(self, engine_config: dict[str, Any], api_key: str | None = None,  # type: ignore[misc]
-                       served_model_name: str | None = None) -> None:
-        super().__init__(engine_config, api_key, served_model_name)
+                       served_model_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        super().__init__(engine_config, api_key, served_model_name, max_body_bytes)
         self._lifespan = self._app.router.lifespan_context(self._app)
         await self._lifespan.__aenter__()  # starts the engine
 
@@ -190,14 +190,18 @@ class OpenAIEngine(_Replica):
             yield message
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its request was read whole."""
+
+
 async def _read_body(receive: Callable[[], Awaitable[Message]], limit: int) -> bytes | None:
-    """The whole request body; None when it is larger than `limit` bytes or the client left."""
+    """The whole request body; None when it is larger than `limit` bytes."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return None
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -234,7 +238,10 @@ class _Relay:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1003})
             return
-        body = await _read_body(receive, self._max_body_bytes)
+        try:
+            body = await _read_body(receive, self._max_body_bytes)
+        except _ClientGone:
+            return  # nobody to answer
         if body is None:
             await _send_error(send, 413, f"request body larger than {self._max_body_bytes} bytes", "invalid_request_error")
             return
@@ -243,7 +250,7 @@ class _Relay:
                    "client": scope.get("client"), "body": body}
         stream = self._engines.forward.remote(request)
         left = asyncio.ensure_future(self._until_disconnect(receive))
-        left.add_done_callback(lambda t: None if t.cancelled() else stream.cancel())
+        left.add_done_callback(lambda t: None if t.cancelled() or t.exception() else stream.cancel())
         started = finished = False
         try:
             async for message in stream:
@@ -288,12 +295,14 @@ def autoscaling(min_replicas: int, max_replicas: int, target_load: float) -> Aut
 def deployment(engine_config: dict[str, Any], *, replicas: int | None = 2, min_replicas: int = 1,
                max_replicas: int | None = None, target_load: float = 8.0, num_cpus: float = 1.0,
                api_key: str | None = None, served_model_name: str | None = None, router: str = "prefix",
-               router_options: dict[str, int] | None = None, max_ongoing_requests: int = 256) -> Any:
+               router_options: dict[str, int] | None = None, max_ongoing_requests: int = 256,
+               max_body_bytes: int = MAX_BODY_BYTES) -> Any:
     """The bound application: `replicas` fixed replicas, or autoscaling when `max_replicas` is given.
 
     `router`: "prefix" | "pow2" | "direct" (see the module docstring); `router_options`: the prefix
     router's kwargs (examples/ray_prefix_router.py DEFAULTS). `max_ongoing_requests`: requests one
-    replica takes at once (Ray Serve's default, 5, would cap the engine's batch at 5)."""
+    replica takes at once (Ray Serve's default, 5, would cap the engine's batch at 5). `max_body_bytes`:
+    the largest request body the ingress and the replicas' app read (413 beyond)."""
     if router not in ROUTERS:
         raise ValueError(f"router: must be one of {list(ROUTERS)}, got {router!r}")
     if router_options and router != "prefix":
@@ -309,11 +318,12 @@ def deployment(engine_config: dict[str, Any], *, replicas: int | None = 2, min_r
             request_router_class=_router_module().PrefixAffinityRouter, request_router_kwargs=kwargs)
     elif router == "pow2":  # Ray's default router; calls naming a replica (engine_stats) go there
         options["request_router_config"] = RequestRouterConfig(request_router_class=_router_module().PinnedPowerOfTwoRouter)
+    init = (engine_config, api_key, served_model_name, max_body_bytes)
     if router == "direct":
-        return OpenAIReplica.options(**options).bind(engine_config, api_key, served_model_name)
-    engines = OpenAIEngine.options(**options).bind(engine_config, api_key, served_model_name)
+        return OpenAIReplica.options(**options).bind(*init)
+    engines = OpenAIEngine.options(**options).bind(*init)
     most = max_replicas if max_replicas is not None else (replicas or 1)
-    return PrefixRoutedIngress.options(max_ongoing_requests=max_ongoing_requests * most).bind(engines)
+    return PrefixRoutedIngress.options(max_ongoing_requests=max_ongoing_requests * most).bind(engines, max_body_bytes)
 
 
 def main() -> None:

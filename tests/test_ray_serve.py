@@ -88,7 +88,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     try:
         apps = {"aiosched": ("/", "prefix"), "direct": ("/direct", "direct")}
         serve.run_many([serve.RunTarget(example.deployment(config, replicas=2, num_cpus=0.5, served_model_name="tiny",
-                                                           router=router), name=name, route_prefix=prefix)
+                                                           router=router, max_body_bytes=65536),
+                                         name=name, route_prefix=prefix)
                         for name, (prefix, router) in apps.items()])
         print(f"\n[ray serve] 2 apps x 2 replicas up in {time.monotonic() - t0:.1f}s", flush=True)
         yield Served(example, config, port)
@@ -118,15 +119,18 @@ def test_two_replicas_behind_one_endpoint(served: Served, app: str, prefix: str)
     assert stats["num_running"] == 0 and stats["kv_free_blocks"] == stats["kv_num_blocks"], stats
 
 
-def test_the_ingress_relays_errors_and_names_the_replica(served: Served) -> None:
+@pytest.mark.parametrize("prefix", ["", "/direct"])
+def test_errors_reach_the_client_and_name_the_replica(served: Served, prefix: str) -> None:
     import httpx
 
-    base = f"http://127.0.0.1:{served.port}"
+    base = f"http://127.0.0.1:{served.port}{prefix}"
     bad = httpx.post(f"{base}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and "error" in bad.json(), bad.text  # the replica's answer, relayed
     missing = httpx.post(f"{base}/v1/completions", json={"model": "nope", "prompt": "x", "max_tokens": 1})
     assert missing.status_code == 404, missing.text
-    assert missing.headers["x-aiosched-replica"]
+    assert bool(missing.headers.get("x-aiosched-replica")) == (prefix == "")  # the relay names the replica
+    big = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "x" * 70000, "max_tokens": 1})
+    assert big.status_code == 413, big.text  # max_body_bytes (65536 here)
 
 
 def _complete(client: Any, prompt: str) -> tuple[str, int]:
@@ -160,7 +164,8 @@ def test_requests_sharing_a_prefix_land_on_one_replica(served: Served) -> None:
     (fib_replica,), (fox_replica,), (chat_replica,) = ({r for r, _ in g} for g in (fib, fox, chat))
     assert fib_replica != fox_replica  # different prefixes spread over both replicas
     for group in (fib, fox, chat):
-        assert group[0][1] == 0 and all(cached >= 40 for _, cached in group[1:]), group  # the shared prefix hit
+        # the first computes the shared prefix (a block or so may hit, from the earlier tests), the rest hit it
+        assert group[0][1] < 40 <= min(cached for _, cached in group[1:]), group
     before = {r: hits(r) for r in (fib_replica, fox_replica)}
     repeat = _complete(client, SHARED["fib"] + "# variant 0\n")
     assert repeat[0] == fib_replica
