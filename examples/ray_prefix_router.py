@@ -23,7 +23,8 @@ computing them again on another replica.
 
 The router runs wherever a handle to the engine deployment lives: in
 `PrefixRoutedIngress` (examples/ray_serve_app.py), which reads each HTTP body and
-passes it on as `ForwardedRequest` fields (a dict with "path" and "body"). Ray
+passes the request on as the first argument of `OpenAIEngine.forward` (a dict with,
+among others, "path" and the raw "body"). Ray
 Serve's HTTP proxy never sees request bodies (they stream to the replica after
 it is chosen), so the engine replicas cannot be routed by prompt straight from
 the proxy. Each ingress replica keeps its own table.
@@ -211,7 +212,8 @@ def pinned_replica(candidates: Sequence[RunningReplica], pending_request: Pendin
 class PinnedPowerOfTwoRouter(PowerOfTwoChoicesRequestRouter):
     """Ray Serve's default router (the less loaded of two random replicas) for every request, except
     that a call naming a replica (`replica_id=`) goes to it: `pow2` routing, with per-replica
-    `engine_stats` for the benchmark's comparison."""
+    `engine_stats` for the benchmark's comparison. (Ray's router hands a replica it found to the
+    oldest waiting request, so a named call is exact when nothing else waits at this router.)"""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
