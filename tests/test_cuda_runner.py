@@ -54,8 +54,8 @@ async def generate(make_engine, ckpt: str, fast: str, **kw) -> tuple[list[list[i
             from aiosched.executors.torch.cuda_path import FastPath
 
             runner.fast = FastPath(runner, use_graphs=False)
-        if fast == "padded":  # the mixed-step graphs' padded layout, run without capture
-            runner.fast.mixed_padded_eager = True
+        if fast == "padded":  # the graphs' padded layouts (decode and mixed), run without capture
+            runner.fast.padded_eager = True
         greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
         outs = await asyncio.gather(*[eng.generate(p, greedy) for p in prompts()])
         stats = dict(runner.fast.stats) if runner.fast is not None else {}
@@ -71,11 +71,9 @@ async def test_fast_path_matches_reference(make_engine, ckpt, async_scheduling) 
         got, stats = await generate(make_engine, ckpt, mode, async_scheduling=async_scheduling)
         assert got == ref, mode
         if mode == "eager":
-            assert stats["eager_steps"] > 0 and stats["mixed_graph_steps"] == 0
-        else:  # prefill and mixed steps take the padded layout (captured in graphs mode)
-            assert stats["mixed_graph_steps"] > 0
-        if mode == "graphs":
-            assert stats["graph_steps"] > 0
+            assert stats["eager_steps"] > 0 and stats["mixed_graph_steps"] == 0 and stats["graph_steps"] == 0
+        else:  # prefill/mixed and decode steps take the graphs' padded layouts (captured in graphs mode)
+            assert stats["mixed_graph_steps"] > 0 and stats["graph_steps"] > 0
 
 
 async def test_fast_path_under_preemption_and_sampling(make_engine, ckpt) -> None:
@@ -118,7 +116,7 @@ async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, asyn
                 from aiosched.executors.torch.cuda_path import FastPath
 
                 runner.fast = FastPath(runner, use_graphs=False)
-                runner.fast.mixed_padded_eager = padded
+                runner.fast.padded_eager = padded
             elif not padded:  # CUDA: verification on the eager varlen path instead of the mixed-step graphs
                 runner.fast.mixed = None
             outs = await asyncio.gather(*[eng.generate(p, greedy) for p in repetitive_prompts()])
@@ -166,7 +164,7 @@ async def test_padded_mixed_steps_with_sampling_extras(make_engine, ckpt) -> Non
                 from aiosched.executors.torch.cuda_path import FastPath
 
                 runner.fast = FastPath(runner, use_graphs=False)
-                runner.fast.mixed_padded_eager = True
+                runner.fast.padded_eager = True
             outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
             stats = dict(runner.fast.stats) if runner.fast is not None else {}
         return outs, stats

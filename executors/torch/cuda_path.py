@@ -68,7 +68,8 @@ class FastPath:
         self.sampled = torch.zeros(R, dtype=torch.int64, device=dev)
         self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0}
         self.idle_probe: list[tuple[Any, Any]] | None = None  # (start, end) CUDA events per step while measuring
-        self.mixed_padded_eager = False  # tests: run the padded mixed layout without graphs (no CUDA needed)
+        # tests: run the graphs' padded layouts (decode and mixed) without capturing them (no CUDA needed)
+        self.padded_eager = False
         self.graphs: DecodeGraphs | None = None
         self.mixed: DecodeGraphs | None = None
         if use_graphs is None:
@@ -112,7 +113,7 @@ class FastPath:
     def graph_layout(self, step: ScheduledStep, eager_only: bool) -> Layout | None:
         """The padded layout whose graph runs this step, or None (eager)."""
         if step.decode_only:
-            size = self.graphs.padded(len(step.states)) if self.graphs is not None else None
+            size = self._padded_rows(len(step.states))
             return self._layout(size, True) if size is not None else None
         if eager_only or max(step.qlens) < 2:
             return None
@@ -122,24 +123,28 @@ class FastPath:
         layout = self._layout(size, False)
         return layout if len(step.logit_rows) <= layout.S else None
 
+    def _padded_rows(self, B: int) -> int | None:
+        if self.graphs is not None:
+            return self.graphs.padded(B)
+        if not self.padded_eager:
+            return None
+        return next((n for n in capture_sizes(min(self.r.config.cuda_graph_max_batch, self.batch.max_rows)) if n >= B), None)
+
     def _padded_tokens(self, T: int) -> int | None:
         if self.mixed is not None:
             return self.mixed.padded(T)
-        if not self.mixed_padded_eager:
+        if not self.padded_eager:
             return None
         sizes = mixed_sizes(min(self.r.config.max_num_batched_tokens, MIXED_MAX_TOKENS))
         return next((t for t in sizes if t >= T), None)
 
     def replay(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the step already uploaded at `layout`: (logits, argmax tokens) of its logits rows."""
-        if layout.decode:
-            assert self.graphs is not None
-            self.stats["graph_steps"] += 1
-            return self.graphs.replay(layout.T)
-        self.stats["mixed_graph_steps"] += 1
-        if self.mixed is not None:
-            return self.mixed.replay(layout.T)
-        return self._padded_step(layout)  # mixed_padded_eager
+        graphs = self.graphs if layout.decode else self.mixed
+        self.stats["graph_steps" if layout.decode else "mixed_graph_steps"] += 1
+        if graphs is not None:
+            return graphs.replay(layout.T)
+        return self._padded_step(layout)  # padded_eager
 
     # ------------------------------------------------------------ idle probe
 

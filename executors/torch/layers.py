@@ -241,7 +241,8 @@ class GatedMLP(nn.Module):
 
 def scale_embedding(x: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Gemma multiplies embeddings by sqrt(hidden), the constant rounded to x's dtype first (as HF)."""
-    return x if scale is None else x * torch.tensor(scale, dtype=x.dtype, device=x.device)
+    # A host scalar tensor: no copy to the device, so a CUDA graph can capture it.
+    return x if scale is None else x * torch.tensor(scale, dtype=x.dtype)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
