@@ -148,6 +148,11 @@ class TorchModelRunner(ModelRunner):
 
     # ---- per-request state ----
 
+    @property
+    def reqs(self) -> dict:
+        """Live requests by id (their state is the input batch's)."""
+        return self.batch.reqs
+
     def _add(self, new: NewRequestData) -> None:
         self.batch.add(new)
         self.extras.add_request(new)
