@@ -12,9 +12,9 @@ executors/model_config.py):
   also normalises q and k per head and gives the sliding layers their own rotary base
   (rope_local_base_freq), so its forward carries two rotary tables.
 
-Attention goes through the paged attention of models/llama.py (window and softcap are
-its arguments); the CUDA fast path re-implements the Llama forward only, so these models
-run the reference forward on every device (`cuda_fast_path = False`).
+Attention is models/llama.py's (window and softcap are its arguments). The layers take
+no fused CUDA kernels yet, so on CUDA these models run their unfused forward without
+graphs (`cuda_fast_path = False`).
 """
 from __future__ import annotations
 
@@ -22,9 +22,22 @@ import torch
 from torch import nn
 
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
-from aiosched.executors.torch.layers import RMSNorm, cos_sin_at, rope_cos_sin
+from aiosched.executors.torch.layers import RMSNorm, RotaryAt, rope_cos_sin
 from aiosched.executors.torch.models.llama import MLP, Attention, LlamaForCausalLM, ModelArgs
 from aiosched.executors.torch.parallel import SINGLE, TPGroup
+
+
+class _Addend:
+    """Stands in for the residual stream where a block's output is normed before the add
+    (Gemma's sandwich norms): the block's `add` is kept as it is."""
+
+    fused = False
+
+    def __init__(self) -> None:
+        self.y: torch.Tensor | None = None
+
+    def add(self, y: torch.Tensor) -> None:
+        self.y = y
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -40,9 +53,12 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = MLP(args, tp)
         self.post_feedforward_layernorm = RMSNorm(h, eps, unit_offset=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache))
+        attn = _Addend()
+        self.self_attn(self.input_layernorm(x), rope, meta, k_cache, v_cache, attn)  # type: ignore[arg-type]
+        assert attn.y is not None
+        x = x + self.post_attention_layernorm(attn.y)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -74,14 +90,14 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Hidden states before the final norm (`compute_logits` applies it), unfused."""
         x = self.embed(input_ids)
-        tables = {False: cos_sin_at(self.cos_sin, positions)}
+        ropes = {False: RotaryAt(self.cos_sin, positions)}
         if any(self.local_rope):
-            tables[True] = cos_sin_at(self.cos_sin_local, positions)
+            ropes[True] = RotaryAt(self.cos_sin_local, positions)
         for layer, local, (kc, vc) in zip(self.layers, self.local_rope, kv_caches):
-            cos, sin = tables[local]
-            x = layer(x, cos, sin, meta, kc, vc)
-        return self.norm(x)
+            x = layer(x, ropes[local], meta, kc, vc)
+        return x
 
 
 # The registry names one class per architecture; both are this one model (the config says which variant).

@@ -15,7 +15,7 @@ expert (`mlp.experts.{e}.gate_proj.weight`, ...); the loader writes each into it
 The experts run grouped (the tokens of one expert in one matmul): on CUDA the Triton
 kernel of executors/torch/moe_triton.py, elsewhere the torch reference
 (`layers.grouped_experts`). Tensor parallelism is refused by name (the experts are not
-sharded), as is the CUDA fast path (it re-implements the dense Llama forward only).
+sharded). On CUDA the model runs its unfused forward without graphs (`cuda_fast_path = False`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
-from aiosched.executors.torch.layers import RMSNorm, grouped_experts, route_topk
+from aiosched.executors.torch.layers import Residual, RMSNorm, RotaryAt, grouped_experts, route_topk
 from aiosched.executors.torch.models.llama import MLP, Attention, LlamaForCausalLM, ModelArgs
 from aiosched.executors.torch.parallel import SINGLE, TPGroup
 
@@ -67,10 +67,13 @@ class MoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp: nn.Module = SparseMoeBlock(args) if args.moe_layers[layer] else MLP(args, tp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, stream: Residual, rope: RotaryAt, meta: AttentionMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.self_attn(stream.normed(self.input_layernorm), rope, meta, k_cache, v_cache, stream)
+        if isinstance(self.mlp, SparseMoeBlock):
+            stream.add(self.mlp(stream.normed(self.post_attention_layernorm)))
+        else:
+            self.mlp.add_into(stream, self.post_attention_layernorm)
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
