@@ -123,7 +123,7 @@ async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, asyn
             return [o.token_ids for o in outs], dict(runner.fast.stats), eng.stats()
 
     ref, _, _ = await run(None)
-    got, fast_stats, stats = await run({"method": "ngram", "num_tokens": 3, "ngram_min": 1, "ngram_max": 3})
+    got, fast_stats, stats = await run({"method": "ngram", "num_tokens": 3, "ngram_min": 1, "ngram_max": 3, "auto": False})
     assert got == ref
     assert fast_stats.get("spec_steps", 0) > 0
     assert stats["spec_accepted_tokens"] > 0
