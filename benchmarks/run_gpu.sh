@@ -45,7 +45,7 @@ if has env; then
 fi
 if has tests; then
   say kernel tests
-  python3 -m pytest -q -p no:cacheprovider $(ls tests/test_triton_kernels.py tests/test_cuda_runner.py 2>/dev/null) 2>&1 | tail -25 | tee -a "$LOG" "$OUT/tests.log"
+  python3 -m pytest -q -p no:cacheprovider $(ls tests/test_triton_kernels.py tests/test_cuda_runner.py 2>/dev/null) 2>&1 | tail -60 | tee -a "$LOG" "$OUT/tests.log"
 fi
 if has decode; then
   say decode-step microbench
@@ -102,7 +102,8 @@ if has spec; then
 fi
 if has families; then
   say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"
-  python3 -m pytest -q -p no:cacheprovider tests/test_model_families.py 2>&1 | tail -15 | tee -a "$LOG" "$OUT/families.log"
+  # JAX_PLATFORMS=cpu: the JAX parity tests run the jax runner on the CPU (as in CI)
+  JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider tests/test_model_families.py 2>&1 | tail -40 | tee -a "$LOG" "$OUT/families.log"
 fi
 if has before && [ -x /tmp/venv-before/bin/python ]; then
   say "before: the older tree's decode, tpu and c256 on this machine"

@@ -43,7 +43,7 @@ ATOL = 2e-4
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory) -> tuple[str, pathlib.Path, torch.nn.Module]:
     path = write_hf_family_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=3)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     return request.param, path, hf
 
 
@@ -180,7 +180,7 @@ def test_offline_llm_matches_hf(tmp_path) -> None:
     from aiosched import LLM
 
     path = write_hf_family_checkpoint(tmp_path / "g2", "gemma2", seed=4)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     prompts = _seqs([3, 17])
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     with LLM(model=str(path), device="cpu", dtype="float32", num_kv_blocks=64, block_size=BLOCK) as llm:
@@ -274,7 +274,7 @@ async def test_jax_runner_greedy_matches_hf(make_engine, tmp_path, monkeypatch, 
     monkeypatch.setenv("AIOSCHED_JAX_SCAN_LAYERS", "1")  # compiles fast (the unrolled path: test_jax_runner.py)
     extra = {"mlp_only_layers": []} if family_name == "qwen3_moe" else {}  # every layer sparse (the JAX layout)
     path = write_hf_family_checkpoint(tmp_path / family_name, family_name, seed=3, **extra)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     prompts = _engine_prompts()[:4]
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     async with make_engine(model=str(path), runner="jax", executor="inproc", device="cpu", dtype="float32",
@@ -340,7 +340,7 @@ async def test_cuda_engine_runs_the_family_forward(make_engine, tmp_path, family
     forward runs: torch paged attention for windows / soft-caps, the Triton MoE kernel),
     and the greedy tokens are HF's (float32)."""
     path = write_hf_family_checkpoint(tmp_path / family_name, family_name, seed=3)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     prompts = _engine_prompts()[:4]
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     async with make_engine(model=str(path), device="cuda", dtype="float32", num_kv_blocks=96, block_size=BLOCK,

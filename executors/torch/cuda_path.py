@@ -74,6 +74,7 @@ class FastPath:
         self.mixed: DecodeGraphs | None = None
         if use_graphs is None:
             use_graphs = dev.type == "cuda" and not cfg.enforce_eager and graphable(a)
+        runner.fast = self  # the runner's model_step reads this path's workspaces, also while capturing below
         if use_graphs:
             max_bs = min(cfg.cuda_graph_max_batch, R)
             self.graphs = self._capture(capture_sizes(max_bs), decode=True, name="decode")
