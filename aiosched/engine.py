@@ -27,9 +27,9 @@ from aiosched.async_scheduler import AsyncScheduler
 from aiosched.config import EngineConfig
 from aiosched.detokenizer import IncrementalDetokenizer
 from aiosched.errors import EngineDeadError, EngineNotRunningError, EngineOverloadedError
-from aiosched.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from aiosched.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleHistory, TokenLogprob
 from aiosched.protocol import Logprobs, RunnerOutput, SchedulerOutput, WorkerInfo
-from aiosched.request import Request
+from aiosched.request import Request, RequestStatus
 from aiosched.request_stream import RequestStream
 from aiosched.sampling_params import SamplingParams
 from aiosched.scheduler import Scheduler, StepUpdate
@@ -38,6 +38,8 @@ from aiosched.tokenizer import Tokenizer
 from aiosched.executors.base import Executor, create_executor
 
 log = logging.getLogger("aiosched")
+
+_FINISHED = RequestStatus.FINISHED
 
 
 @dataclass
@@ -71,9 +73,8 @@ class _Tracked:
     group: _Group
     index: int
     detok: IncrementalDetokenizer | None
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Cumulative tokens/text/logprobs, append-only: each output is a view of a prefix.
+    hist: SampleHistory = field(default_factory=SampleHistory)
     cumulative_logprob: float | None = None  # set once the worker returns logprobs
     # stream_interval > 1: tokens (and their text) held back since the last output
     held_ids: list[int] = field(default_factory=list)
@@ -391,7 +392,7 @@ class AsyncEngine:
                 store[pos] = TokenLogprob(prompt[pos], v, list(zip(lp.top_token_ids[i], lp.top_logprobs[i])))
 
     def _emit(self, upd: StepUpdate, final_text: str | None = None, logprobs: Logprobs | None = None) -> None:
-        """Turn a request's new tokens into a RequestOutput on its stream."""
+        """Turn a request's new tokens into a RequestOutput on its stream: O(new tokens)."""
         assert self.scheduler is not None
         req = upd.req
         tr = self._live.get(req.req_id)
@@ -403,48 +404,53 @@ class AsyncEngine:
         if detok is not None:
             if new_ids:
                 new_text, stop = detok.add_tokens(new_ids)
-                if stop is not None and not req.is_finished:
+                if stop is not None and req.status is not _FINISHED:
                     self.scheduler.finish_request(req.req_id, "stop", stop)
-            if req.is_finished:
+            if req.status is _FINISHED:
                 new_text += detok.flush()
-        finished = req.is_finished
+        finished = req.status is _FINISHED
+        hist = tr.hist
         if new_text:
-            tr.text += new_text
-        tr.token_ids.extend(new_ids)
+            hist.add_text(new_text)
+        if new_ids:
+            hist.token_ids.extend(new_ids)
         group = tr.group
         if logprobs is not None and new_ids:
             # Tokens past a stop were dropped by the scheduler: keep their logprobs aligned.
             cum = tr.cumulative_logprob or 0.0
-            for i, tok in enumerate(upd.new_token_ids[: len(logprobs.token_logprobs)]):
+            for i, tok in enumerate(new_ids[: len(logprobs.token_logprobs)]):
                 cum += logprobs.token_logprobs[i]
                 if group.want_logprobs:
-                    tr.logprobs.append(TokenLogprob(tok, logprobs.token_logprobs[i],
-                                                    list(zip(logprobs.top_token_ids[i], logprobs.top_logprobs[i]))))
+                    hist.logprobs.append(TokenLogprob(tok, logprobs.token_logprobs[i],
+                                                      list(zip(logprobs.top_token_ids[i], logprobs.top_logprobs[i]))))
             tr.cumulative_logprob = cum
         if self._stream_interval > 1:
             if tr.held_ids or tr.held_text:
                 new_ids, new_text = tr.held_ids + new_ids, tr.held_text + new_text
                 tr.held_ids, tr.held_text = [], ""
             # Tokens before `new_ids` went out already: the first output is never held.
-            if not finished and len(tr.token_ids) > len(new_ids) and len(new_ids) < self._stream_interval:
+            if not finished and len(hist.token_ids) > len(new_ids) and len(new_ids) < self._stream_interval:
                 tr.held_ids, tr.held_text = new_ids, new_text  # the next output carries them
                 return
-        # Positional: one of these per request per step (fields in declaration order).
-        comp = CompletionOutput(tr.index, tr.text, list(tr.token_ids), new_text, new_ids, req.finish_reason, req.stop_reason,
-                                list(tr.logprobs) if group.want_logprobs else None, tr.cumulative_logprob)
-        group.latest[tr.index] = comp
+        # Positional: one of these per request per step (fields in declaration order). The
+        # cumulative text/token_ids/logprobs are a view of the history's current prefix.
+        comp = CompletionOutput(tr.index, new_text, new_ids, req.finish_reason, req.stop_reason, tr.cumulative_logprob, hist,
+                                len(hist.token_ids), hist.num_chars, len(hist.logprobs) if group.want_logprobs else -1)
         if finished:
             group.num_finished += 1
             self._forget(req.req_id)
+        many = len(group.children) > 1
+        if many:
+            group.latest[tr.index] = comp
         done = group.num_finished == len(group.children)
         if not done and group.best_of:
             return  # best_of: only the final choice is sent
         outputs = [comp]
         if done and group.best_of:
             ranked = sorted(group.latest.values(), key=lambda c: (-(c.cumulative_logprob if c.cumulative_logprob is not None else float("-inf")), c.index))
-            outputs = [msgspec.structs.replace(c, index=i, new_text=c.text, new_token_ids=list(c.token_ids)) for i, c in enumerate(ranked[: group.n])]
-        elif done and len(group.children) > 1:  # the final output carries every sample
-            outputs = [c if c is comp else msgspec.structs.replace(c, new_text="", new_token_ids=[]) for _, c in sorted(group.latest.items())]
+            outputs = [c.replace(index=i, new_text=c.text, new_token_ids=list(c.token_ids)) for i, c in enumerate(ranked[: group.n])]
+        elif done and many:  # the final output carries every sample
+            outputs = [c if c is comp else c.replace(new_text="", new_token_ids=[]) for _, c in sorted(group.latest.items())]
         prompt_lps = None
         if group.prompt_logprobs is not None and (done or not group.prompt_logprobs_sent):
             prompt_lps = list(group.prompt_logprobs)  # in the first output and the final one
