@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ class AsyncEngine:
         self._rng = random.Random(config.seed)
         self._wakeup = anyio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the engine was started in
+        self._thread_id: int | None = None
         self._dead: BaseException | None = None
         self._running = False
         self.timings = EngineTimings()
@@ -146,13 +149,18 @@ class AsyncEngine:
         self.scheduler = sched_cls(self.config, self.info.num_kv_blocks, self.info.max_model_len)
         # A plain task, not a task group held open across calls: start() and shutdown()
         # may run in different tasks (web-framework lifespans, test fixtures).
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="aiosched-engine")
+        self._loop = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
+        self._task = self._loop.create_task(self._engine_loop(), name="aiosched-engine")
         self._running = True
         self.timings.started = time.perf_counter()
         self._log_task = engine_log.on_started(self, self.timings.started - t_start)
         return self
 
     async def shutdown(self) -> None:
+        if self._loop is not None and self._loop.is_closed():
+            # Its loop is gone (a second asyncio.run): its tasks died with it; release the rest.
+            self._task = self._log_task = None
         if self._log_task is not None:
             self._log_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -193,6 +201,7 @@ class AsyncEngine:
 
         Raises ValueError (naming the field) for bad input, EngineOverloadedError when
         the waiting queue is full, EngineDeadError when the engine died."""
+        self._check_loop("generate()")
         if self._dead is not None:
             raise EngineDeadError(f"engine is dead: {self._dead}")
         if not self._running or self.scheduler is None or self.info is None:
@@ -238,6 +247,23 @@ class AsyncEngine:
             self.scheduler.add_request(req)
         self._wakeup.set()
         return group.stream
+
+    def _check_loop(self, what: str) -> None:
+        """The engine serves the one event loop it was started in: anything else fails now."""
+        loop = self._loop
+        if loop is None:
+            return
+        if loop.is_closed():
+            raise RuntimeError(f"{what}: the event loop this engine was started in is closed (e.g. a second asyncio.run()); "
+                               "an AsyncEngine lives in one event loop: create and start a new engine in this one")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:
+            where = "another thread" if threading.get_ident() != self._thread_id else "another event loop"
+            raise RuntimeError(f"{what} called from {where}: an AsyncEngine serves only the event loop it was started in "
+                               "(from another thread, use asyncio.run_coroutine_threadsafe(coro, loop) with that loop)")
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, request_id: str | None = None,
              **template_kwargs: Any) -> RequestStream:
@@ -320,7 +346,7 @@ class AsyncEngine:
 
     # ---- the loop ----
 
-    async def _loop(self) -> None:
+    async def _engine_loop(self) -> None:
         assert self.scheduler is not None and self._executor is not None
         sched, ex = self.scheduler, self._executor
         in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
