@@ -256,14 +256,12 @@ class AsyncEngine:
         if loop.is_closed():
             raise RuntimeError(f"{what}: the event loop this engine was started in is closed (e.g. a second asyncio.run()); "
                                "an AsyncEngine lives in one event loop: create and start a new engine in this one")
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not loop:
-            where = "another thread" if threading.get_ident() != self._thread_id else "another event loop"
-            raise RuntimeError(f"{what} called from {where}: an AsyncEngine serves only the event loop it was started in "
+        if threading.get_ident() != self._thread_id:
+            raise RuntimeError(f"{what} called from another thread: an AsyncEngine serves only the event loop it was started in "
                                "(from another thread, use asyncio.run_coroutine_threadsafe(coro, loop) with that loop)")
+        running = asyncio._get_running_loop()  # None: this thread, outside the loop (it runs the request when it runs)
+        if running is not None and running is not loop:
+            raise RuntimeError(f"{what} called from another event loop: an AsyncEngine serves only the event loop it was started in")
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, request_id: str | None = None,
              **template_kwargs: Any) -> RequestStream:

@@ -250,15 +250,24 @@ class Scheduler:
                 self.stats.spec_step_tokens += len(tokens)
             req.num_output_placeholders -= 1
             assert req.num_output_placeholders >= 0, f"{req_id}: placeholder count went negative"
-            new_ids: list[int] = []
             all_ids = req.all_token_ids
-            for t in tokens:
+            if len(tokens) == 1:  # the usual case: one token, which cannot stop it unless in the set or at the length
+                t = tokens[0]
                 all_ids.append(t)
-                new_ids.append(t)
-                reason = check_stop(req, t)
-                if reason is not None:
-                    self.finish_request(req_id, *reason)
-                    break
+                new_ids = [t]
+                if t in req.stop_token_set or len(all_ids) >= req.stop_length:
+                    reason = check_stop(req, t)
+                    if reason is not None:
+                        self.finish_request(req_id, *reason)
+            else:
+                new_ids = []
+                for t in tokens:
+                    all_ids.append(t)
+                    new_ids.append(t)
+                    reason = check_stop(req, t)
+                    if reason is not None:
+                        self.finish_request(req_id, *reason)
+                        break
             stats.generated_tokens += len(new_ids)
             if req.status is RequestStatus.RUNNING:
                 cache_full_blocks(req)

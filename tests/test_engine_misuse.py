@@ -84,7 +84,7 @@ async def test_generate_from_another_thread_fails_at_once() -> None:
         assert (await engine.generate(PROMPT, PARAMS)).token_ids == EXPECTED
 
 
-async def test_generate_from_another_event_loop_fails_at_once() -> None:
+async def test_generate_from_an_event_loop_in_another_thread_fails_at_once() -> None:
     async with _engine() as engine:
         errors: list[BaseException] = []
 
@@ -102,6 +102,25 @@ async def test_generate_from_another_event_loop_fails_at_once() -> None:
         t.join(5)
         assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
         assert "an AsyncEngine serves only the event loop it was started in" in str(errors[0])
+
+
+def test_generate_from_another_event_loop_of_the_same_thread_fails_at_once() -> None:
+    home = asyncio.new_event_loop()
+    engine = _engine()
+    try:
+        home.run_until_complete(engine.start())
+        # Outside any loop, in the engine's thread: queued; it runs when the home loop runs.
+        handle = engine.generate(PROMPT, PARAMS)
+        assert home.run_until_complete(asyncio.wait_for(handle.result(), 10)).token_ids == EXPECTED
+
+        async def elsewhere() -> None:
+            with pytest.raises(RuntimeError, match="called from another event loop"):
+                engine.generate(PROMPT, PARAMS)
+
+        asyncio.run(asyncio.wait_for(elsewhere(), 10))
+    finally:
+        home.run_until_complete(engine.shutdown())
+        home.close()
 
 
 async def test_the_handle_is_a_task_for_create_task(fake_engine: AsyncEngine) -> None:
