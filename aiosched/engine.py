@@ -396,9 +396,10 @@ class AsyncEngine:
             self._add_prompt_logprobs(so, out.prompt_logprobs)
         emit = self._emit
         for upd in self.scheduler.update_from_output(so, out):
-            if upd.req.first_token_time is None and upd.new_token_ids:
-                upd.req.first_token_time = now
-            emit(upd, logprobs=lps.get(upd.req.req_id) if lps else None)
+            req = upd.req
+            if req.first_token_time is None and upd.new_token_ids:
+                req.first_token_time = now
+            emit(upd, None, lps.get(req.req_id) if lps else None, now)
 
     def _add_prompt_logprobs(self, so: SchedulerOutput, plp: dict[str, Logprobs]) -> None:
         """A chunk [start, end) of the prompt gives the logprobs of prompt tokens start+1 ..
@@ -415,7 +416,7 @@ class AsyncEngine:
                     break
                 store[pos] = TokenLogprob(prompt[pos], v, list(zip(lp.top_token_ids[i], lp.top_logprobs[i])))
 
-    def _emit(self, upd: StepUpdate, final_text: str | None = None, logprobs: Logprobs | None = None) -> None:
+    def _emit(self, upd: StepUpdate, final_text: str | None = None, logprobs: Logprobs | None = None, now: float | None = None) -> None:
         """Turn a request's new tokens into a RequestOutput on its stream: O(new tokens)."""
         assert self.scheduler is not None
         req = upd.req
@@ -437,7 +438,7 @@ class AsyncEngine:
         if new_text:
             hist.add_text(new_text)
         if new_ids:
-            hist.token_ids.extend(new_ids)
+            hist.token_ids += new_ids
         group = tr.group
         if logprobs is not None and new_ids:
             # Tokens past a stop were dropped by the scheduler: keep their logprobs aligned.
@@ -466,20 +467,24 @@ class AsyncEngine:
         many = len(group.children) > 1
         if many:
             group.latest[tr.index] = comp
-        done = group.num_finished == len(group.children)
-        if not done and group.best_of:
-            return  # best_of: only the final choice is sent
+            done = group.num_finished == len(group.children)
+            if not done and group.best_of:
+                return  # best_of: only the final choice is sent
+        else:
+            done = finished
         outputs = [comp]
-        if done and group.best_of:
-            ranked = sorted(group.latest.values(), key=lambda c: (-(c.cumulative_logprob if c.cumulative_logprob is not None else float("-inf")), c.index))
-            outputs = [c.replace(index=i, new_text=c.text, new_token_ids=list(c.token_ids)) for i, c in enumerate(ranked[: group.n])]
-        elif done and many:  # the final output carries every sample
-            outputs = [c if c is comp else c.replace(new_text="", new_token_ids=[]) for _, c in sorted(group.latest.items())]
+        if many and done:
+            if group.best_of:
+                ranked = sorted(group.latest.values(), key=lambda c: (-(c.cumulative_logprob if c.cumulative_logprob is not None else float("-inf")), c.index))
+                outputs = [c.replace(index=i, new_text=c.text, new_token_ids=list(c.token_ids)) for i, c in enumerate(ranked[: group.n])]
+            else:  # the final output carries every sample
+                outputs = [c if c is comp else c.replace(new_text="", new_token_ids=[]) for _, c in sorted(group.latest.items())]
         prompt_lps = None
         if group.prompt_logprobs is not None and (done or not group.prompt_logprobs_sent):
             prompt_lps = list(group.prompt_logprobs)  # in the first output and the final one
             group.prompt_logprobs_sent = True
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time, now, now if done else None,
                                  req.num_cached_prompt_tokens, req.num_preemptions)
         out = RequestOutput(group.user_id, group.prompt, req.prompt_token_ids, outputs, done, metrics, prompt_lps)

@@ -49,7 +49,11 @@ class RequestStream:
         self._items.append(output)
         if output.finished:
             self._closed = True
-        self._wake()
+        w = self._waiter  # _wake(), inlined: once per request per step
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     def fail(self, exc: BaseException) -> None:
         if not self._closed and not self._left:
