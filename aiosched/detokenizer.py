@@ -83,8 +83,9 @@ class IncrementalDetokenizer:
         self._clean_text[t] = text
         return text
 
-    def _push(self, t: int) -> str:
-        """Append one token; return the new stable text (possibly empty)."""
+    def push(self, t: int) -> str:
+        """Append one token; return the new stable text (possibly empty). Without stop
+        strings this is all of add_tokens([t]) (the engine's per-token hot path)."""
         ids = self.ids
         clean = self._clean_text
         if clean is not None and self.read_offset == len(ids):  # at a character boundary
@@ -131,10 +132,10 @@ class IncrementalDetokenizer:
         """Feed tokens; return (new stable text, matched stop string or None)."""
         if not self.stop:  # hot path: nothing held back
             if len(new_ids) == 1:
-                return self._push(new_ids[0]), None
-            return "".join([self._push(t) for t in new_ids]), None
+                return self.push(new_ids[0]), None
+            return "".join([self.push(t) for t in new_ids]), None
         for t in new_ids:
-            self.pending += self._push(t)
+            self.pending += self.push(t)
             hit = self._find_stop()
             if hit is not None:
                 return self._take(len(self.pending)), hit

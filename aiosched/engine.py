@@ -427,7 +427,9 @@ class AsyncEngine:
         new_text = ""
         detok = tr.detok
         if detok is not None:
-            if new_ids:
+            if len(new_ids) == 1 and not detok.stop:  # hot path: one token, nothing held back
+                new_text = detok.push(new_ids[0])
+            elif new_ids:
                 new_text, stop = detok.add_tokens(new_ids)
                 if stop is not None and req.status is not _FINISHED:
                     self.scheduler.finish_request(req.req_id, "stop", stop)

@@ -47,6 +47,9 @@ class Request:
     # Every token id that may stop it (EOS and stop_token_ids): a token outside it, before
     # stop_length, cannot stop the request, so the per-token stop check is one lookup.
     stop_token_set: frozenset[int] = field(init=False, default=frozenset())
+    # Kept by the KV cache manager: the known-and-computed token count at which its next
+    # block becomes full (until then cache_full_blocks has nothing to do; 0: unknown).
+    next_full_block_at: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
