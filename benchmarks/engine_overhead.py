@@ -29,8 +29,10 @@ every request holds between L-K and L output tokens (L = --output-len, K = min(L
 128)), all at full batch; prompts are admitted in one step (the token budget defaults
 to batch x input_len), so the requests decode in lockstep and the window is K steps.
 At L = 4096 this is the cost per step at 4k tokens of history, comparable with L = 128.
-Text mode (`tok`) with L beyond the embedded model's 1024 positions runs on a copy of
-its directory whose config.json allows input + output positions (same tokenizer).
+Every length of one run uses the same configuration, sized for the longest: a copy of
+the embedded model's directory whose config.json allows input + longest output
+positions (same tokenizer and vocabulary; `ids` mode: only that config.json) and the
+same KV pool, so only the history length differs.
 
 Before/after in one run: `--compare REF` checks REF out in a `git worktree` (cached
 under /tmp) and runs every configuration `--repeats` times in fresh subprocesses,
@@ -136,16 +138,17 @@ def _time_submit(engine: AsyncEngine) -> None:
     ex.submit = timed  # type: ignore[method-assign]
 
 
-def _model_dir(max_len: int) -> str:
+def _model_dir(max_len: int, tokenizer: bool = True) -> str | None:
     """The embedded default model, or a copy of its directory (links) whose config.json
-    allows `max_len` positions: the fake runner reads only vocab_size and positions."""
+    allows `max_len` positions: the fake runner reads only vocab_size and positions.
+    Without the tokenizer (`ids` mode): None, or a directory with only that config.json."""
     with open(os.path.join(DEFAULT_MODEL, "config.json")) as f:
         cfg = json.load(f)
     if max_len <= cfg["max_position_embeddings"]:
-        return DEFAULT_MODEL
-    d = os.path.join(tempfile.gettempdir(), f"aiosched-bench-model-{max_len}")
+        return DEFAULT_MODEL if tokenizer else None
+    d = os.path.join(tempfile.gettempdir(), f"aiosched-bench-model-{max_len}{'' if tokenizer else '-ids'}")
     os.makedirs(d, exist_ok=True)
-    for name in os.listdir(DEFAULT_MODEL):
+    for name in os.listdir(DEFAULT_MODEL) if tokenizer else []:
         if name != "config.json" and not os.path.exists(os.path.join(d, name)):
             os.symlink(os.path.join(DEFAULT_MODEL, name), os.path.join(d, name))
     cfg["max_position_embeddings"] = max_len
@@ -156,12 +159,15 @@ def _model_dir(max_len: int) -> str:
 
 async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argparse.Namespace, profile: bool = False) -> dict[str, Any]:
     input_len = args.input_len
-    blocks_per_req = -(-(input_len + output_len) // 16) + 1
-    max_len = max(1024, input_len + output_len)
+    # Model and KV pool sized for the longest output of the run, so that every length
+    # runs the same configuration (same vocabulary, same pool) and only L differs.
+    longest = max([output_len] + [int(n) for n in args.output_len.split(",")] + [args.size_for or 0])
+    blocks_per_req = -(-(input_len + longest) // 16) + 1
+    max_len = max(1024, input_len + longest)
     budget = args.max_num_batched_tokens or max(2048, batch * input_len)
     config = dict(runner="fake", async_scheduling=mode == "async", max_num_seqs=max(batch, 1),
                   max_num_batched_tokens=budget, num_kv_blocks=batch * blocks_per_req + 64,
-                  max_model_len=max_len, model=_model_dir(max_len) if tok else None, seed=0)
+                  max_model_len=max_len, model=_model_dir(max_len, tok), seed=0)
     engine = AsyncEngine.from_config(config)
     await engine.start()
     _time_submit(engine)
@@ -272,7 +278,8 @@ def _child(tree: str, cfg: tuple[bool, int, int, str], args: argparse.Namespace)
     tok, batch, n, mode = cfg
     cmd = [sys.executable, os.path.abspath(__file__),
            "--child", "--batch", str(batch), "--output-len", str(n), "--modes", mode, "--tokenizer", "tok" if tok else "ids",
-           "--input-len", str(args.input_len), "--runner", args.runner]
+           "--input-len", str(args.input_len), "--runner", args.runner,
+           "--size-for", str(max(int(x) for x in args.output_len.split(",")))]
     if args.max_num_batched_tokens:
         cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     env = dict(os.environ, PYTHONPATH=tree)
@@ -283,16 +290,19 @@ def _child(tree: str, cfg: tuple[bool, int, int, str], args: argparse.Namespace)
 
 
 def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Old and new code in fresh subprocesses, alternating, same script (this one)."""
+    """Old and new code in fresh subprocesses, same script (this one); rounds over every
+    configuration and both codes (old, new, then new, old), so load drifts hit all alike."""
     trees = {"old": _old_tree(args.compare),
              "new": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    configs = _configs(args)
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {(i, label): [] for i in range(len(configs)) for label in trees}
+    for r in range(args.repeats):
+        for i, cfg in enumerate(configs):
+            for label in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                runs[(i, label)].append(_child(trees[label], cfg, args))
     results = []
-    for cfg in _configs(args):
-        runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
-        for i in range(args.repeats):
-            for label in (("old", "new") if i % 2 == 0 else ("new", "old")):
-                runs[label].append(_child(trees[label], cfg, args))
-        med = {label: _median(r) for label, r in runs.items()}
+    for i in range(len(configs)):
+        med = {label: _median(runs[(i, label)]) for label in trees}
         for label in ("old", "new"):
             print(_row(med[label], label), flush=True)
             results.append(dict(med[label], label=label))
@@ -308,17 +318,23 @@ async def main(args: argparse.Namespace) -> None:
         await run_one(batch, mode, tok, min(n, 64), args)
         print(json.dumps(await run_one(batch, mode, tok, n, args)))
         return
-    results = []
-    for tok, batch, n, mode in _configs(args):
-        if args.profile:
+    configs = _configs(args)
+    if args.profile:
+        for tok, batch, n, mode in configs:
             r = await run_one(batch, mode, tok, n, args, profile=True)
             print(r.pop("profile"))
-            results.append(r)
-            continue
-        await run_one(batch, mode, tok, min(n, 64), args)  # warm-up (imports, tokenizer, allocator)
-        runs = [await run_one(batch, mode, tok, n, args) for _ in range(args.repeats)]
-        results.append(_median(runs))
-        print(_row(results[-1], args.label), flush=True)
+        return
+    for tok, batch, n, mode in configs:  # warm-up (imports, tokenizer, allocator)
+        await run_one(batch, mode, tok, min(n, 64), args)
+    # Rounds over the configurations (not one configuration after another): load drifts
+    # on a shared machine then hit every configuration alike.
+    runs: list[list[dict[str, Any]]] = [[] for _ in configs]
+    for _ in range(args.repeats):
+        for i, (tok, batch, n, mode) in enumerate(configs):
+            runs[i].append(await run_one(batch, mode, tok, n, args))
+    results = [_median(r) for r in runs]
+    for r in results:
+        print(_row(r, args.label), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"label": args.label, "args": vars(args), "results": results}, f, indent=1)
@@ -337,6 +353,7 @@ if __name__ == "__main__":
     p.add_argument("--label", default="", help="first column of the table (e.g. old/new)")
     p.add_argument("--compare", default=None, metavar="REF", help="before/after: REF's code vs this checkout, alternating subprocesses")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size-for", type=int, default=None, help=argparse.SUPPRESS)  # the run's longest output
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="cProfile the event-loop thread over the window")
     p.add_argument("--sort", default="tottime")
