@@ -34,25 +34,31 @@ class SampleHistory:
     sample is a view of a prefix of it, so building an output costs O(new tokens), not
     a copy of everything so far; the cumulative lists and text are built only when read."""
 
-    __slots__ = ("token_ids", "logprobs", "num_chars", "_parts")
+    __slots__ = ("token_ids", "logprobs", "num_chars", "_chunks", "_tail")
 
     def __init__(self) -> None:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.num_chars = 0
-        self._parts: list[str] = []  # text pieces; joined (and replaced by the join) on read
+        self._chunks: list[str] = []  # joined text; all of it becomes one string when read
+        self._tail: list[str] = []  # text pieces since the last join
 
     def add_text(self, text: str) -> None:
-        self._parts.append(text)
+        tail = self._tail
+        tail.append(text)
         self.num_chars += len(text)
-        if len(self._parts) >= 512:  # bound the piece count of text nobody reads (amortised O(1))
-            self._parts[-256:] = ["".join(self._parts[-256:])]
+        if len(tail) >= 256:  # bound the piece count of text nobody reads (O(1) per piece)
+            self._chunks.append("".join(tail))
+            tail.clear()
 
     def text(self, num_chars: int) -> str:
-        parts = self._parts
-        if len(parts) > 1:
-            parts[:] = ["".join(parts)]
-        whole = parts[0] if parts else ""
+        chunks = self._chunks
+        if self._tail:
+            chunks.append("".join(self._tail))
+            self._tail.clear()
+        if len(chunks) > 1:
+            chunks[:] = ["".join(chunks)]
+        whole = chunks[0] if chunks else ""
         return whole if num_chars == len(whole) else whole[:num_chars]
 
 
