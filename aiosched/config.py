@@ -28,6 +28,8 @@ class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
     num_tokens: int = 4  # draft tokens proposed per step
     ngram_min: int = 1  # shortest n-gram matched against the history
     ngram_max: int = 4  # longest n-gram matched against the history
+    auto: bool = True  # measure throughput with and without drafts, keep drafting only while it is faster (stats: spec_auto)
+    disable_by_batch_size: int = 0  # no drafts in a step while this many requests or more are running (0: no limit)
 
     def validate(self) -> None:
         if self.method != "ngram":
@@ -36,6 +38,8 @@ class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"speculative.num_tokens must be in [1, 16], got {self.num_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"speculative.ngram_min/ngram_max must satisfy 1 <= min <= max, got {self.ngram_min}, {self.ngram_max}")
+        if self.disable_by_batch_size < 0:
+            raise ValueError(f"speculative.disable_by_batch_size must be >= 0, got {self.disable_by_batch_size}")
 
 
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

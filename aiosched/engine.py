@@ -34,6 +34,7 @@ from aiosched.request import Request, RequestStatus
 from aiosched.request_stream import RequestStream
 from aiosched.sampling_params import SamplingParams
 from aiosched.scheduler import Scheduler, StepUpdate
+from aiosched.spec_policy import SpecPolicy
 from aiosched.structured import validate_structured
 from aiosched.tokenizer import Tokenizer
 from aiosched.executors.base import Executor, create_executor
@@ -113,6 +114,10 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._running = False
         self.timings = EngineTimings()
+        # Speculative decoding: keep drafting only while measured throughput says it pays.
+        spec = config.speculative
+        self.spec_policy: SpecPolicy | None = SpecPolicy() if spec is not None and spec.auto else None
+        self._clock = time.perf_counter  # the policy's clock (tests drive it by hand)
         # on_request(request_id, prompt_ids, params) / on_output(RequestOutput): Prometheus
         # metrics and request logs (aiosched.metrics, aiosched.engine_log); empty: no cost.
         self._observers: list[Any] = []
@@ -350,10 +355,12 @@ class AsyncEngine:
         in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
         max_batches = ex.max_concurrent_batches
         t = self.timings
+        policy, last_out = self.spec_policy, None  # last_out: (time, generated tokens) at the previous output
         try:
             while True:
                 if not in_flight and not sched.has_unfinished() and not sched._freed_for_worker:
                     self._wakeup = anyio.Event()
+                    last_out = None  # idle time is not step time
                     await self._wakeup.wait()
                 while len(in_flight) < max_batches:
                     t0 = time.perf_counter()
@@ -377,6 +384,8 @@ class AsyncEngine:
                 self._process(so, out)
                 t.update_s += time.perf_counter() - t1
                 t.steps += 1
+                if policy is not None:
+                    last_out = self._observe_spec(policy, sched, last_out)
         except anyio.get_cancelled_exc_class():
             for _, fut in in_flight:
                 fut.cancel()
@@ -385,6 +394,14 @@ class AsyncEngine:
             log.exception("engine loop died")
             self._dead = e if isinstance(e, EngineDeadError) else EngineDeadError(f"engine loop failed: {e!r}")
             self._fail_all(self._dead)
+
+    def _observe_spec(self, policy: SpecPolicy, sched: Scheduler, last: tuple[float, int] | None) -> tuple[float, int]:
+        """Feed one step output's tokens and wall time to the speculation policy."""
+        now, gen = self._clock(), sched.stats.generated_tokens
+        if last is not None:
+            policy.observe(gen - last[1], now - last[0])
+            sched.drafting = policy.drafting
+        return now, gen
 
     def _process(self, so: SchedulerOutput, out: RunnerOutput) -> None:
         assert self.scheduler is not None
@@ -538,4 +555,5 @@ class AsyncEngine:
             # accepted / proposed drafts, and tokens per verified (request, step): 1 + accepted drafts
             "spec_acceptance_rate": s.stats.accepted_tokens / s.stats.draft_tokens if s.stats.draft_tokens else 0.0,
             "spec_mean_accepted_len": s.stats.spec_step_tokens / s.stats.spec_steps if s.stats.spec_steps else 0.0,
+            **(self.spec_policy.stats() if self.spec_policy is not None else {}),
         }

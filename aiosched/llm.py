@@ -20,6 +20,7 @@ then.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import threading
 import weakref
@@ -134,6 +135,11 @@ class LLM:
         except BaseException:
             self._closer()
             raise
+        # At interpreter exit, close before multiprocessing's own exit hook terminates the
+        # (daemonic) worker processes: atexit runs hooks last-registered first, and that hook
+        # was registered when the executor first imported multiprocessing, after the
+        # finalizer above. (Calling a finalizer that already ran does nothing.)
+        atexit.register(self._closer)
 
     # ---- lifecycle ----
 

@@ -51,6 +51,7 @@ class Scheduler:
         self._freed_for_worker: list[str] = []  # worker must forget these
         self._step_id = 0
         self.stats = SchedulerStats()
+        self.drafting = True  # speculative drafts in the next steps (the engine's SpecPolicy turns it off)
 
     # ---- requests in and out ----
 
@@ -124,6 +125,9 @@ class Scheduler:
         num_new_tokens = self._num_new_tokens
         allocate = self.kv.allocate
         spec_on = self.config.speculative is not None
+        # Drafting may be off for this step (the engine's policy, or too many requests); a
+        # request whose speculative step is still in flight waits for it either way.
+        drafting = spec_on and self.drafting and not (0 < self.config.speculative.disable_by_batch_size <= len(running))
 
         i = 0
         while i < len(running) and budget > 0:
@@ -133,7 +137,7 @@ class Scheduler:
                 n = budget
             d = 0
             if spec_on and n == 1 and self._uses_spec(req):
-                d = self._draft_slots(req, budget)
+                d = self._draft_slots(req, budget) if drafting else 0
                 if d == 0 and req.num_spec_slack:
                     n = 0  # its position is known only once its speculative step lands
                 n += d

@@ -181,6 +181,11 @@ class ServerState:
             model = engine.config.model
             served_model_name = os.path.basename(os.path.normpath(model)) if model else "aiosched-default"
         self.served_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+        # Without a served name, the model as configured (its path, as vLLM's server names it)
+        # is accepted too, beside the listed short name.
+        self.accepted_names = set(self.served_names)
+        if engine.config.model and served_model_name == os.path.basename(os.path.normpath(engine.config.model)):
+            self.accepted_names |= {engine.config.model, os.path.normpath(engine.config.model)}
         self.owns_engine = False
         self.draining = False
         self.shutdown_timeout: float | None = None  # set by `aiosched serve`; None: the ASGI server decides
@@ -534,7 +539,7 @@ async def _read_body(request: Request) -> bytes:
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model not in state.served_names:
+    if model is not None and model not in state.accepted_names:
         raise APIError(404, f"The model `{model}` does not exist; this server serves {state.served_names}", param="model", code="model_not_found")
 
 

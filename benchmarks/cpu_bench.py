@@ -123,9 +123,10 @@ def cmd_e2e(args: argparse.Namespace) -> None:
     for r in range(args.rounds):
         for name, extra in variants:
             path = os.path.join(args.out, f"{name}_r{r}.json")
-            cmd = base + shlex.split(extra.replace("=", " ", 0)) + ["--json", path]
+            words = shlex.split(extra)
+            cmd = base + [w for w in words if not w.startswith("env:")] + ["--json", path]
             env = dict(os.environ)
-            for kv in args.env:
+            for kv in args.env + [w[4:] for w in words if w.startswith("env:")]:  # env:K=V words: this variant only
                 k, v = kv.split("=", 1)
                 env[k] = v
             print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -134,7 +135,7 @@ def cmd_e2e(args: argparse.Namespace) -> None:
                 rep = json.load(f)
             for mode, run in rep["runs"].items():
                 rows.setdefault(f"{name}/{mode}", []).append(run["request_throughput"])
-                print(f"  round {r} {name}/{mode}: {run['metrics']['request_throughput']:.3f} req/s", flush=True)
+                print(f"  round {r} {name}/{mode}: {run['request_throughput']:.3f} req/s", flush=True)
     print("\nvariant/mode: median req/s [min-max] over rounds")
     for k, xs in rows.items():
         print(f"{k:30s} {statistics.median(xs):6.3f} [{min(xs):.3f}-{max(xs):.3f}]  n={len(xs)}")
@@ -161,7 +162,8 @@ def main() -> None:
     e.add_argument("--modes", default="sync,async")
     e.add_argument("--rounds", type=int, default=3)
     e.add_argument("--variant", action="append", default=[], metavar="NAME:ARGS",
-                   help="extra aiosched.bench args of one variant, e.g. 't2:--cpu-threads 2' (repeatable)")
+                   help="extra aiosched.bench args of one variant, e.g. 't2:--cpu-threads 2'; words env:K=V set its "
+                        "environment, e.g. 't2p:--cpu-threads 2 env:OMP_WAIT_POLICY=PASSIVE' (repeatable)")
     e.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for every variant")
     e.add_argument("--out", default="cpu_bench_out")
     e.add_argument("--verbose", action="store_true")

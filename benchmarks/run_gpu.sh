@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec families before
 #   (default: env tests decode hf tpu c256 profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -17,6 +17,17 @@ if [ ! -x /tmp/venv/bin/python ]; then
     /tmp/venv/bin/python -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
   fi
   /tmp/venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+fi
+# Stage `before`: the same decode/tpu/c256 stages on an older tree, in this call (host speed
+# differs between lent machines by up to 30%, so before/after is only fair on one machine).
+# Make the tree with `git archive REF -o .old/before.tar` and carry `.old`; results go to $OUT/before/.
+if [[ " ${*:-} " == *" before "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
+  rm -rf /tmp/before && mkdir -p /tmp/before && tar -xf .old/before.tar -C /tmp/before
+  IMAGE_SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+  python3 -m venv /tmp/venv-before
+  /tmp/venv-before/bin/python -c 'import site, sys; open(site.getsitepackages()[0] + "/image.pth", "w").write(sys.argv[1] + "\n")' "$IMAGE_SITE"
+  /tmp/venv-before/bin/python -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
+  (cd /tmp/before && /tmp/venv-before/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING)
 fi
 export PATH=/tmp/venv/bin:$PATH
 export PYTHONUNBUFFERED=1
@@ -78,5 +89,29 @@ if has mp; then
     --num-prompts 16 --max-tokens 64 --json "$OUT/parity_multiproc.json" 2>&1 | tee -a "$LOG"
   $BENCH --executor multiproc --input-len 230 --output-len 120 --num-prompts 200 --max-concurrency 3 --max-num-seqs 256 \
     --max-num-batched-tokens 512 --no-enable-prefix-caching --compare sync,async --json "$OUT/bench_tpu_multiproc.json" 2>&1 | tee -a "$LOG"
+fi
+if has c256si8; then
+  say "concurrency 256 with --stream-interval 8"
+  $BENCH --input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+    --no-enable-prefix-caching --stream-interval 8 --compare async --json "$OUT/bench_c256_si8.json" 2>&1 | tee -a "$LOG"
+fi
+if has spec; then
+  say "speculative decoding: none / always / auto (SpecPolicy), sync and async, 16 requests x 128 tokens"
+  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code,random --requests 16 --max-tokens 128 \
+    --json "$OUT/spec.json" 2>&1 | tee -a "$LOG"
+fi
+if has families; then
+  say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"
+  python3 -m pytest -q -p no:cacheprovider tests/test_model_families.py 2>&1 | tail -15 | tee -a "$LOG" "$OUT/families.log"
+fi
+if has before && [ -x /tmp/venv-before/bin/python ]; then
+  say "before: the older tree's decode, tpu and c256 on this machine"
+  mkdir -p "$OUT/before"
+  (cd /tmp/before && B="/tmp/venv-before/bin/python -m aiosched.bench --random-weights $SHAPE --device cuda --disable-tqdm --ignore-eos --num-kv-blocks 8192" &&
+   /tmp/venv-before/bin/python benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best --json "$OUT/before/decode.json" &&
+   $B --input-len 230 --output-len 120 --num-prompts 200 --max-concurrency 3 --max-num-seqs 256 --max-num-batched-tokens 512 \
+     --no-enable-prefix-caching --compare sync,async --json "$OUT/before/bench_tpu.json" &&
+   $B --input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 \
+     --no-enable-prefix-caching --compare async --json "$OUT/before/bench_c256.json") 2>&1 | tee -a "$LOG"
 fi
 say done

@@ -108,6 +108,7 @@ async def run_once(config: EngineConfig, prompts: list[Any], params: SamplingPar
         "tokens_per_step": gen / steps if steps else 0.0,
         "acceptance_rate": acc / draft if draft else 0.0,
         "mean_accepted_len": s1["spec_mean_accepted_len"],
+        "spec_auto": s1.get("spec_auto"),
     }
 
 
@@ -115,8 +116,11 @@ async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: Sam
     rows = []
     for async_scheduling in (False, True):
         ref = None
-        for use_spec in (False, True):
-            cfg = EngineConfig.load(dict(base, async_scheduling=async_scheduling, speculative=spec if use_spec else None))
+        # none: no speculation; always: drafts every step; auto: the engine's SpecPolicy
+        # (measures both, keeps drafting only while it is faster).
+        for use_spec in ("none", "always", "auto"):
+            sc = None if use_spec == "none" else dict(spec, auto=use_spec == "auto")
+            cfg = EngineConfig.load(dict(base, async_scheduling=async_scheduling, speculative=sc))
             r = await run_once(cfg, prompts, params)
             toks = r.pop("tokens")
             if ref is None:
@@ -128,7 +132,7 @@ async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: Sam
                      identical_to_no_spec=(toks == ref), identical_requests=sum(a == b for a, b in zip(toks, ref)),
                      mean_agreeing_prefix=sum(agree) / len(agree))
             rows.append(r)
-            print(f"{name:7s} {r['mode']:5s} spec={str(use_spec):5s} {r['out_tok_s']:8.1f} tok/s  {r['tokens_per_step']:5.2f} tok/step  "
+            print(f"{name:7s} {r['mode']:5s} spec={use_spec:6s} {r['out_tok_s']:8.1f} tok/s  {r['tokens_per_step']:5.2f} tok/step  "
                   f"steps={r['steps']:5d}  accept={r['acceptance_rate']:.2f}  mean_len={r['mean_accepted_len']:.2f}  "
                   f"identical={r['identical_to_no_spec']} ({r['identical_requests']}/{len(toks)} requests, "
                   f"mean agreeing prefix {r['mean_agreeing_prefix']:.1f} tokens)", flush=True)

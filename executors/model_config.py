@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,12 +224,42 @@ def parse_llama(cfg: dict[str, Any], arch: str) -> ModelConfig:
                        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), sliding_window=window, **moe)
 
 
+def parse_qwen3_moe(cfg: dict[str, Any], arch: str) -> ModelConfig:
+    """Qwen3-MoE: Qwen3 attention; sparse MoE blocks on the layers HF makes sparse (every
+    `decoder_sparse_step`-th layer not in `mlp_only_layers`), dense MLPs on the others.
+    transformers >= 5 saves the expert count as `num_local_experts`, the hub's configs as `num_experts`."""
+    n = int(cfg.get("num_experts", cfg.get("num_local_experts", 0)) or 0)
+    if n <= 0:
+        raise ValueError(f"config.json: num_experts must be > 0 for {arch}, got {n}")
+    k = int(cfg.get("num_experts_per_tok", 0))
+    if not 0 < k <= n:
+        raise ValueError(f"config.json: num_experts_per_tok must be in 1..num_experts ({n}), got {k}")
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    layers = int(cfg["num_hidden_layers"])
+    dense = {int(i) for i in cfg.get("mlp_only_layers") or []}
+    if dense - set(range(layers)):
+        raise ValueError(f"config.json: mlp_only_layers {sorted(dense - set(range(layers)))} are not layers of the model")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError(f"config.json: shared_expert_intermediate_size (a shared expert) is not supported for {arch}")
+    base = parse_llama({**cfg, "num_experts": 0}, arch)  # attention, biases, rope, window cap
+    return replace(base, num_experts=n, num_experts_per_tok=k, moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                   norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                   moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)))
+
+
 def parse_phi3(cfg: dict[str, Any], arch: str) -> ModelConfig:
     """Phi-3: Llama layers with fused qkv/gate_up in the checkpoint; a window on every layer."""
     base = _common(cfg, arch)
-    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("config.json: partial_rotary_factor != 1 is not supported for Phi3ForCausalLM")
     scaling, theta = _rope_sources(cfg)
+    # transformers >= 5 moves partial_rotary_factor into rope_parameters
+    partial = (scaling or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if float(partial if partial is not None else 1.0) != 1.0:
+        raise ValueError(f"config.json: partial_rotary_factor {partial} (partial rotary) is not supported for {arch}")
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) in ("su", "longrope"):
+        raise ValueError(f"config.json: rope_scaling type {scaling.get('rope_type') or scaling.get('type')!r} "
+                         f"(Phi-3 long-context scaling) is not supported for {arch}")
+    if isinstance(scaling, dict):
+        scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
     window = cfg.get("sliding_window")
     n = base["num_layers"]
     return ModelConfig(**base, rope=RopeConfig.parse(scaling, theta), hidden_act=_activation(cfg, ("silu",), "silu"),
@@ -243,6 +273,8 @@ def _gemma_layer_types(cfg: dict[str, Any], n: int, pattern: int) -> tuple[str, 
         bad = set(types) - {FULL, SLIDING}
         if bad:
             raise ValueError(f"config.json: layer_types {sorted(bad)} are not supported")
+        if len(types) != n:
+            raise ValueError(f"config.json: layer_types has {len(types)} entries for {n} layers (num_hidden_layers)")
         return tuple(types)
     return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n))
 
@@ -262,8 +294,13 @@ def parse_gemma(cfg: dict[str, Any], arch: str) -> ModelConfig:
             rope, rope_local = RopeConfig.parse(params, theta), RopeConfig(theta=local_theta)
     else:
         rope, rope_local = RopeConfig.parse(params, theta), None
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError(f"config.json: use_bidirectional_attention is not supported for {arch} (a causal LM is served)")
+    if gemma3 and cfg.get("attn_logit_softcapping") is not None:
+        # transformers' Gemma 3 attention never applies it: refused rather than guessed.
+        raise ValueError("config.json: attn_logit_softcapping is not supported for Gemma3ForCausalLM")
     window = cfg.get("sliding_window")
-    pattern = int(cfg.get("sliding_window_pattern", 6 if gemma3 else 2))
+    pattern = int(cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6 if gemma3 else 2)))
     return ModelConfig(
         **base, rope=rope, rope_local=rope_local,
         hidden_act=_activation(cfg, ("gelu_pytorch_tanh", "gelu"), "gelu_pytorch_tanh"),

@@ -26,6 +26,10 @@ REGISTRY: dict[str, ModelEntry] = {
     "MistralForCausalLM": ModelEntry("parse_llama", _LLAMA, _JAX_LLAMA),
     "Qwen2ForCausalLM": ModelEntry("parse_llama", _LLAMA, _JAX_LLAMA),
     "Qwen3ForCausalLM": ModelEntry("parse_llama", _LLAMA, _JAX_LLAMA),
+    "Gemma2ForCausalLM": ModelEntry("parse_gemma", "aiosched.executors.torch.models.gemma:Gemma2ForCausalLM", _JAX_LLAMA),
+    "Gemma3ForCausalLM": ModelEntry("parse_gemma", "aiosched.executors.torch.models.gemma:Gemma3ForCausalLM", _JAX_LLAMA),
+    "Phi3ForCausalLM": ModelEntry("parse_phi3", "aiosched.executors.torch.models.phi3:Phi3ForCausalLM", _JAX_LLAMA),
+    "Qwen3MoeForCausalLM": ModelEntry("parse_qwen3_moe", "aiosched.executors.torch.models.qwen3_moe:Qwen3MoeForCausalLM", _JAX_LLAMA),
 }
 SUPPORTED_ARCHITECTURES = tuple(REGISTRY)
 

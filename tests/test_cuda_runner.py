@@ -1,4 +1,5 @@
-"""The CUDA step path (executors/torch/cuda_path.py) against the reference torch path.
+"""The CUDA step path (fused kernels in the model's layers, CUDA graphs of its step:
+executors/torch/cuda_path.py) against the reference torch path.
 
 Same engine, same tiny random checkpoint, float32: greedy tokens of the fast path
 (Triton kernels, persistent buffers, decode CUDA graphs) must equal the reference
@@ -50,11 +51,11 @@ async def generate(make_engine, ckpt: str, fast: str, **kw) -> tuple[list[list[i
         if fast == "off":
             runner.fast = None
         elif fast in ("eager", "padded") and (runner.fast is None or runner.fast.graphs is not None):
-            from aiosched.executors.torch.cuda_path import CudaStepRunner
+            from aiosched.executors.torch.cuda_path import FastPath
 
-            runner.fast = CudaStepRunner(runner, use_graphs=False)
-        if fast == "padded":  # the mixed-step graphs' padded layout, run without capture
-            runner.fast.mixed_padded_eager = True
+            runner.fast = FastPath(runner, use_graphs=False)
+        if fast == "padded":  # the graphs' padded layouts (decode and mixed), run without capture
+            runner.fast.padded_eager = True
         greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
         outs = await asyncio.gather(*[eng.generate(p, greedy) for p in prompts()])
         stats = dict(runner.fast.stats) if runner.fast is not None else {}
@@ -70,11 +71,9 @@ async def test_fast_path_matches_reference(make_engine, ckpt, async_scheduling) 
         got, stats = await generate(make_engine, ckpt, mode, async_scheduling=async_scheduling)
         assert got == ref, mode
         if mode == "eager":
-            assert stats["eager_steps"] > 0 and stats["mixed_graph_steps"] == 0
-        else:  # prefill and mixed steps take the padded layout (captured in graphs mode)
-            assert stats["mixed_graph_steps"] > 0
-        if mode == "graphs":
-            assert stats["graph_steps"] > 0
+            assert stats["eager_steps"] > 0 and stats["mixed_graph_steps"] == 0 and stats["graph_steps"] == 0
+        else:  # prefill/mixed and decode steps take the graphs' padded layouts (captured in graphs mode)
+            assert stats["mixed_graph_steps"] > 0 and stats["graph_steps"] > 0
 
 
 async def test_fast_path_under_preemption_and_sampling(make_engine, ckpt) -> None:
@@ -87,9 +86,9 @@ async def test_fast_path_under_preemption_and_sampling(make_engine, ckpt) -> Non
     eng = make_engine(model=ckpt, device=DEV, dtype="float32", max_num_seqs=8, cuda_graph_max_batch=8)
     async with eng:
         if not CUDA:
-            from aiosched.executors.torch.cuda_path import CudaStepRunner
+            from aiosched.executors.torch.cuda_path import FastPath
 
-            eng._executor.runner.fast = CudaStepRunner(eng._executor.runner, use_graphs=False)
+            eng._executor.runner.fast = FastPath(eng._executor.runner, use_graphs=False)
         sp = SamplingParams(max_tokens=10, temperature=0.8, seed=123, ignore_eos=True)
         a = await eng.generate([5, 6, 7, 8], sp)
         b = await eng.generate([5, 6, 7, 8], sp)
@@ -114,17 +113,17 @@ async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, asyn
         async with eng:
             runner = eng._executor.runner
             if not CUDA:  # interpreter: the fused path without graphs
-                from aiosched.executors.torch.cuda_path import CudaStepRunner
+                from aiosched.executors.torch.cuda_path import FastPath
 
-                runner.fast = CudaStepRunner(runner, use_graphs=False)
-                runner.fast.mixed_padded_eager = padded
+                runner.fast = FastPath(runner, use_graphs=False)
+                runner.fast.padded_eager = padded
             elif not padded:  # CUDA: verification on the eager varlen path instead of the mixed-step graphs
                 runner.fast.mixed = None
             outs = await asyncio.gather(*[eng.generate(p, greedy) for p in repetitive_prompts()])
             return [o.token_ids for o in outs], dict(runner.fast.stats), eng.stats()
 
     ref, _, _ = await run(None)
-    got, fast_stats, stats = await run({"method": "ngram", "num_tokens": 3, "ngram_min": 1, "ngram_max": 3})
+    got, fast_stats, stats = await run({"method": "ngram", "num_tokens": 3, "ngram_min": 1, "ngram_max": 3, "auto": False})
     assert got == ref
     assert fast_stats.get("spec_steps", 0) > 0
     assert stats["spec_accepted_tokens"] > 0
@@ -162,10 +161,10 @@ async def test_padded_mixed_steps_with_sampling_extras(make_engine, ckpt) -> Non
             if fast == "off":
                 runner.fast = None
             elif not CUDA:
-                from aiosched.executors.torch.cuda_path import CudaStepRunner
+                from aiosched.executors.torch.cuda_path import FastPath
 
-                runner.fast = CudaStepRunner(runner, use_graphs=False)
-                runner.fast.mixed_padded_eager = True
+                runner.fast = FastPath(runner, use_graphs=False)
+                runner.fast.padded_eager = True
             outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
             stats = dict(runner.fast.stats) if runner.fast is not None else {}
         return outs, stats
@@ -193,8 +192,8 @@ def test_free_only_steps_leave_no_request_state_on_the_fast_path(ckpt) -> None:
                                         max_num_seqs=MAX_SEQS, num_kv_blocks=160, max_model_len=128, cuda_graph_max_batch=MAX_SEQS))
     runner.load()
     if not CUDA:
-        from aiosched.executors.torch.cuda_path import CudaStepRunner
+        from aiosched.executors.torch.cuda_path import FastPath
 
-        runner.fast = CudaStepRunner(runner, use_graphs=False)
+        runner.fast = FastPath(runner, use_graphs=False)
     assert runner.fast is not None
     check_free_only_steps_leave_no_request_state(runner)

@@ -52,7 +52,8 @@ def assert_pool_full(stats: dict[str, Any]) -> None:
 
 def test_every_example_has_a_docstring_saying_how_to_run_it() -> None:
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == ["aiohttp_app.py", "asyncio_script.py", "fastapi_app.py", "ray_serve_app.py", "switch_executor.py"]
+    assert scripts == ["aiohttp_app.py", "asyncio_script.py", "fastapi_app.py", "ray_prefix_router.py", "ray_serve_app.py",
+                       "switch_executor.py"]
     for name in scripts:
         doc = load(name[:-3]).__doc__
         assert doc and "Run" in doc and ("python examples/" in doc or "uvicorn examples." in doc), name

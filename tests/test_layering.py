@@ -82,3 +82,15 @@ def test_every_package_folder_is_installed_under_the_aiosched_namespace() -> Non
             want.add(".".join([name, *rel.parts]))
     assert set(cfg["packages"]) == want
     assert not any(p == "executors" or p.startswith("executors.") for p in cfg["packages"])
+
+
+def test_torch_worker_makes_openmp_waiters_sleep_unless_the_user_chose() -> None:
+    """Spinning OpenMP waiters starve the event loop when torch uses every core (issue 23);
+    the torch worker asks for passive waiting before torch loads, and keeps a user's choice."""
+    code = "import os, aiosched.executors.torch.runner, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    got = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout.strip()
+    assert got == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    got = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout.strip()
+    assert got == "ACTIVE"

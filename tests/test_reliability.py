@@ -100,23 +100,29 @@ def test_no_pickle_or_marshal_decoding_in_source() -> None:
 
 # ---- the event loop is never blocked for long ----
 
-async def test_event_loop_lag_stays_under_50ms(make_engine) -> None:
-    lags: list[float] = []
+async def test_other_tasks_run_between_engine_steps(make_engine) -> None:
+    """The engine loop yields to the event loop while steps are in flight: a task that only
+    ever does `await asyncio.sleep(0)` sees the step counter advance by at most the number of
+    steps that can be in flight at once between two of its turns, at every step of a
+    256-request run. (How long a turn waits is measured by benchmarks/loop_lag.py, not here.)"""
+    seen: list[int] = []
     stop = asyncio.Event()
 
-    async def probe() -> None:
-        while not stop.is_set():
-            t = time.perf_counter()
-            await asyncio.sleep(0.005)
-            lags.append(time.perf_counter() - t - 0.005)
-
     async with make_engine(runner="fake", num_kv_blocks=4096, block_size=16, max_num_seqs=128, max_num_batched_tokens=4096) as eng:
+        async def probe() -> None:
+            while not stop.is_set():
+                seen.append(eng.timings.steps)
+                await asyncio.sleep(0)
+
         p = asyncio.create_task(probe())
         outs = await asyncio.gather(*[eng.generate([i % 400 + 1] * 200, SamplingParams(max_tokens=64, temperature=0)) for i in range(256)])
         stop.set()
         await p
+        depth = eng.config.max_concurrent_batches
     assert all(o.finished for o in outs)
-    assert max(lags) < 0.05, f"event loop blocked for {max(lags) * 1e3:.1f} ms"
+    assert seen[-1] >= 64, seen[-1]  # it ran the whole time
+    gaps = [b - a for a, b in zip(seen, seen[1:])]
+    assert max(gaps) <= depth, f"{max(gaps)} steps ran without letting another task run (depth {depth})"
 
 
 # ---- overload ----

@@ -3,6 +3,8 @@ errors for everything (404, 405, 413, refused preflight), X-Request-Id, CORS, th
 tokenize and detokenize routes, and `serve` failing at once on a port in use."""
 from __future__ import annotations
 
+import pathlib
+
 import argparse
 import socket
 from typing import Any
@@ -133,6 +135,21 @@ def test_404_and_405_are_openai_errors(srv) -> None:
         client(srv).models.retrieve("gpt-9")
     assert ei.value.body["code"] == "model_not_found"
     assert client(srv).models.retrieve("tiny").id == "tiny"
+
+
+async def test_the_model_path_names_the_model_as_under_vllm(make_engine, model) -> None:
+    """Without --served-model-name the model is listed by its folder's name, and requests
+    naming it by the path it was loaded from (what vLLM's server lists) are served too."""
+    async with make_engine(**_config(model)) as eng:
+        app = build_app(eng)
+        path = eng.config.model
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            listed = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+            assert listed == [pathlib.Path(path).name]
+            for name in (listed[0], path):
+                r = await c.post("/v1/completions", json={"model": name, "prompt": [5, 6], "max_tokens": 2})
+                assert r.status_code == 200, (name, r.text)
+            assert_openai_error(await c.post("/v1/completions", json={"model": "other", "prompt": [5], "max_tokens": 1}), 404)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

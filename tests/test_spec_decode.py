@@ -13,7 +13,7 @@ import pytest
 from aiosched import SamplingParams
 from aiosched.executors.torch.spec_decode import accept_walk, propose_ngram
 
-SPEC = {"method": "ngram", "num_tokens": 4, "ngram_min": 1, "ngram_max": 3}
+SPEC = {"method": "ngram", "num_tokens": 4, "ngram_min": 1, "ngram_max": 3, "auto": False}  # draft every step: counts are exact
 
 
 # ---- proposer ----

@@ -69,7 +69,7 @@ from hypothesis.stateful import (
 from aiosched.config import EngineConfig, SpeculativeConfig
 from aiosched.protocol import ScheduledRequest
 from aiosched.request import RequestStatus
-from aiosched.sampling_params import SamplingParams
+from aiosched.sampling_params import SamplingParams, StructuredOutputParams
 from aiosched.executors.fake_runner import FakeModelRunner, reference_tokens
 from sched_harness import Expected, Harness, expected_output
 
@@ -155,6 +155,15 @@ def draw_penalties(r: random.Random) -> dict:
 
 
 requests = st.integers(0, 2**64 - 1).map(describe_request)
+
+# Grammars the "alone" engine machines draw (the fake runner masks its hash tokens with them).
+STRUCTURED_SPECS = [
+    StructuredOutputParams(json_schema='{"type":"object","properties":{"a":{"type":"integer","minimum":-5,"maximum":900},'
+                                       '"b":{"enum":["x","yy","zzz"]}},"required":["a","b"]}'),
+    StructuredOutputParams(json_object=True),
+    StructuredOutputParams(regex=r"(ab|cd)[0-9]{2,6}"),
+    StructuredOutputParams(grammar='start: "[" item ("," item)* "]"\nitem: /[a-z]{1,3}/'),
+]
 
 
 def build_request(desc: dict, prompts: list[list[int]], vocab: int, max_total: int,
@@ -285,6 +294,14 @@ class SchedulerMachine(RuleBasedStateMachine):
                         self._guard(self.h.abort, rid)
                         break
 
+    @precondition(lambda self: self.h is not None and self.h.config.speculative is not None)
+    @rule()
+    def toggle_drafting(self) -> None:
+        """The engine's speculation policy switches drafting off and on between steps, also
+        while speculative steps are in flight (their requests wait for them to land)."""
+        self.h.sched.drafting = not self.h.sched.drafting
+        COVERAGE["drafting_toggled"] += 1
+
     def teardown(self) -> None:
         if self.h is None or not self.ok:
             return
@@ -307,7 +324,7 @@ def test_async_scheduler_state_machine() -> None:
                  "abort_preempted_with_token_in_flight", "finished_while_preempted", "resumed_with_prefix_hit",
                  "prefix_hit_on_shared_block", "discarded", "prefill_chunks", "chunk_beside_decode", "finished_stop",
                  "finished_length", "stop_after_min_tokens", "stop_string", "sync", "penalties_change_tokens",
-                 "resumed_with_penalties"):
+                 "resumed_with_penalties", "drafting_toggled"):
         assert cov.get(what, 0) > 0, f"no example reached {what!r}: {cov}"
     assert cov["examples"] >= min(2000, SCHED_SETTINGS.max_examples)
 
@@ -329,6 +346,8 @@ class EngineMachine(RuleBasedStateMachine):
 
     config_overrides: dict = {}
     oracle = "fake"  # "fake": reference_tokens; "alone": each request alone on a sync engine
+    structured_share = 0.3  # of "alone" requests drawn with a grammar (needs the runner's structured_output feature)
+    tight_pool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -339,6 +358,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.streams: dict[str, dict] = {}  # user id -> {task, expected per sample, n, aborted}
         self.ok = True
         self.n_ids = 0
+        self.structured_preempted: set[str] = set()  # engine request ids seen preempted with a grammar
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -354,6 +374,8 @@ class EngineMachine(RuleBasedStateMachine):
 
         self.ok = False
         cfg = config.replace(**self.config_overrides)
+        if self.tight_pool:  # room for about one request at its longest: preemption on most steps
+            cfg = cfg.replace(num_kv_blocks=max(2, math.ceil(cfg.max_model_len * 0.6 / cfg.block_size)))
         self.engine = AsyncEngine(cfg)
         self.run(self.engine.start())
         if self.oracle == "alone":
@@ -371,6 +393,14 @@ class EngineMachine(RuleBasedStateMachine):
         for req in s.waiting:
             if req.num_output_placeholders:
                 ENGINE_COVERAGE["preempted_with_token_in_flight"] += 1
+                ENGINE_COVERAGE["structured_preempted_with_token_in_flight"] += req.sampling.structured is not None
+        self._note_structured_preempted()
+
+    def _note_structured_preempted(self) -> None:
+        for rid, req in self.engine.scheduler.requests.items():
+            if req.num_preemptions and req.sampling.structured is not None and rid not in self.structured_preempted:
+                self.structured_preempted.add(rid)
+                ENGINE_COVERAGE["structured_preempted"] += 1
 
     def _alone(self, prompt: list[int], sp: SamplingParams):
         return self.run(self.alone.generate(prompt, sp).result())
@@ -453,6 +483,7 @@ class EngineMachine(RuleBasedStateMachine):
             deadline = time.monotonic() + 30
             while eng.timings.steps < target and eng.scheduler.requests:
                 assert time.monotonic() < deadline, "the engine made no progress for 30 s"
+                self._note_structured_preempted()
                 await asyncio.sleep(0)
         self.run(advance())
         self._check()
@@ -482,6 +513,12 @@ class EngineMachine(RuleBasedStateMachine):
         if "prompt_logprobs" in feats and r.random() < 0.15:
             sp = msgspec.structs.replace(sp, prompt_logprobs=r.choice([0, 1]))
             ENGINE_COVERAGE["prompt_logprobs"] += 1
+        if "structured_output" in feats and r.random() < self.structured_share:
+            # Constrained requests under preemption, recomputation, chunked prefill, async
+            # scheduling and speculation must equal the request alone (issue 16.1: a grammar
+            # sample that outlived its request's free was consumed twice after resumption).
+            sp = msgspec.structs.replace(sp, structured=r.choice(STRUCTURED_SPECS))
+            ENGINE_COVERAGE["structured"] += 1
         if "penalties" in feats and r.random() < 0.4:
             # Penalties read the worker's history (prompt vs outputs), which async
             # placeholders and resumption after preemption must keep exact.
@@ -596,7 +633,9 @@ def test_engine_state_machine_vs_alone() -> None:
         config_overrides = {"model": str(default)} if (default / "tokenizer.json").is_file() else {}
 
     cov = _run_engine_machine(AloneMachine, 30)
-    wanted = ["logprobs", "best_of", "prompt_logprobs", "penalties", "preemptions"] + (["stop_strings"] if AloneMachine.config_overrides else [])
+    wanted = ["logprobs", "best_of", "prompt_logprobs", "penalties", "preemptions"]
+    if AloneMachine.config_overrides:  # the embedded model's tokenizer: stop strings and grammars
+        wanted += ["stop_strings", "structured"]  # preempted ones: test_engine_state_machine_structured
     for what in wanted:
         assert cov.get(what, 0) > 0, f"no example reached {what!r}: {cov}"
 
@@ -621,3 +660,26 @@ def test_engine_state_machine_torch(tmp_path_factory) -> None:
         oracle = "alone"
 
     _run_engine_machine(TorchMachine, 8)
+
+
+def test_engine_state_machine_structured() -> None:
+    """Mostly constrained requests (JSON schema, any JSON, regex, Lark grammar) on a small
+    KV pool: under preemption with a sample in flight, recomputation, chunked prefill, async
+    scheduling and speculation, each output equals the request alone on a sync engine
+    (issue 16.1 as a class: grammar state that outlives its request's free)."""
+    default = ROOT / "aiosched" / "default_model"
+    if not (default / "tokenizer.json").is_file():
+        pytest.skip("the embedded model's tokenizer is not shipped")
+    pytest.importorskip("llguidance")
+
+    class StructuredMachine(EngineMachine):
+        oracle = "alone"
+        structured_share = 0.4  # some unconstrained ones too: a constrained request can be the only one
+        tight_pool = True
+        config_overrides = {"model": str(default)}
+
+    cov = _run_engine_machine(StructuredMachine, 30)
+    # (A constrained request preempted with its sample in flight, the state of issue 16.1,
+    # is reached too, but seen only when a rule happens to look: counted, not required.)
+    for what in ("structured", "structured_preempted"):
+        assert cov.get(what, 0) > 0, f"no example reached {what!r}: {cov}"

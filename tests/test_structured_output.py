@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import time
 
 import jsonschema
 import numpy as np
@@ -494,25 +495,33 @@ def test_server_preempted_constrained_request(issue16_model: pathlib.Path, issue
         results: dict[str, httpx.Response] = {}
 
         def post(name: str, body: dict) -> None:
-            results[name] = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+            try:
+                results[name] = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+            except BaseException as e:  # surfaced by wait_queued
+                results[name] = e
 
         def queued() -> int:
             async def n() -> int:
                 return len(eng.scheduler.requests)
             return srv.call(n)
 
+        def wait_queued(n: int, client: threading.Thread) -> None:
+            deadline = time.monotonic() + 60
+            while queued() < n:
+                assert client.is_alive(), f"the client ended before its request was queued: {results}"
+                assert time.monotonic() < deadline, f"{n} requests not queued within 60 s: {results}"
+                client.join(0.01)
+
         try:
             filler = threading.Thread(target=post, args=("filler", {"model": str(issue16_model), "prompt": list(range(5, 35)),
                                                                    "max_tokens": 18, "temperature": 0}))
             filler.start()
-            while queued() < 1:
-                filler.join(0.01)
+            wait_queued(1, filler)
             constrained = threading.Thread(target=post, args=("json", {"model": str(issue16_model), "prompt": ISSUE16_PROMPT,
                                                                        "max_tokens": 40, "temperature": 0,
                                                                        "response_format": fmt}))
             constrained.start()
-            while queued() < 2:
-                constrained.join(0.01)
+            wait_queued(2, constrained)
         finally:
             _GatedExecutor.gate.set()
         filler.join(120)

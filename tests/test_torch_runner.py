@@ -250,14 +250,14 @@ def test_freed_requests_release_rows_and_empty_steps(ckpt) -> None:
         for i, p in enumerate(prompts):
             drv.add(f"{round_}-{i}", p, GREEDY)
         drv.run_sync(2)
-        assert len(runner.free_rows) == 0
+        assert len(runner.batch.free_rows) == 0
         for i in range(MAX_SEQS):
             drv.finish(f"{round_}-{i}")
         so = drv.schedule()
         assert so.scheduled == [] and len(so.freed_req_ids) == MAX_SEQS
         out = runner.execute(so).result()
         assert out.req_ids == [] and out.sampled_token_ids == []
-        assert len(runner.free_rows) == MAX_SEQS and not runner.reqs
+        assert len(runner.batch.free_rows) == MAX_SEQS and not runner.batch.reqs
     assert drv.outputs["0-0"] == drv.outputs["2-0"]  # a recycled row holds no stale tokens
 
 
@@ -343,8 +343,68 @@ def check_free_only_steps_leave_no_request_state(runner: TorchModelRunner) -> No
         assert so.scheduled == [] and so.freed_req_ids == [rid]
         assert runner.execute(so).result().req_ids == []
     assert request_state_left(runner, ids) == []
-    assert len(runner.free_rows) == MAX_SEQS
+    assert len(runner.batch.free_rows) == MAX_SEQS
 
 
 def test_free_only_steps_leave_no_request_state(ckpt) -> None:
     check_free_only_steps_leave_no_request_state(make_runner(ckpt))
+
+
+def _batch_with_two_requests():
+    from aiosched.executors.torch.input_batch import InputBatch
+
+    batch = InputBatch(max_rows=3, row_len=40, block_size=BLOCK, max_tokens=32, device=torch.device("cpu"))
+    batch.add(NewRequestData("a", list(range(100, 110)), 10, GREEDY, 0))
+    batch.add(NewRequestData("b", list(range(200, 203)), 3, GREEDY, 0))
+    # a: prefill chunk [6, 10) with its last 2 blocks new; b: its whole prompt
+    so = SchedulerOutput(1, [], [ScheduledRequest("a", 4, 6, [7, 3, 9], True), ScheduledRequest("b", 3, 0, [5], True)], [], 7)
+    batch.reqs["a"].block_table = [11]  # a's first block arrived in an earlier step (not yet on the device)
+    return batch, batch.schedule(so, {})
+
+
+def test_input_batch_derives_ids_positions_and_slots_on_the_device() -> None:
+    """The packed step gives the forward the token ids of the buffer rows, the positions
+    and the KV slots through the device block table, and the logits rows / write slots."""
+    batch, step = _batch_with_two_requests()
+    assert step.upd_val == [11, 7, 3, 9, 5]  # every table entry the device lacks, once
+    layout = batch.exact_layout(step, 1, tiles=False)
+    inputs = batch.device_inputs(batch.upload(step, layout), layout, fused=False, host=step)
+    assert inputs.input_ids.tolist() == [106, 107, 108, 109, 200, 201, 202]
+    assert inputs.positions.tolist() == [6, 7, 8, 9, 0, 1, 2]
+    a_table, b_table = [11, 7, 3, 9], [5]
+    want = [a_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(6, 10)] + [b_table[0] * BLOCK + p for p in range(3)]
+    assert inputs.meta.slot_mapping.tolist() == want
+    assert inputs.meta.query_start_loc == [0, 4, 7] and inputs.meta.seq_lens == [10, 3]
+    assert inputs.logit_rows.tolist() == [3, 6]
+    a, b = batch.reqs["a"], batch.reqs["b"]
+    assert inputs.dst.tolist() == [a.row * 40 + 10, b.row * 40 + 3]
+
+
+def test_padded_layout_pads_with_harmless_rows() -> None:
+    """A graph's padded layout: padding tokens read the scratch row and write no KV
+    (slot -1); spare logits rows write their token to the scratch slot."""
+    batch, step = _batch_with_two_requests()
+    layout = batch.padded_layout(16, decode=False, block_q=4)
+    inputs = batch.device_inputs(batch.upload(step, layout), layout, fused=False)
+    slots = inputs.meta.slot_mapping.tolist()
+    assert slots[7:] == [-1] * 9 and min(slots[:7]) >= 0
+    assert inputs.positions.tolist()[7:] == [0] * 9
+    assert inputs.logit_rows.tolist()[:2] == [3, 6] and len(inputs.logit_rows) == layout.S == 3
+    assert inputs.dst.tolist()[2:] == [batch.scratch_slot]
+
+
+def test_one_sampling_translation_with_min_tokens_bans() -> None:
+    """SamplingParams -> device tensors once, for 1 + drafts rows per request: row j
+    samples position num_tokens + j; the min_tokens ban covers the rows still short of it."""
+    from aiosched.executors.torch.input_batch import InputBatch
+
+    batch = InputBatch(max_rows=2, row_len=40, block_size=BLOCK, max_tokens=32, device=torch.device("cpu"))
+    hot = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_tokens=2, stop_token_ids=[4])
+    a = batch.add(NewRequestData("a", [9, 9, 9], 3, hot, 77, [2]))
+    b = batch.add(NewRequestData("b", [8, 8], 2, GREEDY, 5))
+    sb = batch.sampling_batch([a, b], [3, 1], lambda rid: False)
+    assert sb.positions.tolist() == [3, 4, 5, 2]
+    assert sb.seeds.tolist() == [77, 77, 77, 5] and sb.top_k.tolist() == [5, 5, 5, 0]
+    assert sb.ban_rows.tolist() == [0, 0, 1, 1] and sb.ban_tokens.tolist() == [2, 4, 2, 4]  # outputs 0 and 1 only
+    assert batch.sampling_batch([a], [1], lambda rid: True).ban_rows is None  # a finished grammar allows EOS
+    assert not batch.greedy([a, b]) and batch.greedy([b])

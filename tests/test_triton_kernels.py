@@ -231,3 +231,119 @@ def test_decode_and_varlen_read_block_tables_through_rows() -> None:
     tiles = torch.tensor(tp.varlen_tiles([1, 1, 1], 1), dtype=torch.int32, device=DEV)
     out = tp.paged_varlen_attention(q, kc, vc, big, seq, cu, tiles, 1, 0.125, rows=rows)
     assert rel_err(out, ref) < tol(dtype)
+
+
+# ---------------------------------------------------------------- MoE grouped experts (executors/torch/moe_triton.py)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_moe_grouped_experts_match_the_reference(dtype, tokens, act) -> None:
+    """The Triton grouped-expert MLP equals layers.grouped_experts (the CPU path) on skewed
+    routing (some experts unused, one hot), with sizes that are not tile multiples; the
+    router's weights are applied once per (token, k) pair."""
+    from aiosched.executors.torch import moe_triton
+    from aiosched.executors.torch.layers import grouped_experts, route_topk
+
+    g = torch.Generator().manual_seed(tokens)
+    E, K, H, inter = 8, 2, 80, 96
+    x = torch.randn(tokens, H, generator=g).to(DEV, dtype)
+    gate_up = (torch.randn(E, 2 * inter, H, generator=g) * 0.1).to(DEV, dtype)
+    down = (torch.randn(E, H, inter, generator=g) * 0.1).to(DEV, dtype)
+    logits = torch.randn(tokens, E, generator=g)
+    logits[:, 3] += 2.0  # a hot expert
+    logits[:, 6] -= 50.0  # never chosen
+    weights, ids = route_topk(logits.to(DEV, dtype), K, renormalize=True)
+    ref = grouped_experts(x.float(), gate_up.float(), down.float(), ids, weights.float(), act)
+    for blocks in (None, (16, 32, 16)):
+        out = moe_triton.fused_experts(x, gate_up, down, ids, weights, act, block_sizes=blocks)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert rel_err(out, ref) < tol(dtype) * 2
+
+
+def test_moe_align_pairs_covers_every_pair_once_per_expert_tile() -> None:
+    from aiosched.executors.torch import moe_triton
+
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3]], device=DEV)
+    sorted_ids, tile_expert = moe_triton.align_pairs(ids, num_experts=8, block_m=4)
+    n = ids.numel()
+    flat = ids.reshape(-1).cpu()
+    s, te = sorted_ids.cpu(), tile_expert.cpu()
+    real = s[s < n]
+    assert sorted(real.tolist()) == list(range(n))  # every (token, k) pair exactly once
+    for tile, e in enumerate(te.tolist()):
+        pairs = s[tile * 4:(tile + 1) * 4]
+        pairs = pairs[pairs < n]
+        if e < 0:
+            assert len(pairs) == 0
+        else:
+            assert len(pairs) > 0 and all(flat[p] == e for p in pairs.tolist())
+    assert te.tolist()[:4] == [0, 1, 3, 5]  # experts 0, 1, 3 (4 pairs: one tile), 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the model's CUDA dispatch needs a CUDA device")
+def test_moe_model_layer_on_cuda_uses_the_kernel_and_matches_cpu(monkeypatch) -> None:
+    from aiosched.executors.torch import moe_triton
+    from aiosched.executors.torch.models.qwen3_moe import SparseMoeBlock
+    from aiosched.executors.model_config import ModelConfig, RopeConfig
+
+    args = ModelConfig(arch="Qwen3MoeForCausalLM", model_type="qwen3_moe", vocab_size=64, hidden_size=64, intermediate_size=96,
+                       num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope=RopeConfig(),
+                       max_position_embeddings=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       norm_topk_prob=True, moe_layers=(True,))
+    torch.manual_seed(0)
+    block = SparseMoeBlock(args)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(33, 64)
+    with torch.no_grad():
+        ref = block(x)
+        calls = []
+        real = moe_triton.fused_experts
+        monkeypatch.setattr(moe_triton, "fused_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+        out = block.cuda()(x.cuda())
+    assert calls and rel_err(out.cpu(), ref) < 1e-4
+
+
+# ---------------------------------------------------------------- sliding window and soft-capping (Gemma, Phi-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,softcap", [(24, None), (None, 0.7), (9, 0.7)])
+def test_window_and_softcap_decode_and_varlen(dtype, window, softcap) -> None:
+    """Decode (1 and 4 splits: with a window some splits see no key) and varlen tiles (a chunk
+    after a cached prefix, decodes) equal the float32 reference, which equals the torch paged
+    attention the models run elsewhere (attention/torch_paged.py)."""
+    from aiosched.executors.torch.attention import torch_paged
+
+    rng = random.Random(window or 3)
+    page, hq, hkv, d = 8, 8, 2, 64
+    spec = [(0, 37), (20, 45), (63, 1), (5, 1), (0, 1)]
+    lens, qlens = [c + n for c, n in spec], [n for _, n in spec]
+    num_blocks = sum((n + page - 1) // page for n in lens) + 5
+    _, kc, vc = make_cache(num_blocks, page, hkv, d, dtype, False)
+    bt = random_tables(lens, page, num_blocks, rng)
+    T, scale = sum(qlens), d ** -0.5
+    q = torch.randn(T, hq, d, device=DEV).to(dtype) * 2
+    ref = tp.reference_paged_attention(q, kc, vc, bt, lens, qlens, scale, window=window, softcap=softcap)
+    if dtype == torch.float32:
+        tables = [bt[r].tolist() for r in range(len(lens))]
+        meta = torch_paged.AttentionMetadata(torch.zeros(T, dtype=torch.int64), [0] + torch.tensor(qlens).cumsum(0).tolist(),
+                                             lens, tables, page)
+        model_path = torch_paged.torch_paged_attention(q.cpu(), kc.cpu(), vc.cpu(), meta, scale, window, softcap)
+        assert rel_err(model_path, ref.cpu()) < 1e-5
+    out = torch.full_like(q, float("nan"))
+    bq = tp.varlen_block_q(hq, hkv, max(qlens))
+    tiles = torch.tensor(tp.varlen_tiles(qlens, bq), dtype=torch.int32, device=DEV)
+    cu = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32, device=DEV)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    tp.paged_varlen_attention(q, kc, vc, bt, seq, cu, tiles, bq, scale, out=out, window=window, softcap=softcap)
+    assert rel_err(out, ref) < tol(dtype)
+    # decode: the last token of every request
+    last = [sum(qlens[:r + 1]) - 1 for r in range(len(lens))]
+    qd = q[last].contiguous()
+    ref_d = tp.reference_paged_attention(qd, kc, vc, bt, lens, [1] * len(lens), scale, window=window, softcap=softcap)
+    for splits in (1, 4):
+        out_d = tp.paged_decode_attention(qd, kc, vc, bt, seq, scale, num_splits=splits, window=window, softcap=softcap)
+        assert rel_err(out_d, ref_d) < tol(dtype)

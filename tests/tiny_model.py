@@ -67,3 +67,65 @@ def write_tiny_model(path: pathlib.Path, max_model_len: int = 512) -> dict[str, 
         return {"model": str(path), "runner": "torch", "device": "cpu", "max_model_len": max_model_len}
     _write_tokenizer_only(path, max_model_len)
     return {"model": str(path), "runner": "fake"}
+
+
+# ---------------------------------------------------------------------------
+# Tiny checkpoints of the other families, written by transformers itself
+# ---------------------------------------------------------------------------
+
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+
+# Tiny configs: the window (8) is shorter than the test prompts, so the sliding layers
+# really drop keys; Gemma 2 soft-caps scores and logits; Gemma 3 has its own local rope
+# base and linear scaling on the global layers; the MoE has a dense layer among sparse ones.
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma2": dict(cls="Gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=30.0),
+    "gemma3": dict(cls="Gemma3", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                   layer_types=[_SLIDING, _SLIDING, _FULL, _SLIDING],
+                   rope_parameters={_FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                                    _SLIDING: {"rope_type": "default", "rope_theta": 10000.0}}),
+    "phi3": dict(cls="Phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=8),
+    "qwen3_moe": dict(cls="Qwen3Moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1]),
+}
+
+
+def write_hf_family_checkpoint(path: pathlib.Path, family: str, seed: int = 0, **overrides: Any) -> pathlib.Path:
+    """A tiny float32 checkpoint of `family` (FAMILY_CONFIGS) saved by transformers' own
+    save_pretrained, with weights redrawn at a scale where greedy tokens are well separated
+    (HF's init of std 0.02 gives near-uniform logits), plus the tokenizer files."""
+    import torch
+    import transformers
+    from aiosched.executors.torch.random_checkpoint import CHAT_TEMPLATE as RC_TEMPLATE, train_tokenizer
+
+    kw = {**FAMILY_CONFIGS[family], **overrides}
+    cls = kw.pop("cls")
+    tok = train_tokenizer()
+    eos = tok.token_to_id("<|endoftext|>")
+    config_cls = getattr(transformers, f"{cls}TextConfig" if cls == "Gemma3" else f"{cls}Config")
+    cfg = config_cls(vocab_size=512, max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                     rms_norm_eps=1e-6, **kw)
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    zero_centred = cls.startswith("Gemma")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_((0.0 if zero_centred else 1.0) + 0.05 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if zero_centred else 1.0))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "model_max_length": 256, "chat_template": RC_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast",
+    }))
+    return path

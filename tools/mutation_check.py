@@ -1,7 +1,7 @@
-"""Plant known async-scheduling bugs one at a time and check the tests catch each (issue 12).
+"""Plant known async-scheduling bugs one at a time and check the tests catch each (issues 12, 16).
 
 Runs in a throwaway git worktree of HEAD, so the checkout is never touched:
-    .venv/bin/python tools/mutation_check.py
+    .venv/bin/python tools/mutation_check.py            (MUTANTS=M1,M9 for a subset)
 Each line: the planted bug, the test target, CAUGHT or missed, seconds.
 The state machine is expected to miss M6 (queue order changes fairness, not tokens);
 the deterministic regression tests pin it.
@@ -24,6 +24,12 @@ MUTANTS = [
     ("M6 preempted request goes to the back of the queue", "aiosched/scheduler.py", "self.waiting.appendleft(req)\n        self._freed_for_worker", "self.waiting.append(req)\n        self._freed_for_worker"),
     ("M7 in-flight token of an aborted request not discarded", "aiosched/scheduler.py", "            if req is None:  # finished or aborted while this step was in flight\n                stats.discarded_tokens += len(tokens)\n                continue", "            if req is None:  # finished or aborted while this step was in flight\n                continue"),
     ("M8 placeholder not consumed when the token arrives", "aiosched/scheduler.py", "            req.num_output_placeholders -= 1\n", "            req.num_output_placeholders -= 0 if req.num_preemptions else 1\n"),
+    # Issue 16.1: a grammar sample in flight survives its request's free and is consumed
+    # again by the resumed request (same id): the matcher runs one token behind.
+    ("M9 grammar sample in flight outlives the request's free", "executors/structured_output.py",
+     [("        if rg is None or not self._pending:\n            return", "        if True:\n            return"),
+      ("                rg.outputs.append(int(vals[i]))", "                self.grammars.get(rg.req_id, rg).outputs.append(int(vals[i]))")],
+     None, ["tests/test_stateful_scheduler.py::test_engine_state_machine_structured"]),
 ]
 
 
@@ -33,6 +39,9 @@ def main() -> int:
     subprocess.run(["git", "-C", repo, "worktree", "add", "-q", "--detach", tree, "HEAD"], check=True)
     try:
         os.chdir(tree)
+        # The editable install maps `aiosched.executors` to the checkout's executors/; a link
+        # inside this tree's package makes the tree's own (mutated) copy the one imported.
+        os.symlink(os.path.join("..", "executors"), os.path.join("aiosched", "executors"))
         run_mutants()
     finally:
         subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", tree], check=False)
@@ -43,14 +52,21 @@ TARGETS = ["tests/test_stateful_scheduler.py::test_async_scheduler_state_machine
 
 
 def run_mutants() -> None:
-    for name, path, old, new in MUTANTS:
+    only = os.environ.get("MUTANTS")  # e.g. MUTANTS=M1,M9: a subset
+    for name, path, old, new, *targets in MUTANTS:
+        if only and name.split()[0] not in only.split(","):
+            continue
         with open(path) as f:
             src = f.read()
-        assert src.count(old) == 1, f"{name}: the original text is no longer in {path}; update the mutant"
+        edits = old if isinstance(old, list) else [(old, new)]  # one replacement, or several (old, new) pairs
+        planted = src
+        for a, b in edits:
+            assert planted.count(a) == 1, f"{name}: the original text is no longer in {path}; update the mutant"
+            planted = planted.replace(a, b)
         with open(path, "w") as f:
-            f.write(src.replace(old, new))
+            f.write(planted)
         try:
-            for target in TARGETS:
+            for target in (targets[0] if targets else TARGETS):
                 t0 = time.time()
                 r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", target],
                                    capture_output=True, text=True, timeout=300)

@@ -54,8 +54,11 @@ def write_kv(cache: jax.Array, layer: Any, k: jax.Array, v: jax.Array, meta: Att
     return cache.at[layer, meta.slot_block, meta.slot_offset].set(kv, mode="promise_in_bounds")
 
 
-def paged_attention(q: jax.Array, cache: jax.Array, layer: Any, meta: AttentionMetadata, *, scale: float) -> jax.Array:
-    """Causal attention of q [T, Hq, D] over each request's cached keys (this step's included)."""
+def paged_attention(q: jax.Array, cache: jax.Array, layer: Any, meta: AttentionMetadata, *, scale: float,
+                    window: Any = None, softcap: float | None = None) -> jax.Array:
+    """Causal attention of q [T, Hq, D] over each request's cached keys (this step's included);
+    with `window` (an int or a traced per-layer scalar), only the last `window` keys up to the
+    query's own (HF's sliding window); `softcap` bounds the scores to cap * tanh(s / cap) (Gemma 2)."""
     T, Hq, D = q.shape
     NT, Qt = meta.tile_token.shape
     pages = cache[meta.tile_blocks] if layer is None else cache[layer, meta.tile_blocks]  # [NT, P, BS, 2Hkv, D]
@@ -67,16 +70,28 @@ def paged_attention(q: jax.Array, cache: jax.Array, layer: Any, meta: AttentionM
     k, v = pages[:, :, 0::2], pages[:, :, 1::2]  # [NT, K, Hkv, D]
     qt = q[meta.tile_token].reshape(NT, Qt, Hkv, G, D)
     s = jnp.einsum("nqhgd,nkhd->nhgqk", qt, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    mask = jnp.arange(K, dtype=jnp.int32)[None, None, :] <= meta.tile_pos[:, :, None]  # [NT, Qt, K]
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    kpos = jnp.arange(K, dtype=jnp.int32)[None, None, :]
+    mask = kpos <= meta.tile_pos[:, :, None]  # [NT, Qt, K]
+    if window is not None:
+        mask &= kpos > meta.tile_pos[:, :, None] - window
     s = jnp.where(mask[:, None, None], s, _MASK)
     p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
     o = jnp.einsum("nhgqk,nkhd->nqhgd", p, v.astype(q.dtype))
     return o.reshape(NT * Qt, Hq, D)[meta.token_row]
 
 
-def _pallas_tpu_attention(q: jax.Array, cache: jax.Array, layer: Any, meta: AttentionMetadata, *, scale: float) -> jax.Array:
+def _pallas_tpu_attention(q: jax.Array, cache: jax.Array, layer: Any, meta: AttentionMetadata, *, scale: float,
+                          window: Any = None, softcap: float | None = None) -> jax.Array:
     """TPU only: the Pallas ragged paged attention kernel over the per-layer cache."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
+
+    # The kernel's sliding_window / soft_cap conventions are untested against HF's: refused, not guessed.
+    if window is not None:
+        raise ValueError("config.json: sliding_window is not supported by the jax runner's TPU attention kernel")
+    if softcap is not None:
+        raise ValueError("config.json: attn_logit_softcapping is not supported by the jax runner's TPU attention kernel")
 
     if layer is not None:  # a stacked cache would need a per-layer copy: use unrolled layers on TPU
         cache = cache[layer]

@@ -2,9 +2,9 @@
 
 `DecodeGraphs` captures `step(bs)` for every batch size in `capture_sizes(max_bs)`
 (largest first, one shared memory pool). `step(bs)` must read its inputs only from
-persistent device buffers (sliced to `[:bs]`) and write its outputs to persistent
-buffers: replaying then needs no allocation and no host work beyond filling the
-first `bs` rows of the input buffers. Rows between the real batch and the padded
+persistent device buffers (sliced to `[:bs]`); what it returns (tensors allocated in
+the graph's pool, kept alive here) is what `replay(bs)` returns: replaying then needs
+no allocation and no host work beyond filling the first `bs` rows of the inputs. Rows between the real batch and the padded
 size must hold harmless values (the caller's job: e.g. slot -1 = no KV write,
 length 1 over a scratch block).
 """
@@ -14,6 +14,7 @@ import bisect
 import gc
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ def capture_sizes(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, step: Callable[[int], None], max_bs: int, device: torch.device | str, sizes: list[int] | None = None,
+    def __init__(self, step: Callable[[int], Any], max_bs: int, device: torch.device | str, sizes: list[int] | None = None,
                  prepare: Callable[[int], None] | None = None, name: str = "decode") -> None:
         self.step = step
         self.prepare = prepare  # fills the inputs for size bs with harmless values, outside the graph
@@ -40,6 +41,7 @@ class DecodeGraphs:
         self.sizes = sorted(sizes) if sizes is not None else capture_sizes(max_bs)
         self.max_bs = self.sizes[-1]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, Any] = {}  # step(bs)'s return value in the graph's memory
         self.pool = None
 
     def padded(self, bs: int) -> int | None:
@@ -71,7 +73,7 @@ class DecodeGraphs:
                 torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                self.step(bs)
+                self.outputs[bs] = self.step(bs)
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[bs] = g
@@ -80,10 +82,10 @@ class DecodeGraphs:
         log.info("captured %d %s graphs (sizes %d..%d) in %.1f s", len(self.graphs), self.name, self.sizes[0], self.max_bs, dt)
         return dt
 
-    def replay(self, bs: int) -> int:
-        """Replay the graph for `bs` (padded up); returns the padded size."""
+    def replay(self, bs: int) -> Any:
+        """Replay the graph for `bs` (padded up); returns its outputs (those of `step` at the padded size)."""
         pb = self.padded(bs)
         if pb is None:
             raise ValueError(f"batch {bs} exceeds the largest captured graph ({self.max_bs})")
         self.graphs[pb].replay()
-        return pb
+        return self.outputs[pb]

@@ -8,6 +8,15 @@ then float32) so a tiny float32 checkpoint gives HF's greedy tokens.
 Tensor parallelism: column-parallel layers are plain `nn.Linear` holding this rank's
 rows (the loader slices them, see `ShardSpec` in models/llama.py); `RowParallelLinear`
 sums the ranks' partial products and adds its bias once, after the sum.
+
+Fused CUDA ops: on a step whose `AttentionMetadata.fused` is set (the runner sets it on
+CUDA, one device, executors/torch/fused_ops.py) the layers pick the Triton kernels
+themselves: the residual stream (`Residual`) keeps the last addend pending so that
+the add fuses into the next norm, rotary + KV write is one kernel (`rope_and_store`),
+and for 1-2 rows the o / down projections add straight into the stream and gate_up
+runs with its norm prologue and SiLU epilogue (`skinny_rows`). So the model's own
+forward is the fast one, and CUDA graphs capture it. Unfused (CPU), each op is the
+plain torch one, in HF's order.
 """
 from __future__ import annotations
 
@@ -19,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aiosched.executors.model_config import RopeConfig
+from aiosched.executors.torch import fused_ops
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, store_kv
 from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_reduce_
 
 
@@ -40,6 +51,50 @@ class RMSNorm(nn.Module):
         if self.unit_offset:
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return (xf * self.weight.float()).to(x.dtype) if x.dtype != torch.float32 else xf * self.weight
+
+    def apply(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        """forward, with the Triton kernel on a fused step (same formula)."""
+        return fused_ops.rms_norm(x, self.weight, self.eps) if fused and not self.unit_offset else self(x)
+
+
+class Residual:
+    """The residual stream `x` and one addend not yet added to it.
+
+    Unfused: `add` is `x = x + y` (HF's order and rounding). Fused: the addend waits,
+    and the next norm adds it in the same kernel (`add_rms_norm`, in place)."""
+
+    def __init__(self, x: torch.Tensor, fused: bool) -> None:
+        self.x, self.fused = x, fused
+        self.pending: torch.Tensor | None = None
+
+    def add(self, y: torch.Tensor) -> None:
+        if not self.fused:
+            self.x = self.x + y
+            return
+        self.flush()
+        self.pending = y
+
+    def flush(self) -> torch.Tensor:
+        if self.pending is not None:
+            self.x.add_(self.pending)
+            self.pending = None
+        return self.x
+
+    def normed(self, norm: RMSNorm) -> torch.Tensor:
+        """norm(x), after adding the pending addend."""
+        if not self.fused or norm.unit_offset:
+            return norm(self.flush())
+        if self.pending is None:
+            return fused_ops.rms_norm(self.x, norm.weight, norm.eps)
+        h, _ = fused_ops.add_rms_norm(self.pending, self.x, norm.weight, norm.eps)
+        self.pending = None
+        return h
+
+
+def skinny_rows(x: torch.Tensor, fused: bool, tp: TPGroup = SINGLE) -> bool:
+    """Whether a projection of x's rows takes the skinny Triton GEMM: 1-2 rows, where it
+    beats cuBLAS on the H100 (benchmarks/decode_step.py --tune), on one device."""
+    return fused and not tp.active and x.shape[0] <= fused_ops.SKINNY_PREFERRED_MAX_M
 
 
 # ---------------------------------------------------------------------------
@@ -84,6 +139,33 @@ def cos_sin_at(cos_sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Te
     return cos, sin
 
 
+class RotaryAt:
+    """A `rope_cos_sin` table at one step's positions; cos/sin gathered once per step, at first use."""
+
+    def __init__(self, table: torch.Tensor, positions: torch.Tensor) -> None:
+        self.table, self.positions = table, positions
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos_sin is None:
+            self._cos_sin = cos_sin_at(self.table, self.positions)
+        return self._cos_sin
+
+
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q, k ([T, H, D]) and write this step's k, v into the paged cache (the whole
+    batch before any attention reads it). Fused: one kernel, in place, padding slots
+    (-1) skipped."""
+    if meta.fused:
+        fused_ops.rope_and_cache(q, k, v, rope.positions, rope.table, k_cache, v_cache, meta.slot_mapping)
+        return q, k
+    cos, sin = rope.cos_sin()
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return q, k
+
+
 # ---------------------------------------------------------------------------
 # Linear layers, activations, MLPs
 # ---------------------------------------------------------------------------
@@ -99,6 +181,13 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = all_reduce_(F.linear(x, self.weight), self.tp)
         return out if self.bias is None else out + self.bias
+
+    def add_into(self, stream: Residual, x: torch.Tensor) -> None:
+        """stream += self(x); for 1-2 rows on a fused step, the skinny GEMM adds in place."""
+        if self.bias is None and skinny_rows(x, stream.fused, self.tp):
+            fused_ops.skinny_linear(x, self.weight, out=stream.flush(), epilogue="residual")
+        else:
+            stream.add(self(x))
 
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -124,10 +213,25 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
         self.gate_up_proj = nn.Linear(hidden, 2 * self.inter, bias=bias)
         self.down_proj = RowParallelLinear(self.inter, hidden, bias, tp)
+        self.silu = act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
         return self.down_proj(self.act(gate) * up)
+
+    def add_into(self, stream: Residual, norm: RMSNorm) -> None:
+        """stream += self(norm(stream)), with the fused kernels on a fused step."""
+        fused_silu = stream.fused and self.silu and self.gate_up_proj.bias is None
+        x = stream.x
+        if fused_silu and not norm.unit_offset and skinny_rows(x, True, self.down_proj.tp):
+            act = fused_ops.skinny_linear(stream.flush(), self.gate_up_proj.weight, norm_weight=norm.weight, eps=norm.eps,
+                                          epilogue="silu_mul")
+        elif fused_silu:
+            act = fused_ops.silu_and_mul(self.gate_up_proj(stream.normed(norm)))
+        else:
+            gate, up = self.gate_up_proj(stream.normed(norm)).split([self.inter, self.inter], dim=-1)
+            act = self.act(gate) * up
+        self.down_proj.add_into(stream, act)
 
 
 # ---------------------------------------------------------------------------
@@ -137,9 +241,50 @@ class GatedMLP(nn.Module):
 
 def scale_embedding(x: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Gemma multiplies embeddings by sqrt(hidden), the constant rounded to x's dtype first (as HF)."""
-    return x if scale is None else x * torch.tensor(scale, dtype=x.dtype, device=x.device)
+    # A host scalar tensor: no copy to the device, so a CUDA graph can capture it.
+    return x if scale is None else x * torch.tensor(scale, dtype=x.dtype)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap) (Gemma 2)."""
     return x if cap is None else torch.tanh(x / cap) * cap
+
+
+# ---------------------------------------------------------------------------
+# Mixture of experts: routing and the reference grouped-expert MLP
+# ---------------------------------------------------------------------------
+
+
+def route_topk(router_logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in the logits' dtype, expert ids [T, k]): softmax over all experts in
+    float32, the k largest, optionally renormalised to sum to 1 (HF's norm_topk_prob)."""
+    probs = router_logits.softmax(dim=-1, dtype=torch.float32)
+    weights, ids = probs.topk(k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_ids: torch.Tensor,
+                    weights: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """The reference expert MLPs: sum_k weights[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, k].
+
+    x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]. The (token, k) pairs are
+    sorted by expert, so each expert runs one matmul over all its tokens (grouped); each
+    token's terms are added in ascending expert order, as transformers adds them."""
+    T, K = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // K
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    xs = x[token]
+    out = torch.empty_like(xs)
+    f, inter, start = activation(act), down.shape[2], 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = slice(start, start + n)
+            gate, up = F.linear(xs[rows], gate_up[e]).split([inter, inter], dim=-1)
+            out[rows] = F.linear(f(gate) * up, down[e])
+            start += n
+    out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token, out)

@@ -60,6 +60,30 @@ def iter_tensors(model_dir: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+# One expert's matrix of a MoE layer (hub layout); our experts are stacked [E, ...] per layer
+# (models/qwen3_moe.py), so it lands in slot e (gate / up: the first / second half of gate_up_proj).
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PART = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+
+
+def _expert_target(model: torch.nn.Module, m: re.Match[str]) -> tuple[str, tuple[int, int | None]] | None:
+    layer, expert, proj = m.groups()
+    ours, half = _EXPERT_PART[proj]
+    path = f"layers.{layer}.mlp.experts.{ours}"
+    try:
+        param = model.get_parameter(path)
+    except AttributeError:
+        return None
+    return (path, (int(expert), half)) if int(expert) < param.shape[0] else None
+
+
+def _expert_slot(param: torch.Tensor, expert: int, half: int | None) -> torch.Tensor:
+    """The [rows, cols] view of expert `expert` (and of its gate or up half) in a stacked parameter."""
+    slot = param[expert]
+    if half is None:
+        return slot
+    n = slot.shape[0] // 2
+    return slot[half * n : (half + 1) * n]
 
 
 _SKIP = ("skip", None)
@@ -72,6 +96,8 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[str, int | None] | None
         return _SKIP
     if name == "lm_head.weight" and model.lm_head is None:
         return _SKIP  # tied: the embedding serves as the head (some tied checkpoints still save a copy)
+    if e := _EXPERT.match(name):
+        return _expert_target(model, e)  # type: ignore[return-value]
     m = _LAYER.match(name)
     if m:
         layer, block, proj, kind = m.groups()
@@ -108,6 +134,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike[str]) -> 
     parameter left unset and on a checkpoint tensor that no parameter takes (dropping it
     would run a different model than the checkpoint's: issue 16)."""
     loaded: set[int] = set()
+    written: dict[int, int] = {}  # elements written per parameter: a fused or stacked one is complete only when all are
     for name, handle in iter_tensors(model_dir):
         tgt = _target(model, name)
         if tgt is None:
@@ -117,19 +144,23 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | os.PathLike[str]) -> 
             continue
         path, part = tgt
         param, spec = model.get_parameter(path), shard_spec(model.args, path)
-        rows = None if part is None else local_part_rows(spec, part, model.tp.world_size)
-        tensor = _read_shard(handle, spec, model.tp, name, fused_in_checkpoint=part is None and bool(spec.parts))
-        with torch.no_grad():
+        if isinstance(part, tuple):  # one expert's matrix (the MoE models refuse tensor parallelism)
+            tensor, dst = handle[:], _expert_slot(param, *part)
+        else:
+            rows = None if part is None else local_part_rows(spec, part, model.tp.world_size)
+            tensor = _read_shard(handle, spec, model.tp, name, fused_in_checkpoint=part is None and bool(spec.parts))
             dst = param if rows is None else param[rows]
+        with torch.no_grad():
             if dst.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
             dst.copy_(tensor.to(param.dtype))
         loaded.add(id(param))
+        written[id(param)] = written.get(id(param), 0) + dst.numel()
     if model.lm_head is not None and id(model.lm_head.weight) not in loaded and id(model.embed_tokens.weight) in loaded:
         # No lm_head.weight in the checkpoint although config.json does not say tied:
         # such checkpoints tie implicitly, so the embedding serves as the head.
         model.lm_head = None
-    missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
+    missing = [n for n, p in model.named_parameters() if written.get(id(p), 0) < p.numel()]
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks weights for: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 

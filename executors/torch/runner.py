@@ -1,10 +1,20 @@
-"""The torch model runner: model, paged KV cache and per-request worker state.
+"""The torch model runner: model, paged KV cache, and the walk of one SchedulerOutput.
 
-Every request's tokens live in a device token buffer (one row per live request).
-Prompt tokens are written from the host once; each sampled token is written on the
-device by the step that sampled it. A step's input ids are gathered from the buffer,
-so step N+1 can use step N's token without it ever visiting the host: this is what
-lets the scheduler run one step ahead (async scheduling).
+A step, top down (`execute`):
+1. apply the diff: frees, new requests (`InputBatch`, executors/torch/input_batch.py);
+2. speculative rows: exact positions and n-gram drafts (executors/torch/spec_decode.py);
+3. `InputBatch.schedule`: block-table deltas and the step's rows, positions, logits rows;
+4. the forward: on CUDA a graph of the model's own step when one fits the step's padded
+   size (executors/torch/cuda_path.py), else the step packed exactly and the model run
+   eagerly (fused kernels on CUDA, the torch/C kernels on the CPU); both derive the
+   model's inputs with the same `InputBatch.device_inputs`;
+5. verify drafts, or sample (extras: penalties, bias, grammar masks, logprobs), and
+   write the tokens into the device token buffer;
+6. copy the ids to the host (a side stream on CUDA) -> RunnerOutput.
+
+Every request's tokens live in the device token buffer, so step N+1 can use step N's
+token without it ever visiting the host: this is what lets the scheduler run one step
+ahead (async scheduling).
 
 Tensor parallelism (rank/world_size from the multiproc executor): each rank holds its
 shard of the weights and the KV cache of its kv heads only; every rank runs the same
@@ -16,18 +26,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from aiosched.config import EngineConfig
 from aiosched.protocol import PROTOCOL_VERSION, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
-from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
-from aiosched.executors.torch.loader import build_model
-from aiosched.executors.torch.models.llama import LlamaForCausalLM
-from aiosched.executors.torch.parallel import SINGLE, agree_min, destroy_group, init_group
 from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput
-from aiosched.executors.torch.sampler import SamplingBatch, sample
+from aiosched.executors.torch import fused_ops
+from aiosched.executors.torch.input_batch import InputBatch, ScheduledStep, StepInputs
+from aiosched.executors.torch.loader import build_model
+from aiosched.executors.torch.parallel import SINGLE, agree_min, destroy_group, init_group
+from aiosched.executors.torch.sampler import sample
 from aiosched.executors.torch.sampling_extras import SamplingExtras, StepContext
 
 _SPARE_TOKENS = 16  # room past max_model_len in a buffer row (speculative drafts)
@@ -35,16 +44,15 @@ log = logging.getLogger("aiosched.worker")
 
 
 @dataclass
-class _ReqState:
-    row: int
-    prompt_len: int
-    num_tokens: int  # tokens in the buffer row (prompt + sampled)
-    data: NewRequestData
-    ban_ids: list[int] = field(default_factory=list)  # masked until min_tokens are out
-    block_table: list[int] = field(default_factory=list)
-    # Entries of block_table already in the CUDA path's device block table. Kept on the
-    # state (not in a map by request id) so it dies with the request, whatever the step.
-    device_blocks: int = 0
+class _Forward:
+    """What a step's forward left: hidden states (eager steps: prompt logprobs read them),
+    the logits rows, their greedy tokens (already in the token buffer) and where each
+    row's token goes in the buffer."""
+
+    hidden: torch.Tensor | None
+    logits: torch.Tensor | None
+    tokens: torch.Tensor | None
+    dst: torch.Tensor | None
 
 
 class _DevicePending(PendingOutput):
@@ -79,8 +87,9 @@ class TorchModelRunner(ModelRunner):
             torch.set_num_threads(cfg.cpu_threads or max(1, ((os.cpu_count() or 2) - 1) // self.world_size))
         torch.manual_seed(cfg.seed)
         # Build (and check that the model splits) before joining the group: loading needs no collectives.
-        self.model: LlamaForCausalLM = build_model(cfg.resolved_model, cfg.resolved_dtype, str(self.device), cfg.load_format,
-                                                   cfg.seed, rank=self.rank, world_size=self.world_size)
+        # The class comes from executors/model_registry.py (by config.json's architecture).
+        self.model = build_model(cfg.resolved_model, cfg.resolved_dtype, str(self.device), cfg.load_format,
+                                 cfg.seed, rank=self.rank, world_size=self.world_size)
         self.tp = init_group(self.rank, self.world_size, self.device)
         a = self.model.args
         kv_heads = a.num_kv_heads // self.world_size  # this rank's share of the KV cache
@@ -94,33 +103,30 @@ class TorchModelRunner(ModelRunner):
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(a.num_layers)]
         self.row_len = self.max_model_len + _SPARE_TOKENS
-        self.tokens = torch.zeros((cfg.max_num_seqs, self.row_len), dtype=torch.int64, device=self.device)
-        self.free_rows = list(range(cfg.max_num_seqs - 1, -1, -1))
-        # Sampling parameters by row, written once when a request arrives and gathered
-        # per step by row index (one small host->device copy per step, not one per field).
-        self.row_f = torch.zeros((cfg.max_num_seqs, 3), dtype=torch.float32, device=self.device)  # temperature, top_p, min_p
-        self.row_i = torch.zeros((cfg.max_num_seqs, 2), dtype=torch.int64, device=self.device)  # top_k (0 = off), seed
-        self.reqs: dict[str, _ReqState] = {}
+        self.batch = InputBatch(cfg.max_num_seqs, self.row_len, self.block_size, cfg.max_num_batched_tokens, self.device)
         self.is_cuda = self.device.type == "cuda"
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
-        # CUDA: Triton kernels, persistent step buffers and decode CUDA graphs (executors/torch/cuda_path.py).
-        self.fast = None
-        if self.is_cuda and self.tp.active:
-            # The fast path's fused kernels and graphs assume the whole model on one device.
-            log.warning("tensor_parallel_size = %d: the CUDA fast path (Triton kernels, CUDA graphs) is off; "
-                        "steps run on the eager path", self.world_size)
-        elif self.is_cuda:
-            from aiosched.executors.torch.cuda_path import CudaStepRunner
-
-            self.fast = CudaStepRunner(self)
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
         self.extras = SamplingExtras(cfg.resolved_model, a.vocab_size, cfg.max_num_seqs, self.device)
         self.prompt_lp_reqs: set[str] = set()
-        graphs = [getattr(self.fast, name, None) for name in ("graphs", "mixed")]
+        # CUDA: fused kernels in the model's layers and CUDA graphs of its step (executors/torch/cuda_path.py).
+        self.fast = None
+        if self.is_cuda and self.tp.active:
+            # The fused kernels and graphs assume the whole model on one device.
+            log.warning("tensor_parallel_size = %d: the CUDA fast path (Triton kernels, CUDA graphs) is off; "
+                        "steps run on the eager path", self.world_size)
+        elif self.is_cuda and not getattr(self.model, "cuda_fast_path", False):
+            # Families whose layers have no fused kernels yet (Gemma's windows and softcaps,
+            # the MoE blocks) run their forward unfused and without graphs.
+            log.info("%s: no fused CUDA kernels or graphs for this family; steps run the model's unfused forward", a.arch)
+        elif self.is_cuda:
+            from aiosched.executors.torch.cuda_path import FastPath
+
+            self.fast = FastPath(self)
         return WorkerInfo(PROTOCOL_VERSION, self.num_blocks, self.block_size, a.vocab_size, self.max_model_len,
                           str(self.device), cfg.resolved_dtype, "torch", features=self.extras.features,
-                          cuda_graphs=sum(len(g.graphs) for g in graphs if g is not None))
+                          cuda_graphs=self.fast.num_graphs if self.fast is not None else 0)
 
     def _rank_device(self, device: str) -> torch.device:
         """This rank's device: under TP on CUDA, rank r uses the r-th GPU after the configured one."""
@@ -146,33 +152,23 @@ class TorchModelRunner(ModelRunner):
 
     # ---- per-request state ----
 
+    @property
+    def reqs(self) -> dict:
+        """Live requests by id (their state is the input batch's)."""
+        return self.batch.reqs
+
     def _add(self, new: NewRequestData) -> None:
-        if new.req_id in self.reqs:
-            raise RuntimeError(f"request {new.req_id} is already live in the worker")
-        if not self.free_rows:
-            raise RuntimeError(f"request {new.req_id}: all {self.config.max_num_seqs} token-buffer rows are live (max_num_seqs)")
-        n = len(new.token_ids)
-        if n >= self.row_len:
-            raise RuntimeError(f"request {new.req_id}: {n} tokens do not fit in max_model_len {self.max_model_len}")
-        row = self.free_rows.pop()
-        self.tokens[row, :n] = torch.tensor(new.token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        sp = new.sampling
-        self.row_f[row] = torch.tensor([sp.temperature, sp.top_p, sp.min_p], dtype=torch.float32).to(self.device, non_blocking=True)
-        self.row_i[row] = torch.tensor([max(sp.top_k, 0), new.seed], dtype=torch.int64).to(self.device, non_blocking=True)
-        ban = sorted(set(new.eos_token_ids) | set(new.sampling.stop_token_ids)) if new.sampling.min_tokens else []
-        self.reqs[new.req_id] = _ReqState(row, new.prompt_len, n, new, ban)
+        self.batch.add(new)
         self.extras.add_request(new)
         if new.sampling.prompt_logprobs is not None:
             self.prompt_lp_reqs.add(new.req_id)
 
     def _free(self, req_id: str) -> None:
-        st = self.reqs.pop(req_id, None)
-        if st is not None:
-            self.free_rows.append(st.row)
+        if self.batch.free(req_id):
             self.extras.free(req_id)
             self.prompt_lp_reqs.discard(req_id)
 
-    # ---- a step ----
+    # ---- a step, top down ----
 
     def execute(self, so: SchedulerOutput) -> PendingOutput:
         for rid in so.freed_req_ids:
@@ -183,108 +179,113 @@ class TorchModelRunner(ModelRunner):
         if not so.scheduled:
             return ReadyOutput(out)
         with torch.inference_mode():
-            return self._run(so, out)
+            if self.fast is not None:
+                return self.fast.timed(self._step, so, out)  # idle_probe: CUDA events around the step
+            return self._step(so, out)
 
-    def _run(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
-        if any(sr.num_draft_slots for sr in so.scheduled):  # speculative decoding: executors/torch/spec_decode.py
-            from aiosched.executors.torch.spec_decode import prepare_spec_step, run_spec_step
+    def _step(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
+        drafts: dict[str, list[int]] = {}
+        if any(sr.num_draft_slots for sr in so.scheduled):
+            so, drafts = self._propose(so)
+        step = self.batch.schedule(so, drafts)
+        out.req_ids = [sr.req_id for sr in so.scheduled if sr.sample]
+        extras_on = self.extras.step_uses_extras(so)
+        greedy = not drafts and not extras_on and self.batch.greedy(step.samplers)
+        fwd = self._forward(step, greedy, eager_only=extras_on and bool(self.prompt_lp_reqs))
+        if drafts:
+            return self._verify(step, fwd, out)
+        return self._sample(step, fwd, extras_on, out)
 
-            so, drafts = prepare_spec_step(self, so)  # exact positions from this worker's history
-            if drafts:
-                return run_spec_step(self, so, out, drafts)
-        if getattr(self, "fast", None) is not None:
-            return self.fast.run(so, out)
-        bs, row_len = self.block_size, self.row_len
-        flat_idx: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []  # index into the flattened batch of each sampling request's last token
-        samplers: list[_ReqState] = []
-        flat_offsets: dict[str, int] = {}
-        for sr in so.scheduled:
-            st = self.reqs[sr.req_id]
-            st.block_table.extend(sr.new_block_ids)
-            start, end = sr.num_computed_tokens, sr.num_computed_tokens + sr.num_tokens
-            if end > st.num_tokens:
-                raise RuntimeError(f"{sr.req_id}: step needs tokens up to {end} but the worker has {st.num_tokens}")
-            pos = range(start, end)
-            positions.extend(pos)
-            flat_idx.extend(st.row * row_len + p for p in pos)
-            table = st.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            flat_offsets[sr.req_id] = qsl[-1]
-            qsl.append(qsl[-1] + sr.num_tokens)
-            seq_lens.append(end)
-            tables.append(table)
-            if sr.sample:
-                if end != st.num_tokens:
-                    raise RuntimeError(f"{sr.req_id}: sampling at {end} but the worker has {st.num_tokens} tokens")
-                sample_rows.append(qsl[-1] - 1)
-                samplers.append(st)
-                out.req_ids.append(sr.req_id)
-        dev = self.device
-        input_ids = self.tokens.view(-1)[torch.tensor(flat_idx, dtype=torch.int64).to(dev, non_blocking=True)]
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True), qsl, seq_lens, tables, bs)
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        hidden = self.model(input_ids, pos_t, meta, self.kv_caches)
+    def _propose(self, so: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, list[int]]]:
+        """Speculative rows at the worker's exact positions, with their drafts in the token buffer."""
+        from aiosched.executors.torch.spec_decode import prepare_spec_step
+
+        spec = self.config.speculative
+        allow = spec is not None and not self.extras.step_uses_extras(so)
+        return prepare_spec_step(self.batch, so, spec, allow)
+
+    def _forward(self, step: ScheduledStep, greedy: bool, eager_only: bool) -> _Forward:
+        """A CUDA graph replay when one fits the step, else the model's forward on the exactly packed step.
+        greedy: take each logits row's argmax (written into the token buffer at once)."""
+        fast, batch = self.fast, self.batch
+        n = len(step.logit_rows)
+        layout = fast.graph_layout(step, eager_only) if fast is not None else None
+        if layout is not None:
+            dev = batch.upload(step, layout)
+            logits, tokens = fast.replay(layout)
+            return _Forward(None, logits[:n], tokens[:n].clone() if greedy else None, dev[layout.o_dst:layout.o_dst + n])
+        fused = fast is not None
+        layout = batch.exact_layout(step, fast.block_q(step) if fused else 1, tiles=fused)
+        dev = batch.upload(step, layout)
+        inputs = batch.device_inputs(dev, layout, fused, fast.decode_workspace if fused else None, host=step)
+        if fused:
+            fast.stats["eager_steps"] += 1
+        hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
+        return _Forward(hidden, logits, tokens, inputs.dst)
+
+    def model_step(self, inputs: StepInputs, argmax: bool, logits_out: torch.Tensor | None = None,
+                   tokens_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The model's forward, the LM head on the logits rows and (argmax) the greedy token
+        of each row written into the token buffer. The CUDA graphs capture exactly this,
+        with persistent `*_out` buffers for what outlives the replay."""
+        fused = inputs.meta.fused
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        if not inputs.logit_rows.numel():
+            return hidden, None, None
+        rows = hidden if inputs.meta.device is not None and inputs.meta.device.decode else hidden[inputs.logit_rows]
+        # float32 for the samplers; on the fused path the weights' dtype (argmax needs no upcast; sampling upcasts)
+        logits = self.model.compute_logits(rows, dtype=None if fused else torch.float32, fused=fused)
+        if logits_out is not None:
+            logits = logits_out[:logits.shape[0]].copy_(logits)
+        tokens = None
+        if argmax:
+            out = tokens_out[:logits.shape[0]] if tokens_out is not None else None
+            tokens = fused_ops.argmax_rows(logits, out=out, workspace=self.fast.argmax_workspace if fused else None)
+            self.batch.write_tokens(inputs.dst, tokens)
+        return hidden, logits, tokens
+
+    def _sample(self, step: ScheduledStep, fwd: _Forward, extras_on: bool, out: RunnerOutput) -> PendingOutput:
+        samplers, tokens_buf = step.samplers, self.batch.tokens
         # The forward pass is launched: now the host-side work of the optional features
         # (grammar masks wait here for the previous step's ids; see sampling_extras).
-        ctx = self.extras.begin(so, samplers) if samplers else None
-        if self.prompt_lp_reqs:
-            ctx = self.extras.plan_prompt_logprobs(ctx, so, self.reqs, flat_offsets)
+        ctx = self.extras.begin(step.so, samplers) if extras_on and samplers else None
+        if extras_on and self.prompt_lp_reqs:
+            ctx = self.extras.plan_prompt_logprobs(ctx, step.so, self.batch.reqs, step.flat_offsets)
+        logits_at = None
+        if fwd.hidden is not None:
+            hidden, fused = fwd.hidden, self.fast is not None
 
-        def logits_at(flat: torch.Tensor) -> torch.Tensor:
-            return self.model.compute_logits(hidden[flat])
+            def logits_at(flat: torch.Tensor) -> torch.Tensor:
+                return self.model.compute_logits(hidden[flat], fused=fused)
 
         if not samplers:
             if ctx is None:
                 return ReadyOutput(out)
-            return self._pending(out, None, self.extras.device_outputs(ctx, None, None, logits_at, self.tokens), ctx)
-        raw = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        logits = self.extras.process(ctx, raw, self.tokens)
-        tokens = sample(logits, self._sampling_batch(samplers))
-        extra = self.extras.device_outputs(ctx, raw, tokens, logits_at, self.tokens)
-        # The sampled token joins the request's history on the device (async scheduling reads it next step).
-        dst = torch.tensor([st.row * row_len + st.num_tokens for st in samplers], dtype=torch.int64).to(dev, non_blocking=True)
-        self.tokens.view(-1).index_copy_(0, dst, tokens)
+            return self._pending(out, None, self.extras.device_outputs(ctx, None, None, logits_at, tokens_buf), ctx)
+        extra: list[torch.Tensor] = []
+        tokens = fwd.tokens
+        if tokens is None:  # sampling, or a step with extras: on float32 logits, after penalties / bias / grammar masks
+            raw = fwd.logits.float()
+            logits = self.extras.process(ctx, raw, tokens_buf)  # grammar: waits for the previous step's ids here
+            tokens = sample(logits, self.batch.sampling_batch(samplers, step.num_logits, self.extras.grammar_terminated))
+            extra = self.extras.device_outputs(ctx, raw, tokens, logits_at, tokens_buf)
+            self.batch.write_tokens(fwd.dst, tokens)  # the token joins the request's history on the device
         for st in samplers:
             st.num_tokens += 1
         return self._pending(out, tokens, extra, ctx)
 
-    def _sampling_batch(self, states: list[_ReqState]) -> SamplingBatch:
-        sps = [st.data.sampling for st in states]
-        dev = self.device
+    def _verify(self, step: ScheduledStep, fwd: _Forward, out: RunnerOutput) -> PendingOutput:
+        """Speculative verification of the logits rows (synchronous: the accepted count
+        decides each request's next position)."""
+        from aiosched.executors.torch.spec_decode import accept_drafts
 
-        def t(vals: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(vals, dtype=dtype).to(dev, non_blocking=True)
-
-        ban_rows, ban_tokens = [], []
-        for i, st in enumerate(states):
-            if (st.ban_ids and st.num_tokens - st.prompt_len < st.data.sampling.min_tokens
-                    and not self.extras.grammar_terminated(st.data.req_id)):  # a complete grammar allows only EOS
-                ban_rows.extend([i] * len(st.ban_ids))
-                ban_tokens.extend(st.ban_ids)
-        rows_pos = t([st.row for st in states] + [st.num_tokens for st in states], torch.int64).view(2, -1)
-        f, i = self.row_f[rows_pos[0]], self.row_i[rows_pos[0]]
-        random_k = [sp.top_k for sp in sps if sp.temperature > 0]
-        return SamplingBatch(
-            temperature=f[:, 0],
-            top_k=i[:, 0],
-            top_p=f[:, 1],
-            min_p=f[:, 2],
-            seeds=i[:, 1],
-            positions=rows_pos[1],
-            max_top_k=max(random_k) if random_k and min(random_k) > 0 else 0,
-            all_greedy=all(sp.temperature == 0 for sp in sps),
-            any_top_k=any(sp.top_k > 0 for sp in sps),
-            any_top_p=any(sp.top_p < 1.0 for sp in sps),
-            any_min_p=any(sp.min_p > 0 for sp in sps),
-            ban_rows=t(ban_rows, torch.int64) if ban_rows else None,
-            ban_tokens=t(ban_tokens, torch.int64) if ban_tokens else None,
-        )
+        if self.fast is not None:
+            self.fast.stats["spec_steps"] += 1
+        if not step.samplers:
+            return ReadyOutput(out)
+        batch = self.batch.sampling_batch(step.samplers, step.num_logits, self.extras.grammar_terminated)
+        accept_drafts(self.batch, step, fwd.logits.float(), batch, out)
+        return ReadyOutput(out)
 
     def _pending(self, out: RunnerOutput, tokens: torch.Tensor | None, extra: list[torch.Tensor] | None = None,
                  ctx: StepContext | None = None) -> PendingOutput:
@@ -310,7 +311,8 @@ class TorchModelRunner(ModelRunner):
 
     def shutdown(self) -> None:
         self.fast = None
-        self.reqs = {}
+        if getattr(self, "batch", None) is not None:
+            self.batch.reqs = {}
         self.kv_caches = []
         destroy_group(getattr(self, "tp", SINGLE))
         if getattr(self, "is_cuda", False):

@@ -89,158 +89,74 @@ def accept_walk(tokens: list[int], accepted: list[bool], m: int) -> list[int]:
     return out
 
 
-# ---- the torch runner's speculative step ----
+# ---- the torch runner's speculative step (the forward is the runner's, over InputBatch) ----
 
 
-def prepare_spec_step(r: Any, so: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, list[int]]]:
+def prepare_spec_step(batch: Any, so: SchedulerOutput, spec: Any, allow: bool) -> tuple[SchedulerOutput, dict[str, list[int]]]:
     """Resolve each speculative row at the worker's real position and propose its drafts
     (written into the token buffer past the known tokens). Returns the step rewritten
     with exact positions (rows without drafts become plain one-token decodes, so a step
     with no drafts at all runs on the unchanged path, CUDA graphs included) and the
-    drafts by request."""
+    drafts by request. allow=False (no speculative config, or sampling extras in the
+    step): no drafts. `batch` is the runner's InputBatch (executors/torch/input_batch.py)."""
     import torch
 
-    spec = r.config.speculative
-    extras = getattr(r, "extras", None)
-    allow = spec is not None and (extras is None or not extras.step_uses_extras(so))
     # Every speculating request's history in one device->host copy (not one per request).
-    spec_rows = [(sr, r.reqs[sr.req_id]) for sr in so.scheduled if sr.num_draft_slots]
+    spec_rows = [(sr, batch.reqs[sr.req_id]) for sr in so.scheduled if sr.num_draft_slots]
     hist = None
     if allow and spec_rows:
         longest = max(st.num_tokens for _, st in spec_rows)
-        idx = torch.tensor([st.row for _, st in spec_rows], dtype=torch.int64, device=r.tokens.device)
-        hist = r.tokens[idx, :longest].cpu().numpy()
+        idx = torch.tensor([st.row for _, st in spec_rows], dtype=torch.int64, device=batch.tokens.device)
+        hist = batch.tokens[idx, :longest].cpu().numpy()
     proposals: dict[str, list[int]] = {}
     for i, (sr, st) in enumerate(spec_rows):
         start = st.num_tokens - 1
         if start > sr.num_computed_tokens:
             raise RuntimeError(f"{sr.req_id}: worker at position {start}, past the scheduler's bound {sr.num_computed_tokens}")
-        room = min(sr.num_draft_slots, (len(st.block_table) + len(sr.new_block_ids)) * r.block_size - start - 1, r.row_len - st.num_tokens)
+        room = min(sr.num_draft_slots, (len(st.block_table) + len(sr.new_block_ids)) * batch.block_size - start - 1,
+                   batch.row_len - st.num_tokens)
         if hist is not None and room > 0:
             ds = propose_ngram(hist[i, : st.num_tokens], room, spec.ngram_min, spec.ngram_max)
             if ds:
                 proposals[sr.req_id] = ds
     # Drafts go into the token buffer past the known tokens, in one copy.
-    dst = [st.row * r.row_len + st.num_tokens + j for sr, st in spec_rows for j in range(len(proposals.get(sr.req_id, ())))]
+    dst = [st.row * batch.row_len + st.num_tokens + j for sr, st in spec_rows for j in range(len(proposals.get(sr.req_id, ())))]
     if dst:
-        vals = [t for sr, _ in spec_rows for t in proposals.get(sr.req_id, ())]
-        r.tokens.view(-1).index_copy_(0, torch.tensor(dst, dtype=torch.int64).to(r.tokens.device),
-                                      torch.tensor(vals, dtype=torch.int64).to(r.tokens.device))
+        batch.write_tokens(dst, [t for sr, _ in spec_rows for t in proposals.get(sr.req_id, ())])
     scheduled = []
-    drafts: dict[str, list[int]] = {}
     for sr in so.scheduled:
         if not sr.num_draft_slots:
             scheduled.append(sr)
             continue
-        st = r.reqs[sr.req_id]
-        ds = proposals.get(sr.req_id, [])
-        if ds:
-            drafts[sr.req_id] = ds
-        scheduled.append(msgspec.structs.replace(sr, num_computed_tokens=st.num_tokens - 1, num_tokens=1 + len(ds), num_draft_slots=len(ds)))
-    return msgspec.structs.replace(so, new_requests=[], freed_req_ids=[], scheduled=scheduled), drafts
+        st = batch.reqs[sr.req_id]
+        m = len(proposals.get(sr.req_id, ()))
+        scheduled.append(msgspec.structs.replace(sr, num_computed_tokens=st.num_tokens - 1, num_tokens=1 + m, num_draft_slots=m))
+    return msgspec.structs.replace(so, new_requests=[], freed_req_ids=[], scheduled=scheduled), proposals
 
 
-def run_spec_step(r: Any, so: SchedulerOutput, out: RunnerOutput, drafts: dict[str, list[int]]) -> Any:
-    """One forward pass over the whole batch (prefill chunks, decodes, [last token +
-    drafts] rows; on CUDA the mixed-step graph), then verification. Synchronous: the
-    accepted count decides the request's next position, which the worker needs before
-    launching the next step, so this step waits for its tokens."""
+def accept_drafts(batch: Any, step: Any, logits: Any, sampling: Any, out: RunnerOutput) -> None:
+    """Verify the 1 + m logits rows of each sampling request of a ScheduledStep
+    (`sampling`: InputBatch.sampling_batch of the same rows), append the accepted drafts
+    plus the corrected/bonus token to the token buffer and fill `out` (synchronous)."""
     import torch
 
-    from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
-    from aiosched.executors.runner import ReadyOutput
-    from aiosched.executors.torch.sampler import SamplingBatch
-
-    bs, row_len, dev = r.block_size, r.row_len, r.device
-    fast = getattr(r, "fast", None)
-    flat_idx: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    qsl = [0]
-    seq_lens: list[int] = []
-    tables: list[list[int]] = []
-    rows: list[int] = []  # flattened-batch index of every logits row
-    groups: list[tuple[Any, int]] = []  # (state, drafts) per sampling request
-    states: list[Any] = []
-    for sr in so.scheduled:
-        st = r.reqs[sr.req_id]
-        if sr.new_block_ids and fast is not None:  # keep the CUDA path's device block table in step
-            base = st.row * fast.max_blocks + len(st.block_table)
-            fast.bt.view(-1)[base : base + len(sr.new_block_ids)] = torch.tensor(sr.new_block_ids, dtype=fast.bt.dtype, device=dev)
-        st.block_table.extend(sr.new_block_ids)
-        states.append(st)
-        m = sr.num_draft_slots
-        start, end = sr.num_computed_tokens, sr.num_computed_tokens + sr.num_tokens
-        if end > st.num_tokens + m or end > len(st.block_table) * bs:
-            raise RuntimeError(f"{sr.req_id}: step needs tokens up to {end} but the worker has {st.num_tokens} (+{m} drafts)")
-        qsl.append(qsl[-1] + sr.num_tokens)
-        if fast is None:  # the reference forward's per-token inputs (the CUDA path derives them on the device)
-            pos = range(start, end)
-            positions.extend(pos)
-            flat_idx.extend(st.row * row_len + p for p in pos)
-            table = st.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            seq_lens.append(end)
-            tables.append(table)
-        if sr.sample:
-            if end != st.num_tokens + m:
-                raise RuntimeError(f"{sr.req_id}: sampling at {end} but the worker has {st.num_tokens} tokens (+{m} drafts)")
-            rows.extend(range(qsl[-1] - 1 - m, qsl[-1]))
-            groups.append((st, m))
-            out.req_ids.append(sr.req_id)
-    if fast is not None:  # CUDA: the mixed-step graph (or the fused eager forward), logits of `rows` only
-        logits = fast.verify_logits(states, [sr.num_computed_tokens for sr in so.scheduled],
-                                    [sr.num_tokens for sr in so.scheduled], rows)
-    else:
-        input_ids = r.tokens.view(-1)[torch.tensor(flat_idx, dtype=torch.int64).to(dev)]
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64).to(dev), qsl, seq_lens, tables, bs)
-        hidden = r.model(input_ids, torch.tensor(positions, dtype=torch.int64).to(dev), meta, r.kv_caches)
-        logits = r.model.compute_logits(hidden[torch.tensor(rows, device=dev)]) if groups else None
-    if not groups:
-        return ReadyOutput(out)
-
-    temp, top_k, top_p, min_p, seeds, pos_s, dr = [], [], [], [], [], [], []
-    ban_rows: list[int] = []
-    ban_tokens: list[int] = []
-    for st, m in groups:
-        sp = st.data.sampling
-        ds = drafts.get(st.data.req_id, [])
-        if m == 0 and st.ban_ids and st.num_tokens - st.prompt_len < sp.min_tokens:
-            ban_rows.extend([len(temp)] * len(st.ban_ids))
-            ban_tokens.extend(st.ban_ids)
-        for j in range(m + 1):
-            temp.append(sp.temperature)
-            top_k.append(sp.top_k if sp.top_k > 0 else 0)
-            top_p.append(sp.top_p)
-            min_p.append(sp.min_p)
-            seeds.append(st.data.seed)
-            pos_s.append(st.num_tokens + j)  # the position of the token this row yields
-            dr.append(ds[j] if j < m else -1)
-
-    def t(vals: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(vals, dtype=dtype).to(dev)
-
-    sps = [st.data.sampling for st, _ in groups]
-    batch = SamplingBatch(
-        temperature=t(temp, torch.float32), top_k=t(top_k, torch.int64), top_p=t(top_p, torch.float32), min_p=t(min_p, torch.float32),
-        seeds=t(seeds, torch.int64), positions=t(pos_s, torch.int64),
-        all_greedy=all(sp.temperature == 0 for sp in sps), any_top_k=any(sp.top_k > 0 for sp in sps),
-        any_top_p=any(sp.top_p < 1.0 for sp in sps), any_min_p=any(sp.min_p > 0 for sp in sps),
-        ban_rows=t(ban_rows, torch.int64) if ban_rows else None, ban_tokens=t(ban_tokens, torch.int64) if ban_tokens else None,
-    )
-    tok_t, acc_t = verify_drafts(logits, batch, t(dr, torch.int64))
+    draft_of_row = []
+    for st, n in zip(step.samplers, step.num_logits):
+        ds = step.drafts.get(st.data.req_id, [])
+        draft_of_row.extend(ds[j] if j < len(ds) else -1 for j in range(n))
+    tok_t, acc_t = verify_drafts(logits, sampling, torch.tensor(draft_of_row, dtype=torch.int64).to(logits.device))
     toks, accs = tok_t.tolist(), acc_t.tolist()
     dst: list[int] = []
     vals: list[int] = []
     i = 0
-    for st, m in groups:
-        emitted = accept_walk(toks[i : i + m + 1], accs[i : i + m + 1], m)
-        i += m + 1
+    for st, n in zip(step.samplers, step.num_logits):
+        m = n - 1
+        emitted = accept_walk(toks[i : i + n], accs[i : i + n], m)
+        i += n
         out.sampled_token_ids.append(emitted)
         out.num_draft_tokens += m
         out.num_accepted_tokens += len(emitted) - 1
-        dst.extend(st.row * row_len + st.num_tokens + j for j in range(len(emitted)))
+        dst.extend(st.row * batch.row_len + st.num_tokens + j for j in range(len(emitted)))
         vals.extend(emitted)
         st.num_tokens += len(emitted)
-    r.tokens.view(-1).index_copy_(0, t(dst, torch.int64), t(vals, torch.int64))
-    return ReadyOutput(out)
+    batch.write_tokens(dst, vals)

@@ -16,6 +16,7 @@ Two implementations, equal on every input (tests/test_paged_attention.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,14 +26,44 @@ _Q_TILE = 16  # prefill query tokens per kernel work item: a [16 * groups, conte
 
 
 @dataclass
+class DeviceAttention:
+    """The step as the Triton kernels read it (executors/torch/attention/triton_paged.py):
+    device tensors only, so a CUDA graph can replay it. Built by the input batch."""
+
+    block_table: torch.Tensor  # [slots, max_blocks] persistent, one row per request slot
+    rows: torch.Tensor  # [R] each request's row of block_table
+    seq_lens: torch.Tensor  # [R] tokens in context after this step
+    cu_query_lens: torch.Tensor  # [R + 1]
+    tiles: torch.Tensor  # [2 * num_tiles] (request, first query) pairs (varlen kernel)
+    num_tiles: int
+    block_q: int
+    decode: bool  # one query per request: the split-K decode kernel
+    workspace: Any = None  # the decode kernel's preallocated partials
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        from aiosched.executors.torch.attention import triton_paged as tp
+
+        if self.decode:
+            return tp.paged_decode_attention(q, k_cache, v_cache, self.block_table, self.seq_lens, scale,
+                                             workspace=self.workspace, rows=self.rows)
+        return tp.paged_varlen_attention(q, k_cache, v_cache, self.block_table, self.seq_lens, self.cu_query_lens, self.tiles,
+                                         self.block_q, scale, rows=self.rows, num_tiles=self.num_tiles)
+
+
+@dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1: a padding token, no write)
     query_start_loc: list[int]  # [B + 1] host ints: request i's tokens are [qsl[i], qsl[i+1])
     seq_lens: list[int]  # [B] tokens in context after this step (cached + new)
     block_tables: list[list[int]]  # [B] host block ids
     block_size: int
     # Device copies for kernels (filled by the runner when a kernel backend needs them).
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    # fused: the layers take the fused CUDA ops (executors/torch/fused_ops.py); device: the
+    # Triton kernels' view of the step (None: the host lists above, for the CPU paths).
+    # A padded step (CUDA graphs) has only the device view: its host lists are empty.
+    fused: bool = False
+    device: DeviceAttention | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -61,7 +92,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     seq_len - q_len + j and sees keys at positions <= its own; with `window`, only the
     last `window` of them (HF's sliding window). `softcap` bounds the scores to
     cap * tanh(s / cap) before the mask (Gemma 2). The C kernel covers neither: such
-    layers take the torch path."""
+    layers take the torch path, and so do they on a step with Triton kernels."""
+    if meta.device is not None and window is None and softcap is None:
+        return meta.device.attend(q, k_cache, v_cache, scale)
+    if not meta.seq_lens:
+        raise ValueError("paged attention: a padded (CUDA graph) step has no host block tables; "
+                         "sliding-window and soft-capped layers need the eager step")
     if window is None and softcap is None and kernel_applies(q, k_cache, v_cache) and (lib := cpu_kernel.load()) is not None:
         return _kernel_attention(lib, q, k_cache, v_cache, meta, scale)
     return torch_paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)

@@ -51,9 +51,14 @@ def num_decode_splits(batch: int, num_kv_heads: int, num_sms: int = 132, max_spl
 if HAVE_TRITON:
 
     @triton.jit
+    def _softcap(s, cap):
+        """cap * tanh(s / cap), tanh(u) = 2 sigmoid(2u) - 1 (Gemma 2's attention soft-capping)."""
+        return cap * (2.0 * tl.sigmoid(2.0 * s / cap) - 1.0)
+
+    @triton.jit
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, rows_ptr, out_ptr, part_ptr, ml_ptr,
-        sm_scale,
+        sm_scale, window, softcap,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
@@ -61,6 +66,7 @@ if HAVE_TRITON:
         stride_ob, stride_oh,
         G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, PREC: tl.constexpr,
+        HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -73,6 +79,8 @@ if HAVE_TRITON:
         chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         start = sp * chunk
         end = tl.minimum(start + chunk, seq_len)
+        if HAS_WINDOW:  # the query (at seq_len - 1) sees keys >= seq_len - window only; a split may see none
+            start = tl.maximum(start, seq_len - window)
 
         offs_h = tl.arange(0, BLOCK_H)
         hmask = offs_h < G
@@ -91,11 +99,18 @@ if HAVE_TRITON:
             off = offs_n % PAGE
             k = tl.load(k_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
                         mask=nmask[None, :], other=0.0)  # [D, BLOCK_N]
-            s = tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * qk_scale
+            if SOFTCAP:
+                s = _softcap(tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * sm_scale, softcap) * 1.4426950408889634
+            else:
+                s = tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            if HAS_WINDOW:  # a split whose keys are all outside the window: m stays -inf, nothing added
+                m_new_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            else:
+                m_new_safe = m_new
+            alpha = tl.exp2(m_i - m_new_safe)
+            p = tl.exp2(s - m_new_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
                         mask=nmask[:, None], other=0.0)  # [BLOCK_N, D]
@@ -133,7 +148,7 @@ if HAVE_TRITON:
     @triton.jit
     def _varlen_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, cuq_ptr, tiles_ptr, rows_ptr, out_ptr,
-        sm_scale,
+        sm_scale, window, softcap,
         stride_qt, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
@@ -141,6 +156,7 @@ if HAVE_TRITON:
         stride_ot, stride_oh,
         G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE: tl.constexpr, HAS_ROWS: tl.constexpr, PREC: tl.constexpr,
+        HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -169,15 +185,23 @@ if HAVE_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         last = tl.minimum(ctx + q0 + BLOCK_Q, seq_len)  # keys beyond the tile's last query are masked anyway
-        for n0 in range(0, last, BLOCK_N):
+        first = 0
+        if HAS_WINDOW:  # keys before the tile's first query's window are masked for every row
+            first = tl.maximum(ctx + q0 + 1 - window, 0)
+        for n0 in range(first, last, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < last
             blk = tl.load(bt_ptr + bt_row * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
             off = offs_n % PAGE
             k = tl.load(k_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
                         mask=nmask[None, :], other=0.0)
-            s = tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * qk_scale
+            if SOFTCAP:
+                s = _softcap(tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * sm_scale, softcap) * 1.4426950408889634
+            else:
+                s = tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * qk_scale
             causal = (offs_n[None, :] <= qpos[:, None]) & nmask[None, :]
+            if HAS_WINDOW:
+                causal = causal & (offs_n[None, :] > qpos[:, None] - window)
             s = tl.where(causal, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows with no key yet (masked rows)
@@ -211,11 +235,14 @@ class DecodeWorkspace:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
-                           workspace: DecodeWorkspace | None = None, block_n: int = 32, rows: torch.Tensor | None = None) -> torch.Tensor:
+                           workspace: DecodeWorkspace | None = None, block_n: int = 32, rows: torch.Tensor | None = None,
+                           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one token per request; its K/V already written) -> out [B, Hq, D].
 
     block_tables: [B, max_blocks], or with `rows` [B] any [R, max_blocks] table whose row
-    rows[b] belongs to request b (persistent per-slot tables: nothing gathered per step)."""
+    rows[b] belongs to request b (persistent per-slot tables: nothing gathered per step).
+    window: only the last `window` keys (HF's sliding window); softcap: scores bounded to
+    cap * tanh(s / cap) (both as `torch_paged.paged_attention`)."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     page = k_cache.shape[1]
@@ -238,9 +265,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part = ml = out  # unused
     _decode_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, rows if rows is not None else seq_lens, out, part, ml, scale,
+        window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), *sk, *sv, block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, BLOCK_H=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, PAGE=page, NUM_SPLITS=num_splits,
-        HAS_ROWS=rows is not None, PREC=_prec(q), num_warps=4, num_stages=2,
+        HAS_ROWS=rows is not None, PREC=_prec(q), HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
+        num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), D=D, NUM_SPLITS=num_splits,
@@ -268,8 +297,9 @@ def varlen_block_q(num_q_heads: int, num_kv_heads: int, max_query_len: int) -> i
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, cu_query_lens: torch.Tensor, tiles: torch.Tensor, block_q: int, scale: float,
                            out: torch.Tensor | None = None, block_n: int = 64, rows: torch.Tensor | None = None,
-                           num_tiles: int | None = None) -> torch.Tensor:
-    """q [T, Hq, D] (all requests' query tokens, packed) -> out [T, Hq, D].
+                           num_tiles: int | None = None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q [T, Hq, D] (all requests' query tokens, packed) -> out [T, Hq, D]; window / softcap as
+    `paged_decode_attention`.
 
     seq_lens[r]: request r's tokens in the cache after this step (context + its queries);
     cu_query_lens [R + 1]; tiles: int32 flat pairs from `varlen_tiles(query_lens, block_q)`."""
@@ -285,9 +315,11 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_m = max(16, _next_pow2(block_q * G))
     _varlen_kernel[(num_tiles, Hkv)](
         q, k_cache, v_cache, block_tables, seq_lens, cu_query_lens, tiles, rows if rows is not None else seq_lens, out, scale,
+        window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), *_kv_strides(k_cache), *_kv_strides(v_cache), block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, D=D, BLOCK_N=block_n, PAGE=k_cache.shape[1],
-        HAS_ROWS=rows is not None, PREC=_prec(q), num_warps=4, num_stages=2,
+        HAS_ROWS=rows is not None, PREC=_prec(q), HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
+        num_warps=4, num_stages=2,
     )
     return out
 
@@ -312,8 +344,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                              seq_lens: list[int], query_lens: list[int], scale: float) -> torch.Tensor:
-    """Causal attention in float32, request by request, gathering K/V through the block tables."""
+                              seq_lens: list[int], query_lens: list[int], scale: float, window: int | None = None,
+                              softcap: float | None = None) -> torch.Tensor:
+    """Causal attention in float32, request by request, gathering K/V through the block tables
+    (window and softcap as HF applies them)."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     page = k_cache.shape[1]
@@ -329,8 +363,13 @@ def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v = v.repeat_interleave(G, dim=1)
         qr = q[t:t + n].float()  # [n, Hq, D]
         s = torch.einsum("qhd,khd->hqk", qr, k) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         qpos = torch.arange(L - n, L, device=q.device)
-        s = s.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+        hidden = pos[None, None, :] > qpos[None, :, None]
+        if window is not None:
+            hidden = hidden | (pos[None, None, :] <= qpos[None, :, None] - window)
+        s = s.masked_fill(hidden, float("-inf"))
         out[t:t + n] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
         t += n
     return out

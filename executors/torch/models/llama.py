@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from aiosched.executors.model_config import ModelConfig
-from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, paged_attention, store_kv
-from aiosched.executors.torch.layers import (GatedMLP, RMSNorm, RowParallelLinear, apply_rope, rope_cos_sin, scale_embedding,
-                                             softcap)
+from aiosched.executors.torch import fused_ops
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, paged_attention
+from aiosched.executors.torch.layers import (GatedMLP, Residual, RMSNorm, RotaryAt, RowParallelLinear, rope_and_store,
+                                             rope_cos_sin, scale_embedding, skinny_rows, softcap)
 from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_gather, all_reduce_, shard_range
 
 
@@ -92,17 +93,17 @@ class Attention(nn.Module):
         self.scale = args.attn_scale
         self.window, self.softcap = args.window_of(layer), args.attn_logit_softcap
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, stream: Residual) -> None:
+        """stream += o_proj(attention(x)); x is the normed stream."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # whole batch before any read
+            q, k = self.q_norm.apply(q, meta.fused), self.k_norm.apply(k, meta.fused)  # type: ignore[union-attr]
+        q, k = rope_and_store(q, k, v, rope, meta, k_cache, v_cache)  # whole batch before any read
         out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window, self.softcap)
-        return self.o_proj(out.reshape(T, self.q_size))  # row-parallel: sums the partials
+        self.o_proj.add_into(stream, out.reshape(T, self.q_size))  # row-parallel: sums the partials
 
 
 def MLP(args: ModelArgs, tp: TPGroup = SINGLE) -> GatedMLP:
@@ -118,19 +119,28 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, tp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, stream: Residual, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> None:
+        self.self_attn(stream.normed(self.input_layernorm), rope, meta, k_cache, v_cache, stream)
+        self.mlp.add_into(stream, self.post_attention_layernorm)
 
 
 class LlamaForCausalLM(nn.Module):
     """`args` describes the full model; with `tp.world_size` N each rank builds its 1/N shard.
 
+    What the runner needs of a model class (any family): `cls(args, tp)`, `.args`,
+    `.embed_tokens.weight` (dtype, device), `init_rope(max_pos)`,
+    `forward(input_ids [T], positions [T], meta, kv_caches) -> hidden [T, H]` (before the
+    final norm) and `compute_logits(hidden rows, dtype) -> logits` (final norm, LM head).
+    kv_caches: per layer (k, v), each [num_blocks, block_size, kv_heads, head_dim]. On a
+    `meta.fused` step the same forward takes the fused kernels and is captured in CUDA
+    graphs, so it must read its inputs only from the tensors it is given.
+
     Other families subclass this and override `make_layer` (and the forward when their
     layers need more than one rotary table)."""
 
-    # The CUDA fast path (executors/torch/cuda_path.py) re-implements exactly this forward.
+    # On CUDA: its layers take the fused kernels on `meta.fused` steps and its step is
+    # captured in graphs (the runner's FastPath). A family without that sets it False.
     cuda_fast_path = True
 
     def __init__(self, args: ModelArgs, tp: TPGroup = SINGLE) -> None:
@@ -153,11 +163,12 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        x = self.embed(input_ids)
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        """Hidden states [T, H] before the final norm (`compute_logits` applies it to the rows it needs)."""
+        stream = Residual(self.embed(input_ids), meta.fused)
+        rope = RotaryAt(self.cos_sin, positions)
         for layer, (kc, vc) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, meta, kc, vc)
-        return self.norm(x)
+            layer(stream, rope, meta, kc, vc)
+        return stream.flush()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return scale_embedding(self._lookup(input_ids), self.args.embed_scale)
@@ -172,7 +183,16 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(local.masked_fill(outside, 0))
         return all_reduce_(x.masked_fill(outside.unsqueeze(-1), 0.0), self.tp)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocab float32 logits on every rank (TP: this rank's columns, then all-gathered)."""
+    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32, fused: bool = False) -> torch.Tensor:
+        """Full-vocab logits of `forward`'s hidden rows on every rank (TP: this rank's
+        columns, then all-gathered): final norm, LM head, soft-capping. float32 unless
+        dtype is None (the weights' dtype: a greedy argmax needs no upcast). fused: for
+        1-2 rows, the norm is the prologue of one skinny Triton GEMM."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return softcap(all_gather((hidden @ w.t()).float(), self.tp, dim=-1), self.args.final_logit_softcap)
+        if skinny_rows(hidden, fused, self.tp) and not self.norm.unit_offset:
+            y = fused_ops.skinny_linear(hidden, w, norm_weight=self.norm.weight, eps=self.norm.eps)
+        else:
+            y = self.norm.apply(hidden, fused) @ w.t()
+        cap = self.args.final_logit_softcap
+        dtype = torch.float32 if cap is not None else dtype  # soft-capping in float32 whatever the caller reads
+        return softcap(all_gather(y if dtype is None else y.to(dtype), self.tp, dim=-1), cap)

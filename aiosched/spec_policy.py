@@ -1,0 +1,90 @@
+"""Whether speculative drafting pays, decided from measured throughput (issue 18).
+
+Drafts pay only when the tokens they add per step outweigh what verifying them costs,
+and that depends on the machine (a step that waits for its accepted count gives up the
+one-step-ahead overlap on a GPU; on a CPU verification is nearly free), on the batch
+size and on the text (acceptance). No fixed threshold gets all three right, so the
+engine measures: it runs a window of steps with drafts and a window without, keeps the
+faster mode for a longer stretch, then measures both again (the workload drifts).
+
+Throughput is output tokens per second of wall time between step outputs, the figure a
+user sees. Windows in both modes are short and alternate, so both see the same mix of
+requests; the first outputs after a switch are skipped, as they belong to steps
+scheduled before it. Drafting is kept only when it beats no drafting by `min_gain`:
+speculation must never make things slower. Pure Python and deterministic: the caller
+passes the time, so tests drive it with a fake clock.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecPolicy:
+    window: int = 24  # step outputs measured per mode per round
+    exploit: int = 400  # step outputs in the chosen mode before measuring again ...
+    max_exploit: int = 6400  # ... doubled while the measurements keep agreeing, up to this
+    skip: int = 2  # outputs ignored after a switch (steps still in flight from the other mode)
+    min_gain: float = 1.03  # drafting must be this much faster to be kept
+    drafting: bool = True  # what the scheduler does now
+    # Measured tokens and seconds of the current round, per mode.
+    _tokens: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
+    _seconds: dict[bool, float] = field(default_factory=lambda: {True: 0.0, False: 0.0})
+    _seen: int = 0  # outputs observed in the current phase
+    _phase: str = "measure-on"  # measure-on -> measure-off -> exploit -> measure-on ...
+    rates: dict[bool, float] = field(default_factory=dict)  # last measured tokens/s per mode
+    _exploit_len: int = 0
+    _last_choice: bool = True
+    switches: int = 0
+    rounds: int = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One step output: `tokens` produced for live requests, `seconds` since the last output."""
+        self._seen += 1
+        if self._phase == "exploit":
+            if self._seen >= self._exploit_len:
+                self._enter("measure-on")
+            return
+        if self._seen <= self.skip:
+            return
+        self._tokens[self.drafting] += tokens
+        self._seconds[self.drafting] += seconds
+        if self._seen < self.skip + self.window:
+            return
+        if self._phase == "measure-on":
+            self._enter("measure-off")
+        else:
+            self._decide()
+
+    def _rate(self, mode: bool) -> float:
+        s = self._seconds[mode]
+        return self._tokens[mode] / s if s > 0 else 0.0
+
+    def _decide(self) -> None:
+        self.rates = {True: self._rate(True), False: self._rate(False)}
+        self.rounds += 1
+        drafting = self.rates[True] > self.rates[False] * self.min_gain
+        # Measuring costs the losing mode's share of the round: as long as the answer stays
+        # the same, measure half as often.
+        same = self.rounds > 1 and drafting == self._last_choice
+        self._exploit_len = min(self._exploit_len * 2, self.max_exploit) if same else self.exploit
+        self._last_choice = drafting
+        self._enter("exploit", drafting=drafting)
+
+    def _enter(self, phase: str, drafting: bool | None = None) -> None:
+        if phase == "measure-on":
+            self._tokens, self._seconds = {True: 0, False: 0}, {True: 0.0, False: 0.0}
+            drafting = True
+        elif phase == "measure-off":
+            drafting = False
+        assert drafting is not None
+        self.switches += drafting != self.drafting
+        self.drafting, self._phase, self._seen = drafting, phase, 0
+
+    def stats(self) -> dict[str, float | str]:
+        return {
+            "spec_auto": "measuring" if self._phase != "exploit" else ("on" if self.drafting else "off"),
+            "spec_auto_rate_with_drafts": self.rates.get(True, 0.0),
+            "spec_auto_rate_without_drafts": self.rates.get(False, 0.0),
+            "spec_auto_rounds": self.rounds,
+        }

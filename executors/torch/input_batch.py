@@ -1,0 +1,397 @@
+"""The torch worker's persistent batch state, and every step's inputs built in one place.
+
+`InputBatch` owns what outlives a step:
+- the device token buffer, one row per live request (+ a scratch row for padding):
+  prompt tokens are written once from the host, each sampled token on the device by
+  the step that sampled it, so step N+1 reads step N's token without a host round
+  trip (async scheduling);
+- the request rows (`ReqState`: row, tokens in the buffer, host block table) and the
+  per-row sampling parameters on the device;
+- the device block table (one row per request slot), sent as deltas only;
+- a ring of pinned staging buffers: one packed int64 array per step, one H2D copy.
+
+`schedule(so, drafts)` walks a SchedulerOutput once on the host (block-table deltas,
+bounds checks, token rows and positions, logits rows, token-buffer write slots) into a
+`ScheduledStep`; `upload(step, layout)` packs it at the offsets of a `Layout` (one H2D
+copy) and `device_inputs` derives the `StepInputs` that the model's forward reads. The layout is either exact
+(eager steps, any device) or padded to a captured size (CUDA graphs: the padding
+tokens sit at the scratch row with position -1 = no KV write, padding requests have no
+queries and no keys, spare logits rows write their argmax to a scratch slot). The
+graphs run `device_inputs` on the same layout inside the capture, so the eager and
+the graph step are the same code.
+
+`sampling_batch` is the one translation of SamplingParams into device tensors, for
+normal sampling and speculative verification alike (`bans_now` is the min_tokens rule).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from aiosched.protocol import NewRequestData, SchedulerOutput
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, DeviceAttention
+from aiosched.executors.torch.sampler import SamplingBatch
+
+_RING = 4  # pinned staging buffers in rotation (steps in flight are at most 2)
+
+
+@dataclass
+class ReqState:
+    row: int
+    prompt_len: int
+    num_tokens: int  # tokens in the buffer row (prompt + sampled); the next sampled token's position
+    data: NewRequestData
+    ban_ids: list[int] = field(default_factory=list)  # masked until min_tokens are out
+    block_table: list[int] = field(default_factory=list)
+    # Entries of block_table already in the device block table. Kept on the state (not
+    # in a map by request id) so it dies with the request, whatever the step.
+    device_blocks: int = 0
+
+    def bans_now(self, position: int) -> bool:
+        """min_tokens: EOS and stop ids are masked for the token at `position` (before the grammar check)."""
+        return bool(self.ban_ids) and position - self.prompt_len < self.data.sampling.min_tokens
+
+
+@dataclass
+class ScheduledStep:
+    """One SchedulerOutput on the host, in batch order."""
+
+    so: SchedulerOutput
+    states: list[ReqState]  # per scheduled request
+    starts: list[int]  # first position computed
+    qlens: list[int]  # tokens computed
+    samplers: list[ReqState]  # requests that sample, in batch order
+    num_logits: list[int]  # per sampler: logits rows (1 + its drafts)
+    logit_rows: list[int]  # flat token index of every logits row
+    dst: list[int]  # per logits row: where its argmax goes in the token buffer (scratch when verifying)
+    drafts: dict[str, list[int]]
+    flat_offsets: dict[str, int]  # flat index of each request's first token
+    upd_idx: list[int]  # device block-table deltas (flat index, block id)
+    upd_val: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.qlens)
+
+    @property
+    def decode_only(self) -> bool:
+        """Every request computes one token and samples it (no drafts)."""
+        return not self.drafts and all(n == 1 for n in self.qlens) and len(self.samplers) == len(self.states)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Offsets of one step in the staging buffer:
+    tok_rows[T] tok_pos[T] rows[R] seq[R] cu[R+1] tiles[2*NT] sidx[S] dst[S].
+    Padded layouts (CUDA graphs) have fixed sizes; request slot R-1 is then always padding."""
+
+    T: int
+    R: int
+    NT: int
+    S: int
+    block_q: int
+    decode: bool  # one query per request (the decode kernel)
+    padded: bool
+
+    @property
+    def o_rows(self) -> int:
+        return 2 * self.T
+
+    @property
+    def o_seq(self) -> int:
+        return 2 * self.T + self.R
+
+    @property
+    def o_cu(self) -> int:
+        return 2 * self.T + 2 * self.R
+
+    @property
+    def o_tiles(self) -> int:
+        return 2 * self.T + 3 * self.R + 1
+
+    @property
+    def o_sidx(self) -> int:
+        return self.o_tiles + 2 * self.NT
+
+    @property
+    def o_dst(self) -> int:
+        return self.o_sidx + self.S
+
+    @property
+    def end(self) -> int:
+        return self.o_dst + self.S
+
+
+@dataclass
+class StepInputs:
+    """What the model's forward and the LM head read (device tensors)."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] (padding: 0)
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor  # [S] flat token index of each logits row
+    dst: torch.Tensor  # [S] token-buffer index each row's token is written to
+
+
+class _Staging:
+    """A ring of pinned int64 host buffers, each reused only after its H2D copy finished."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.host = [torch.zeros(capacity, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
+        self.np = [h.numpy() for h in self.host]
+        self.events: list[Any] = [None] * _RING
+        self.dev = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.i = 0
+        self.capacity = capacity
+
+    def next(self) -> np.ndarray:
+        self.i = (self.i + 1) % _RING
+        ev = self.events[self.i]
+        if ev is not None:
+            ev.synchronize()
+        return self.np[self.i]
+
+    def upload(self, n: int) -> torch.Tensor:
+        self.dev[:n].copy_(self.host[self.i][:n], non_blocking=True)
+        if self.dev.is_cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            self.events[self.i] = ev
+        return self.dev
+
+
+def _tensor(vals: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(vals, dtype=dtype).to(device, non_blocking=True)
+
+
+class InputBatch:
+    def __init__(self, max_rows: int, row_len: int, block_size: int, max_tokens: int, device: torch.device) -> None:
+        self.max_rows, self.row_len, self.block_size, self.device = max_rows, row_len, block_size, device
+        self.scratch_row = max_rows  # token-buffer / block-table row of padding (never a request's)
+        self.scratch_slot = self.scratch_row * row_len + 1  # where padding rows' argmax goes
+        self.tokens = torch.zeros((max_rows + 1, row_len), dtype=torch.int64, device=device)
+        self.max_blocks = -(-row_len // block_size)
+        self.block_table = torch.zeros((max_rows + 1, self.max_blocks), dtype=torch.int64, device=device)
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+        self.reqs: dict[str, ReqState] = {}
+        # Sampling parameters by row, written once when a request arrives and gathered
+        # per step by row index (one small host->device copy per step, not one per field).
+        self.row_f = torch.zeros((max_rows, 3), dtype=torch.float32, device=device)  # temperature, top_p, min_p
+        self.row_i = torch.zeros((max_rows, 2), dtype=torch.int64, device=device)  # top_k (0 = off), seed
+        self.max_tokens = max(max_tokens, max_rows) + 64
+        T, R1 = self.max_tokens, max_rows + 1
+        # the largest layout (NT <= T + R1 tiles, S <= T logits rows) and block-table deltas
+        self.stage = _Staging(2 * T + 3 * R1 + 1 + 2 * (T + R1) + 2 * T + 2 * (T + 2 * R1) + 64, device)
+
+    # ---- request lifecycle ----
+
+    def add(self, new: NewRequestData) -> ReqState:
+        if new.req_id in self.reqs:
+            raise RuntimeError(f"request {new.req_id} is already live in the worker")
+        if not self.free_rows:
+            raise RuntimeError(f"request {new.req_id}: all {self.max_rows} token-buffer rows are live (max_num_seqs)")
+        n = len(new.token_ids)
+        if n >= self.row_len:
+            raise RuntimeError(f"request {new.req_id}: {n} tokens do not fit in max_model_len {self.row_len}")
+        row = self.free_rows.pop()
+        dev = self.device
+        self.tokens[row, :n] = torch.tensor(new.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        sp = new.sampling
+        self.row_f[row] = torch.tensor([sp.temperature, sp.top_p, sp.min_p], dtype=torch.float32).to(dev, non_blocking=True)
+        self.row_i[row] = torch.tensor([max(sp.top_k, 0), new.seed], dtype=torch.int64).to(dev, non_blocking=True)
+        ban = sorted(set(new.eos_token_ids) | set(sp.stop_token_ids)) if sp.min_tokens else []
+        st = self.reqs[new.req_id] = ReqState(row, new.prompt_len, n, new, ban)
+        return st
+
+    def free(self, req_id: str) -> bool:
+        st = self.reqs.pop(req_id, None)
+        if st is None:
+            return False
+        self.free_rows.append(st.row)
+        return True
+
+    # ---- a step, host side ----
+
+    def schedule(self, so: SchedulerOutput, drafts: dict[str, list[int]]) -> ScheduledStep:
+        """Apply the step's block-table deltas and lay it out (one walk over so.scheduled).
+        A request with m drafts computes [last token, drafts] and has 1 + m logits rows."""
+        bs, mb, row_len = self.block_size, self.max_blocks, self.row_len
+        step = ScheduledStep(so, [], [], [], [], [], [], [], drafts, {}, [], [])
+        flat = 0
+        for sr in so.scheduled:
+            st = self.reqs[sr.req_id]
+            st.block_table.extend(sr.new_block_ids)
+            have, n_bt = st.device_blocks, len(st.block_table)
+            if n_bt > have:  # the device table gets every entry it lacks
+                step.upd_idx.extend(range(st.row * mb + have, st.row * mb + n_bt))
+                step.upd_val.extend(st.block_table[have:n_bt])
+                st.device_blocks = n_bt
+            m = len(drafts.get(sr.req_id, ()))
+            end = sr.num_computed_tokens + sr.num_tokens
+            if end > st.num_tokens + m or end > n_bt * bs:
+                raise RuntimeError(f"{sr.req_id}: step needs tokens up to {end} but the worker has {st.num_tokens}"
+                                   + (f" (+{m} drafts)" if m else ""))
+            step.states.append(st)
+            step.starts.append(sr.num_computed_tokens)
+            step.qlens.append(sr.num_tokens)
+            step.flat_offsets[sr.req_id] = flat
+            flat += sr.num_tokens
+            if sr.sample:
+                if end != st.num_tokens + m:
+                    raise RuntimeError(f"{sr.req_id}: sampling at {end} but the worker has {st.num_tokens} tokens"
+                                       + (f" (+{m} drafts)" if m else ""))
+                step.samplers.append(st)
+                step.num_logits.append(1 + m)
+                step.logit_rows.extend(range(flat - 1 - m, flat))
+                # verified rows are written after acceptance, not by the argmax
+                step.dst.extend([self.scratch_slot] * (1 + m) if drafts else [st.row * row_len + st.num_tokens])
+        return step
+
+    def exact_layout(self, step: ScheduledStep, block_q: int, tiles: bool) -> Layout:
+        """The unpadded layout of an eager step (tiles: for the Triton varlen kernel)."""
+        NT = sum(-(-n // block_q) for n in step.qlens) if tiles else 0
+        return Layout(step.num_tokens, len(step.states), NT, len(step.logit_rows), block_q, decode=False, padded=False)
+
+    def padded_layout(self, T: int, decode: bool, block_q: int) -> Layout:
+        """A CUDA graph's layout for T tokens: decode graphs have one request per token;
+        mixed-step graphs have every request slot (+1, always padding) and the worst
+        tile count; the LM head runs on a fixed number of rows."""
+        if decode:
+            return Layout(T, T, 0, T, 1, decode=True, padded=True)
+        R1 = self.max_rows + 1
+        return Layout(T, R1, T // block_q + R1, min(T, self.max_rows), block_q, decode=False, padded=True)
+
+    def upload(self, step: ScheduledStep | None, layout: Layout) -> torch.Tensor:
+        """Pack the step (None: padding only, for graph capture), send it in one copy and
+        apply its block-table deltas on the device; returns the device staging buffer."""
+        buf = self.stage.next()
+        self._pack(buf, layout, step)
+        upd_idx, upd_val = (step.upd_idx, step.upd_val) if step is not None else ([], [])
+        U = len(upd_idx)
+        room = (self.stage.capacity - layout.end) // 2
+        staged = U if U <= room else 0
+        o = layout.end
+        buf[o:o + staged] = upd_idx[:staged]
+        buf[o + staged:o + 2 * staged] = upd_val[:staged]
+        dev = self.stage.upload(o + 2 * staged)
+        if staged:
+            self.block_table.view(-1).index_copy_(0, dev[o:o + staged], dev[o + staged:o + 2 * staged])
+        elif U:  # more deltas than the staging room (a long resumed request): a direct copy
+            self.block_table.view(-1).index_copy_(0, _tensor(upd_idx, torch.int64, self.device),
+                                                  _tensor(upd_val, torch.int64, self.device))
+        return dev
+
+    def _pack(self, buf: np.ndarray, L: Layout, step: ScheduledStep | None) -> None:
+        """The real requests first, then harmless padding up to the layout's sizes."""
+        states = step.states if step is not None else []
+        starts = step.starts if step is not None else []
+        qlens = step.qlens if step is not None else []
+        R, T = len(states), sum(qlens)
+        t = 0
+        for st, start, n in zip(states, starts, qlens):  # per query token: its buffer row and position
+            buf[t:t + n] = st.row
+            buf[L.T + t:L.T + t + n] = np.arange(start, start + n)
+            t += n
+        buf[T:L.T] = self.scratch_row
+        buf[L.T + T:2 * L.T] = -1  # no KV write
+        o = L.o_rows
+        buf[o:o + R] = [st.row for st in states]
+        buf[o + R:o + L.R] = self.scratch_row
+        o = L.o_seq
+        buf[o:o + R] = [s + n for s, n in zip(starts, qlens)]
+        buf[o + R:o + L.R] = 1 if L.decode else 0  # decode padding reads one scratch key; varlen padding none
+        o = L.o_cu
+        buf[o] = 0
+        np.cumsum(qlens, out=buf[o + 1:o + 1 + R])
+        buf[o + 1 + R:o + L.R + 1] = T
+        if L.NT:
+            from aiosched.executors.torch.attention.triton_paged import varlen_tiles
+
+            tiles = varlen_tiles(qlens, L.block_q)
+            o = L.o_tiles
+            buf[o:o + len(tiles)] = tiles
+            pad = buf[o + len(tiles):o + 2 * L.NT].reshape(-1, 2)
+            pad[:, 0] = L.R - 1  # spare tiles point at an empty request slot: they exit at once
+            pad[:, 1] = 0
+        rows = step.logit_rows if step is not None else []
+        dst = step.dst if step is not None else []
+        o = L.o_sidx
+        buf[o:o + len(rows)] = rows
+        buf[o + len(rows):o + L.S] = 0
+        o = L.o_dst
+        buf[o:o + len(dst)] = dst
+        buf[o + len(dst):o + L.S] = self.scratch_slot
+
+    def device_inputs(self, d: torch.Tensor, L: Layout, fused: bool, workspace: Any = None,
+                      host: ScheduledStep | None = None) -> StepInputs:
+        """The forward's inputs from a packed step on the device: input ids from the
+        token buffer, KV slots from the device block table. The CUDA graphs call this
+        inside their capture. `host` (exact layouts) adds the host lists for the CPU kernels."""
+        rows_tok, pos = d[:L.T], d[L.T:2 * L.T]
+        p = pos.clamp(min=0)
+        bs = self.block_size
+        ids = self.tokens.view(-1)[rows_tok * self.row_len + p]
+        slots = self.block_table[rows_tok, p // bs] * bs + p % bs
+        if L.padded:
+            slots = torch.where(pos >= 0, slots, -1)
+        dev_attn = None
+        if fused:
+            dev_attn = DeviceAttention(self.block_table, d[L.o_rows:L.o_rows + L.R], d[L.o_seq:L.o_seq + L.R],
+                                       d[L.o_cu:L.o_cu + L.R + 1], d[L.o_tiles:L.o_tiles + 2 * L.NT], L.NT, L.block_q,
+                                       L.decode, workspace)
+        if host is not None:
+            qsl = [0, *np.cumsum(host.qlens).tolist()]
+            seq_lens = [s + n for s, n in zip(host.starts, host.qlens)]
+            meta = AttentionMetadata(slots, qsl, seq_lens, [st.block_table for st in host.states], bs, fused=fused, device=dev_attn)
+        else:
+            meta = AttentionMetadata(slots, [], [], [], bs, fused=fused, device=dev_attn)
+        return StepInputs(ids, p, meta, d[L.o_sidx:L.o_sidx + L.S], d[L.o_dst:L.o_dst + L.S])
+
+    # ---- sampling ----
+
+    def sampling_batch(self, states: list[ReqState], num_rows: list[int], grammar_done: Callable[[str], bool]) -> SamplingBatch:
+        """Per-row sampling tensors for `states` in order, num_rows[i] consecutive rows each
+        (1 + drafts): row j of a request yields its token at position num_tokens + j.
+        grammar_done(req_id): a complete grammar allows only EOS, so min_tokens yields."""
+        rows: list[int] = []
+        positions: list[int] = []
+        ban_rows: list[int] = []
+        ban_tokens: list[int] = []
+        for st, n in zip(states, num_rows):
+            for j in range(n):
+                p = st.num_tokens + j
+                if st.bans_now(p) and not grammar_done(st.data.req_id):
+                    ban_rows.extend([len(rows)] * len(st.ban_ids))
+                    ban_tokens.extend(st.ban_ids)
+                rows.append(st.row)
+                positions.append(p)
+        rows_pos = _tensor(rows + positions, torch.int64, self.device).view(2, -1)
+        f, i = self.row_f[rows_pos[0]], self.row_i[rows_pos[0]]
+        sps = [st.data.sampling for st in states]
+        random_k = [sp.top_k for sp in sps if sp.temperature > 0]
+        return SamplingBatch(
+            temperature=f[:, 0], top_k=i[:, 0], top_p=f[:, 1], min_p=f[:, 2], seeds=i[:, 1], positions=rows_pos[1],
+            max_top_k=max(random_k) if random_k and min(random_k) > 0 else 0,
+            all_greedy=all(sp.temperature == 0 for sp in sps),
+            any_top_k=any(sp.top_k > 0 for sp in sps),
+            any_top_p=any(sp.top_p < 1.0 for sp in sps),
+            any_min_p=any(sp.min_p > 0 for sp in sps),
+            ban_rows=_tensor(ban_rows, torch.int64, self.device) if ban_rows else None,
+            ban_tokens=_tensor(ban_tokens, torch.int64, self.device) if ban_tokens else None,
+        )
+
+    def greedy(self, states: list[ReqState]) -> bool:
+        """Every row takes the plain argmax (no temperature, no min_tokens ban)."""
+        return all(st.data.sampling.temperature == 0.0 and not st.bans_now(st.num_tokens) for st in states)
+
+    def write_tokens(self, dst: torch.Tensor | list[int], tokens: torch.Tensor | list[int]) -> None:
+        """Sampled tokens join their requests' histories on the device (flat buffer indices)."""
+        if isinstance(dst, list):
+            dst = _tensor(dst, torch.int64, self.device)
+        if isinstance(tokens, list):
+            tokens = _tensor(tokens, torch.int64, self.device)
+        self.tokens.view(-1).index_copy_(0, dst, tokens)
