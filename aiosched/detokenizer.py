@@ -1,9 +1,20 @@
-"""Incremental detokenization and stop strings.
+"""Incremental detokenization and stop strings: O(new tokens) per step.
 
 Text is produced by decoding a sliding window of tokens and emitting only the part
 that is stable: a trailing U+FFFD means a multi-byte character is still incomplete,
 so nothing is emitted until it completes. Text that could be the start of a stop
 string is held back, so a stop string spanning several tokens never leaks out.
+
+The output text is the decode of the output tokens: a prompt (given as ids) that ends
+inside a character keeps its dangling bytes; they are never credited to the output.
+
+Byte-level tokenizers (GPT-2 style `ByteLevel` decoder: the text of a sequence is the
+UTF-8 decode of its tokens' bytes, concatenated) take a fast path: at a character
+boundary, a token that is complete UTF-8 on its own adds exactly its own text, a dict
+lookup instead of two decodes.
+
+Nothing here grows with the tokens so far: the window is trimmed, and only the text
+not yet handed out (at most the longest stop string) is kept.
 """
 from __future__ import annotations
 
@@ -12,35 +23,84 @@ import weakref
 from aiosched.tokenizer import Tokenizer
 
 _WINDOW = 6  # tokens of context before the unread ones (byte-level BPE merges span few tokens)
+_TRIM = 64  # drop window tokens that no decode can read any more once there are this many
+
+_UNKNOWN = object()
 
 # Text of single tokens, per tokenizer and skip_special_tokens. Decoding is a pure function
 # of (ids, skip_special_tokens), and once a request is decoding, every step decodes the
 # previous token alone (the stable prefix) and then it with the new one: the first of
 # the two decodes is then a dict lookup. Bounded by the vocabulary size.
 _single: "weakref.WeakKeyDictionary[Tokenizer, dict[bool, dict[int, str]]]" = weakref.WeakKeyDictionary()
+# Byte-level tokenizers only: token -> its text when that is complete UTF-8 on its own
+# (None: a partial character, which takes the window path).
+_clean: "weakref.WeakKeyDictionary[Tokenizer, dict[bool, dict[int, str | None]]]" = weakref.WeakKeyDictionary()
 
 
-def _single_token_cache(tok: Tokenizer, skip_special: bool) -> dict[int, str]:
-    per_tok = _single.get(tok)
+def _per_tokenizer(table: "weakref.WeakKeyDictionary[Tokenizer, dict]", tok: Tokenizer, skip_special: bool) -> dict:
+    per_tok = table.get(tok)
     if per_tok is None:
-        per_tok = _single[tok] = {}
+        per_tok = table[tok] = {}
     return per_tok.setdefault(skip_special, {})
+
+
+def _is_byte_level(tok: Tokenizer) -> bool:
+    """True when decoding is the UTF-8 decode of the tokens' concatenated bytes."""
+    try:
+        from tokenizers import decoders
+
+        return isinstance(tok._tok.decoder, decoders.ByteLevel)
+    except (AttributeError, ImportError):
+        return False
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool = True, include_stop: bool = False) -> None:
         self.tok = tokenizer
-        self.ids: list[int] = list(prompt_ids[-_WINDOW:])
+        self.skip_special = skip_special_tokens
+        window = list(prompt_ids[-_WINDOW:])
+        if window and tokenizer.decode(window, skip_special_tokens).endswith("\ufffd"):
+            # The prompt ends inside a character (or with U+FFFD): those bytes are the
+            # prompt's. Decoding the output on their own keeps out.text == decode(out ids).
+            window = []
+        self.ids: list[int] = window
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.skip_special = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.text = ""  # everything decoded so far (including held-back text)
+        self.pending = ""  # decoded text not handed out yet (stop-string hold-back)
         self.stop_hit: str | None = None
-        self.emitted = 0  # characters of self.text already handed out
-        self._one = _single_token_cache(tokenizer, skip_special_tokens)
+        self._one: dict[int, str] = _per_tokenizer(_single, tokenizer, skip_special_tokens)
+        self._clean_text: dict[int, str | None] | None = (
+            _per_tokenizer(_clean, tokenizer, skip_special_tokens) if _is_byte_level(tokenizer) else None)
+
+    def _learn(self, t: int) -> str | None:
+        assert self._clean_text is not None
+        text: str | None = self.tok.decode([t], self.skip_special)
+        if "\ufffd" in text:
+            text = None  # a partial character (or a real U+FFFD): the window path decides
+        self._clean_text[t] = text
+        return text
+
+    def push(self, t: int) -> str:
+        """Append one token; return the new stable text (possibly empty). Without stop
+        strings this is all of add_tokens([t]) (the engine's per-token hot path)."""
+        ids = self.ids
+        clean = self._clean_text
+        if clean is not None and self.read_offset == len(ids):  # at a character boundary
+            text = clean.get(t, _UNKNOWN)
+            if text is _UNKNOWN:
+                text = self._learn(t)
+            if text is not None:
+                if len(ids) >= _TRIM:
+                    del ids[:-1]
+                ids.append(t)
+                self.prefix_offset = len(ids) - 1
+                self.read_offset = len(ids)
+                return text  # type: ignore[return-value]
+        ids.append(t)
+        return self._decode_new()
 
     def _decode_new(self, final: bool = False) -> str:
         ids, start, read = self.ids, self.prefix_offset, self.read_offset
@@ -53,55 +113,57 @@ class IncrementalDetokenizer:
         full = self.tok.decode(ids[start:], self.skip_special)
         if full.endswith("\ufffd") and not final:
             return ""  # incomplete character: wait for more tokens
-        # A prompt (or earlier output) ending inside a character decodes with a trailing
-        # U+FFFD that the completed text replaces: align on the part before it.
+        # Earlier output ending inside a character decodes with a trailing U+FFFD that
+        # the completed text replaces: align on the part before it.
         stable = prefix.rstrip("\ufffd")
         if full.startswith(stable):
             new = full[len(stable) :]
         else:  # cannot align (unusual tokenizers): never stall
             new = full[len(prefix) :] if len(full) > len(prefix) else ""
         self.prefix_offset = self.read_offset
-        self.read_offset = len(self.ids)
+        self.read_offset = len(ids)
+        if self.prefix_offset >= _TRIM:  # tokens before the prefix are never read again
+            del ids[: self.prefix_offset]
+            self.read_offset -= self.prefix_offset
+            self.prefix_offset = 0
         return new
 
     def add_tokens(self, new_ids: list[int]) -> tuple[str, str | None]:
         """Feed tokens; return (new stable text, matched stop string or None)."""
-        if len(new_ids) == 1 and not self.stop:  # hot path: one token a step, nothing held back
-            self.ids.append(new_ids[0])
-            self.text += self._decode_new()
-            return self._take(len(self.text)), None
+        if not self.stop:  # hot path: nothing held back
+            if len(new_ids) == 1:
+                return self.push(new_ids[0]), None
+            return "".join([self.push(t) for t in new_ids]), None
         for t in new_ids:
-            self.ids.append(t)
-            self.text += self._decode_new()
+            self.pending += self.push(t)
             hit = self._find_stop()
             if hit is not None:
-                return self._take(len(self.text)), hit
-        return self._take(max(self.emitted, len(self.text) - self.holdback)), None
+                return self._take(len(self.pending)), hit
+        return self._take(len(self.pending) - self.holdback), None
 
     def flush(self) -> str:
         """At the end of the request: decode what is pending and release held-back text."""
         if self.read_offset < len(self.ids) and self.stop_hit is None:
-            self.text += self._decode_new(final=True)
-        return self._take(len(self.text))
+            self.pending += self._decode_new(final=True)
+        return self._take(len(self.pending))
 
     def _find_stop(self) -> str | None:
-        if not self.stop:
-            return None
-        start = max(0, self.emitted - self.holdback - 8)
+        # Every earlier position was searched when its text arrived, and text is handed
+        # out only once no stop string can start in it: a match lies in `pending`.
         best: tuple[int, str] | None = None
         for s in self.stop:
-            i = self.text.find(s, start)
+            i = self.pending.find(s)
             if i != -1 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:
             return None
         i, s = best
         self.stop_hit = s
-        self.text = self.text[: i + len(s)] if self.include_stop else self.text[:i]
+        self.pending = self.pending[: i + len(s)] if self.include_stop else self.pending[:i]
         return s
 
     def _take(self, upto: int) -> str:
-        upto = max(upto, self.emitted)
-        out = self.text[self.emitted : upto]
-        self.emitted = upto
+        if upto <= 0:
+            return ""
+        out, self.pending = self.pending[:upto], self.pending[upto:]
         return out

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,9 +28,9 @@ from aiosched.async_scheduler import AsyncScheduler
 from aiosched.config import EngineConfig
 from aiosched.detokenizer import IncrementalDetokenizer
 from aiosched.errors import EngineDeadError, EngineNotRunningError, EngineOverloadedError
-from aiosched.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from aiosched.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleHistory, TokenLogprob
 from aiosched.protocol import Logprobs, RunnerOutput, SchedulerOutput, WorkerInfo
-from aiosched.request import Request
+from aiosched.request import Request, RequestStatus
 from aiosched.request_stream import RequestStream
 from aiosched.sampling_params import SamplingParams
 from aiosched.scheduler import Scheduler, StepUpdate
@@ -39,6 +40,8 @@ from aiosched.tokenizer import Tokenizer
 from aiosched.executors.base import Executor, create_executor
 
 log = logging.getLogger("aiosched")
+
+_FINISHED = RequestStatus.FINISHED
 
 
 @dataclass
@@ -72,9 +75,8 @@ class _Tracked:
     group: _Group
     index: int
     detok: IncrementalDetokenizer | None
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Cumulative tokens/text/logprobs, append-only: each output is a view of a prefix.
+    hist: SampleHistory = field(default_factory=SampleHistory)
     cumulative_logprob: float | None = None  # set once the worker returns logprobs
     # stream_interval > 1: tokens (and their text) held back since the last output
     held_ids: list[int] = field(default_factory=list)
@@ -107,6 +109,8 @@ class AsyncEngine:
         self._rng = random.Random(config.seed)
         self._wakeup = anyio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the engine was started in
+        self._thread_id: int | None = None
         self._dead: BaseException | None = None
         self._running = False
         self.timings = EngineTimings()
@@ -150,13 +154,18 @@ class AsyncEngine:
         self.scheduler = sched_cls(self.config, self.info.num_kv_blocks, self.info.max_model_len)
         # A plain task, not a task group held open across calls: start() and shutdown()
         # may run in different tasks (web-framework lifespans, test fixtures).
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="aiosched-engine")
+        self._loop = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
+        self._task = self._loop.create_task(self._engine_loop(), name="aiosched-engine")
         self._running = True
         self.timings.started = time.perf_counter()
         self._log_task = engine_log.on_started(self, self.timings.started - t_start)
         return self
 
     async def shutdown(self) -> None:
+        if self._loop is not None and self._loop.is_closed():
+            # Its loop is gone (a second asyncio.run): its tasks died with it; release the rest.
+            self._task = self._log_task = None
         if self._log_task is not None:
             self._log_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -197,6 +206,7 @@ class AsyncEngine:
 
         Raises ValueError (naming the field) for bad input, EngineOverloadedError when
         the waiting queue is full, EngineDeadError when the engine died."""
+        self._check_loop("generate()")
         if self._dead is not None:
             raise EngineDeadError(f"engine is dead: {self._dead}")
         if not self._running or self.scheduler is None or self.info is None:
@@ -242,6 +252,21 @@ class AsyncEngine:
             self.scheduler.add_request(req)
         self._wakeup.set()
         return group.stream
+
+    def _check_loop(self, what: str) -> None:
+        """The engine serves the one event loop it was started in: anything else fails now."""
+        loop = self._loop
+        if loop is None:
+            return
+        if loop.is_closed():
+            raise RuntimeError(f"{what}: the event loop this engine was started in is closed (e.g. a second asyncio.run()); "
+                               "an AsyncEngine lives in one event loop: create and start a new engine in this one")
+        if threading.get_ident() != self._thread_id:
+            raise RuntimeError(f"{what} called from another thread: an AsyncEngine serves only the event loop it was started in "
+                               "(from another thread, use asyncio.run_coroutine_threadsafe(coro, loop) with that loop)")
+        running = asyncio._get_running_loop()  # None: this thread, outside the loop (it runs the request when it runs)
+        if running is not None and running is not loop:
+            raise RuntimeError(f"{what} called from another event loop: an AsyncEngine serves only the event loop it was started in")
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, request_id: str | None = None,
              **template_kwargs: Any) -> RequestStream:
@@ -324,7 +349,7 @@ class AsyncEngine:
 
     # ---- the loop ----
 
-    async def _loop(self) -> None:
+    async def _engine_loop(self) -> None:
         assert self.scheduler is not None and self._executor is not None
         sched, ex = self.scheduler, self._executor
         in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
@@ -388,9 +413,10 @@ class AsyncEngine:
             self._add_prompt_logprobs(so, out.prompt_logprobs)
         emit = self._emit
         for upd in self.scheduler.update_from_output(so, out):
-            if upd.req.first_token_time is None and upd.new_token_ids:
-                upd.req.first_token_time = now
-            emit(upd, logprobs=lps.get(upd.req.req_id) if lps else None)
+            req = upd.req
+            if req.first_token_time is None and upd.new_token_ids:
+                req.first_token_time = now
+            emit(upd, None, lps.get(req.req_id) if lps else None, now)
 
     def _add_prompt_logprobs(self, so: SchedulerOutput, plp: dict[str, Logprobs]) -> None:
         """A chunk [start, end) of the prompt gives the logprobs of prompt tokens start+1 ..
@@ -407,8 +433,8 @@ class AsyncEngine:
                     break
                 store[pos] = TokenLogprob(prompt[pos], v, list(zip(lp.top_token_ids[i], lp.top_logprobs[i])))
 
-    def _emit(self, upd: StepUpdate, final_text: str | None = None, logprobs: Logprobs | None = None) -> None:
-        """Turn a request's new tokens into a RequestOutput on its stream."""
+    def _emit(self, upd: StepUpdate, final_text: str | None = None, logprobs: Logprobs | None = None, now: float | None = None) -> None:
+        """Turn a request's new tokens into a RequestOutput on its stream: O(new tokens)."""
         assert self.scheduler is not None
         req = upd.req
         tr = self._live.get(req.req_id)
@@ -418,55 +444,66 @@ class AsyncEngine:
         new_text = ""
         detok = tr.detok
         if detok is not None:
-            if new_ids:
+            if len(new_ids) == 1 and not detok.stop:  # hot path: one token, nothing held back
+                new_text = detok.push(new_ids[0])
+            elif new_ids:
                 new_text, stop = detok.add_tokens(new_ids)
-                if stop is not None and not req.is_finished:
+                if stop is not None and req.status is not _FINISHED:
                     self.scheduler.finish_request(req.req_id, "stop", stop)
-            if req.is_finished:
+            if req.status is _FINISHED:
                 new_text += detok.flush()
-        finished = req.is_finished
+        finished = req.status is _FINISHED
+        hist = tr.hist
         if new_text:
-            tr.text += new_text
-        tr.token_ids.extend(new_ids)
+            hist.add_text(new_text)
+        if new_ids:
+            hist.token_ids += new_ids
         group = tr.group
         if logprobs is not None and new_ids:
             # Tokens past a stop were dropped by the scheduler: keep their logprobs aligned.
             cum = tr.cumulative_logprob or 0.0
-            for i, tok in enumerate(upd.new_token_ids[: len(logprobs.token_logprobs)]):
+            for i, tok in enumerate(new_ids[: len(logprobs.token_logprobs)]):
                 cum += logprobs.token_logprobs[i]
                 if group.want_logprobs:
-                    tr.logprobs.append(TokenLogprob(tok, logprobs.token_logprobs[i],
-                                                    list(zip(logprobs.top_token_ids[i], logprobs.top_logprobs[i]))))
+                    hist.logprobs.append(TokenLogprob(tok, logprobs.token_logprobs[i],
+                                                      list(zip(logprobs.top_token_ids[i], logprobs.top_logprobs[i]))))
             tr.cumulative_logprob = cum
         if self._stream_interval > 1:
             if tr.held_ids or tr.held_text:
                 new_ids, new_text = tr.held_ids + new_ids, tr.held_text + new_text
                 tr.held_ids, tr.held_text = [], ""
             # Tokens before `new_ids` went out already: the first output is never held.
-            if not finished and len(tr.token_ids) > len(new_ids) and len(new_ids) < self._stream_interval:
+            if not finished and len(hist.token_ids) > len(new_ids) and len(new_ids) < self._stream_interval:
                 tr.held_ids, tr.held_text = new_ids, new_text  # the next output carries them
                 return
-        # Positional: one of these per request per step (fields in declaration order).
-        comp = CompletionOutput(tr.index, tr.text, list(tr.token_ids), new_text, new_ids, req.finish_reason, req.stop_reason,
-                                list(tr.logprobs) if group.want_logprobs else None, tr.cumulative_logprob)
-        group.latest[tr.index] = comp
+        # Positional: one of these per request per step (fields in declaration order). The
+        # cumulative text/token_ids/logprobs are a view of the history's current prefix.
+        comp = CompletionOutput(tr.index, new_text, new_ids, req.finish_reason, req.stop_reason, tr.cumulative_logprob, hist,
+                                len(hist.token_ids), hist.num_chars, len(hist.logprobs) if group.want_logprobs else -1)
         if finished:
             group.num_finished += 1
             self._forget(req.req_id)
-        done = group.num_finished == len(group.children)
-        if not done and group.best_of:
-            return  # best_of: only the final choice is sent
+        many = len(group.children) > 1
+        if many:
+            group.latest[tr.index] = comp
+            done = group.num_finished == len(group.children)
+            if not done and group.best_of:
+                return  # best_of: only the final choice is sent
+        else:
+            done = finished
         outputs = [comp]
-        if done and group.best_of:
-            ranked = sorted(group.latest.values(), key=lambda c: (-(c.cumulative_logprob if c.cumulative_logprob is not None else float("-inf")), c.index))
-            outputs = [msgspec.structs.replace(c, index=i, new_text=c.text, new_token_ids=list(c.token_ids)) for i, c in enumerate(ranked[: group.n])]
-        elif done and len(group.children) > 1:  # the final output carries every sample
-            outputs = [c if c is comp else msgspec.structs.replace(c, new_text="", new_token_ids=[]) for _, c in sorted(group.latest.items())]
+        if many and done:
+            if group.best_of:
+                ranked = sorted(group.latest.values(), key=lambda c: (-(c.cumulative_logprob if c.cumulative_logprob is not None else float("-inf")), c.index))
+                outputs = [c.replace(index=i, new_text=c.text, new_token_ids=list(c.token_ids)) for i, c in enumerate(ranked[: group.n])]
+            else:  # the final output carries every sample
+                outputs = [c if c is comp else c.replace(new_text="", new_token_ids=[]) for _, c in sorted(group.latest.items())]
         prompt_lps = None
         if group.prompt_logprobs is not None and (done or not group.prompt_logprobs_sent):
             prompt_lps = list(group.prompt_logprobs)  # in the first output and the final one
             group.prompt_logprobs_sent = True
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time, now, now if done else None,
                                  req.num_cached_prompt_tokens, req.num_preemptions)
         out = RequestOutput(group.user_id, group.prompt, req.prompt_token_ids, outputs, done, metrics, prompt_lps)

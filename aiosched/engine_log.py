@@ -125,7 +125,7 @@ class StatsLogger:
 
     def on_output(self, out: RequestOutput) -> None:
         c = out.outputs[0]
-        if c.index == 0 and len(c.token_ids) == len(c.new_token_ids) and c.new_token_ids:  # its first token: prefill done
+        if c.index == 0 and c.num_tokens == len(c.new_token_ids) and c.new_token_ids:  # its first token: prefill done
             cached = out.metrics.num_cached_prompt_tokens if out.metrics is not None else 0
             self.prompt_tokens += len(out.prompt_token_ids) - cached
 

@@ -168,9 +168,13 @@ class KVCacheManager:
             return
         n_tokens = req.num_computed_tokens
         known = len(req.all_token_ids)
-        num_full = (n_tokens if n_tokens < known else known) // self.block_size
+        upto = n_tokens if n_tokens < known else known
+        if upto < req.next_full_block_at:  # the usual case: called for every request twice a step
+            return
+        num_full = upto // self.block_size
         done = self.num_registered.get(req.req_id, 0)
-        if num_full <= done:  # the usual case: called for every request twice a step
+        if num_full <= done:
+            req.next_full_block_at = (done + 1) * self.block_size
             return
         blocks = self.blocks.get(req.req_id, [])
         num_full = min(num_full, len(blocks))
@@ -178,11 +182,13 @@ class KVCacheManager:
         for i in range(done, num_full):
             self.pool.register(blocks[i], hashes[i])
         self.num_registered[req.req_id] = num_full
+        req.next_full_block_at = (num_full + 1) * self.block_size
 
     def free(self, req: Request) -> None:
         self.pool.release(self.blocks.pop(req.req_id, []))
         self.hashes.pop(req.req_id, None)
         self.num_registered.pop(req.req_id, None)
+        req.next_full_block_at = 0
 
     def check_invariants(self) -> None:
         """Every block is free (ref 0, in the LRU) or owned (ref > 0); counts add up; a

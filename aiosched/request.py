@@ -44,12 +44,19 @@ class Request:
     num_prompt_tokens: int = field(init=False, default=0)
     max_total_tokens: int = field(init=False, default=0)  # token count at which it stops for length (before max_model_len)
     stop_length: int = field(init=False, default=0)  # min(max_total_tokens, max_model_len): set by the scheduler on admission
+    # Every token id that may stop it (EOS and stop_token_ids): a token outside it, before
+    # stop_length, cannot stop the request, so the per-token stop check is one lookup.
+    stop_token_set: frozenset[int] = field(init=False, default=frozenset())
+    # Kept by the KV cache manager: the known-and-computed token count at which its next
+    # block becomes full (until then cache_full_blocks has nothing to do; 0: unknown).
+    next_full_block_at: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.max_total_tokens = self.num_prompt_tokens + self.sampling.max_tokens
+        self.stop_token_set = frozenset(self.eos_token_ids) | frozenset(self.sampling.stop_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

@@ -9,12 +9,17 @@ asyncio future, rather than an anyio memory stream (whose receive also yields to
 loop once per item, even when items are already buffered). Errors seen by the engine
 are the same: putting after the final output raises `anyio.ClosedResourceError`,
 putting after the consumer left raises `anyio.BrokenResourceError`.
+
+The handle is also a coroutine (it has `send`, `throw`, `close` and `__await__`, so
+`asyncio.iscoroutine` accepts it): `asyncio.create_task(engine.generate(...))`,
+`gather`, `wait_for`, `ensure_future` and anyio task groups all take it, and run it
+as `result()`.
 """
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
 import anyio
@@ -32,6 +37,7 @@ class RequestStream:
         self._left = False  # consumer side: the iterator has ended
         self._done = False  # the consumer saw the final output (or an error)
         self._consumed = False
+        self._coro: Coroutine[Any, Any, RequestOutput] | None = None  # result(), when driven as a coroutine
 
     # --- engine side (event loop thread) ---
 
@@ -43,7 +49,11 @@ class RequestStream:
         self._items.append(output)
         if output.finished:
             self._closed = True
-        self._wake()
+        w = self._waiter  # _wake(), inlined: once per request per step
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     def fail(self, exc: BaseException) -> None:
         if not self._closed and not self._left:
@@ -100,3 +110,20 @@ class RequestStream:
 
     def __await__(self) -> Generator[Any, None, RequestOutput]:
         return self.result().__await__()
+
+    # --- the coroutine protocol (a Task drives the handle as `result()`) ---
+
+    def _driven(self) -> Coroutine[Any, Any, RequestOutput]:
+        if self._coro is None:
+            self._coro = self.result()
+        return self._coro
+
+    def send(self, value: Any) -> Any:
+        return self._driven().send(value)
+
+    def throw(self, *exc: Any) -> Any:
+        return self._driven().throw(*exc)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()

@@ -12,6 +12,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
+
 from aiosched.config import EngineConfig
 from aiosched.kv_cache import KVCacheManager
 from aiosched.protocol import NewRequestData, RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -30,12 +32,12 @@ class SchedulerStats:
     spec_step_tokens: int = 0  # tokens those produced (accepted drafts + one each)
 
 
-@dataclass(slots=True)
-class StepUpdate:
-    """What one step's output did to one request."""
+class StepUpdate(msgspec.Struct, gc=False):
+    """What one step's output did to one request (one per request per step: not tracked
+    by the cyclic GC, which it would otherwise wake more often)."""
 
     req: Request
-    new_token_ids: list[int] = field(default_factory=list)
+    new_token_ids: list[int] = msgspec.field(default_factory=list)
 
 
 class Scheduler:
@@ -254,15 +256,24 @@ class Scheduler:
                 self.stats.spec_step_tokens += len(tokens)
             req.num_output_placeholders -= 1
             assert req.num_output_placeholders >= 0, f"{req_id}: placeholder count went negative"
-            new_ids: list[int] = []
             all_ids = req.all_token_ids
-            for t in tokens:
+            if len(tokens) == 1:  # the usual case: one token, which cannot stop it unless in the set or at the length
+                t = tokens[0]
                 all_ids.append(t)
-                new_ids.append(t)
-                reason = check_stop(req, t)
-                if reason is not None:
-                    self.finish_request(req_id, *reason)
-                    break
+                new_ids = tokens  # the runner output's own list, read-only from here on
+                if t in req.stop_token_set or len(all_ids) >= req.stop_length:
+                    reason = check_stop(req, t)
+                    if reason is not None:
+                        self.finish_request(req_id, *reason)
+            else:
+                new_ids = []
+                for t in tokens:
+                    all_ids.append(t)
+                    new_ids.append(t)
+                    reason = check_stop(req, t)
+                    if reason is not None:
+                        self.finish_request(req_id, *reason)
+                        break
             stats.generated_tokens += len(new_ids)
             if req.status is RequestStatus.RUNNING:
                 cache_full_blocks(req)

@@ -699,10 +699,7 @@ def _stream_error(e: BaseException, job: _Job) -> bytes:
 
 
 def _delta_logprobs(c: CompletionOutput) -> list[TokenLogprob] | None:
-    if c.logprobs is None:
-        return None
-    n_new = len(c.new_token_ids)
-    return c.logprobs[len(c.logprobs) - n_new:] if n_new else []
+    return c.new_logprobs  # O(new tokens): never the cumulative list per chunk
 
 
 async def _stream_completion(job: _Job) -> AsyncIterator[bytes]:
@@ -731,7 +728,7 @@ async def _stream_completion(job: _Job) -> AsyncIterator[bytes]:
                     continue
                 if not c.new_token_ids and c.finish_reason is None:
                     continue
-                ntokens[idx] = len(c.token_ids)
+                ntokens[idx] = c.num_tokens
                 lps = _delta_logprobs(c)
                 # One chunk per output, also when its text is still empty (half a UTF-8
                 # character): clients count chunks as tokens.
@@ -769,7 +766,7 @@ async def _stream_chat(job: _Job) -> AsyncIterator[bytes]:
             for c in out.outputs:
                 if c.index in finished or (not c.new_token_ids and c.finish_reason is None):
                     continue
-                ntokens[c.index] = len(c.token_ids)
+                ntokens[c.index] = c.num_tokens
                 first = c.index not in parsers
                 parser = parsers[c.index] if not first else parsers.setdefault(c.index, job.make_parser())
                 piece = parser.feed(c.new_text)

@@ -24,7 +24,23 @@ Python work per request, on the executor's launch thread, holding the GIL);
 the engine's share is not hidden behind the runner's. Either way this is the CPU cost
 of the engine with a near-zero-cost model, not a GPU throughput figure.
 
+Window: per-step costs are measured over the *late decode window*: the steps while
+every request holds between L-K and L output tokens (L = --output-len, K = min(L/2,
+128)), all at full batch; prompts are admitted in one step (the token budget defaults
+to batch x input_len), so the requests decode in lockstep and the window is K steps.
+At L = 4096 this is the cost per step at 4k tokens of history, comparable with L = 128.
+Every length of one run uses the same configuration, sized for the longest: a copy of
+the embedded model's directory whose config.json allows input + longest output
+positions (same tokenizer and vocabulary; `ids` mode: only that config.json) and the
+same KV pool, so only the history length differs.
+
+Before/after in one run: `--compare REF` checks REF out in a `git worktree` (cached
+under /tmp) and runs every configuration `--repeats` times in fresh subprocesses,
+alternating old/new (old, new, new, old, ...); medians and new/old ratios.
+
     .venv/bin/python benchmarks/engine_overhead.py                       # the table
+    .venv/bin/python benchmarks/engine_overhead.py --batch 64,256 --output-len 128,4096 --modes async \
+        --tokenizer tok --compare main --repeats 3                       # issue 17: before/after
     .venv/bin/python benchmarks/engine_overhead.py --batch 256 --modes async --tokenizer tok --profile
 """
 from __future__ import annotations
@@ -39,7 +55,9 @@ import os
 import pstats
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -120,57 +138,86 @@ def _time_submit(engine: AsyncEngine) -> None:
     ex.submit = timed  # type: ignore[method-assign]
 
 
-async def run_one(batch: int, mode: str, tok: bool, args: argparse.Namespace, profile: bool = False) -> dict[str, Any]:
-    blocks_per_req = -(-(args.input_len + args.output_len) // 16) + 1
+def _model_dir(max_len: int, tokenizer: bool = True) -> str | None:
+    """The embedded default model, or a copy of its directory (links) whose config.json
+    allows `max_len` positions: the fake runner reads only vocab_size and positions.
+    Without the tokenizer (`ids` mode): None, or a directory with only that config.json."""
+    with open(os.path.join(DEFAULT_MODEL, "config.json")) as f:
+        cfg = json.load(f)
+    if max_len <= cfg["max_position_embeddings"]:
+        return DEFAULT_MODEL if tokenizer else None
+    d = os.path.join(tempfile.gettempdir(), f"aiosched-bench-model-{max_len}{'' if tokenizer else '-ids'}")
+    os.makedirs(d, exist_ok=True)
+    for name in os.listdir(DEFAULT_MODEL) if tokenizer else []:
+        if name != "config.json" and not os.path.exists(os.path.join(d, name)):
+            os.symlink(os.path.join(DEFAULT_MODEL, name), os.path.join(d, name))
+    cfg["max_position_embeddings"] = max_len
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
+
+
+async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argparse.Namespace, profile: bool = False) -> dict[str, Any]:
+    input_len = args.input_len
+    # Model and KV pool sized for the longest output of the run, so that every length
+    # runs the same configuration (same vocabulary, same pool) and only L differs.
+    longest = max([output_len] + [int(n) for n in args.output_len.split(",")] + [args.size_for or 0])
+    blocks_per_req = -(-(input_len + longest) // 16) + 1
+    max_len = max(1024, input_len + longest)
+    budget = args.max_num_batched_tokens or max(2048, batch * input_len)
     config = dict(runner="fake", async_scheduling=mode == "async", max_num_seqs=max(batch, 1),
-                  max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=batch * blocks_per_req + 64,
-                  max_model_len=max(1024, args.input_len + args.output_len), model=DEFAULT_MODEL if tok else None, seed=0)
+                  max_num_batched_tokens=budget, num_kv_blocks=batch * blocks_per_req + 64,
+                  max_model_len=max_len, model=_model_dir(max_len, tok), seed=0)
     engine = AsyncEngine.from_config(config)
     await engine.start()
     _time_submit(engine)
     assert engine.info is not None
     rng = random.Random(1234)
     vocab = min(engine.info.vocab_size, 32000)
-    prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(batch)]
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    firsts = 0
+    prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(batch)]
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    window = max(1, min(output_len // 2, 128))
+    reached = 0
     marks: dict[str, dict[str, float]] = {}
     prof = cProfile.Profile() if profile else None
     tokens = 0
 
     async def consume(p: list[int]) -> None:
-        nonlocal firsts, tokens
+        nonlocal reached, tokens
         got = 0
         async for out in engine.generate(p, params):
-            if got == 0 and out.new_token_ids:
-                firsts += 1
-                if firsts == batch:  # every request is decoding from here on
+            before = got
+            got += len(out.new_token_ids)
+            if before < output_len - window <= got:
+                reached += 1
+                if reached == batch:  # every request is in the late window from here on
                     marks["start"] = _snapshot(engine)
                     if prof is not None:
                         prof.enable()
-            got += len(out.new_token_ids)
+            if got == output_len and "end" not in marks:  # the first request to finish
+                marks["end"] = _snapshot(engine)
+                if prof is not None:
+                    prof.disable()
         tokens += got
 
     try:
         await asyncio.gather(*[consume(p) for p in prompts])
-        marks["end"] = _snapshot(engine)
-        if prof is not None:
-            prof.disable()
     finally:
         await engine.shutdown()
         del engine
         gc.unfreeze()
         gc.collect()
-    assert tokens == batch * args.output_len, (tokens, batch * args.output_len)
+    assert tokens == batch * output_len, (tokens, batch * output_len)
     a, b = marks["start"], marks["end"]
     steps = int(b["steps"] - a["steps"])
     us = 1e6 / max(steps, 1)
-    res = {"batch": batch, "mode": mode, "detok": "tok" if tok else "ids", "steps": steps,
+    res = {"batch": batch, "mode": mode, "detok": "tok" if tok else "ids", "output_len": output_len, "steps": steps,
            "schedule_us": (b["schedule"] - a["schedule"]) * us, "submit_us": (b["submit"] - a["submit"]) * us,
            "update_us": (b["update"] - a["update"]) * us, "wait_us": (b["wait"] - a["wait"]) * us,
            "loop_cpu_us": (b["loop_cpu"] - a["loop_cpu"]) * us, "proc_cpu_us": (b["proc_cpu"] - a["proc_cpu"]) * us,
            "gc_us": (b["gc"] - a["gc"]) * us,
-           "steps_per_s": steps / (b["wall"] - a["wall"]), "tok_per_s": steps * batch / (b["wall"] - a["wall"])}
+           "steps_per_s": steps / max(b["wall"] - a["wall"], 1e-9), "tok_per_s": steps * batch / max(b["wall"] - a["wall"], 1e-9)}
+    res["engine_us"] = res["schedule_us"] + res["submit_us"] + res["update_us"]
     if prof is not None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats(args.sort).print_stats(args.profile_lines)
@@ -178,7 +225,7 @@ async def run_one(batch: int, mode: str, tok: bool, args: argparse.Namespace, pr
     return res
 
 
-_KEYS = ["schedule_us", "submit_us", "update_us", "wait_us", "loop_cpu_us", "proc_cpu_us", "gc_us", "steps_per_s", "tok_per_s"]
+_KEYS = ["schedule_us", "submit_us", "update_us", "engine_us", "wait_us", "loop_cpu_us", "proc_cpu_us", "gc_us", "steps_per_s", "tok_per_s"]
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -189,32 +236,105 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _row(r: dict[str, Any], label: str) -> str:
-    return (f"| {label} | {r['batch']} | {r['mode']} | {r['detok']} | {r['steps']} | {r['schedule_us']:.0f} | {r['submit_us']:.0f} "
-            f"| {r['update_us']:.0f} | {r['schedule_us'] + r['submit_us'] + r['update_us']:.0f} | {r['loop_cpu_us']:.0f} "
+    return (f"| {label} | {r['batch']} | {r['mode']} | {r['detok']} | {r['output_len']} | {r['steps']} | {r['schedule_us']:.0f} "
+            f"| {r['submit_us']:.0f} | {r['update_us']:.0f} | {r['engine_us']:.0f} | {r['loop_cpu_us']:.0f} "
             f"| {r['proc_cpu_us']:.0f} | {r['gc_us']:.0f} | {r['steps_per_s']:.0f} | {r['tok_per_s']:.0f} |")
 
 
-HEADER = ("| code | batch | mode | detok | decode steps | schedule us/step | submit us/step | update us/step | engine total us/step "
-          "| loop-thread CPU us/step | process CPU us/step | of which GC us/step | steps/s | output tok/s |\n"
-          "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+def _ratio_row(new: dict[str, Any], old: dict[str, Any]) -> str:
+    def q(k: str) -> str:
+        return f"{new[k] / old[k]:.2f}x" if old[k] else "-"
+
+    return (f"| new/old | {new['batch']} | {new['mode']} | {new['detok']} | {new['output_len']} | | {q('schedule_us')} "
+            f"| {q('submit_us')} | {q('update_us')} | {q('engine_us')} | {q('loop_cpu_us')} | {q('proc_cpu_us')} | "
+            f"| {q('steps_per_s')} | {q('tok_per_s')} |")
+
+
+HEADER = ("| code | batch | mode | detok | output len | window steps | schedule us/step | submit us/step | update us/step "
+          "| engine total us/step | loop-thread CPU us/step | process CPU us/step | of which GC us/step | steps/s | output tok/s |\n"
+          "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[bool, int, int, str]]:
+    return [(t == "tok", int(b), int(n), m) for t in args.tokenizer.split(",") for b in args.batch.split(",")
+            for n in args.output_len.split(",") for m in args.modes.split(",")]
+
+
+def _old_tree(ref: str) -> str:
+    """A worktree of `ref` (cached by commit) whose `aiosched.executors` is its own."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", ref], capture_output=True, text=True, check=True, cwd=root).stdout.strip()
+    tree = os.path.join(tempfile.gettempdir(), f"aiosched-bench-{sha[:12]}")
+    if not os.path.isdir(tree):
+        subprocess.run(["git", "worktree", "add", "--detach", tree, sha], check=True, cwd=root, capture_output=True)
+    link = os.path.join(tree, "aiosched", "executors")
+    if not os.path.exists(link):  # the package layout maps executors/ to aiosched.executors
+        os.symlink(os.path.join("..", "executors"), link)
+    return tree
+
+
+def _child(tree: str, cfg: tuple[bool, int, int, str], args: argparse.Namespace) -> dict[str, Any]:
+    tok, batch, n, mode = cfg
+    cmd = [sys.executable, os.path.abspath(__file__),
+           "--child", "--batch", str(batch), "--output-len", str(n), "--modes", mode, "--tokenizer", "tok" if tok else "ids",
+           "--input-len", str(args.input_len), "--runner", args.runner,
+           "--size-for", str(max(int(x) for x in args.output_len.split(",")))]
+    if args.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    env = dict(os.environ, PYTHONPATH=tree)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed ({tree}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Old and new code in fresh subprocesses, same script (this one); rounds over every
+    configuration and both codes (old, new, then new, old), so load drifts hit all alike."""
+    trees = {"old": _old_tree(args.compare),
+             "new": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    configs = _configs(args)
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {(i, label): [] for i in range(len(configs)) for label in trees}
+    for r in range(args.repeats):
+        for i, cfg in enumerate(configs):
+            for label in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                runs[(i, label)].append(_child(trees[label], cfg, args))
+    results = []
+    for i in range(len(configs)):
+        med = {label: _median(runs[(i, label)]) for label in trees}
+        for label in ("old", "new"):
+            print(_row(med[label], label), flush=True)
+            results.append(dict(med[label], label=label))
+        print(_ratio_row(med["new"], med["old"]), flush=True)
+    return results
 
 
 async def main(args: argparse.Namespace) -> None:
     if args.runner == "light":
         _install_light_runner()
-    results = []
-    for tok in [t == "tok" for t in args.tokenizer.split(",")]:
-        for batch in [int(b) for b in args.batch.split(",")]:
-            for mode in args.modes.split(","):
-                if args.profile:
-                    r = await run_one(batch, mode, tok, args, profile=True)
-                    print(r.pop("profile"))
-                    results.append(r)
-                    continue
-                await run_one(batch, mode, tok, args)  # warm-up (imports, tokenizer, allocator)
-                runs = [await run_one(batch, mode, tok, args) for _ in range(args.repeats)]
-                results.append(_median(runs))
-                print(_row(results[-1], args.label), flush=True)
+    if args.child:  # one warm-up (imports, tokenizer, allocator), one timed run, JSON out
+        tok, batch, n, mode = _configs(args)[0]
+        await run_one(batch, mode, tok, min(n, 64), args)
+        print(json.dumps(await run_one(batch, mode, tok, n, args)))
+        return
+    configs = _configs(args)
+    if args.profile:
+        for tok, batch, n, mode in configs:
+            r = await run_one(batch, mode, tok, n, args, profile=True)
+            print(r.pop("profile"))
+        return
+    for tok, batch, n, mode in configs:  # warm-up (imports, tokenizer, allocator)
+        await run_one(batch, mode, tok, min(n, 64), args)
+    # Rounds over the configurations (not one configuration after another): load drifts
+    # on a shared machine then hit every configuration alike.
+    runs: list[list[dict[str, Any]]] = [[] for _ in configs]
+    for _ in range(args.repeats):
+        for i, (tok, batch, n, mode) in enumerate(configs):
+            runs[i].append(await run_one(batch, mode, tok, n, args))
+    results = [_median(r) for r in runs]
+    for r in results:
+        print(_row(r, args.label), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"label": args.label, "args": vars(args), "results": results}, f, indent=1)
@@ -226,15 +346,26 @@ if __name__ == "__main__":
     p.add_argument("--modes", default="sync,async")
     p.add_argument("--tokenizer", default="ids,tok", help="ids: no detokenizer; tok: the default model's tokenizer")
     p.add_argument("--input-len", type=int, default=230)
-    p.add_argument("--output-len", type=int, default=120)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--output-len", default="128", help="output tokens per request (comma list)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: batch x input_len (one prefill step)")
     p.add_argument("--runner", choices=["light", "fake"], default="light")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--label", default="", help="first column of the table (e.g. old/new)")
+    p.add_argument("--compare", default=None, metavar="REF", help="before/after: REF's code vs this checkout, alternating subprocesses")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size-for", type=int, default=None, help=argparse.SUPPRESS)  # the run's longest output
     p.add_argument("--json", default=None)
-    p.add_argument("--profile", action="store_true", help="cProfile the event-loop thread over the decode window")
+    p.add_argument("--profile", action="store_true", help="cProfile the event-loop thread over the window")
     p.add_argument("--sort", default="tottime")
     p.add_argument("--profile-lines", type=int, default=35)
     args = p.parse_args()
-    print(HEADER, flush=True)
-    asyncio.run(main(args))
+    if args.compare:
+        print(HEADER, flush=True)
+        res = compare(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "results": res}, f, indent=1)
+    else:
+        if not args.child:
+            print(HEADER, flush=True)
+        asyncio.run(main(args))

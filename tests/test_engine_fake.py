@@ -184,3 +184,105 @@ async def test_parallel_samples_share_prompt_blocks_and_differ_by_seed(make_engi
         assert [tuple(c.token_ids) for c in again.outputs] == texts
         one = await eng.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=8))
         assert tuple(one.token_ids) == texts[1], "sample i uses seed + i"
+
+
+# ---- outputs are deltas inside the engine; the cumulative view is unchanged (issue 17) ----
+
+import pathlib  # noqa: E402
+
+import aiosched  # noqa: E402
+
+DEFAULT_MODEL = str(pathlib.Path(aiosched.__file__).parent / "default_model")
+TEXT_PROMPT = [(i * 37 + 11) % 8000 for i in range(40)]
+
+
+def _text_engine(make_engine, **kw):
+    """The fake model's tokens with the embedded tokenizer: every token is detokenized."""
+    return make_engine(runner="fake", model=DEFAULT_MODEL, num_kv_blocks=256, block_size=4, **kw)
+
+
+async def _stream(eng, prompt, params, request_id=None):
+    return [o async for o in eng.generate(prompt, params, request_id=request_id)]
+
+
+def _check_prefix_views(outs, index=0) -> None:
+    """Every output's cumulative text/token_ids/logprobs is exactly the sum of the deltas
+    up to it, read after the stream ended (a kept output never sees later tokens)."""
+    text, ids, lps = "", [], []
+    for o in outs:
+        for c in o.outputs:
+            if c.index != index:
+                continue
+            text += c.new_text
+            ids += c.new_token_ids
+            if c.logprobs is not None:
+                lps += c.new_logprobs
+                assert c.logprobs == lps and len(c.logprobs) == len(c.token_ids)
+            assert (c.text, c.token_ids, c.num_tokens) == (text, ids, len(ids))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_streamed_deltas_add_up_to_text_tokens_and_logprobs(make_engine, async_scheduling) -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2)
+    async with _text_engine(make_engine, async_scheduling=async_scheduling) as eng:
+        outs = await _stream(eng, TEXT_PROMPT, params)
+        final = await eng.generate(TEXT_PROMPT, params)
+    _check_prefix_views(outs)
+    last = outs[-1]
+    assert last.token_ids == final.token_ids == reference_tokens(TEXT_PROMPT, 40, vocab_size=8192)
+    assert last.text == final.text == eng.tokenizer.decode(final.token_ids)
+    assert [lp.token_id for lp in final.logprobs] == final.token_ids
+    assert final.outputs[0].cumulative_logprob == pytest.approx(sum(lp.logprob for lp in final.logprobs))
+
+
+async def test_stop_string_across_token_boundaries_never_leaks_into_a_delta(make_engine) -> None:
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    async with _text_engine(make_engine) as eng:
+        full = await eng.generate(TEXT_PROMPT, greedy)
+        # A stop string that spans at least two tokens' text.
+        texts = [eng.tokenizer.decode(full.token_ids[: i + 1]) for i in range(len(full.token_ids))]
+        cut = next(i for i in range(4, len(texts)) if len(texts[i]) - len(texts[i - 1]) >= 2 and len(texts[i - 1]) > 4)
+        stop = texts[cut][len(texts[cut - 1]) - 2 : len(texts[cut - 1]) + 1]
+        stopped = await _stream(eng, TEXT_PROMPT, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop]))
+    last = stopped[-1]
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+    assert last.text == full.text[: full.text.index(stop)]
+    assert all(stop not in o.new_text for o in stopped)
+    _check_prefix_views(stopped)
+
+
+async def test_abort_flushes_held_back_text(make_engine) -> None:
+    """A stop string that never matches holds text back; abort releases all of it."""
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True, stop=["\x00never\x00 matches"])
+    async with _text_engine(make_engine) as eng:
+        outs = []
+        async for out in eng.generate(TEXT_PROMPT, params, request_id="held"):
+            outs.append(out)
+            if len(outs) == 12:
+                eng.abort("held")
+    last = outs[-1]
+    assert last.finished and last.finish_reason == "abort"
+    assert last.text == eng.tokenizer.decode(last.token_ids)
+    _check_prefix_views(outs)
+
+
+async def test_parallel_samples_and_best_of_are_unchanged(make_engine) -> None:
+    async with _text_engine(make_engine) as eng:
+        n3 = SamplingParams(max_tokens=16, temperature=1.0, seed=7, n=3, ignore_eos=True)
+        outs = await _stream(eng, TEXT_PROMPT, n3)
+        final = outs[-1]
+        assert [c.index for c in final.outputs] == [0, 1, 2]
+        for i, c in enumerate(final.outputs):
+            assert c.token_ids == reference_tokens(TEXT_PROMPT, 16, vocab_size=8192, seed=7 + i, greedy=False)
+            assert c.text == eng.tokenizer.decode(c.token_ids)
+            _check_prefix_views(outs, index=i)
+        best = SamplingParams(max_tokens=16, temperature=1.0, seed=7, n=2, best_of=4, ignore_eos=True)
+        b_outs = await _stream(eng, TEXT_PROMPT, best)
+    assert len(b_outs) == 1 and b_outs[0].finished  # best_of: only the final choice is sent
+    chosen = b_outs[0].outputs
+    assert [c.index for c in chosen] == [0, 1]
+    assert chosen[0].cumulative_logprob >= chosen[1].cumulative_logprob
+    for c in chosen:
+        assert c.new_text == c.text == eng.tokenizer.decode(c.token_ids) and c.new_token_ids == c.token_ids
+    candidates = [reference_tokens(TEXT_PROMPT, 16, vocab_size=8192, seed=7 + i, greedy=False) for i in range(4)]
+    assert all(c.token_ids in candidates for c in chosen)

@@ -72,3 +72,24 @@ async def test_abort_flushes_the_held_tokens(make_engine) -> None:
 def test_stream_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stream_interval"):
         EngineConfig(stream_interval=0)
+
+
+async def test_held_outputs_carry_text_tokens_and_logprobs_and_views_stay_prefixes(make_engine) -> None:
+    """The fake model with the embedded tokenizer: every output's cumulative view is the
+    sum of the deltas so far, read after the stream ended."""
+    import pathlib
+
+    import aiosched
+
+    model = str(pathlib.Path(aiosched.__file__).parent / "default_model")
+    params = SamplingParams(max_tokens=23, temperature=0.0, ignore_eos=True, logprobs=1)
+    async with make_engine(runner="fake", model=model, stream_interval=4, num_kv_blocks=64, block_size=4) as eng:
+        outs = await collect(eng, [(i * 31) % 8000 for i in range(30)], params)
+        tok = eng.tokenizer
+    assert [len(o.new_token_ids) for o in outs] == [1, 4, 4, 4, 4, 4, 2]
+    text, ids, lps = "", [], []
+    for o in outs:
+        text, ids, lps = text + o.new_text, ids + o.new_token_ids, lps + o.outputs[0].new_logprobs
+        assert (o.text, o.token_ids, o.logprobs) == (text, ids, lps)
+    assert outs[-1].text == tok.decode(outs[-1].token_ids)
+    assert [lp.token_id for lp in outs[-1].logprobs] == outs[-1].token_ids
