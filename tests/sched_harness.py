@@ -1,7 +1,7 @@
 """A synchronous copy of the AsyncEngine loop around a scheduler and the fake runner.
 
 Used by the stateful scheduler tests and the scheduler regression tests. It drives
-`Scheduler`/`AsyncScheduler` exactly as `AsyncEngine._loop` does, without an event
+`Scheduler`/`AsyncScheduler` exactly as `AsyncEngine._engine_loop` does, without an event
 loop (thousands of steps per second):
 
     step = [apply the oldest in-flight step's output]  then  [fill: schedule and
@@ -221,7 +221,7 @@ class Harness:
         self.check_drained()
 
     def _fill(self) -> None:
-        """AsyncEngine._loop: schedule and submit until enough steps are in flight."""
+        """AsyncEngine._engine_loop: schedule and submit until enough steps are in flight."""
         while len(self.in_flight) < self.max_batches:
             if self.sched.waiting and self.sched.waiting[0].num_output_placeholders:
                 self.counters["resume_waits_for_token_in_flight"] += 1
