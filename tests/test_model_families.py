@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
-import random
 import sys
 
 import pytest
@@ -29,10 +28,10 @@ transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from tiny_model import write_hf_family_checkpoint  # noqa: E402
+from paged_model import PagedModel  # noqa: E402
 
 from aiosched import SamplingParams  # noqa: E402
 from aiosched.executors.model_config import ModelConfig  # noqa: E402
-from aiosched.executors.torch.attention.torch_paged import AttentionMetadata  # noqa: E402
 from aiosched.executors.torch.loader import build_model  # noqa: E402
 
 FAMILIES = ["gemma2", "gemma3", "phi3", "qwen3_moe"]
@@ -47,37 +46,9 @@ def family(request, tmp_path_factory) -> tuple[str, pathlib.Path, torch.nn.Modul
     return request.param, path, hf
 
 
-class Paged:
+def Paged(path: pathlib.Path, num_blocks: int = 64) -> PagedModel:
     """Our model with a paged KV cache over shuffled (non-contiguous) blocks, stepped like the runner."""
-
-    def __init__(self, path: pathlib.Path, num_blocks: int = 64) -> None:
-        self.model = build_model(str(path), "float32", "cpu")
-        self.model.init_rope(256)
-        a = self.model.args
-        shape = (num_blocks, BLOCK, a.num_kv_heads, a.head_dim)
-        self.kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(a.num_layers)]
-        self.free = list(range(num_blocks))
-        random.Random(0).shuffle(self.free)
-        self.tables: dict[int, list[int]] = {}
-
-    def step(self, chunks: list[tuple[int, list[int], int]]) -> list[torch.Tensor]:
-        """chunks: (request, its tokens this step, position of the first) -> each chunk's logits."""
-        ids, pos, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
-        for req, toks, start in chunks:
-            table = self.tables.setdefault(req, [])
-            end = start + len(toks)
-            while len(table) * BLOCK < end:
-                table.append(self.free.pop())
-            ids += toks
-            pos += range(start, end)
-            slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end)]
-            qsl.append(qsl[-1] + len(toks))
-            seq_lens.append(end)
-            tables.append(table)
-        meta = AttentionMetadata(torch.tensor(slots), qsl, seq_lens, tables, BLOCK)
-        with torch.inference_mode():
-            logits = self.model.compute_logits(self.model(torch.tensor(ids), torch.tensor(pos), meta, self.kv))
-        return [logits[qsl[i]:qsl[i + 1]] for i in range(len(chunks))]
+    return PagedModel(path, num_blocks, BLOCK, 256)
 
 
 def _seqs(lengths: list[int], seed: int = 0) -> list[list[int]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import random
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from aiosched.executors.torch.attention.torch_paged import AttentionMetadata  # 
 from aiosched.executors.torch.loader import build_model  # noqa: E402
 from aiosched.executors.torch.models.llama import LlamaForCausalLM  # noqa: E402
 from aiosched.executors.torch.random_checkpoint import write_random_checkpoint  # noqa: E402
+from paged_model import PagedModel  # noqa: E402
 
 BLOCK = 4
 NUM_BLOCKS = 96
@@ -38,41 +38,6 @@ CASES = {
     "qwen3": dict(arch="qwen3", head_dim=32),  # head_dim != hidden / heads, as in Qwen3
     "mistral": dict(arch="mistral", num_kv_heads=1),
 }
-
-
-class PagedModel:
-    """Our model, a KV cache and a tiny block allocator: runs ragged steps like the runner."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.model: LlamaForCausalLM = build_model(str(path), "float32", "cpu")
-        self.model.init_rope(512)
-        a = self.model.args
-        shape = (NUM_BLOCKS, BLOCK, a.num_kv_heads, a.head_dim)
-        self.kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(a.num_layers)]
-        self.free = list(range(NUM_BLOCKS))
-        random.Random(0).shuffle(self.free)  # block tables are not contiguous
-        self.tables: dict[int, list[int]] = {}
-
-    def step(self, chunks: list[tuple[int, list[int], int]]) -> list[torch.Tensor]:
-        """chunks: (request, its tokens this step, position of the first). Returns each
-        chunk's logits [len, vocab]."""
-        ids, pos, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
-        for req, toks, start in chunks:
-            table = self.tables.setdefault(req, [])
-            end = start + len(toks)
-            while len(table) * BLOCK < end:
-                table.append(self.free.pop())
-            ids += toks
-            pos += range(start, end)
-            slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end)]
-            qsl.append(qsl[-1] + len(toks))
-            seq_lens.append(end)
-            tables.append(table)
-        meta = AttentionMetadata(torch.tensor(slots), qsl, seq_lens, tables, BLOCK)
-        with torch.inference_mode():
-            hidden = self.model(torch.tensor(ids), torch.tensor(pos), meta, self.kv)
-            logits = self.model.compute_logits(hidden)
-        return [logits[qsl[i] : qsl[i + 1]] for i in range(len(chunks))]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -94,7 +59,7 @@ def _hf_logits(hf: torch.nn.Module, seq: list[int]) -> torch.Tensor:
 
 def test_ragged_prefill_then_decode(case) -> None:
     path, hf = case
-    ours = PagedModel(path)
+    ours = PagedModel(path, NUM_BLOCKS, BLOCK, 512)
     prompts_len = [1, 7, 13, 4, 22]
     seqs = _sequences(ours.model.args.vocab_size, [n + DECODE_STEPS for n in prompts_len])
     ref = [_hf_logits(hf, s) for s in seqs]
@@ -113,7 +78,7 @@ def test_chunked_prefill_mixed_with_decodes(case) -> None:
     """A prompt prefilled in two chunks (next to other requests' prefills and decodes)
     gives the logits of the unchunked run."""
     path, hf = case
-    ours = PagedModel(path)
+    ours = PagedModel(path, NUM_BLOCKS, BLOCK, 512)
     a, b = _sequences(ours.model.args.vocab_size, [19, 9], seed=1)
     ref_a, ref_b = _hf_logits(hf, a), _hf_logits(hf, b)
     out = ours.step([(0, a[:11], 0), (1, b[:8], 0)])
@@ -132,7 +97,7 @@ def test_transformers_v5_config_layout(tmp_path) -> None:
     saved = json.loads((tmp_path / "v5" / "config.json").read_text())
     if "rope_parameters" not in saved:
         pytest.skip("this transformers writes the old rope layout")
-    ours = PagedModel(tmp_path / "v5")
+    ours = PagedModel(tmp_path / "v5", NUM_BLOCKS, BLOCK, 512)
     assert ours.model.args.rope.theta == 5000.0 and ours.model.args.rope.kind == "llama3"
     (seq,) = _sequences(ours.model.args.vocab_size, [30])
     torch.testing.assert_close(ours.step([(0, seq, 0)])[0], _hf_logits(hf, seq), atol=ATOL, rtol=1e-4)
@@ -146,7 +111,7 @@ def test_missing_lm_head_ties_to_the_embedding(tmp_path) -> None:
     sd = load_file(str(path / "model.safetensors"))
     del sd["lm_head.weight"]
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    ours = PagedModel(path)
+    ours = PagedModel(path, NUM_BLOCKS, BLOCK, 512)
     assert ours.model.lm_head is None
     (seq,) = _sequences(ours.model.args.vocab_size, [5])
     hidden_logits = ours.step([(0, seq, 0)])[0]
