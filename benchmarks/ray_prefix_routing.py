@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -29,19 +27,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ray_serve_app.py"
+# The Ray Serve example loader shared with tests/test_ray_serve.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from ray_cluster import free_port, load_example  # noqa: E402
+
 WORDS = ("cache block prefix replica router engine token batch queue stream prompt model tensor "
          "kernel page memory request schedule decode prefill layer head value key attention").split()
 
 
-def load_example(ray: Any) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("aiosched_example_ray_serve_app", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    ray.cloudpickle.register_pickle_by_value(mod)  # examples/ is not on the replicas' path
-    return mod
 
 
 def words(rng: random.Random, chars: int) -> str:
@@ -129,9 +122,7 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     example = load_example(ray)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs: dict[str, list[dict[str, Any]]] = {f"{n}:{r}": [] for n, r in variants}
     try:

@@ -1,8 +1,14 @@
-"""One local Ray instance per test process (2 CPUs, no dashboard, no usage stats), shared by the Ray tests."""
+"""One local Ray instance per test process (2 CPUs, no dashboard, no usage stats), shared by
+the Ray tests; loading the Ray Serve examples (also used by benchmarks/ray_prefix_routing.py)."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+import sys
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,3 +35,23 @@ def free_cpus(ray: Any, want: float = 2.0, timeout: float = 20.0) -> float:
         if free >= want or time.monotonic() > deadline:
             return free
         time.sleep(0.1)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(ray: Any, name: str = "ray_serve_app") -> ModuleType:
+    """examples/<name>.py as a module whose code Ray ships to the replicas by value."""
+    spec = importlib.util.spec_from_file_location(f"aiosched_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    ray.cloudpickle.register_pickle_by_value(mod)  # examples/ is not on the replicas' path
+    return mod
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -11,11 +11,8 @@ own, without actors.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import random
-import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +23,9 @@ import pytest
 
 from aiosched import AsyncEngine, SamplingParams
 from aiosched.config import EngineConfig
-from ray_cluster import free_cpus, local_ray
+from ray_cluster import free_cpus, free_port, load_example, local_ray
 from tiny_model import fake, write_tiny_model
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.timeout(240)
 PROMPTS = ["def fibonacci(n):", "import asyncio\n", "class Scheduler:", "for i in range(", "return x +", "# a comment"]
 # Three groups of requests, each sharing a long prefix (several 64-character router chunks, many KV blocks).
@@ -40,20 +36,6 @@ SHARED = {
 }
 
 
-def load_example(ray: Any, name: str = "ray_serve_app") -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"aiosched_example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    ray.cloudpickle.register_pickle_by_value(mod)  # examples/ is not on the replicas' path
-    return mod
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def expected_texts(config: dict[str, Any]) -> list[str]:
