@@ -103,7 +103,7 @@ from aiosched.openai_protocol import (
     Usage,
     decode_request,
 )
-from aiosched.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from aiosched.outputs import RequestOutput, TokenLogprob
 from aiosched.reasoning_parser import check_reasoning_parser, make_reasoning_parser
 from aiosched.request_stream import RequestStream
 from aiosched.sampling_params import SamplingParams, StructuredOutputParams
@@ -177,15 +177,16 @@ class ServerState:
         self.strict_fields = False  # refuse the OpenAI fields the server would ignore
         self.max_body_bytes = MAX_BODY_BYTES
         self.logged_ignored: set[str] = set()  # ignored request fields already logged
+        aliases: set[str] = set()
         if served_model_name is None:
             model = engine.config.model
             served_model_name = os.path.basename(os.path.normpath(model)) if model else "aiosched-default"
+            # Without a served name, the model as configured (its path, as vLLM's server
+            # names it) is accepted too, beside the listed short name.
+            if model:
+                aliases = {model, os.path.normpath(model)}
         self.served_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
-        # Without a served name, the model as configured (its path, as vLLM's server names it)
-        # is accepted too, beside the listed short name.
-        self.accepted_names = set(self.served_names)
-        if engine.config.model and served_model_name == os.path.basename(os.path.normpath(engine.config.model)):
-            self.accepted_names |= {engine.config.model, os.path.normpath(engine.config.model)}
+        self.accepted_names = set(self.served_names) | aliases
         self.owns_engine = False
         self.draining = False
         self.shutdown_timeout: float | None = None  # set by `aiosched serve`; None: the ASGI server decides
@@ -698,10 +699,6 @@ def _stream_error(e: BaseException, job: _Job) -> bytes:
     return _sse(ErrorResponse(ErrorInfo(err.message, err.type, err.param, err.code)))
 
 
-def _delta_logprobs(c: CompletionOutput) -> list[TokenLogprob] | None:
-    return c.new_logprobs  # O(new tokens): never the cumulative list per chunk
-
-
 async def _stream_completion(job: _Job) -> AsyncIterator[bytes]:
     req = job.req
     assert isinstance(req, CompletionRequest)
@@ -729,7 +726,7 @@ async def _stream_completion(job: _Job) -> AsyncIterator[bytes]:
                 if not c.new_token_ids and c.finish_reason is None:
                     continue
                 ntokens[idx] = c.num_tokens
-                lps = _delta_logprobs(c)
+                lps = c.new_logprobs
                 # One chunk per output, also when its text is still empty (half a UTF-8
                 # character): clients count chunks as tokens.
                 lp = job.completion_logprobs(lps, offsets.get(idx, 0)) if lps else None
@@ -778,7 +775,7 @@ async def _stream_chat(job: _Job) -> AsyncIterator[bytes]:
                     reason = finish_reason(c.finish_reason, parser, job.named_tool)
                 delta = delta_of(piece, "assistant" if first else None)
                 usage = job.usage(outs, sum(ntokens.values())) if continuous else None
-                lps = _delta_logprobs(c)
+                lps = c.new_logprobs
                 lp = job.chat_logprobs(lps) if lps else None
                 yield _sse(ChatCompletionChunk(job.id, job.created, job.model, [ChatChunkChoice(c.index, delta, lp, reason, c.stop_reason)], usage))
             if out.finished:

@@ -139,7 +139,8 @@ def test_404_and_405_are_openai_errors(srv) -> None:
 
 async def test_the_model_path_names_the_model_as_under_vllm(make_engine, model) -> None:
     """Without --served-model-name the model is listed by its folder's name, and requests
-    naming it by the path it was loaded from (what vLLM's server lists) are served too."""
+    naming it by the path it was loaded from (what vLLM's server lists) are served too;
+    with a served name, only the names given."""
     async with make_engine(**_config(model)) as eng:
         app = build_app(eng)
         path = eng.config.model
@@ -150,6 +151,9 @@ async def test_the_model_path_names_the_model_as_under_vllm(make_engine, model) 
                 r = await c.post("/v1/completions", json={"model": name, "prompt": [5, 6], "max_tokens": 2})
                 assert r.status_code == 200, (name, r.text)
             assert_openai_error(await c.post("/v1/completions", json={"model": "other", "prompt": [5], "max_tokens": 1}), 404)
+        named = build_app(eng, served_model_name=pathlib.Path(path).name)  # a name given: exactly the names given
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=named), base_url="http://t") as c:
+            assert_openai_error(await c.post("/v1/completions", json={"model": path, "prompt": [5], "max_tokens": 1}), 404)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
