@@ -9,25 +9,24 @@ mkdir -p "$OUT"
 # The device image has torch/triton/jax but not msgspec, pyzmq, pytest-asyncio, llguidance:
 # carried as wheels in .whl/. The project installs editable into a venv over the image's
 # packages, so `aiosched.executors` maps to this checkout's executors/ (pyproject's package-dir).
-if [ ! -x /tmp/venv/bin/python ]; then
-  IMAGE_SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')  # the image's python3 is itself a venv
-  python3 -m venv /tmp/venv
-  /tmp/venv/bin/python -c 'import site, sys; open(site.getsitepackages()[0] + "/image.pth", "w").write(sys.argv[1] + "\n")' "$IMAGE_SITE"
+# make_venv VENV TREE: a venv over the image's packages with the wheels and TREE installed editable.
+make_venv() {
+  local venv=$1 tree=$2 image_site
+  image_site=$(python3 -c 'import site; print(site.getsitepackages()[0])')  # the image's python3 is itself a venv
+  python3 -m venv "$venv"
+  "$venv/bin/python" -c 'import site, sys; open(site.getsitepackages()[0] + "/image.pth", "w").write(sys.argv[1] + "\n")' "$image_site"
   if ls .whl/*.whl >/dev/null 2>&1; then
-    /tmp/venv/bin/python -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
+    "$venv/bin/python" -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
   fi
-  /tmp/venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
-fi
+  (cd "$tree" && "$venv/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING)
+}
+[ -x /tmp/venv/bin/python ] || make_venv /tmp/venv .
 # Stage `before`: the same decode/tpu/c256 stages on an older tree, in this call (host speed
 # differs between lent machines by up to 30%, so before/after is only fair on one machine).
 # Make the tree with `git archive REF -o .old/before.tar` and carry `.old`; results go to $OUT/before/.
 if [[ " ${*:-} " == *" before "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
   rm -rf /tmp/before && mkdir -p /tmp/before && tar -xf .old/before.tar -C /tmp/before
-  IMAGE_SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
-  python3 -m venv /tmp/venv-before
-  /tmp/venv-before/bin/python -c 'import site, sys; open(site.getsitepackages()[0] + "/image.pth", "w").write(sys.argv[1] + "\n")' "$IMAGE_SITE"
-  /tmp/venv-before/bin/python -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
-  (cd /tmp/before && /tmp/venv-before/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING)
+  make_venv /tmp/venv-before /tmp/before
 fi
 export PATH=/tmp/venv/bin:$PATH
 export PYTHONUNBUFFERED=1
