@@ -12,6 +12,10 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+# The schema of issue 16.1's reproduction (a constrained request preempted once).
+ISSUE16_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"a": {"type": "integer", "minimum": -5, "maximum": 900},
+                                                               "b": {"enum": ["x", "yy", "zzz"]}}, "required": ["a", "b"]}
+
 _KEY = st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=6)
 _ENUM_VALUE = st.one_of(st.text(alphabet=string.ascii_letters + " -", max_size=5), st.integers(-50, 50), st.booleans(), st.none())
 _PATTERNS = ["^[a-z]{1,6}$", "^[0-9]{3}-[0-9]{4}$", "^(red|green|blue)$", "^[A-Z][a-z]{0,4}$"]

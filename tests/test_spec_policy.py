@@ -3,6 +3,12 @@
 Driven with synthetic step outputs (tokens, seconds): no clock, no race."""
 from __future__ import annotations
 
+import asyncio
+import json
+
+import pytest
+
+from aiosched.sampling_params import SamplingParams
 from aiosched.spec_policy import SpecPolicy
 
 
@@ -67,13 +73,6 @@ def test_measuring_backs_off_while_the_answer_holds() -> None:
 
 
 # ---- through the engine: fake runner whose drafts are accepted, a clock the test controls ----
-
-import asyncio  # noqa: E402
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-
-from aiosched.sampling_params import SamplingParams  # noqa: E402
 
 
 def _repetitive_model(tmp_path) -> str:

@@ -47,6 +47,7 @@ reports the "penalties" feature (the fake and the torch runner do).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import pathlib
@@ -71,6 +72,7 @@ from aiosched.protocol import ScheduledRequest
 from aiosched.request import RequestStatus
 from aiosched.sampling_params import SamplingParams, StructuredOutputParams
 from aiosched.executors.fake_runner import FakeModelRunner, reference_tokens
+from json_schemas import ISSUE16_SCHEMA
 from sched_harness import Expected, Harness, expected_output
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -158,8 +160,7 @@ requests = st.integers(0, 2**64 - 1).map(describe_request)
 
 # Grammars the "alone" engine machines draw (the fake runner masks its hash tokens with them).
 STRUCTURED_SPECS = [
-    StructuredOutputParams(json_schema='{"type":"object","properties":{"a":{"type":"integer","minimum":-5,"maximum":900},'
-                                       '"b":{"enum":["x","yy","zzz"]}},"required":["a","b"]}'),
+    StructuredOutputParams(json_schema=json.dumps(ISSUE16_SCHEMA, separators=(",", ":"))),
     StructuredOutputParams(json_object=True),
     StructuredOutputParams(regex=r"(ab|cd)[0-9]{2,6}"),
     StructuredOutputParams(grammar='start: "[" item ("," item)* "]"\nitem: /[a-z]{1,3}/'),

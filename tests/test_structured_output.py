@@ -26,7 +26,7 @@ from aiosched.executors.structured_output import (
     compile_grammar,
     unpack_bitmask,
 )
-from tests.json_schemas import json_schemas
+from tests.json_schemas import ISSUE16_SCHEMA, json_schemas
 from tests.tiny_model import _write_tokenizer_only
 
 SO = StructuredOutputParams
@@ -350,8 +350,6 @@ async def test_engine_structured_under_preemption(make_engine, model_dir: pathli
 
 # ---- issue 16.1: a preempted constrained request, the real torch runner ----
 
-ISSUE16_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": -5, "maximum": 900},
-                                                   "b": {"enum": ["x", "yy", "zzz"]}}, "required": ["a", "b"]}
 ISSUE16_PROMPT = "class Scheduler:"
 DEFAULT_MODEL = pathlib.Path(__file__).resolve().parents[1] / "aiosched" / "default_model"
 
