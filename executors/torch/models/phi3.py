@@ -7,8 +7,9 @@ into its parts (q, k, v / gate, up: `shard_spec` in models/llama.py gives their 
 each part is sharded on its own, so rank r gets its q heads with their kv heads.
 
 Config (`parse_phi3`): the sliding window applies to every layer; partial rotary and
-the su / longrope scalings are refused by name. With a window the CUDA fast path (which
-attends without one) is off, and the reference forward runs.
+the su / longrope scalings are refused by name. With a window the model runs its unfused
+forward on CUDA, without graphs (`cuda_fast_path` False), until the windowed fused path
+is verified on a GPU.
 """
 from __future__ import annotations
 
