@@ -18,18 +18,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from aiosched.executors.model_config import IGNORED_TENSORS, ModelConfig, read_config_json
-from aiosched.executors.model_registry import check_architecture, torch_model_class
+from aiosched.executors.model_config import IGNORED_TENSORS, ModelConfig
+from aiosched.executors.model_registry import torch_model_class
 from aiosched.executors.torch.models.llama import LlamaForCausalLM, ShardSpec, local_part_rows, shard_spec
 from aiosched.executors.torch.parallel import TPGroup, shard_range
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    cfg = read_config_json(model_dir)
-    check_architecture(cfg)
-    return cfg
 
 
 def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:

@@ -144,16 +144,6 @@ def apply_bias(logits: torch.Tensor, b: BiasBatch) -> torch.Tensor:
     return logits.index_put((b.rows, b.tokens), b.values, accumulate=True)
 
 
-def process_logits(logits: torch.Tensor, token_buffer: torch.Tensor | None, penalties: PenaltyBatch | None,
-                   bias: BiasBatch | None) -> torch.Tensor:
-    if penalties is not None:
-        assert token_buffer is not None
-        logits = apply_penalties(logits, token_buffer, penalties)
-    if bias is not None:
-        logits = apply_bias(logits, bias)
-    return logits
-
-
 # ---- logprobs ----
 
 
@@ -170,8 +160,3 @@ def compute_logprobs(logits: torch.Tensor, sampled: torch.Tensor, k: int) -> tup
         top_lp = lp.new_empty((lp.shape[0], 0))
         top_ids = torch.empty((lp.shape[0], 0), dtype=torch.int64, device=lp.device)
     return chosen, top_ids, top_lp
-
-
-def compute_prompt_logprobs(logits: torch.Tensor, next_tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same for prompt positions: logits [N, V] at positions p, next_tokens [N] = prompt token p + 1."""
-    return compute_logprobs(logits, next_tokens, k)

@@ -62,10 +62,6 @@ class StepContext:
     plp_next_pos: list[tuple[int, int]] = field(default_factory=list)  # (buffer row, position of the predicted token)
     num_host_tensors: int = 0
 
-    @property
-    def needs_raw_logits(self) -> bool:
-        return bool(self.lp_rows)
-
 
 class SamplingExtras:
     def __init__(self, model_dir: str | None, vocab_size: int, max_num_seqs: int, device: torch.device) -> None:
