@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec families before
-#   (default: env tests decode hf tpu c256 profile)
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec families before beforedecode
+#   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
 OUT=${OUT:-/tmp/aiosched-gpu}
@@ -24,7 +24,7 @@ make_venv() {
 # Stage `before`: the same decode/tpu/c256 stages on an older tree, in this call (host speed
 # differs between lent machines by up to 30%, so before/after is only fair on one machine).
 # Make the tree with `git archive REF -o .old/before.tar` and carry `.old`; results go to $OUT/before/.
-if [[ " ${*:-} " == *" before "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
+if [[ " ${*:-} " == *" before"* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
   rm -rf /tmp/before && mkdir -p /tmp/before && tar -xf .old/before.tar -C /tmp/before
   make_venv /tmp/venv-before /tmp/before
 fi
@@ -101,8 +101,9 @@ if has spec; then
 fi
 if has families; then
   say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"
-  # JAX_PLATFORMS=cpu: the JAX parity tests run the jax runner on the CPU (as in CI)
-  JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider tests/test_model_families.py 2>&1 | tail -40 | tee -a "$LOG" "$OUT/families.log"
+  # JAX's default device here is the GPU while the tests ask the jax runner for device="cpu":
+  # this checks that every array and program stays on the runner's device.
+  python3 -m pytest -q -p no:cacheprovider tests/test_model_families.py 2>&1 | tail -40 | tee -a "$LOG" "$OUT/families.log"
 fi
 if has before && [ -x /tmp/venv-before/bin/python ]; then
   say "before: the older tree's decode, tpu and c256 on this machine"
@@ -113,5 +114,11 @@ if has before && [ -x /tmp/venv-before/bin/python ]; then
      --no-enable-prefix-caching --compare sync,async --json "$OUT/before/bench_tpu.json" &&
    $B --input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 \
      --no-enable-prefix-caching --compare async --json "$OUT/before/bench_c256.json") 2>&1 | tee -a "$LOG"
+fi
+if has beforedecode && [ -x /tmp/venv-before/bin/python ]; then
+  say "before: the older tree's decode step with its kernel profile, on this machine"
+  mkdir -p "$OUT/before"
+  (cd /tmp/before && /tmp/venv-before/bin/python benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 \
+     --variants best --kernel-profile --no-eager --json "$OUT/before/decode_profile.json") 2>&1 | tee -a "$LOG"
 fi
 say done

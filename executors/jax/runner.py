@@ -367,6 +367,10 @@ class JaxModelRunner(ModelRunner):
         if model_dir is None:
             raise ValueError("model: the JAX runner needs an HF-layout model dir (config.json + *.safetensors)")
         self.device = self._device()
+        # Every array a program reads lives on this device: the host inputs are put there
+        # explicitly and the programs are lowered for it, so JAX's default device (a GPU on
+        # a GPU host, while this runner may run on the CPU) never receives one of them.
+        self.sharding = jax.sharding.SingleDeviceSharding(self.device)
         self.platform = self.device.platform
         self.arch = llama_jax.LlamaArch.from_dir(model_dir)
         self.dtype_name = cfg.resolved_dtype
@@ -408,6 +412,9 @@ class JaxModelRunner(ModelRunner):
             else:
                 self.kv = tuple(jnp.zeros(kv_shape, self.dtype) for _ in range(a.num_layers))
             self.tokbuf = jnp.zeros((self.num_rows + 1, self.max_model_len), jnp.int32)
+        # Committed to the device: arrays made under default_device are not, and a program
+        # lowered with uncommitted ones is compiled for JAX's default device instead.
+        self.kv, self.tokbuf = jax.device_put((self.kv, self.tokbuf), self.device)
         self.free_rows = list(range(self.num_rows - 1, -1, -1))
         # max_num_batched_tokens is a bucket itself when it is not a power of two.
         self.max_tokens_bucket = cfg.max_num_batched_tokens
@@ -505,8 +512,8 @@ class JaxModelRunner(ModelRunner):
         return compile_stats()
 
     def _program(self, shape: Shape) -> Any:
-        ints = jax.ShapeDtypeStruct((shape.n_int,), jnp.int32)
-        floats = jax.ShapeDtypeStruct((shape.n_float,), jnp.float32)
+        ints = jax.ShapeDtypeStruct((shape.n_int,), jnp.int32, sharding=self.sharding)
+        floats = jax.ShapeDtypeStruct((shape.n_float,), jnp.float32, sharding=self.sharding)
         key = (*self._base_key, _compiler_options() is not None, "step", shape)
         lower = functools.partial(self._step_jit.lower, self.params, self.kv, self.tokbuf, ints, floats, shape=shape, arch=self.arch,
                                   attention=self.attention, scan_layers=self.scan_layers)
@@ -622,7 +629,8 @@ class JaxModelRunner(ModelRunner):
         i["cu_q_len"][len(sched) + 1:] = t
         i["num_reqs"][0] = len(sched)
         prog = self._progs.get(shape) or self._program(shape)
-        self.kv, self.tokbuf, toks, extras = prog(self.params, self.kv, self.tokbuf, hb.ints, hb.floats)
+        self.kv, self.tokbuf, toks, extras = prog(self.params, self.kv, self.tokbuf,
+                                                    *jax.device_put((hb.ints, hb.floats), self.device))
         self.steps += 1
         self.tokens_computed += n_tokens
         return _JaxPending(so.step_id, sampled_ids, toks, extras, lp_rows, plp)
@@ -665,9 +673,9 @@ class JaxModelRunner(ModelRunner):
         v = np.zeros(K, np.int32)
         r[:n], c[:n], v[:n] = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
         key = (*self._base_key, _compiler_options() is not None, "write", K)
-        spec = jax.ShapeDtypeStruct((K,), jnp.int32)
+        spec = jax.ShapeDtypeStruct((K,), jnp.int32, sharding=self.sharding)
         prog = _compiled(key, "write", functools.partial(_write_tokens.lower, self.tokbuf, spec, spec, spec))
-        self.tokbuf = prog(self.tokbuf, r, c, v)
+        self.tokbuf = prog(self.tokbuf, *jax.device_put((r, c, v), self.device))
 
     def shutdown(self) -> None:
         if self.steps:
