@@ -210,6 +210,24 @@ def test_argmax_rows(m, n) -> None:
     assert torch.equal(out, x.float().argmax(-1))
 
 
+@pytest.mark.parametrize("T", [1, 3, 256, 1500])
+def test_step_inputs_gathers_ids_positions_and_slots(T) -> None:
+    """The packed step (rows, positions; -1 = padding) -> input ids from the token buffer,
+    clamped positions and KV slots through the block table: equal to the torch gathers."""
+    rows_n, row_len, page, max_blocks = 9, 200, 16, 13
+    tokens = torch.randint(0, 50_000, (rows_n, row_len), device=DEV)
+    bt = torch.randint(0, 4_000, (rows_n, max_blocks), device=DEV)
+    rows = torch.randint(0, rows_n, (T,), device=DEV)
+    pos = torch.randint(0, row_len, (T,), device=DEV)
+    pos[::7] = -1  # padding tokens
+    d = torch.cat([rows, pos, torch.full((5,), 12345, device=DEV)])  # more packed fields follow in the real stage
+    got = fused_ops.step_inputs(d, T, tokens, bt, page)
+    want = fused_ops.step_inputs_ref(d, T, tokens, bt, page)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    assert (got[2][pos < 0] == -1).all() and (got[1] >= 0).all()
+
+
 def test_decode_and_varlen_read_block_tables_through_rows() -> None:
     """Persistent per-slot block tables: request b uses table row rows[b]."""
     rng = random.Random(11)

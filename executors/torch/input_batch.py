@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from aiosched.protocol import NewRequestData, SchedulerOutput
+from aiosched.executors.torch import fused_ops
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, DeviceAttention
 from aiosched.executors.torch.sampler import SamplingBatch
 
@@ -331,13 +332,11 @@ class InputBatch:
         """The forward's inputs from a packed step on the device: input ids from the
         token buffer, KV slots from the device block table. The CUDA graphs call this
         inside their capture. `host` (exact layouts) adds the host lists for the CPU kernels."""
-        rows_tok, pos = d[:L.T], d[L.T:2 * L.T]
-        p = pos.clamp(min=0)
         bs = self.block_size
-        ids = self.tokens.view(-1)[rows_tok * self.row_len + p]
-        slots = self.block_table[rows_tok, p // bs] * bs + p % bs
-        if L.padded:
-            slots = torch.where(pos >= 0, slots, -1)
+        if fused:  # one kernel on CUDA (decode steps are short: each launch counts)
+            ids, p, slots = fused_ops.step_inputs(d, L.T, self.tokens, self.block_table, bs)
+        else:
+            ids, p, slots = fused_ops.step_inputs_ref(d, L.T, self.tokens, self.block_table, bs)
         dev_attn = None
         if fused:
             dev_attn = DeviceAttention(self.block_table, d[L.o_rows:L.o_rows + L.R], d[L.o_seq:L.o_seq + L.R],

@@ -234,9 +234,8 @@ class TorchModelRunner(ModelRunner):
             return hidden, None, None
         rows = hidden if inputs.meta.device is not None and inputs.meta.device.decode else hidden[inputs.logit_rows]
         # float32 for the samplers; on the fused path the weights' dtype (argmax needs no upcast; sampling upcasts)
-        logits = self.model.compute_logits(rows, dtype=None if fused else torch.float32, fused=fused)
-        if logits_out is not None:
-            logits = logits_out[:logits.shape[0]].copy_(logits)
+        out = logits_out[:rows.shape[0]] if logits_out is not None else None
+        logits = self.model.compute_logits(rows, dtype=None if fused else torch.float32, fused=fused, out=out)
         tokens = None
         if argmax:
             out = tokens_out[:logits.shape[0]] if tokens_out is not None else None

@@ -96,8 +96,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, stream: Residual) -> None:
         """stream += o_proj(attention(x)); x is the normed stream."""
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        self._attend(self.qkv_proj(x), rope, meta, k_cache, v_cache, stream)
+
+    def forward_normed(self, norm: RMSNorm, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, stream: Residual) -> None:
+        """stream += o_proj(attention(norm(stream))). For 1-2 rows on a fused step the norm
+        is the qkv GEMM's prologue (one skinny kernel instead of a norm and a cuBLAS GEMV)."""
+        x = stream.x
+        if (self.qkv_proj.bias is None and not norm.unit_offset and stream.pending is None
+                and skinny_rows(x, stream.fused, self.tp)):
+            qkv = fused_ops.skinny_linear(x, self.qkv_proj.weight, norm_weight=norm.weight, eps=norm.eps)
+        else:
+            qkv = self.qkv_proj(stream.normed(norm))
+        self._attend(qkv, rope, meta, k_cache, v_cache, stream)
+
+    def _attend(self, qkv: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, stream: Residual) -> None:
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm.apply(q, meta.fused), self.k_norm.apply(k, meta.fused)  # type: ignore[union-attr]
@@ -121,7 +137,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, stream: Residual, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> None:
-        self.self_attn(stream.normed(self.input_layernorm), rope, meta, k_cache, v_cache, stream)
+        self.self_attn.forward_normed(self.input_layernorm, rope, meta, k_cache, v_cache, stream)
         self.mlp.add_into(stream, self.post_attention_layernorm)
 
 
@@ -183,16 +199,26 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(local.masked_fill(outside, 0))
         return all_reduce_(x.masked_fill(outside.unsqueeze(-1), 0.0), self.tp)
 
-    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32, fused: bool = False) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32, fused: bool = False,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         """Full-vocab logits of `forward`'s hidden rows on every rank (TP: this rank's
         columns, then all-gathered): final norm, LM head, soft-capping. float32 unless
         dtype is None (the weights' dtype: a greedy argmax needs no upcast). fused: for
-        1-2 rows, the norm is the prologue of one skinny Triton GEMM."""
+        1-2 rows, the norm is the prologue of one skinny Triton GEMM. out: [rows, vocab]
+        to write into (a CUDA graph's persistent buffer); the LM head writes it directly
+        when no cast, gather or cap follows, else the result is copied there."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if skinny_rows(hidden, fused, self.tp) and not self.norm.unit_offset:
-            y = fused_ops.skinny_linear(hidden, w, norm_weight=self.norm.weight, eps=self.norm.eps)
-        else:
-            y = self.norm.apply(hidden, fused) @ w.t()
         cap = self.args.final_logit_softcap
         dtype = torch.float32 if cap is not None else dtype  # soft-capping in float32 whatever the caller reads
-        return softcap(all_gather(y if dtype is None else y.to(dtype), self.tp, dim=-1), cap)
+        direct = out if (out is not None and cap is None and not self.tp.active
+                         and (dtype is None or dtype == w.dtype) and out.dtype == w.dtype) else None
+        if skinny_rows(hidden, fused, self.tp) and not self.norm.unit_offset:
+            y = fused_ops.skinny_linear(hidden, w, out=direct, norm_weight=self.norm.weight, eps=self.norm.eps)
+        elif direct is not None:
+            y = torch.mm(self.norm.apply(hidden, fused), w.t(), out=direct)
+        else:
+            y = self.norm.apply(hidden, fused) @ w.t()
+        if direct is not None:
+            return y
+        y = softcap(all_gather(y if dtype is None else y.to(dtype), self.tp, dim=-1), cap)
+        return y if out is None else out.copy_(y)
