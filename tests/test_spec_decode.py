@@ -207,3 +207,52 @@ async def test_torch_multiproc_identity(make_engine, tiny_model) -> None:
     base, _ = await _run(make_engine, ps, p, model=tiny_model, cpu_threads=1)
     spec, st = await _run(make_engine, ps, p, model=tiny_model, executor="multiproc", speculative=SPEC, cpu_threads=1)
     assert spec == base and st["spec_draft_tokens"] > 0
+
+
+async def test_torch_extras_requests_verified_without_drafts_others_keep_theirs(make_engine, tiny_model) -> None:
+    """A request with a penalty or logprobs in the batch (issue 18: it used to turn drafting
+    off for every step it was in): it runs as a one-token row, the plain greedy requests
+    keep their drafts, and every output equals the request run alone without speculation."""
+    ps = _torch_prompts(7)
+    ps[6] = ps[6] * 3  # chunked over several steps (with prompt logprobs) while the others draft
+    plain = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    # The extras requests run longer than the plain ones: every step has one of them.
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, presence_penalty=1.5, frequency_penalty=0.5),
+              SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2),
+              plain, plain, plain, plain,
+              SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1)]
+    kw = dict(model=tiny_model, cpu_threads=1, max_num_batched_tokens=32)
+    alone = []
+    async with make_engine(**kw) as eng:
+        for p, sp in zip(ps, params):
+            alone.append(await eng.generate(p, sp))
+    for mode in (False, True):
+        async with make_engine(async_scheduling=mode, speculative=SPEC, **kw) as eng:
+            outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
+            st = eng.stats()
+            eng.scheduler.check_invariants()
+        assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+        assert [t.logprob for t in outs[1].logprobs] == pytest.approx([t.logprob for t in alone[1].logprobs], abs=1e-4)
+        got, want = outs[6].prompt_logprobs, alone[6].prompt_logprobs
+        assert len(got) == len(want) == len(ps[6]) and [t and t.logprob for t in got] == pytest.approx([t and t.logprob for t in want], abs=1e-4)
+        # Before: no drafts at all (every step had an extras request). Now 16-18 here.
+        assert st["spec_draft_tokens"] >= 10, st
+        assert st["spec_accepted_tokens"] > 0, st
+
+
+async def test_torch_prompt_logprobs_chunks_beside_drafting_requests(make_engine, tiny_model) -> None:
+    # Prompt logprobs of a chunked prompt computed in steps whose only samplers draft.
+    ps = _torch_prompts(7)
+    ps[6] = ps[6] * 4
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)] * 6 + [
+        SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2)]
+    kw = dict(model=tiny_model, cpu_threads=1, max_num_batched_tokens=32)
+    async with make_engine(**kw) as eng:
+        want = await eng.generate(ps[6], params[6])
+    async with make_engine(async_scheduling=True, speculative=SPEC, **kw) as eng:
+        outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
+        st = eng.stats()
+    got = outs[6]
+    assert got.token_ids == want.token_ids and len(got.prompt_logprobs) == len(ps[6])
+    assert [t and t.logprob for t in got.prompt_logprobs] == pytest.approx([t and t.logprob for t in want.prompt_logprobs], abs=1e-4)
+    assert st["spec_draft_tokens"] > 0, st

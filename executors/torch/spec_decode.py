@@ -18,12 +18,12 @@ token history), so it:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import msgspec
 import numpy as np
 
-from aiosched.protocol import RunnerOutput, SchedulerOutput
+from aiosched.protocol import SchedulerOutput
 
 
 def propose_ngram(tokens: "list[int] | np.ndarray", k: int, ngram_min: int, ngram_max: int) -> list[int]:
@@ -92,19 +92,22 @@ def accept_walk(tokens: list[int], accepted: list[bool], m: int) -> list[int]:
 # ---- the torch runner's speculative step (the forward is the runner's, over InputBatch) ----
 
 
-def prepare_spec_step(batch: Any, so: SchedulerOutput, spec: Any, allow: bool) -> tuple[SchedulerOutput, dict[str, list[int]]]:
+def prepare_spec_step(batch: Any, so: SchedulerOutput, spec: Any,
+                      no_drafts: Collection[str] = ()) -> tuple[SchedulerOutput, dict[str, list[int]]]:
     """Resolve each speculative row at the worker's real position and propose its drafts
     (written into the token buffer past the known tokens). Returns the step rewritten
     with exact positions (rows without drafts become plain one-token decodes, so a step
     with no drafts at all runs on the unchanged path, CUDA graphs included) and the
-    drafts by request. allow=False (no speculative config, or sampling extras in the
-    step): no drafts. `batch` is the runner's InputBatch (executors/torch/input_batch.py)."""
+    drafts by request. spec None: no drafts; requests in `no_drafts` (those with sampling
+    extras the verifier does not implement) get none either, the others keep theirs.
+    `batch` is the runner's InputBatch (executors/torch/input_batch.py)."""
     import torch
 
     # Every speculating request's history in one device->host copy (not one per request).
     spec_rows = [(sr, batch.reqs[sr.req_id]) for sr in so.scheduled if sr.num_draft_slots]
+    drafting = [spec is not None and sr.req_id not in no_drafts for sr, _ in spec_rows]
     hist = None
-    if allow and spec_rows:
+    if any(drafting):
         longest = max(st.num_tokens for _, st in spec_rows)
         idx = torch.tensor([st.row for _, st in spec_rows], dtype=torch.int64, device=batch.tokens.device)
         hist = batch.tokens[idx, :longest].cpu().numpy()
@@ -115,7 +118,7 @@ def prepare_spec_step(batch: Any, so: SchedulerOutput, spec: Any, allow: bool) -
             raise RuntimeError(f"{sr.req_id}: worker at position {start}, past the scheduler's bound {sr.num_computed_tokens}")
         room = min(sr.num_draft_slots, (len(st.block_table) + len(sr.new_block_ids)) * batch.block_size - start - 1,
                    batch.row_len - st.num_tokens)
-        if hist is not None and room > 0:
+        if drafting[i] and room > 0:
             ds = propose_ngram(hist[i, : st.num_tokens], room, spec.ngram_min, spec.ngram_max)
             if ds:
                 proposals[sr.req_id] = ds
@@ -134,29 +137,34 @@ def prepare_spec_step(batch: Any, so: SchedulerOutput, spec: Any, allow: bool) -
     return msgspec.structs.replace(so, new_requests=[], freed_req_ids=[], scheduled=scheduled), proposals
 
 
-def accept_drafts(batch: Any, step: Any, logits: Any, sampling: Any, out: RunnerOutput) -> None:
-    """Verify the 1 + m logits rows of each sampling request of a ScheduledStep
-    (`sampling`: InputBatch.sampling_batch of the same rows), append the accepted drafts
-    plus the corrected/bonus token to the token buffer and fill `out` (synchronous)."""
+def accept_drafts(batch: Any, states: list[Any], num_logits: list[int], drafts: dict[str, list[int]], logits: Any,
+                  sampling: Any) -> tuple[list[list[int]], int, int]:
+    """Verify the 1 + m logits rows of each request in `states` (`logits`: their rows, in
+    order; `sampling`: InputBatch.sampling_batch of the same rows), append the accepted
+    drafts plus the corrected/bonus token to the token buffer (synchronous). Returns each
+    request's emitted tokens, the drafts verified and the drafts accepted."""
     import torch
 
     draft_of_row = []
-    for st, n in zip(step.samplers, step.num_logits):
-        ds = step.drafts.get(st.data.req_id, [])
+    for st, n in zip(states, num_logits):
+        ds = drafts.get(st.data.req_id, [])
         draft_of_row.extend(ds[j] if j < len(ds) else -1 for j in range(n))
     tok_t, acc_t = verify_drafts(logits, sampling, torch.tensor(draft_of_row, dtype=torch.int64).to(logits.device))
     toks, accs = tok_t.tolist(), acc_t.tolist()
     dst: list[int] = []
     vals: list[int] = []
+    emitted_all: list[list[int]] = []
+    num_drafts = num_accepted = 0
     i = 0
-    for st, n in zip(step.samplers, step.num_logits):
+    for st, n in zip(states, num_logits):
         m = n - 1
         emitted = accept_walk(toks[i : i + n], accs[i : i + n], m)
         i += n
-        out.sampled_token_ids.append(emitted)
-        out.num_draft_tokens += m
-        out.num_accepted_tokens += len(emitted) - 1
+        emitted_all.append(emitted)
+        num_drafts += m
+        num_accepted += len(emitted) - 1
         dst.extend(st.row * batch.row_len + st.num_tokens + j for j in range(len(emitted)))
         vals.extend(emitted)
         st.num_tokens += len(emitted)
     batch.write_tokens(dst, vals)
+    return emitted_all, num_drafts, num_accepted
