@@ -95,9 +95,12 @@ if has c256si8; then
     --no-enable-prefix-caching --stream-interval 8 --compare async --json "$OUT/bench_c256_si8.json" 2>&1 | tee -a "$LOG"
 fi
 if has spec; then
-  say "speculative decoding: none / always / auto (SpecPolicy), sync and async, 16 requests x 128 tokens"
-  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code,random --requests 16 --max-tokens 128 \
-    --json "$OUT/spec.json" 2>&1 | tee -a "$LOG"
+  say "speculative decoding: none / always / auto (SpecPolicy), sync and async, concurrency 1..256 x 128 tokens"
+  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code,random --requests 1,4,16,64,256 \
+    --max-tokens 128 --json "$OUT/spec.json" 2>&1 | tee -a "$LOG"
+  say "speculative decoding with every 4th request penalised (verified without drafts; the others keep theirs)"
+  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code --requests 16,64 --extras-every 4 \
+    --max-tokens 128 --json "$OUT/spec_extras.json" 2>&1 | tee -a "$LOG"
 fi
 if has families; then
   say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"
