@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiosched import SamplingParams
 from aiosched.executors.torch.spec_decode import accept_walk, propose_ngram
@@ -256,3 +258,20 @@ async def test_torch_prompt_logprobs_chunks_beside_drafting_requests(make_engine
     assert got.token_ids == want.token_ids and len(got.prompt_logprobs) == len(ps[6])
     assert [t and t.logprob for t in got.prompt_logprobs] == pytest.approx([t and t.logprob for t in want.prompt_logprobs], abs=1e-4)
     assert st["spec_draft_tokens"] > 0, st
+
+
+@given(hists=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=30), min_size=1, max_size=6),
+       k=st.integers(1, 5), nmin=st.integers(1, 3), extra=st.integers(0, 2))
+@settings(max_examples=150, deadline=None)
+def test_batched_proposer_equals_the_reference(hists, k, nmin, extra) -> None:
+    # Small alphabets: many matches, ties and overlaps. Padding past each length is noise
+    # the proposer must not read.
+    torch = pytest.importorskip("torch")
+    from aiosched.executors.torch.spec_decode import propose_ngram_batch
+
+    W = max(len(h) for h in hists) + 3
+    hist = torch.tensor([h + [(7 * i + j) % 4 for j in range(W - len(h))] for i, h in enumerate(hists)])
+    drafts, counts = propose_ngram_batch(hist, torch.tensor([len(h) for h in hists]), k, nmin, nmin + extra)
+    for h, d, c in zip(hists, drafts.tolist(), counts.tolist()):
+        want = propose_ngram(h, k, nmin, nmin + extra)
+        assert d[:c] == want and c == len(want) and all(x == -1 for x in d[c:])

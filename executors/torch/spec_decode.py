@@ -47,6 +47,34 @@ def propose_ngram(tokens: "list[int] | np.ndarray", k: int, ngram_min: int, ngra
     return []
 
 
+def propose_ngram_batch(hist: Any, lengths: Any, k: int, ngram_min: int, ngram_max: int) -> tuple[Any, Any]:
+    """`propose_ngram` for a batch of histories at once, as tensor ops on their device (no
+    per-request Python, no copy of the histories to the host): [R, W] histories whose
+    first lengths[r] tokens are known -> ([R, k] drafts, -1 past each row's count; [R] counts)."""
+    import torch
+
+    R, W = hist.shape
+    dev = hist.device
+    cols = torch.arange(W, device=dev)
+    last = lengths - 1  # index of each row's last known token
+    found = torch.zeros(R, dtype=torch.bool, device=dev)
+    best = torch.full((R,), -1, dtype=torch.int64, device=dev)  # j: end of the chosen earlier occurrence
+    for n in range(ngram_max, ngram_min - 1, -1):
+        # j ends an earlier occurrence of the last n tokens: hist[j - o] == hist[last - o] for o < n
+        ok = (cols < last.unsqueeze(1)) & (cols >= n - 1)
+        for o in range(n):
+            tail = hist.gather(1, (last - o).clamp(min=0).unsqueeze(1))
+            ok &= torch.roll(hist, o, dims=1) == tail  # column j holds hist[j - o] (j < o wraps: masked above)
+        j = torch.where(ok, cols, -1).amax(dim=1)  # the most recent
+        take = ~found & (j >= 0)
+        best = torch.where(take, j, best)
+        found |= take
+    idx = best.unsqueeze(1) + 1 + torch.arange(k, device=dev)
+    valid = found.unsqueeze(1) & (idx < lengths.unsqueeze(1))
+    drafts = torch.where(valid, hist.gather(1, idx.clamp(max=W - 1)), -1)
+    return drafts, valid.sum(dim=1)
+
+
 def verify_drafts(logits: Any, b: Any, drafts: Any) -> tuple[Any, Any]:
     """[R, V] logits, a SamplingBatch of R rows (positions: the token each row samples),
     [R] drafts (-1: none) -> ([R] tokens, [R] accepted). A row with a draft yields the
@@ -103,25 +131,30 @@ def prepare_spec_step(batch: Any, so: SchedulerOutput, spec: Any,
     `batch` is the runner's InputBatch (executors/torch/input_batch.py)."""
     import torch
 
-    # Every speculating request's history in one device->host copy (not one per request).
     spec_rows = [(sr, batch.reqs[sr.req_id]) for sr in so.scheduled if sr.num_draft_slots]
-    drafting = [spec is not None and sr.req_id not in no_drafts for sr, _ in spec_rows]
-    hist = None
-    if any(drafting):
-        longest = max(st.num_tokens for _, st in spec_rows)
-        idx = torch.tensor([st.row for _, st in spec_rows], dtype=torch.int64, device=batch.tokens.device)
-        hist = batch.tokens[idx, :longest].cpu().numpy()
+    drafting = [(sr, st) for sr, st in spec_rows if spec is not None and sr.req_id not in no_drafts]
+    proposed: dict[str, list[int]] = {}
+    if drafting:
+        # Proposed on the device over the token buffer, for every drafting row at once;
+        # only the [R, k] drafts and counts come to the host (one small copy).
+        dev = batch.tokens.device
+        longest = max(st.num_tokens for _, st in drafting)
+        rows_len = torch.tensor([st.row for _, st in drafting] + [st.num_tokens for _, st in drafting], dtype=torch.int64).to(dev)
+        R = len(drafting)
+        k = max(sr.num_draft_slots for sr, _ in drafting)
+        d_t, c_t = propose_ngram_batch(batch.tokens[rows_len[:R], :longest], rows_len[R:], k, spec.ngram_min, spec.ngram_max)
+        host = torch.cat([d_t, c_t.unsqueeze(1)], dim=1).tolist()
+        proposed = {sr.req_id: h[:h[-1]] for (sr, _), h in zip(drafting, host)}
     proposals: dict[str, list[int]] = {}
-    for i, (sr, st) in enumerate(spec_rows):
+    for sr, st in spec_rows:
         start = st.num_tokens - 1
         if start > sr.num_computed_tokens:
             raise RuntimeError(f"{sr.req_id}: worker at position {start}, past the scheduler's bound {sr.num_computed_tokens}")
         room = min(sr.num_draft_slots, (len(st.block_table) + len(sr.new_block_ids)) * batch.block_size - start - 1,
                    batch.row_len - st.num_tokens)
-        if drafting[i] and room > 0:
-            ds = propose_ngram(hist[i, : st.num_tokens], room, spec.ngram_min, spec.ngram_max)
-            if ds:
-                proposals[sr.req_id] = ds
+        ds = proposed.get(sr.req_id, [])[:max(room, 0)]  # the first `room` of k: the match does not depend on k
+        if ds:
+            proposals[sr.req_id] = ds
     # Drafts go into the token buffer past the known tokens, in one copy.
     dst = [st.row * batch.row_len + st.num_tokens + j for sr, st in spec_rows for j in range(len(proposals.get(sr.req_id, ())))]
     if dst:
