@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiosched import SamplingParams
-from aiosched.executors.torch.spec_decode import accept_walk, propose_ngram
+from aiosched.executors.torch.spec_decode import propose_ngram
 
 SPEC = {"method": "ngram", "num_tokens": 4, "ngram_min": 1, "ngram_max": 3, "auto": False}  # draft every step: counts are exact
 
@@ -43,14 +43,40 @@ def test_proposer_none() -> None:
     assert propose_ngram([7, 7, 7], 4, 1, 3) == [7]  # "7 7" at 0..1 -> the token at 2
 
 
-def test_accept_walk() -> None:
-    assert accept_walk([5, 6, 7], [True, True, False], 2) == [5, 6, 7]  # all drafts, then the bonus
-    assert accept_walk([5, 6, 7], [True, False, False], 2) == [5, 6]  # second draft rejected: corrected token
-    assert accept_walk([5, 6, 7], [False, True, True], 2) == [5]
-    assert accept_walk([5], [False], 0) == [5]
+def _walk(tokens: list[int], accepted: list[bool]) -> list[int]:
+    # The reference: keep drafts while accepted, then the first non-accepted row's token.
+    out = []
+    for t, a in zip(tokens, accepted):
+        out.append(t)
+        if not a:
+            break
+    return out
 
 
-# ---- rejection sampling preserves the target distribution ----
+def test_accept_rows() -> None:
+    torch = pytest.importorskip("torch")
+    from aiosched.executors.torch.spec_decode import accept_rows
+
+    # all drafts then the bonus; second draft rejected: corrected token; first rejected; no drafts
+    toks = torch.tensor([5, 6, 7, 5, 6, 7, 5, 6, 7, 5])
+    acc = torch.tensor([True, True, False, True, False, False, False, True, False, False])
+    tok, counts = accept_rows(toks, acc, [3, 3, 3, 1])
+    assert counts.tolist() == [3, 2, 1, 1]
+    assert tok.tolist() == [[5, 6, 7], [5, 6, -1], [5, -1, -1], [5, -1, -1]]
+
+
+@given(reqs=st.lists(st.lists(st.tuples(st.integers(0, 9), st.booleans()), min_size=1, max_size=6), min_size=1, max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_accept_rows_equals_the_walk(reqs) -> None:
+    torch = pytest.importorskip("torch")
+    from aiosched.executors.torch.spec_decode import accept_rows
+
+    reqs = [r[:-1] + [(r[-1][0], False)] for r in reqs]  # the last row has no draft: never accepted
+    tok, counts = accept_rows(torch.tensor([t for r in reqs for t, _ in r]), torch.tensor([a for r in reqs for _, a in r]),
+                              [len(r) for r in reqs])
+    for r, row, c in zip(reqs, tok.tolist(), counts.tolist()):
+        want = _walk([t for t, _ in r], [a for _, a in r])
+        assert row[:c] == want and c == len(want) and all(x == -1 for x in row[c:])
 
 
 def test_rejection_sampling_preserves_the_target_distribution() -> None:

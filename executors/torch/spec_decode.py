@@ -14,7 +14,8 @@ token history), so it:
    probability p(d), else sample from p without d, renormalised), which draws exactly
    from the target distribution. Randomness is the sampler's counter hash of
    (seed, position, vocab index), so it stays seeded and batch-invariant,
-4. appends the accepted drafts plus one corrected/bonus token to the history.
+4. appends the accepted drafts plus one corrected/bonus token to the history, on the
+   device (`accept_rows`); one copy brings the emitted tokens to the host.
 """
 from __future__ import annotations
 
@@ -106,15 +107,22 @@ def verify_drafts(logits: Any, b: Any, drafts: Any) -> tuple[Any, Any]:
     return torch.where(is_sampled, sampled, greedy), torch.where(is_sampled, acc, greedy_acc)
 
 
-def accept_walk(tokens: list[int], accepted: list[bool], m: int) -> list[int]:
-    """Rows 0..m of one request: keep drafts while accepted, then the first non-accepted
-    row's token (correction, or the bonus after m accepted drafts)."""
-    out = []
-    for j in range(m + 1):
-        out.append(tokens[j])
-        if j == m or not accepted[j]:
-            break
-    return out
+def accept_rows(tokens: Any, accepted: Any, num_rows: list[int]) -> tuple[Any, Any]:
+    """Per request (num_rows[q] consecutive rows: 1 + its drafts), on the device: keep
+    the drafts while accepted, then the first non-accepted row's token (correction, or
+    the bonus after all drafts; the last row has no draft, so it is never accepted).
+    [N] tokens, [N] accepted -> ([Q, K1] tokens by request, padded with -1; [Q] counts)."""
+    import torch
+
+    Q, K1 = len(num_rows), max(num_rows)
+    dev = tokens.device
+    # Flat row i of request q, step j sits at q * K1 + j of the padded layout.
+    slot = torch.tensor([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], dtype=torch.int64).to(dev, non_blocking=True)
+    tok = torch.full((Q * K1,), -1, dtype=tokens.dtype, device=dev).index_copy_(0, slot, tokens).view(Q, K1)
+    acc = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, slot, accepted.long()).view(Q, K1)
+    counts = acc.cumprod(dim=1).sum(dim=1) + 1  # leading accepted drafts + the one token after them
+    keep = torch.arange(K1, device=dev).unsqueeze(0) < counts.unsqueeze(1)
+    return torch.where(keep, tok, -1), counts
 
 
 # ---- the torch runner's speculative step (the forward is the runner's, over InputBatch) ----
@@ -173,31 +181,26 @@ def prepare_spec_step(batch: Any, so: SchedulerOutput, spec: Any,
 def accept_drafts(batch: Any, states: list[Any], num_logits: list[int], drafts: dict[str, list[int]], logits: Any,
                   sampling: Any) -> tuple[list[list[int]], int, int]:
     """Verify the 1 + m logits rows of each request in `states` (`logits`: their rows, in
-    order; `sampling`: InputBatch.sampling_batch of the same rows), append the accepted
-    drafts plus the corrected/bonus token to the token buffer (synchronous). Returns each
-    request's emitted tokens, the drafts verified and the drafts accepted."""
+    order; `sampling`: InputBatch.sampling_batch of the same rows) and append the accepted
+    drafts plus the corrected/bonus token to the token buffer, on the device; then one
+    copy of the emitted tokens to the host (synchronous). Returns each request's emitted
+    tokens, the drafts verified and the drafts accepted."""
     import torch
 
+    dev = logits.device
     draft_of_row = []
     for st, n in zip(states, num_logits):
         ds = drafts.get(st.data.req_id, [])
         draft_of_row.extend(ds[j] if j < len(ds) else -1 for j in range(n))
-    tok_t, acc_t = verify_drafts(logits, sampling, torch.tensor(draft_of_row, dtype=torch.int64).to(logits.device))
-    toks, accs = tok_t.tolist(), acc_t.tolist()
-    dst: list[int] = []
-    vals: list[int] = []
-    emitted_all: list[list[int]] = []
-    num_drafts = num_accepted = 0
-    i = 0
-    for st, n in zip(states, num_logits):
-        m = n - 1
-        emitted = accept_walk(toks[i : i + n], accs[i : i + n], m)
-        i += n
-        emitted_all.append(emitted)
-        num_drafts += m
-        num_accepted += len(emitted) - 1
-        dst.extend(st.row * batch.row_len + st.num_tokens + j for j in range(len(emitted)))
-        vals.extend(emitted)
-        st.num_tokens += len(emitted)
-    batch.write_tokens(dst, vals)
-    return emitted_all, num_drafts, num_accepted
+    tok_t, acc_t = verify_drafts(logits, sampling, torch.tensor(draft_of_row, dtype=torch.int64).to(dev, non_blocking=True))
+    tok, counts = accept_rows(tok_t, acc_t, num_logits)
+    # Emitted token j of a request goes to its row at num_tokens + j; the padding to a scratch slot.
+    base = torch.tensor([st.row * batch.row_len + st.num_tokens for st in states], dtype=torch.int64).to(dev, non_blocking=True)
+    dst = torch.where(tok >= 0, base.unsqueeze(1) + torch.arange(tok.shape[1], device=dev), batch.scratch_slot)
+    batch.write_tokens(dst.view(-1), tok.clamp(min=0).view(-1))
+    host = torch.cat([tok, counts.unsqueeze(1)], dim=1).tolist()
+    emitted_all = [h[:h[-1]] for h in host]
+    for st, e in zip(states, emitted_all):
+        st.num_tokens += len(e)
+    num_drafts = sum(num_logits) - len(num_logits)
+    return emitted_all, num_drafts, sum(len(e) for e in emitted_all) - len(emitted_all)
