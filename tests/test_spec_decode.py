@@ -241,14 +241,16 @@ async def test_torch_extras_requests_verified_without_drafts_others_keep_theirs(
     """A request with a penalty or logprobs in the batch (issue 18: it used to turn drafting
     off for every step it was in): it runs as a one-token row, the plain greedy requests
     keep their drafts, and every output equals the request run alone without speculation."""
-    ps = _torch_prompts(7)
+    ps = _torch_prompts(8)
     ps[6] = ps[6] * 3  # chunked over several steps (with prompt logprobs) while the others draft
     plain = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     # The extras requests run longer than the plain ones: every step has one of them.
     params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, presence_penalty=1.5, frequency_penalty=0.5),
               SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2),
               plain, plain, plain, plain,
-              SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1)]
+              SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1),
+              # seeded sampling with a penalty: sampled exactly as without speculation
+              SamplingParams(max_tokens=24, temperature=0.8, seed=7, ignore_eos=True, repetition_penalty=1.3)]
     kw = dict(model=tiny_model, cpu_threads=1, max_num_batched_tokens=32)
     alone = []
     async with make_engine(**kw) as eng:
