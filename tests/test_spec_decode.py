@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from hypothesis import strategies as st
 from aiosched import SamplingParams
 from aiosched.executors.torch.spec_decode import propose_ngram
 
+# AIOSCHED_TEST_DEVICE=cuda: the torch-model tests on a GPU (float32, the CUDA fast path).
+DEV = {"device": os.environ["AIOSCHED_TEST_DEVICE"], "dtype": "float32"} if os.environ.get("AIOSCHED_TEST_DEVICE") else {}
 SPEC = {"method": "ngram", "num_tokens": 4, "ngram_min": 1, "ngram_max": 3, "auto": False}  # draft every step: counts are exact
 
 
@@ -209,7 +212,7 @@ async def test_torch_greedy_identity_with_preemption_and_chunking(make_engine, t
     ps = _torch_prompts(16)
     params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, speculative=False)]
-    kw = dict(model=tiny_model, async_scheduling=async_scheduling, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32,
+    kw = dict(model=tiny_model, **DEV, async_scheduling=async_scheduling, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32,
               cpu_threads=1)
     base, _ = await _run(make_engine, ps, params, **kw)
     spec, st = await _run(make_engine, ps, params, speculative=SPEC, **kw)
@@ -223,7 +226,7 @@ async def test_torch_seeded_sampling_with_spec_is_reproducible(make_engine, tiny
     p = [SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=11, ignore_eos=True)]
     outs = []
     for mode in (False, True):
-        o, st = await _run(make_engine, ps, p, model=tiny_model, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
+        o, st = await _run(make_engine, ps, p, model=tiny_model, **DEV, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
         outs.append(o)
         assert st["spec_draft_tokens"] > 0
     assert outs[0] == outs[1], "seeded speculative sampling: sync == async"
@@ -232,8 +235,8 @@ async def test_torch_seeded_sampling_with_spec_is_reproducible(make_engine, tiny
 async def test_torch_multiproc_identity(make_engine, tiny_model) -> None:
     ps = _torch_prompts(4)
     p = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)]
-    base, _ = await _run(make_engine, ps, p, model=tiny_model, cpu_threads=1)
-    spec, st = await _run(make_engine, ps, p, model=tiny_model, executor="multiproc", speculative=SPEC, cpu_threads=1)
+    base, _ = await _run(make_engine, ps, p, model=tiny_model, **DEV, cpu_threads=1)
+    spec, st = await _run(make_engine, ps, p, model=tiny_model, **DEV, executor="multiproc", speculative=SPEC, cpu_threads=1)
     assert spec == base and st["spec_draft_tokens"] > 0
 
 
@@ -251,7 +254,7 @@ async def test_torch_extras_requests_verified_without_drafts_others_keep_theirs(
               SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1),
               # seeded sampling with a penalty: sampled exactly as without speculation
               SamplingParams(max_tokens=24, temperature=0.8, seed=7, ignore_eos=True, repetition_penalty=1.3)]
-    kw = dict(model=tiny_model, cpu_threads=1, max_num_batched_tokens=32)
+    kw = dict(model=tiny_model, **DEV, cpu_threads=1, max_num_batched_tokens=32)
     alone = []
     async with make_engine(**kw) as eng:
         for p, sp in zip(ps, params):
@@ -276,7 +279,7 @@ async def test_torch_prompt_logprobs_chunks_beside_drafting_requests(make_engine
     ps[6] = ps[6] * 4
     params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)] * 6 + [
         SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2)]
-    kw = dict(model=tiny_model, cpu_threads=1, max_num_batched_tokens=32)
+    kw = dict(model=tiny_model, **DEV, cpu_threads=1, max_num_batched_tokens=32)
     async with make_engine(**kw) as eng:
         want = await eng.generate(ps[6], params[6])
     async with make_engine(async_scheduling=True, speculative=SPEC, **kw) as eng:
