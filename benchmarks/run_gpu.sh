@@ -45,6 +45,8 @@ fi
 if has tests; then
   say kernel tests
   python3 -m pytest -q -p no:cacheprovider $(ls tests/test_triton_kernels.py tests/test_cuda_runner.py 2>/dev/null) 2>&1 | tail -60 | tee -a "$LOG" "$OUT/tests.log"
+  say "speculative decoding tests on the GPU (float32: greedy identity, extras beside drafting requests, seeded)"
+  AIOSCHED_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_spec_decode.py -k torch 2>&1 | tail -30 | tee -a "$LOG" "$OUT/tests.log"
 fi
 if has decode; then
   say decode-step microbench
@@ -95,9 +97,12 @@ if has c256si8; then
     --no-enable-prefix-caching --stream-interval 8 --compare async --json "$OUT/bench_c256_si8.json" 2>&1 | tee -a "$LOG"
 fi
 if has spec; then
-  say "speculative decoding: none / always / auto (SpecPolicy), sync and async, 16 requests x 128 tokens"
-  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code,random --requests 16 --max-tokens 128 \
-    --json "$OUT/spec.json" 2>&1 | tee -a "$LOG"
+  say "speculative decoding: none / always / auto (SpecPolicy), sync and async, concurrency 1..256 x 128 tokens"
+  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code,random --requests 1,4,16,64,256 \
+    --max-tokens 128 --json "$OUT/spec.json" 2>&1 | tee -a "$LOG"
+  say "speculative decoding with every 4th request penalised (verified without drafts; the others keep theirs)"
+  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code --requests 16,64 --extras-every 4 \
+    --max-tokens 128 --json "$OUT/spec_extras.json" 2>&1 | tee -a "$LOG"
 fi
 if has families; then
   say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"

@@ -7,8 +7,13 @@ Workloads:
   random  a repetitive token-id workload on a random-weight model: the tiny test
           model by default, or `--random-weights SHAPE` (e.g. llama-3.2-1b on a GPU)
 
+Variants per (workload, concurrency): spec none / always / auto, sync and async.
+`--requests 1,4,16` sweeps concurrency; `--extras-every N` gives every Nth request a
+presence penalty (such requests are verified without drafts; the others keep theirs).
+
   python benchmarks/spec_bench.py                      # CPU, both workloads
   python benchmarks/spec_bench.py --device cuda --random-weights llama-3.2-1b --workloads random
+  python benchmarks/spec_bench.py --device cuda --random-weights llama-3.2-1b --requests 1,4,16,64,256 --extras-every 4
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+import msgspec
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,13 +96,13 @@ def random_prompts(n: int, vocab: int) -> list[list[int]]:
     return out
 
 
-async def run_once(config: EngineConfig, prompts: list[Any], params: SamplingParams) -> dict[str, Any]:
+async def run_once(config: EngineConfig, prompts: list[Any], params: list[SamplingParams]) -> dict[str, Any]:
     async with AsyncEngine(config) as eng:
         # Warm-up with the whole batch: the kernels' shape specialisations compile here, not in the timed run.
         await asyncio.gather(*[eng.generate(p, SamplingParams(max_tokens=8, temperature=0.0)) for p in prompts])
         s0 = dict(eng.stats())
         t0 = time.perf_counter()
-        outs = await asyncio.gather(*[eng.generate(p, params) for p in prompts])
+        outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(prompts, params)])
         wall = time.perf_counter() - t0
         s1 = eng.stats()
     gen = sum(len(o.token_ids) for o in outs)
@@ -112,7 +119,13 @@ async def run_once(config: EngineConfig, prompts: list[Any], params: SamplingPar
     }
 
 
-async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: SamplingParams, spec: dict[str, Any]) -> list[dict[str, Any]]:
+def request_params(n: int, params: SamplingParams, extras_every: int) -> list[SamplingParams]:
+    """Every `extras_every`-th request (0: none) with a presence penalty (a sampling extra)."""
+    pen = msgspec.structs.replace(params, presence_penalty=0.5)
+    return [pen if extras_every and i % extras_every == extras_every - 1 else params for i in range(n)]
+
+
+async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: list[SamplingParams], spec: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for async_scheduling in (False, True):
         ref = None
@@ -128,11 +141,11 @@ async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: Sam
             # Where outputs differ (bf16: the verify step's kernels round differently from the
             # decode graph's), how far each request agreed with the run without speculation.
             agree = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(toks, ref)]
-            r.update(workload=name, mode="async" if async_scheduling else "sync", spec=use_spec,
+            r.update(workload=name, requests=len(prompts), extras_requests=sum(sp.presence_penalty != 0 for sp in params), mode="async" if async_scheduling else "sync", spec=use_spec,
                      identical_to_no_spec=(toks == ref), identical_requests=sum(a == b for a, b in zip(toks, ref)),
                      mean_agreeing_prefix=sum(agree) / len(agree))
             rows.append(r)
-            print(f"{name:7s} {r['mode']:5s} spec={use_spec:6s} {r['out_tok_s']:8.1f} tok/s  {r['tokens_per_step']:5.2f} tok/step  "
+            print(f"{name:7s} c={len(prompts):<3d} {r['mode']:5s} spec={use_spec:6s} {r['out_tok_s']:8.1f} tok/s  {r['tokens_per_step']:5.2f} tok/step  "
                   f"steps={r['steps']:5d}  accept={r['acceptance_rate']:.2f}  mean_len={r['mean_accepted_len']:.2f}  "
                   f"identical={r['identical_to_no_spec']} ({r['identical_requests']}/{len(toks)} requests, "
                   f"mean agreeing prefix {r['mean_agreeing_prefix']:.1f} tokens)", flush=True)
@@ -147,7 +160,8 @@ async def main() -> None:
     ap.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step (k)")
     ap.add_argument("--ngram-min", type=int, default=1)
     ap.add_argument("--ngram-max", type=int, default=4)
-    ap.add_argument("--requests", type=int, default=4, help="concurrent requests")
+    ap.add_argument("--requests", default="4", help="concurrent requests (a comma list sweeps them)")
+    ap.add_argument("--extras-every", type=int, default=0, help="every Nth request has a presence penalty (0: none)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--cpu-threads", type=int, default=None)
     ap.add_argument("--dtype", default="auto")
@@ -160,8 +174,10 @@ async def main() -> None:
         common["cpu_threads"] = args.cpu_threads
     rows: list[dict[str, Any]] = []
     wl = args.workloads.split(",")
+    conc = [int(c) for c in args.requests.split(",")]
     if "code" in wl:
-        rows += await bench("code", dict(common, model=None), code_prompts(args.requests), params, spec)
+        for c in conc:
+            rows += await bench("code", dict(common, model=None), code_prompts(c), request_params(c, params, args.extras_every), spec)
     if "random" in wl:
         with tempfile.TemporaryDirectory() as tmp:
             if args.random_weights:
@@ -175,7 +191,8 @@ async def main() -> None:
                 d = write_random_checkpoint(os.path.join(tmp, "tiny"), arch="llama", seed=3)
                 base = dict(common, model=str(d))
                 vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
-            rows += await bench("random", base, random_prompts(args.requests, vocab), params, spec)
+            for c in conc:
+                rows += await bench("random", base, random_prompts(c, vocab), request_params(c, params, args.extras_every), spec)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

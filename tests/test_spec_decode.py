@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiosched import SamplingParams
-from aiosched.executors.torch.spec_decode import accept_walk, propose_ngram
+from aiosched.executors.torch.spec_decode import propose_ngram
 
+# AIOSCHED_TEST_DEVICE=cuda: the torch-model tests on a GPU (float32, the CUDA fast path).
+DEV = {"device": os.environ["AIOSCHED_TEST_DEVICE"], "dtype": "float32"} if os.environ.get("AIOSCHED_TEST_DEVICE") else {}
 SPEC = {"method": "ngram", "num_tokens": 4, "ngram_min": 1, "ngram_max": 3, "auto": False}  # draft every step: counts are exact
 
 
@@ -41,14 +46,40 @@ def test_proposer_none() -> None:
     assert propose_ngram([7, 7, 7], 4, 1, 3) == [7]  # "7 7" at 0..1 -> the token at 2
 
 
-def test_accept_walk() -> None:
-    assert accept_walk([5, 6, 7], [True, True, False], 2) == [5, 6, 7]  # all drafts, then the bonus
-    assert accept_walk([5, 6, 7], [True, False, False], 2) == [5, 6]  # second draft rejected: corrected token
-    assert accept_walk([5, 6, 7], [False, True, True], 2) == [5]
-    assert accept_walk([5], [False], 0) == [5]
+def _walk(tokens: list[int], accepted: list[bool]) -> list[int]:
+    # The reference: keep drafts while accepted, then the first non-accepted row's token.
+    out = []
+    for t, a in zip(tokens, accepted):
+        out.append(t)
+        if not a:
+            break
+    return out
 
 
-# ---- rejection sampling preserves the target distribution ----
+def test_accept_rows() -> None:
+    torch = pytest.importorskip("torch")
+    from aiosched.executors.torch.spec_decode import accept_rows
+
+    # all drafts then the bonus; second draft rejected: corrected token; first rejected; no drafts
+    toks = torch.tensor([5, 6, 7, 5, 6, 7, 5, 6, 7, 5])
+    acc = torch.tensor([True, True, False, True, False, False, False, True, False, False])
+    tok, counts = accept_rows(toks, acc, [3, 3, 3, 1])
+    assert counts.tolist() == [3, 2, 1, 1]
+    assert tok.tolist() == [[5, 6, 7], [5, 6, -1], [5, -1, -1], [5, -1, -1]]
+
+
+@given(reqs=st.lists(st.lists(st.tuples(st.integers(0, 9), st.booleans()), min_size=1, max_size=6), min_size=1, max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_accept_rows_equals_the_walk(reqs) -> None:
+    torch = pytest.importorskip("torch")
+    from aiosched.executors.torch.spec_decode import accept_rows
+
+    reqs = [r[:-1] + [(r[-1][0], False)] for r in reqs]  # the last row has no draft: never accepted
+    tok, counts = accept_rows(torch.tensor([t for r in reqs for t, _ in r]), torch.tensor([a for r in reqs for _, a in r]),
+                              [len(r) for r in reqs])
+    for r, row, c in zip(reqs, tok.tolist(), counts.tolist()):
+        want = _walk([t for t, _ in r], [a for _, a in r])
+        assert row[:c] == want and c == len(want) and all(x == -1 for x in row[c:])
 
 
 def test_rejection_sampling_preserves_the_target_distribution() -> None:
@@ -181,7 +212,7 @@ async def test_torch_greedy_identity_with_preemption_and_chunking(make_engine, t
     ps = _torch_prompts(16)
     params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, speculative=False)]
-    kw = dict(model=tiny_model, async_scheduling=async_scheduling, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32,
+    kw = dict(model=tiny_model, **DEV, async_scheduling=async_scheduling, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32,
               cpu_threads=1)
     base, _ = await _run(make_engine, ps, params, **kw)
     spec, st = await _run(make_engine, ps, params, speculative=SPEC, **kw)
@@ -195,7 +226,7 @@ async def test_torch_seeded_sampling_with_spec_is_reproducible(make_engine, tiny
     p = [SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=11, ignore_eos=True)]
     outs = []
     for mode in (False, True):
-        o, st = await _run(make_engine, ps, p, model=tiny_model, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
+        o, st = await _run(make_engine, ps, p, model=tiny_model, **DEV, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
         outs.append(o)
         assert st["spec_draft_tokens"] > 0
     assert outs[0] == outs[1], "seeded speculative sampling: sync == async"
@@ -204,6 +235,74 @@ async def test_torch_seeded_sampling_with_spec_is_reproducible(make_engine, tiny
 async def test_torch_multiproc_identity(make_engine, tiny_model) -> None:
     ps = _torch_prompts(4)
     p = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)]
-    base, _ = await _run(make_engine, ps, p, model=tiny_model, cpu_threads=1)
-    spec, st = await _run(make_engine, ps, p, model=tiny_model, executor="multiproc", speculative=SPEC, cpu_threads=1)
+    base, _ = await _run(make_engine, ps, p, model=tiny_model, **DEV, cpu_threads=1)
+    spec, st = await _run(make_engine, ps, p, model=tiny_model, **DEV, executor="multiproc", speculative=SPEC, cpu_threads=1)
     assert spec == base and st["spec_draft_tokens"] > 0
+
+
+async def test_torch_extras_requests_verified_without_drafts_others_keep_theirs(make_engine, tiny_model) -> None:
+    """A request with a penalty or logprobs in the batch (issue 18: it used to turn drafting
+    off for every step it was in): it runs as a one-token row, the plain greedy requests
+    keep their drafts, and every output equals the request run alone without speculation."""
+    ps = _torch_prompts(8)
+    ps[6] = ps[6] * 3  # chunked over several steps (with prompt logprobs) while the others draft
+    plain = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    # The extras requests run longer than the plain ones: every step has one of them.
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, presence_penalty=1.5, frequency_penalty=0.5),
+              SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2),
+              plain, plain, plain, plain,
+              SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1),
+              # seeded sampling with a penalty: sampled exactly as without speculation
+              SamplingParams(max_tokens=24, temperature=0.8, seed=7, ignore_eos=True, repetition_penalty=1.3)]
+    kw = dict(model=tiny_model, **DEV, cpu_threads=1, max_num_batched_tokens=32)
+    alone = []
+    async with make_engine(**kw) as eng:
+        for p, sp in zip(ps, params):
+            alone.append(await eng.generate(p, sp))
+    for mode in (False, True):
+        async with make_engine(async_scheduling=mode, speculative=SPEC, **kw) as eng:
+            outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
+            st = eng.stats()
+            eng.scheduler.check_invariants()
+        assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+        assert [t.logprob for t in outs[1].logprobs] == pytest.approx([t.logprob for t in alone[1].logprobs], abs=1e-4)
+        got, want = outs[6].prompt_logprobs, alone[6].prompt_logprobs
+        assert len(got) == len(want) == len(ps[6]) and [t and t.logprob for t in got] == pytest.approx([t and t.logprob for t in want], abs=1e-4)
+        # Before: no drafts at all (every step had an extras request). Now 16-18 here.
+        assert st["spec_draft_tokens"] >= 10, st
+        assert st["spec_accepted_tokens"] > 0, st
+
+
+async def test_torch_prompt_logprobs_chunks_beside_drafting_requests(make_engine, tiny_model) -> None:
+    # Prompt logprobs of a chunked prompt computed in steps whose only samplers draft.
+    ps = _torch_prompts(7)
+    ps[6] = ps[6] * 4
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)] * 6 + [
+        SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2)]
+    kw = dict(model=tiny_model, **DEV, cpu_threads=1, max_num_batched_tokens=32)
+    async with make_engine(**kw) as eng:
+        want = await eng.generate(ps[6], params[6])
+    async with make_engine(async_scheduling=True, speculative=SPEC, **kw) as eng:
+        outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
+        st = eng.stats()
+    got = outs[6]
+    assert got.token_ids == want.token_ids and len(got.prompt_logprobs) == len(ps[6])
+    assert [t and t.logprob for t in got.prompt_logprobs] == pytest.approx([t and t.logprob for t in want.prompt_logprobs], abs=1e-4)
+    assert st["spec_draft_tokens"] > 0, st
+
+
+@given(hists=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=30), min_size=1, max_size=6),
+       k=st.integers(1, 5), nmin=st.integers(1, 3), extra=st.integers(0, 2))
+@settings(max_examples=150, deadline=None)
+def test_batched_proposer_equals_the_reference(hists, k, nmin, extra) -> None:
+    # Small alphabets: many matches, ties and overlaps. Padding past each length is noise
+    # the proposer must not read.
+    torch = pytest.importorskip("torch")
+    from aiosched.executors.torch.spec_decode import propose_ngram_batch
+
+    W = max(len(h) for h in hists) + 3
+    hist = torch.tensor([h + [(7 * i + j) % 4 for j in range(W - len(h))] for i, h in enumerate(hists)])
+    drafts, counts = propose_ngram_batch(hist, torch.tensor([len(h) for h in hists]), k, nmin, nmin + extra)
+    for h, d, c in zip(hists, drafts.tolist(), counts.tolist()):
+        want = propose_ngram(h, k, nmin, nmin + extra)
+        assert d[:c] == want and c == len(want) and all(x == -1 for x in d[c:])

@@ -28,6 +28,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from aiosched.protocol import PROTOCOL_VERSION, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
@@ -193,16 +194,16 @@ class TorchModelRunner(ModelRunner):
         greedy = not drafts and not extras_on and self.batch.greedy(step.samplers)
         fwd = self._forward(step, greedy, eager_only=extras_on and bool(self.prompt_lp_reqs))
         if drafts:
-            return self._verify(step, fwd, out)
+            return self._verify(step, fwd, extras_on, out)
         return self._sample(step, fwd, extras_on, out)
 
     def _propose(self, so: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, list[int]]]:
-        """Speculative rows at the worker's exact positions, with their drafts in the token buffer."""
+        """Speculative rows at the worker's exact positions, with their drafts in the token buffer.
+        Requests with sampling extras (penalties, bias, logprobs, grammars) get no drafts
+        (the verifier does not implement them): they run as one-token rows of the same step."""
         from aiosched.executors.torch.spec_decode import prepare_spec_step
 
-        spec = self.config.speculative
-        allow = spec is not None and not self.extras.step_uses_extras(so)
-        return prepare_spec_step(self.batch, so, spec, allow)
+        return prepare_spec_step(self.batch, so, self.config.speculative, no_drafts=self.extras.active)
 
     def _forward(self, step: ScheduledStep, greedy: bool, eager_only: bool) -> _Forward:
         """A CUDA graph replay when one fits the step, else the model's forward on the exactly packed step.
@@ -273,18 +274,93 @@ class TorchModelRunner(ModelRunner):
             st.num_tokens += 1
         return self._pending(out, tokens, extra, ctx)
 
-    def _verify(self, step: ScheduledStep, fwd: _Forward, out: RunnerOutput) -> PendingOutput:
+    def _verify(self, step: ScheduledStep, fwd: _Forward, extras_on: bool, out: RunnerOutput) -> PendingOutput:
         """Speculative verification of the logits rows (synchronous: the accepted count
-        decides each request's next position)."""
+        decides each request's next position). Requests with sampling extras have one
+        logits row and no drafts: they sample through the extras (`_sample_extras_rows`)."""
         from aiosched.executors.torch.spec_decode import accept_drafts
 
         if self.fast is not None:
             self.fast.stats["spec_steps"] += 1
         if not step.samplers:
             return ReadyOutput(out)
-        batch = self.batch.sampling_batch(step.samplers, step.num_logits, self.extras.grammar_terminated)
-        accept_drafts(self.batch, step, fwd.logits.float(), batch, out)
+        logits = fwd.logits.float()
+        active = self.extras.active if extras_on else ()
+        # Split the samplers (and their logits rows) into verified and extras rows.
+        ver: list[int] = []  # sampler indices
+        ver_rows: list[int] = []  # their logits rows
+        ext: list[int] = []
+        ext_rows: list[int] = []
+        r = 0
+        for i, (st, n) in enumerate(zip(step.samplers, step.num_logits)):
+            if st.data.req_id in active:
+                assert n == 1, f"{st.data.req_id}: drafts for a request with sampling extras"
+                ext.append(i)
+                ext_rows.append(r)
+            else:
+                ver.append(i)
+                ver_rows.extend(range(r, r + n))
+            r += n
+        tokens: list[list[int]] = [[] for _ in step.samplers]
+        if ver:
+            states = [step.samplers[i] for i in ver]
+            counts = [step.num_logits[i] for i in ver]
+            rows = logits if not ext else logits[torch.tensor(ver_rows, dtype=torch.int64, device=logits.device)]
+            sb = self.batch.sampling_batch(states, counts, self.extras.grammar_terminated)
+            emitted, drafted, accepted = accept_drafts(self.batch, states, counts, step.drafts, rows, sb)
+            for i, e in zip(ver, emitted):
+                tokens[i] = e
+            out.num_draft_tokens += drafted
+            out.num_accepted_tokens += accepted
+        if ext or (extras_on and self.prompt_lp_reqs):  # prompt chunks of the step may want prompt logprobs
+            sub = self._sample_extras_rows(step, fwd, logits, ext, ext_rows, out)
+            for i, t in zip(ext, sub):
+                tokens[i] = [t]
+        out.sampled_token_ids = tokens
         return ReadyOutput(out)
+
+    def _sample_extras_rows(self, step: ScheduledStep, fwd: _Forward, logits: torch.Tensor, ext: list[int],
+                            ext_rows: list[int], out: RunnerOutput) -> list[int]:
+        """Sample the one-row requests of a verified step that use sampling extras, exactly
+        as `_sample` would in a step without drafts (penalties, bias, grammar masks,
+        logprobs; prompt logprobs of the step's prompt chunks too). Synchronous, like the
+        verification around it. Fills out.logprobs / out.prompt_logprobs; returns the tokens."""
+        states = [step.samplers[i] for i in ext]
+        ids = {st.data.req_id for st in states}
+        # The extras address rows by their index among the sampled requests of `so`.
+        sub_so = msgspec.structs.replace(step.so, scheduled=[sr for sr in step.so.scheduled if sr.sample and sr.req_id in ids])
+        ctx = self.extras.begin(sub_so, states) if states else None
+        if self.prompt_lp_reqs:
+            ctx = self.extras.plan_prompt_logprobs(ctx, step.so, self.batch.reqs, step.flat_offsets)
+        logits_at = None
+        if fwd.hidden is not None:
+            hidden, fused = fwd.hidden, self.fast is not None
+
+            def logits_at(flat: torch.Tensor) -> torch.Tensor:
+                return self.model.compute_logits(hidden[flat], fused=fused)
+
+        tokens_buf = self.batch.tokens
+        raw = tokens = None
+        ids_list: list[int] = []
+        if states:
+            raw = logits[torch.tensor(ext_rows, dtype=torch.int64, device=logits.device)]
+            processed = self.extras.process(ctx, raw, tokens_buf)
+            tokens = sample(processed, self.batch.sampling_batch(states, [1] * len(states), self.extras.grammar_terminated))
+            self.batch.write_tokens([st.row * self.batch.row_len + st.num_tokens for st in states], tokens)
+            for st in states:
+                st.num_tokens += 1
+            ids_list = tokens.tolist()
+        extra = self.extras.device_outputs(ctx, raw, tokens, logits_at, tokens_buf)
+        self.extras.note_step(ctx, ids_list, None)
+        sub_out = RunnerOutput(step_id=out.step_id, req_ids=[st.data.req_id for st in states], sampled_token_ids=[])
+        self.extras.finish(sub_out, ctx, [t.cpu() for t in extra])
+        out.prompt_logprobs = sub_out.prompt_logprobs
+        if sub_out.logprobs is not None:  # aligned with out.req_ids: None for the other rows
+            lps = [None] * len(out.req_ids)
+            for i, lp in zip(ext, sub_out.logprobs):
+                lps[i] = lp
+            out.logprobs = lps
+        return ids_list
 
     def _pending(self, out: RunnerOutput, tokens: torch.Tensor | None, extra: list[torch.Tensor] | None = None,
                  ctx: StepContext | None = None) -> PendingOutput:
