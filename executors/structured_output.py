@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
@@ -213,8 +214,10 @@ class StructuredOutputManager:
         self._pending: deque[_Pending] = deque()
         self._mask_executor: MaskExecutor | None = mask_executor
         self._job: _MaskJob | None = None
-        # rows whose mask came from a prefetch job / was filled on the launch thread
-        self.stats = {"prefetched_rows": 0, "launch_thread_rows": 0}
+        # rows whose mask came from a prefetch job / was filled on the launch thread; seconds
+        # the launch thread spent in masks_for (waiting for the job + its own fills), and
+        # seconds of job work on the mask thread (waiting for the device copy included)
+        self.stats = {"prefetched_rows": 0, "launch_thread_rows": 0, "mask_steps": 0, "launch_thread_s": 0.0, "job_s": 0.0}
 
     @classmethod
     def for_model_dir(cls, model_dir: str | None, vocab_size: int | None = None) -> "StructuredOutputManager | None":
@@ -345,9 +348,11 @@ class StructuredOutputManager:
     def _run_job(self, job: _MaskJob, pending: deque[_Pending]) -> None:
         """On the mask thread: wait for the samples, advance the matchers, fill the masks
         (llguidance computes in Rust with the interpreter lock released)."""
+        t0 = time.perf_counter()
         self._drain(pending)
         self._consume([(rg, pos) for rg, pos in job.targets])
         self._fill([(rg.matcher, j) for j, (rg, _) in enumerate(job.targets)], job.bitmask)
+        self.stats["job_s"] += time.perf_counter() - t0
 
     def _join(self) -> _MaskJob | None:
         """Wait for the prefetch job, if any (its errors surface here); returns it."""
@@ -360,25 +365,32 @@ class StructuredOutputManager:
         """The step's masks in `bitmask`: for each (sample row, req_id, position), the slot
         of `bitmask` that holds its mask. A prefetched mask is used where the job had that
         request at that position; the others (new requests, the first sample after a
-        prefill) are filled here, into the slots after the job's."""
+        prefill) are filled here, into slots this step's prefetched rows do not use."""
+        t0 = time.perf_counter()
         job = self._join()
         slot_of: dict[tuple[int, int], int] = {}
         if job is not None and job.bitmask is bitmask:
             slot_of = {(id(rg), pos): j for j, (rg, pos) in enumerate(job.targets)}
-        first_free = len(job.targets) if job is not None and job.bitmask is bitmask else 0
-        slots: list[int] = []
+        slots: list[int | None] = [slot_of.get((id(self.grammars[rid]), pos)) for _, rid, pos in rows]
+        # Rows the job did not have: the lowest slots no row of this step uses (a job's
+        # slot whose request is not in this step is free again).
+        used = {j for j in slots if j is not None}
+        free = (j for j in range(bitmask.shape[0]) if j not in used)
         todo: list[tuple[int, str]] = []
-        for _, rid, pos in rows:
-            j = slot_of.get((id(self.grammars[rid]), pos))
-            if j is None:
-                j = first_free + len(todo)
+        for k, (_, rid, pos) in enumerate(rows):
+            if slots[k] is None:
+                j = next(free, None)
+                if j is None:
+                    raise IndexError(f"bitmask has {bitmask.shape[0]} rows for {len(rows)} constrained rows")
+                slots[k] = j
                 todo.append((j, rid))
                 self.sync(rid, pos)
-            slots.append(j)
         self.stats["prefetched_rows"] += len(rows) - len(todo)
         self.stats["launch_thread_rows"] += len(todo)
         self.fill_bitmask(bitmask, todo)
-        return slots
+        self.stats["mask_steps"] += 1
+        self.stats["launch_thread_s"] += time.perf_counter() - t0
+        return [j for j in slots if j is not None]
 
     def _drain(self, pending: deque[_Pending] | None = None) -> None:
         """Append the samples of earlier steps to their requests' histories (waits for their copies)."""

@@ -146,7 +146,7 @@ def test_rows_the_job_did_not_have_are_filled_on_the_spot(gtok, hf_tok) -> None:
     mgr.add_request(_new("t", spec))
     slots = mgr.masks_for([(0, "t", 2), (1, "r", 3), (2, "s", 3)], bm)
     assert slots[1] == 0  # r: the job's
-    assert sorted(slots[::2]) == [2, 3]  # t and s: after the job's two slots
+    assert sorted(slots[::2]) == [1, 2]  # t and s: s's prefetched slot (its old incarnation) is free again
     for slot, outs in zip(slots, [[], [d4], [d5]]):
         assert np.array_equal(bm[slot], _reference_mask(gtok, spec, outs))
     assert mgr.grammars["s"].num_consumed == 1 and not mgr.grammars["s"].is_error
@@ -210,7 +210,9 @@ def _run(make_engine, tiny: pathlib.Path, prefetch: bool, async_scheduling: bool
                     for i in range(5)]
             cons = [eng.generate(f"JSON {i}:", SamplingParams(max_tokens=120, temperature=0.0, structured=s)) for i, s in enumerate(specs)]
             fouts, couts = await asyncio.gather(asyncio.gather(*free), asyncio.gather(*cons))
-            stats = dict(extras.structured.stats, preemptions=eng.scheduler.stats.preemptions)
+            fast = eng._executor.runner.fast
+            stats = dict(extras.structured.stats, preemptions=eng.scheduler.stats.preemptions,
+                         graph_steps=fast.stats["graph_steps"] + fast.stats["mixed_graph_steps"] if fast is not None else 0)
         return [o.token_ids for o in fouts], [(o.text, o.finish_reason) for o in couts], stats
 
     free, cons, stats = asyncio.run(go())
@@ -248,3 +250,25 @@ def test_prefetch_outputs_equal_the_launch_thread_path(make_engine, tiny, async_
         return [o.token_ids for o in outs]
 
     assert free_new == asyncio.run(alone())
+
+
+def test_new_rows_reuse_slots_of_requests_gone_from_the_step(gtok, hf_tok) -> None:
+    """The bitmask has max_num_seqs rows: when the job filled all of them and one request
+    finished, a new request takes its slot (the old layout overflowed here)."""
+    pool = ThreadPoolExecutor(1)
+    mgr = StructuredOutputManager(gtok, num_threads=1, mask_executor=pool)
+    spec = SO(regex=r"[0-9]{1,2}-[a-z]")
+    d4 = _ids(hf_tok, "4")[0]
+    for rid in ("r", "s"):
+        mgr.add_request(_new(rid, spec))
+    bm = np.zeros((2, bitmask_words(gtok.vocab_size)), dtype=np.int32)
+    mgr.masks_for([(0, "r", 2), (1, "s", 2)], bm)
+    mgr.note_sampled([d4, d4], None, [(0, "r"), (1, "s")], prefetch=bm)
+    mgr.free("s")  # finished
+    mgr.add_request(_new("t", spec))
+    slots = mgr.masks_for([(0, "t", 2), (1, "r", 3)], bm)
+    assert slots == [1, 0]
+    assert np.array_equal(bm[1], _reference_mask(gtok, spec, []))
+    assert np.array_equal(bm[0], _reference_mask(gtok, spec, [d4]))
+    mgr.close()
+    pool.shutdown()
