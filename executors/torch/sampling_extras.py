@@ -166,11 +166,12 @@ class SamplingExtras:
         if ctx.bias is not None:
             logits = apply_bias(logits, ctx.bias)
         if ctx.grammar_rows:
-            logits = self._apply_grammar(ctx, logits)
+            fresh = ctx.penalties is not None or ctx.bias is not None  # already a copy: mask it in place
+            logits = self._apply_grammar(ctx, logits if fresh else logits.clone())
         return logits
 
     def _apply_grammar(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
-        """The step's masks, mostly filled already by the job `note_step` started one step
+        """In place on `logits` (the caller's copy). The step's masks, mostly filled already by the job `note_step` started one step
         earlier (off this thread), go to the device in one copy into a persistent buffer;
         one index upload says which mask slot masks which logits row."""
         mgr = self.structured
@@ -184,7 +185,6 @@ class SamplingExtras:
         dev.copy_(host[:n], non_blocking=True)
         idx = torch.tensor(slots + [r for r, _, _ in ctx.grammar_rows], dtype=torch.int64).to(self.device, non_blocking=True)
         k = len(slots)
-        logits = logits.clone()
         apply_token_bitmask(logits, dev.index_select(0, idx[:k]) if slots != list(range(k)) else dev[:k], idx[k:])
         return logits
 
