@@ -272,3 +272,34 @@ def test_new_rows_reuse_slots_of_requests_gone_from_the_step(gtok, hf_tok) -> No
     assert np.array_equal(bm[0], _reference_mask(gtok, spec, [d4]))
     mgr.close()
     pool.shutdown()
+
+
+def test_the_job_not_the_caller_waits_for_the_device_copy(gtok, hf_tok) -> None:
+    """On a GPU the sampled ids are complete on the host once a CUDA event has fired: the
+    mask thread waits for it, the caller (the launch thread) never does."""
+    pool = ThreadPoolExecutor(1)
+    mgr = StructuredOutputManager(gtok, num_threads=1, mask_executor=pool)
+    mgr.add_request(_new("r", SO(regex=r"[0-9]{1,2}-[a-z]")))
+    bm = np.zeros((1, bitmask_words(gtok.vocab_size)), dtype=np.int32)
+    mgr.masks_for([(0, "r", 2)], bm)
+
+    class Event:  # the copy "completes" when the test says so
+        def __init__(self) -> None:
+            self.done = threading.Event()
+            self.waiters: list[int] = []
+
+        def synchronize(self) -> None:
+            self.waiters.append(threading.get_ident())
+            self.done.wait()
+
+    ev = Event()
+    host = [0]
+    mgr.note_sampled(host, ev, [(0, "r")], prefetch=bm)  # returns with the copy still "in flight"
+    host[0] = _ids(hf_tok, "4")[0]  # the copy lands
+    ev.done.set()
+    assert mgr.masks_for([(0, "r", 3)], bm) == [0]
+    assert ev.waiters and threading.get_ident() not in ev.waiters
+    assert mgr.grammars["r"].outputs == [host[0]]
+    assert np.array_equal(bm[0], _reference_mask(gtok, SO(regex=r"[0-9]{1,2}-[a-z]"), [host[0]]))
+    mgr.close()
+    pool.shutdown()
