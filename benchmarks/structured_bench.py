@@ -179,11 +179,70 @@ async def run_one(config: dict[str, Any], args: argparse.Namespace, structured_f
         n_con = sum(1 for i in range(len(prompts)) if every and i % every == 0)
         con_tokens = sum(len(o.token_ids) for i, o in enumerate(outs) if every and i % every == 0)
         t = eng.timings
-        return {"requests": len(outs), "constrained": n_con, "output_tokens": tokens, "constrained_tokens": con_tokens,
+        mask = _mask_stats(eng)
+        return {**mask, "requests": len(outs), "constrained": n_con, "output_tokens": tokens, "constrained_tokens": con_tokens,
                 "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "tok_per_s": round(tokens / wall, 1), "steps": t.steps,
                 "engine_wait_s": round(t.wait_s, 3)}
     finally:
         await eng.shutdown()
+
+
+def _mask_stats(eng: AsyncEngine) -> dict[str, Any]:
+    """The grammar manager's counters (in-process torch runner only): launch-thread ms per
+    step with masks, and the share of rows whose mask was prefetched off that thread."""
+    runner = getattr(getattr(eng, "_executor", None), "runner", None)
+    mgr = getattr(getattr(runner, "extras", None), "structured", None)
+    if mgr is None or not mgr.stats["mask_steps"]:
+        return {}
+    st = mgr.stats
+    rows = st["prefetched_rows"] + st["launch_thread_rows"]
+    return {"mask_steps": st["mask_steps"], "launch_thread_mask_ms_per_step": round(1e3 * st["launch_thread_s"] / st["mask_steps"], 3),
+            "job_ms_per_step": round(1e3 * st["job_s"] / st["mask_steps"], 3),
+            "prefetched_share": round(st["prefetched_rows"] / rows, 3) if rows else 0.0}
+
+
+def gil_probe(tokenizer_json: str, eos: int, n: int = 16, reps: int = 50) -> dict[str, Any]:
+    """Does llguidance release the GIL while it fills masks? A second Python thread counts
+    while the main thread fills `n` JSON masks `reps` times; its count rate is compared
+    with its rate alone (1.0 = unhindered, ~0 = the fill holds the GIL)."""
+    import threading
+
+    import numpy as np
+
+    from aiosched.executors.structured_output import GrammarTokenizer, StructuredOutputManager, bitmask_words
+    from aiosched.protocol import NewRequestData
+
+    gtok = GrammarTokenizer(tokenizer_json, eos_token_ids=[eos])
+    mgr = StructuredOutputManager(gtok, num_threads=1)
+    spec = StructuredOutputParams(json_schema=json.dumps(SCHEMA))
+    for i in range(n):
+        mgr.add_request(NewRequestData(f"r{i}", [5, 6], 2, SamplingParams(structured=spec), 0))
+    bm = np.zeros((n, bitmask_words(gtok.vocab_size)), dtype=np.int32)
+    rows = [(i, f"r{i}") for i in range(n)]
+    mgr.fill_bitmask(bm, rows)  # first masks build lexer state
+    count = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    def rate_while(work: Any) -> tuple[float, float]:
+        stop.clear()
+        count[0] = 0
+        th = threading.Thread(target=spin)
+        th.start()
+        t0 = time.perf_counter()
+        work()
+        dt = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        return count[0] / dt, dt
+
+    alone, _ = rate_while(lambda: time.sleep(0.3))
+    during, dt = rate_while(lambda: [mgr.fill_bitmask(bm, rows) for _ in range(reps)])
+    return {"rows": n, "vocab": gtok.vocab_size, "fill_ms_per_step": round(1e3 * dt / reps, 3),
+            "spinner_rate_vs_alone": round(during / alone, 3)}
 
 
 async def validity_pass(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -219,13 +278,25 @@ async def main_async(args: argparse.Namespace) -> None:
                 print("validity " + json.dumps(v), flush=True)
                 if v["valid"] != v["finished"]:
                     raise SystemExit(f"structured output INVALID in {mode} mode: {v}")
+        if args.gil_probe:
+            with open(os.path.join(base["model"], "tokenizer.json")) as f:
+                tj = f.read()
+            with open(os.path.join(base["model"], "generation_config.json")) as f:
+                eos = json.load(f).get("eos_token_id", 0)
+            print("gil_probe " + json.dumps(gil_probe(tj, eos[0] if isinstance(eos, list) else eos)), flush=True)
         best: dict[tuple[str, str], dict[str, Any]] = {}
         walls: dict[tuple[str, str], list[float]] = {}
+        fracs = [float(f) for f in (args.fracs or str(args.structured_frac)).split(",")]
+        workloads = [("unconstrained", 0.0, "")]
+        for path in args.grammar_paths.split(","):
+            workloads += [(f"{int(f * 100)}% structured" + (f" [{path}]" if path else ""), f, path) for f in fracs]
         # Interleaved repeats, best wall time kept: a shared machine's noise only ever adds time.
         for rep in range(args.repeats):
             for mode in args.modes.split(","):
-                for label, frac in (("unconstrained", 0.0), (f"mixed {int(args.structured_frac * 100)}% structured", args.structured_frac)):
+                for label, frac, path in workloads:
                     cfg = dict(base, async_scheduling=(mode == "async"))
+                    # "before": the old path (masks filled on the launch thread), only for this comparison
+                    os.environ["AIOSCHED_GRAMMAR_PREFETCH"] = "0" if path == "before" else "1"
                     r = await run_one(cfg, args, frac)
                     r.update(mode=mode, workload=label, repeat=rep)
                     print(json.dumps(r), flush=True)
@@ -236,14 +307,15 @@ async def main_async(args: argparse.Namespace) -> None:
         for r in rows:
             r["wall_s_all"] = walls[(r["mode"], r["workload"])]
         print(f"\nbest of {args.repeats} (interleaved); load average at the end: {os.getloadavg()[0]:.1f}")
-        print("| scheduling | workload | requests (constrained) | output tokens | wall s (best; all) | process CPU s (of the best) | tok/s | vs unconstrained |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| scheduling | workload | requests (constrained) | output tokens | wall s (best; all) | process CPU s (of the best) | tok/s | vs unconstrained | launch-thread mask ms/step | prefetched |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for mode in args.modes.split(","):
             ref = next(r for r in rows if r["mode"] == mode and r["workload"] == "unconstrained")
             for r in (x for x in rows if x["mode"] == mode):
                 print(f"| {mode} | {r['workload']} | {r['requests']} ({r['constrained']}) | {r['output_tokens']} | "
                       f"{r['wall_s']}; {', '.join(str(w) for w in r['wall_s_all'])} | {r['cpu_s']} | "
-                      f"{r['tok_per_s']} | {r['tok_per_s'] / ref['tok_per_s']:.2f}x |")
+                      f"{r['tok_per_s']} | {r['tok_per_s'] / ref['tok_per_s']:.2f}x | {r.get('launch_thread_mask_ms_per_step', '-')} | "
+                      f"{r.get('prefetched_share', '-')} |")
 
 
 def main() -> None:
@@ -258,6 +330,9 @@ def main() -> None:
     ap.add_argument("--structured-frac", type=float, default=0.25)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--modes", default="sync,async")
+    ap.add_argument("--fracs", default=None, help="constrained fractions to compare with 0%%, e.g. 0.25,1.0 (default: --structured-frac)")
+    ap.add_argument("--grammar-paths", default="", help="'before,after': issue 18's old launch-thread masks vs prefetched ones, in one run")
+    ap.add_argument("--gil-probe", action="store_true", help="first, measure whether the mask fill releases the GIL")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each config; the best is reported")
     ap.add_argument("--validate", type=int, default=0, metavar="N",
                     help="first, N requests (every 4th constrained by a short schema): each finished one must parse and conform")

@@ -34,8 +34,10 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -137,10 +139,14 @@ class RequestGrammar:
         only EOS: the request then ends instead of producing garbage."""
         self.num_consumed += 1
         ok = bool(self.matcher.consume_token(int(token)))
-        if not ok and not self._warned:
+        if not ok:
+            self.note_rejected(token)
+        return ok
+
+    def note_rejected(self, token: int) -> None:
+        if not self._warned:
             self._warned = True
             log.warning("%s: token %d rejected by the grammar: %s", self.req_id, token, self.matcher.get_error()[:300])
-        return ok
 
     @property
     def is_terminated(self) -> bool:
@@ -161,13 +167,35 @@ class _Pending:
         self.host, self.event, self.rows = host, event, rows
 
 
+class MaskExecutor(Protocol):
+    """Where prefetch jobs run: `concurrent.futures.ThreadPoolExecutor` (the default, one
+    thread) or anything with its `submit` (tests inject one that runs jobs when told)."""
+
+    def submit(self, fn: Callable[[], None]) -> "Future[None]": ...
+
+
+class _MaskJob:
+    """The next step's masks, being filled off the launch thread: slot i of `bitmask`
+    is the mask of `targets[i]` = (request, position of the token it masks)."""
+
+    __slots__ = ("targets", "bitmask", "future")
+
+    def __init__(self, targets: list[tuple[RequestGrammar, int]], bitmask: np.ndarray) -> None:
+        self.targets, self.bitmask = targets, bitmask
+        self.future: Future[None] | None = None
+
+
 # ---- the worker's manager ----
 
 
 class StructuredOutputManager:
-    """All grammar state of one worker. Used from the runner's launch thread only."""
+    """All grammar state of one worker. Called from the runner's launch thread only; a
+    prefetch job (`note_sampled(..., prefetch=...)`) runs on `mask_executor` and owns the
+    matchers it advances until `_join()`: every method that reads or advances a matcher
+    joins it first, the others (add, free, constrained_rows) touch only the dicts."""
 
-    def __init__(self, tokenizer: "GrammarTokenizer | Callable[[], GrammarTokenizer]", num_threads: int | None = None) -> None:
+    def __init__(self, tokenizer: "GrammarTokenizer | Callable[[], GrammarTokenizer]", num_threads: int | None = None,
+                 mask_executor: MaskExecutor | None = None) -> None:
         self._tok: GrammarTokenizer | None = None
         self._tok_error: BaseException | None = None
         self._tok_ready = threading.Event()
@@ -184,6 +212,12 @@ class StructuredOutputManager:
         # Rows point at the RequestGrammar object, not its id: an id is reused when a
         # preempted request comes back, its object never is.
         self._pending: deque[_Pending] = deque()
+        self._mask_executor: MaskExecutor | None = mask_executor
+        self._job: _MaskJob | None = None
+        # rows whose mask came from a prefetch job / was filled on the launch thread; seconds
+        # the launch thread spent in masks_for (waiting for the job + its own fills), and
+        # seconds of job work on the mask thread (waiting for the device copy included)
+        self.stats = {"prefetched_rows": 0, "launch_thread_rows": 0, "mask_steps": 0, "launch_thread_s": 0.0, "job_s": 0.0}
 
     @classmethod
     def for_model_dir(cls, model_dir: str | None, vocab_size: int | None = None) -> "StructuredOutputManager | None":
@@ -254,10 +288,13 @@ class StructuredOutputManager:
         return len(self.grammars)
 
     def get(self, req_id: str) -> RequestGrammar | None:
+        """The request's grammar, its matcher ours to read (waits for a prefetch job)."""
+        self._join()
         return self.grammars.get(req_id)
 
     def held_request_ids(self) -> set[str]:
         """Every request the manager holds any state for (empty once all are freed)."""
+        self._join()
         return set(self.grammars) | {g.req_id for p in self._pending for _, g in p.rows}
 
     # -- per step --
@@ -277,16 +314,89 @@ class StructuredOutputManager:
             row += 1
         return rows
 
-    def note_sampled(self, host: Any, event: Any, rows: Sequence[tuple[int, str]]) -> None:
+    def note_sampled(self, host: Any, event: Any, rows: Sequence[tuple[int, str]],
+                     prefetch: np.ndarray | None = None) -> None:
         """A step sampled for constrained requests: `host[i]` (a list, or a host tensor that
-        is complete once `event` has) will be the token of request `rid`, for (i, rid) in `rows`."""
-        if rows:
-            self._pending.append(_Pending(host, event, [(i, self.grammars[rid]) for i, rid in rows]))
+        is complete once `event` has) will be the token of request `rid`, for (i, rid) in `rows`.
 
-    def _drain(self) -> None:
+        `prefetch` (an int32 bitmask, as for `fill_bitmask`): start filling, off this
+        thread, each of these requests' mask for the position after the one just sampled,
+        into `prefetch[0..len(rows))`. The job waits for `event` itself, so the caller
+        returns at once and launches the next step while the device runs this one; the
+        next step takes the masks with `masks_for`. The caller must not reuse `prefetch`
+        before then, and must have queued every read of its previous contents before
+        `event` (the runner's mask upload precedes its sampling, which precedes the copy)."""
+        if not rows:
+            return
+        p = _Pending(host, event, [(i, self.grammars[rid]) for i, rid in rows])
+        self._pending.append(p)
+        if prefetch is None:
+            return
+        self._check_bitmask(prefetch, [(j, "") for j in range(len(rows))])
+        self._join()  # one job at a time: the previous one's matchers are ours again
+        job = _MaskJob([(rg, rg.prompt_len + len(rg.outputs) + self._in_flight(rg)) for _, rg in p.rows], prefetch)
+        pending, self._pending = self._pending, deque()  # the job appends these samples, in order
+        if self._mask_executor is None:
+            self._mask_executor = ThreadPoolExecutor(1, thread_name_prefix="aiosched-grammar")
+        self._job = job
+        job.future = self._mask_executor.submit(lambda: self._run_job(job, pending))
+
+    def _in_flight(self, rg: RequestGrammar) -> int:
+        """Samples of `rg` still on their way to the host (the one just noted included)."""
+        return sum(1 for p in self._pending for _, g in p.rows if g is rg)
+
+    def _run_job(self, job: _MaskJob, pending: deque[_Pending]) -> None:
+        """On the mask thread: wait for the samples, advance the matchers, fill the masks
+        (llguidance computes in Rust with the interpreter lock released)."""
+        t0 = time.perf_counter()
+        self._drain(pending)
+        self._consume([(rg, pos) for rg, pos in job.targets])
+        self._fill([(rg.matcher, j) for j, (rg, _) in enumerate(job.targets)], job.bitmask)
+        self.stats["job_s"] += time.perf_counter() - t0
+
+    def _join(self) -> _MaskJob | None:
+        """Wait for the prefetch job, if any (its errors surface here); returns it."""
+        job, self._job = self._job, None
+        if job is not None and job.future is not None:
+            job.future.result()
+        return job
+
+    def masks_for(self, rows: Sequence[tuple[int, str, int]], bitmask: np.ndarray) -> list[int]:
+        """The step's masks in `bitmask`: for each (sample row, req_id, position), the slot
+        of `bitmask` that holds its mask. A prefetched mask is used where the job had that
+        request at that position; the others (new requests, the first sample after a
+        prefill) are filled here, into slots this step's prefetched rows do not use."""
+        t0 = time.perf_counter()
+        job = self._join()
+        slot_of: dict[tuple[int, int], int] = {}
+        if job is not None and job.bitmask is bitmask:
+            slot_of = {(id(rg), pos): j for j, (rg, pos) in enumerate(job.targets)}
+        slots: list[int | None] = [slot_of.get((id(self.grammars[rid]), pos)) for _, rid, pos in rows]
+        # Rows the job did not have: the lowest slots no row of this step uses (a job's
+        # slot whose request is not in this step is free again).
+        used = {j for j in slots if j is not None}
+        free = (j for j in range(bitmask.shape[0]) if j not in used)
+        todo: list[tuple[int, str]] = []
+        for k, (_, rid, pos) in enumerate(rows):
+            if slots[k] is None:
+                j = next(free, None)
+                if j is None:
+                    raise IndexError(f"bitmask has {bitmask.shape[0]} rows for {len(rows)} constrained rows")
+                slots[k] = j
+                todo.append((j, rid))
+                self.sync(rid, pos)
+        self.stats["prefetched_rows"] += len(rows) - len(todo)
+        self.stats["launch_thread_rows"] += len(todo)
+        self.fill_bitmask(bitmask, todo)
+        self.stats["mask_steps"] += 1
+        self.stats["launch_thread_s"] += time.perf_counter() - t0
+        return [j for j in slots if j is not None]
+
+    def _drain(self, pending: deque[_Pending] | None = None) -> None:
         """Append the samples of earlier steps to their requests' histories (waits for their copies)."""
-        while self._pending:
-            p = self._pending.popleft()
+        queue = self._pending if pending is None else pending
+        while queue:
+            p = queue.popleft()
             if p.event is not None:
                 p.event.synchronize()
             vals = p.host.tolist() if hasattr(p.host, "tolist") else p.host
@@ -296,50 +406,95 @@ class StructuredOutputManager:
     def advance(self, rows: Sequence[tuple[int, str, int]]) -> None:
         """Bring the matcher of each (sample row, req_id, position) to `position`: every
         token before it consumed, so its mask is the one for the token at `position`."""
+        self._join()
         self._drain()
         for _, rid, pos in rows:
             self.sync(rid, pos)
 
     def sync(self, req_id: str, position: int) -> RequestGrammar:
         """Advance the matcher over the known tokens [.., position) it has not consumed."""
+        self._join()
+        self._drain()
         rg = self.grammars[req_id]
-        start = rg.prompt_len + rg.num_consumed
-        known = rg.prompt_len + len(rg.outputs)
-        if not start <= position <= known:
-            # The scheduler never rewinds a live request, and the previous step's sample
-            # was drained above: anything else is a lifecycle bug, not a grammar matter.
-            raise RuntimeError(f"{req_id}: asked to mask position {position}; the matcher is at {start}, "
-                               f"the host knows {known} tokens")
-        for t in rg.outputs[rg.num_consumed : position - rg.prompt_len]:
-            rg.accept_token(t)
+        self._consume([(rg, position)])
         return rg
+
+    def _consume(self, targets: Sequence[tuple[RequestGrammar, int]]) -> None:
+        """Advance each matcher to its position. One token each (the usual step) goes in one
+        batched call when there is a pool (Rust, no interpreter lock); catching up (a
+        resumed request, sync mode's first steps) token by token."""
+        single: list[RequestGrammar] = []
+        for rg, position in targets:
+            start = rg.prompt_len + rg.num_consumed
+            known = rg.prompt_len + len(rg.outputs)
+            if not start <= position <= known:
+                # The scheduler never rewinds a live request, and the previous step's sample
+                # was drained above: anything else is a lifecycle bug, not a grammar matter.
+                raise RuntimeError(f"{rg.req_id}: asked to mask position {position}; the matcher is at {start}, "
+                                   f"the host knows {known} tokens")
+            if position - start == 1 and self._num_threads > 1:
+                single.append(rg)
+                continue
+            for t in rg.outputs[rg.num_consumed : position - rg.prompt_len]:
+                rg.accept_token(t)
+        if len(single) < 2:
+            for rg in single:
+                rg.accept_token(rg.outputs[rg.num_consumed])
+            return
+        oks = self._pool().consume_token_par([(rg.matcher, rg.outputs[rg.num_consumed]) for rg in single])
+        for rg, ok in zip(single, oks):
+            rg.num_consumed += 1
+            if not ok:
+                rg.note_rejected(rg.outputs[rg.num_consumed - 1])
+
+    def _pool(self) -> Any:
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor(num_threads=self._num_threads)
+        return self._executor
+
+    def _check_bitmask(self, bitmask: np.ndarray, rows: Sequence[tuple[int, str]]) -> None:
+        if bitmask.dtype != np.int32 or bitmask.ndim != 2 or not bitmask.flags.c_contiguous:
+            raise ValueError("bitmask must be a C-contiguous int32 [batch, words] array")
+        batch, words = bitmask.shape
+        if words * 32 < self.vocab_size:
+            raise ValueError(f"bitmask has {words} words per row; the vocab needs {bitmask_words(self.vocab_size)}")
+        for row, _ in rows:
+            if not 0 <= row < batch:
+                raise IndexError(f"bitmask row {row} out of range for {batch} rows")
 
     def fill_bitmask(self, bitmask: np.ndarray, rows: Sequence[tuple[int, str]]) -> None:
         """Write each request's next-token mask into `bitmask[row]` (int32, C-contiguous,
         [batch, ceil(vocab / 32)]; a pinned torch tensor's `.numpy()` view works)."""
         if not rows:
             return
-        if bitmask.dtype != np.int32 or bitmask.ndim != 2 or not bitmask.flags.c_contiguous:
-            raise ValueError("bitmask must be a C-contiguous int32 [batch, words] array")
+        self._check_bitmask(bitmask, rows)
+        self._join()
+        self._fill([(self.grammars[rid].matcher, row) for row, rid in rows], bitmask)
+
+    def _fill(self, items: list[tuple[Any, int]], bitmask: np.ndarray) -> None:
+        if not items:
+            return
         batch, words = bitmask.shape
-        if words * 32 < self.vocab_size:
-            raise ValueError(f"bitmask has {words} words per row; the vocab needs {bitmask_words(self.vocab_size)}")
         nbytes = words * 4
         ptr = bitmask.ctypes.data
-        for row, _ in rows:
-            if not 0 <= row < batch:
-                raise IndexError(f"bitmask row {row} out of range for {batch} rows")
-        if len(rows) == 1 or self._num_threads <= 1:
+        if len(items) == 1 or self._num_threads <= 1:
             # One row, or no spare core: in this thread (a pool's spinning workers would
-            # compete with the model's own threads for the CPU).
-            for row, rid in rows:
-                self.grammars[rid].matcher.unsafe_compute_mask_ptr(ptr + row * nbytes, nbytes)
+            # compete with the model's own threads for the CPU). Each call releases the GIL.
+            for matcher, row in items:
+                matcher.unsafe_compute_mask_ptr(ptr + row * nbytes, nbytes)
             return
-        if self._executor is None:
-            import llguidance
+        self._pool().unsafe_compute_mask_ptr(items, ptr, nbytes, batch)
 
-            self._executor = llguidance.LLExecutor(num_threads=self._num_threads)
-        self._executor.unsafe_compute_mask_ptr([(self.grammars[rid].matcher, row) for row, rid in rows], ptr, nbytes, batch)
+    def close(self) -> None:
+        """Wait for the prefetch job and stop the mask thread (a runner's shutdown)."""
+        try:
+            self._join()
+        finally:
+            ex, self._mask_executor = self._mask_executor, None
+            if isinstance(ex, ThreadPoolExecutor):
+                ex.shutdown(wait=True)
 
 
 # ---- bitmask helpers ----

@@ -386,6 +386,8 @@ class TorchModelRunner(ModelRunner):
 
     def shutdown(self) -> None:
         self.fast = None
+        if getattr(self, "extras", None) is not None:
+            self.extras.close()  # the grammar mask thread
         if getattr(self, "batch", None) is not None:
             self.batch.reqs = {}
         self.kv_caches = []

@@ -27,6 +27,7 @@ are untouched. The host histories and the samples in flight are the manager's
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -69,6 +70,12 @@ class SamplingExtras:
         self.vocab_size = vocab_size
         self.structured = StructuredOutputManager.for_model_dir(model_dir, vocab_size)
         self._bitmask: torch.Tensor | None = None
+        self._dev_bitmask: torch.Tensor | None = None
+        self._bitmask_np: Any = None
+        # Grammar masks prefetched off the launch thread (default). "0" keeps the old path
+        # (all masks filled on the launch thread when the step samples) for the
+        # before/after benchmark of issue 18 only.
+        self.prefetch_masks = os.environ.get("AIOSCHED_GRAMMAR_PREFETCH", "1") != "0"
         self._max_rows = max_num_seqs
         self.active: set[str] = set()  # live requests that use any feature here
 
@@ -159,24 +166,38 @@ class SamplingExtras:
         if ctx.bias is not None:
             logits = apply_bias(logits, ctx.bias)
         if ctx.grammar_rows:
-            logits = self._apply_grammar(ctx, logits)
+            fresh = ctx.penalties is not None or ctx.bias is not None  # already a copy: mask it in place
+            logits = self._apply_grammar(ctx, logits if fresh else logits.clone())
         return logits
 
     def _apply_grammar(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
+        """In place on `logits` (the caller's copy). The step's masks, mostly filled already by the job `note_step` started one step
+        earlier (off this thread), go to the device in one copy into a persistent buffer;
+        one index upload says which mask slot masks which logits row."""
         mgr = self.structured
         assert mgr is not None
-        mgr.advance(ctx.grammar_rows)  # waits for the previous step's sampled ids
-        if self._bitmask is None:
-            self._bitmask = allocate_bitmask(self._max_rows, mgr.vocab_size, pin_memory=self.device.type == "cuda")
-        # Reusing one pinned buffer is safe: the previous step that used it had constrained
-        # rows, so advance() above waited for its sampled ids, recorded after its mask upload.
-        n = len(ctx.grammar_rows)
-        host = self._bitmask[:n]
-        mgr.fill_bitmask(self._bitmask.numpy(), [(i, rid) for i, (_, rid, _) in enumerate(ctx.grammar_rows)])
-        rows = torch.tensor([r for r, _, _ in ctx.grammar_rows], dtype=torch.int64).to(self.device, non_blocking=True)
-        logits = logits.clone()
-        apply_token_bitmask(logits, host.to(self.device, non_blocking=True), rows)
+        host = self._host_bitmask()
+        # Waits only for what the prefetch job has left (or, for rows it did not have, for
+        # the previous step's sampled ids and the fill here).
+        slots = mgr.masks_for(ctx.grammar_rows, self._bitmask_np)
+        n = max(slots) + 1
+        dev = self._dev_bitmask[:n]
+        dev.copy_(host[:n], non_blocking=True)
+        idx = torch.tensor(slots + [r for r, _, _ in ctx.grammar_rows], dtype=torch.int64).to(self.device, non_blocking=True)
+        k = len(slots)
+        apply_token_bitmask(logits, dev.index_select(0, idx[:k]) if slots != list(range(k)) else dev[:k], idx[k:])
         return logits
+
+    def _host_bitmask(self) -> torch.Tensor:
+        """The pinned host bitmask (and its device twin), allocated on first use. Reusing one
+        pair is safe: a step's mask upload is queued before its sampling, and the job that
+        next writes the host buffer first waits for that sampling's copy to the host."""
+        if self._bitmask is None:
+            vocab = self.structured.vocab_size
+            self._bitmask = allocate_bitmask(self._max_rows, vocab, pin_memory=self.device.type == "cuda")
+            self._bitmask_np = self._bitmask.numpy()  # one view: the manager knows its job's buffer by identity
+            self._dev_bitmask = torch.empty_like(self._bitmask, device=self.device)
+        return self._bitmask
 
     def device_outputs(self, ctx: StepContext | None, raw_logits: torch.Tensor, tokens: torch.Tensor,
                        logits_at: Callable[[torch.Tensor], torch.Tensor] | None, token_buffer: torch.Tensor) -> list[torch.Tensor]:
@@ -202,7 +223,18 @@ class SamplingExtras:
     def note_step(self, ctx: StepContext | None, host_tokens: Any, event: Any) -> None:
         """Where this step's sampled ids appear on the host (for the grammars of its constrained rows)."""
         if ctx is not None and ctx.grammar_rows:
-            self.structured.note_sampled(host_tokens, event, [(r, rid) for r, rid, _ in ctx.grammar_rows])
+            # Prefetch: these requests' masks for the next step start filling as soon as
+            # this step's ids reach the host, while the launch thread goes on.
+            self.structured.note_sampled(host_tokens, event, [(r, rid) for r, rid, _ in ctx.grammar_rows],
+                                         prefetch=self._host_numpy() if self.prefetch_masks else None)
+
+    def _host_numpy(self) -> Any:
+        self._host_bitmask()
+        return self._bitmask_np
+
+    def close(self) -> None:
+        if self.structured is not None:
+            self.structured.close()
 
     def finish(self, out: RunnerOutput, ctx: StepContext | None, host: list[torch.Tensor]) -> None:
         """Fill `out.logprobs` (aligned with out.req_ids) and `out.prompt_logprobs` from host copies."""
