@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -244,6 +245,14 @@ class TorchModelRunner(ModelRunner):
             self.batch.write_tokens(inputs.dst, tokens)
         return hidden, logits, tokens
 
+    def _logits_at(self, fwd: _Forward) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """float32 logits of the forward's hidden rows at flat token indices (prompt
+        logprobs read positions that were not logits rows), or None without hidden states."""
+        if fwd.hidden is None:
+            return None
+        hidden, fused = fwd.hidden, self.fast is not None
+        return lambda flat: self.model.compute_logits(hidden[flat], fused=fused)
+
     def _sample(self, step: ScheduledStep, fwd: _Forward, extras_on: bool, out: RunnerOutput) -> PendingOutput:
         samplers, tokens_buf = step.samplers, self.batch.tokens
         # The forward pass is launched: now the host-side work of the optional features
@@ -251,13 +260,7 @@ class TorchModelRunner(ModelRunner):
         ctx = self.extras.begin(step.so, samplers) if extras_on and samplers else None
         if extras_on and self.prompt_lp_reqs:
             ctx = self.extras.plan_prompt_logprobs(ctx, step.so, self.batch.reqs, step.flat_offsets)
-        logits_at = None
-        if fwd.hidden is not None:
-            hidden, fused = fwd.hidden, self.fast is not None
-
-            def logits_at(flat: torch.Tensor) -> torch.Tensor:
-                return self.model.compute_logits(hidden[flat], fused=fused)
-
+        logits_at = self._logits_at(fwd)
         if not samplers:
             if ctx is None:
                 return ReadyOutput(out)
@@ -332,13 +335,7 @@ class TorchModelRunner(ModelRunner):
         ctx = self.extras.begin(sub_so, states) if states else None
         if self.prompt_lp_reqs:
             ctx = self.extras.plan_prompt_logprobs(ctx, step.so, self.batch.reqs, step.flat_offsets)
-        logits_at = None
-        if fwd.hidden is not None:
-            hidden, fused = fwd.hidden, self.fast is not None
-
-            def logits_at(flat: torch.Tensor) -> torch.Tensor:
-                return self.model.compute_logits(hidden[flat], fused=fused)
-
+        logits_at = self._logits_at(fwd)
         tokens_buf = self.batch.tokens
         raw = tokens = None
         ids_list: list[int] = []
