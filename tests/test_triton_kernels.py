@@ -86,6 +86,22 @@ def test_decode_attention(dtype, batch, hq, hkv, d, page, interleaved, splits) -
     assert rel_err(out, ref) < tol(dtype)
 
 
+@pytest.mark.parametrize("cfg", [tp.DecodeConfig(heads_fast=True), tp.DecodeConfig(64, 8, 3, True), tp.DecodeConfig(16, 2, 1, False)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_any_launch_config(cfg, splits) -> None:
+    """Every launch shape the tuner may pick (tile, warps, stages, grid order) computes the same attention."""
+    rng = random.Random(5 + splits)
+    lens = [rng.randint(1, 150) for _ in range(5)]
+    num_blocks = sum((n + 15) // 16 for n in lens) + 3
+    _, kc, vc = make_cache(num_blocks, 16, 2, 64, DTYPES[0], False)
+    bt = random_tables(lens, 16, num_blocks, rng)
+    q = torch.randn(5, 8, 64, device=DEV).to(DTYPES[0])
+    out = tp.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device=DEV), 0.125,
+                                    num_splits=splits, config=cfg)
+    ref = tp.reference_paged_attention(q, kc, vc, bt, lens, [1] * 5, 0.125)
+    assert rel_err(out, ref) < tol(DTYPES[0])
+
+
 def test_decode_workspace_is_reused() -> None:
     rng = random.Random(7)
     lens = [37, 90]

@@ -22,7 +22,7 @@ Kernels accumulate in float32; inputs may be fp16/bf16/fp32.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -66,10 +66,14 @@ if HAVE_TRITON:
         stride_ob, stride_oh,
         G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, PREC: tl.constexpr,
-        HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+        HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, HEADS_FAST: tl.constexpr = False,
     ):
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
+        if HEADS_FAST:  # grid (kv heads, requests, splits): neighbours read neighbouring heads of the same tokens
+            kvh = tl.program_id(0)
+            b = tl.program_id(1)
+        else:
+            b = tl.program_id(0)
+            kvh = tl.program_id(1)
         sp = tl.program_id(2)
         seq_len = tl.load(lens_ptr + b)
         if HAS_ROWS:  # block-table row of each request (persistent tables indexed by request slot)
@@ -122,7 +126,8 @@ if HAVE_TRITON:
             tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
         else:
             # partials: [B, Hq, NUM_SPLITS, D] and (m, l): [B, Hq, NUM_SPLITS, 2], contiguous
-            row = (b * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + sp
+            num_kv = tl.num_programs(0) if HEADS_FAST else tl.num_programs(1)
+            row = (b * (G * num_kv) + heads) * NUM_SPLITS + sp
             tl.store(part_ptr + row[:, None] * D + offs_d[None, :], acc, mask=hmask[:, None])
             tl.store(ml_ptr + row * 2, m_i, mask=hmask)
             tl.store(ml_ptr + row * 2 + 1, l_i, mask=hmask)
@@ -233,10 +238,28 @@ class DecodeWorkspace:
         self.max_batch, self.num_heads, self.max_splits = max_batch, num_heads, max_splits
 
 
+class DecodeConfig(NamedTuple):
+    """Launch shape of the decode kernel (benchmarks/attention_tune.py sweeps these)."""
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    heads_fast: bool = False  # grid (kv heads, requests, splits) instead of (requests, kv heads, splits)
+
+
+def default_decode_config(num_splits: int) -> DecodeConfig:
+    """Unsplit (large batches, the KV-bound case): 64-token tiles and the kv heads of a request
+    on neighbouring programs, so that together they read each token's K/V rows whole. On the
+    H200 at batch 256 / 300-token context this reads the KV at 3.53 TB/s against 3.00 for
+    (32, 4, 2, requests first) (benchmarks/attention_tune.py, 2026-12-03). Split (small
+    batches, latency-bound): no config beat the (32, 4, 2) tile at batch 1 or 3."""
+    return DecodeConfig(64, 4, 2, True) if num_splits == 1 else DecodeConfig()
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
-                           workspace: DecodeWorkspace | None = None, block_n: int = 32, rows: torch.Tensor | None = None,
-                           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                           workspace: DecodeWorkspace | None = None, rows: torch.Tensor | None = None,
+                           window: int | None = None, softcap: float | None = None,
+                           config: DecodeConfig | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one token per request; its K/V already written) -> out [B, Hq, D].
 
     block_tables: [B, max_blocks], or with `rows` [B] any [R, max_blocks] table whose row
@@ -263,13 +286,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             ml = torch.empty(B * Hq * num_splits * 2, dtype=torch.float32, device=q.device)
     else:
         part = ml = out  # unused
-    _decode_kernel[(B, Hkv, num_splits)](
+    cfg = config or default_decode_config(num_splits)
+    grid = (Hkv, B, num_splits) if cfg.heads_fast else (B, Hkv, num_splits)
+    _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, rows if rows is not None else seq_lens, out, part, ml, scale,
         window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), *sk, *sv, block_tables.stride(0), out.stride(0), out.stride(1),
-        G=G, BLOCK_H=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, PAGE=page, NUM_SPLITS=num_splits,
+        G=G, BLOCK_H=max(16, _next_pow2(G)), D=D, BLOCK_N=cfg.block_n, PAGE=page, NUM_SPLITS=num_splits,
         HAS_ROWS=rows is not None, PREC=_prec(q), HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
-        num_warps=4, num_stages=2,
+        HEADS_FAST=cfg.heads_fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), D=D, NUM_SPLITS=num_splits,

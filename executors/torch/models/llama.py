@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from aiosched.executors.model_config import ModelConfig
-from aiosched.executors.torch import fused_ops
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, paged_attention
 from aiosched.executors.torch.layers import (GatedMLP, Residual, RMSNorm, RotaryAt, RowParallelLinear, rope_and_store,
-                                             rope_cos_sin, scale_embedding, skinny_rows, softcap)
+                                             rope_cos_sin, scale_embedding, softcap)
 from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_gather, all_reduce_, shard_range
 
 
@@ -98,18 +97,6 @@ class Attention(nn.Module):
         """stream += o_proj(attention(x)); x is the normed stream."""
         self._attend(self.qkv_proj(x), rope, meta, k_cache, v_cache, stream)
 
-    def forward_normed(self, norm: RMSNorm, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, stream: Residual) -> None:
-        """stream += o_proj(attention(norm(stream))). For 1-2 rows on a fused step the norm
-        is the qkv GEMM's prologue (one skinny kernel instead of a norm and a cuBLAS GEMV)."""
-        x = stream.x
-        if (self.qkv_proj.bias is None and not norm.unit_offset and stream.pending is None
-                and skinny_rows(x, stream.fused, self.tp)):
-            qkv = fused_ops.skinny_linear(x, self.qkv_proj.weight, norm_weight=norm.weight, eps=norm.eps)
-        else:
-            qkv = self.qkv_proj(stream.normed(norm))
-        self._attend(qkv, rope, meta, k_cache, v_cache, stream)
-
     def _attend(self, qkv: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, stream: Residual) -> None:
         T = qkv.shape[0]
@@ -137,7 +124,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, stream: Residual, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> None:
-        self.self_attn.forward_normed(self.input_layernorm, rope, meta, k_cache, v_cache, stream)
+        self.self_attn(stream.normed(self.input_layernorm), rope, meta, k_cache, v_cache, stream)
         self.mlp.add_into(stream, self.post_attention_layernorm)
 
 
@@ -203,8 +190,8 @@ class LlamaForCausalLM(nn.Module):
                        out: torch.Tensor | None = None) -> torch.Tensor:
         """Full-vocab logits of `forward`'s hidden rows on every rank (TP: this rank's
         columns, then all-gathered): final norm, LM head, soft-capping. float32 unless
-        dtype is None (the weights' dtype: a greedy argmax needs no upcast). fused: for
-        1-2 rows, the norm is the prologue of one skinny Triton GEMM. out: [rows, vocab]
+        dtype is None (the weights' dtype: a greedy argmax needs no upcast). fused: the
+        norm's fused kernel. out: [rows, vocab]
         to write into (a CUDA graph's persistent buffer); the LM head writes it directly
         when no cast, gather or cap follows, else the result is copied there."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -212,9 +199,10 @@ class LlamaForCausalLM(nn.Module):
         dtype = torch.float32 if cap is not None else dtype  # soft-capping in float32 whatever the caller reads
         direct = out if (out is not None and cap is None and not self.tp.active
                          and (dtype is None or dtype == w.dtype) and out.dtype == w.dtype) else None
-        if skinny_rows(hidden, fused, self.tp) and not self.norm.unit_offset:
-            y = fused_ops.skinny_linear(hidden, w, out=direct, norm_weight=self.norm.weight, eps=self.norm.eps)
-        elif direct is not None:
+        # The LM head stays on cuBLAS at every row count: at one row on the H200 it reads the
+        # 525 MB weight at 4.11 TB/s against 3.85 for the best skinny config with the norm as
+        # prologue (130 vs 136 us with the norm; decode_step.py --tune, 2026-12-03).
+        if direct is not None:
             y = torch.mm(self.norm.apply(hidden, fused), w.t(), out=direct)
         else:
             y = self.norm.apply(hidden, fused) @ w.t()

@@ -69,7 +69,7 @@ class MoeDecoderLayer(nn.Module):
 
     def forward(self, stream: Residual, rope: RotaryAt, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        self.self_attn.forward_normed(self.input_layernorm, rope, meta, k_cache, v_cache, stream)
+        self.self_attn(stream.normed(self.input_layernorm), rope, meta, k_cache, v_cache, stream)
         if isinstance(self.mlp, SparseMoeBlock):
             stream.add(self.mlp(stream.normed(self.post_attention_layernorm)))
         else:
