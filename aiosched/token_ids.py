@@ -67,5 +67,8 @@ class TokenIds(array.array):  # type: ignore[type-arg]
     def __repr__(self) -> str:
         return f"TokenIds({self.tolist()!r})"
 
-    def __reduce__(self) -> Any:  # copy.copy / deepcopy (no pickle on the wire)
-        return (TokenIds, (self.tolist(),))
+    def __copy__(self) -> "TokenIds":  # array's own would return a plain array
+        return TokenIds(self)
+
+    def __deepcopy__(self, memo: Any) -> "TokenIds":
+        return TokenIds(self)
