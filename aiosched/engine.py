@@ -412,44 +412,11 @@ class AsyncEngine:
         if out.prompt_logprobs:
             self._add_prompt_logprobs(so, out.prompt_logprobs)
         emit = self._emit
-        live = self._live
-        # The common case, handled inline (no _emit call, none of its branches): one new
-        # token of a single-sample request that goes on running, no logprobs, no stop
-        # strings, every output sent. Anything else takes _emit, which does the same here.
-        fast = self._stream_interval == 1 and not lps
         for upd in self.scheduler.update_from_output(so, out):
             req = upd.req
-            new_ids = upd.new_token_ids
-            if req.first_token_time is None and new_ids:
+            if req.first_token_time is None and upd.new_token_ids:
                 req.first_token_time = now
-            tr = live.get(req.req_id) if fast and req.status is not _FINISHED and len(new_ids) == 1 else None
-            if tr is None or len(tr.group.children) != 1 or (tr.detok is not None and tr.detok.stop) \
-                    or not (tr.group.prompt_logprobs is None or tr.group.prompt_logprobs_sent):
-                emit(upd, None, lps.get(req.req_id) if lps else None, now)
-                continue
-            self._emit_one(tr, req, new_ids, now)
-
-    def _emit_one(self, tr: _Tracked, req: Request, new_ids: list[int], now: float) -> None:
-        """`_emit` for one token of a running single-sample request (no logprobs, no stop
-        strings, stream_interval 1): the per-request, per-step hot path."""
-        detok = tr.detok
-        new_text = detok.push(new_ids[0]) if detok is not None else ""
-        hist = tr.hist
-        if new_text:
-            hist.add_text(new_text)
-        hist.token_ids.append(new_ids[0])
-        group = tr.group
-        comp = CompletionOutput(tr.index, new_text, new_ids, None, None, tr.cumulative_logprob, hist,
-                                len(hist.token_ids), hist.num_chars, len(hist.logprobs) if group.want_logprobs else -1)
-        metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time, now, None,
-                                 req.num_cached_prompt_tokens, req.num_preemptions)
-        out = RequestOutput(group.user_id, group.prompt, req.prompt_token_ids, [comp], False, metrics, None)
-        for obs in self._observers:
-            obs.on_output(out)
-        try:
-            group.stream.put(out)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # the consumer left; the request was aborted
+            emit(upd, None, lps.get(req.req_id) if lps else None, now)
 
     def _add_prompt_logprobs(self, so: SchedulerOutput, plp: dict[str, Logprobs]) -> None:
         """A chunk [start, end) of the prompt gives the logprobs of prompt tokens start+1 ..
