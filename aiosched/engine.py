@@ -457,7 +457,7 @@ class AsyncEngine:
         if new_text:
             hist.add_text(new_text)
         if new_ids:
-            hist.token_ids += new_ids
+            hist.token_ids.extend(new_ids)
         group = tr.group
         if logprobs is not None and new_ids:
             # Tokens past a stop were dropped by the scheduler: keep their logprobs aligned.

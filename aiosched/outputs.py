@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import msgspec
 
+from aiosched.token_ids import TokenIds
+
 
 class RequestMetrics(msgspec.Struct, gc=False):
     arrival_time: float
@@ -37,7 +39,7 @@ class SampleHistory:
     __slots__ = ("token_ids", "logprobs", "num_chars", "_chunks", "_tail")
 
     def __init__(self) -> None:
-        self.token_ids: list[int] = []
+        self.token_ids = TokenIds()  # one buffer, nothing inside for the GC to visit
         self.logprobs: list[TokenLogprob] = []
         self.num_chars = 0
         self._chunks: list[str] = []  # joined text; all of it becomes one string when read
@@ -103,7 +105,7 @@ class CompletionOutput(msgspec.Struct, gc=False):
         t = self._token_ids
         if t is None:
             assert self._history is not None
-            t = self._token_ids = self._history.token_ids[: self._num_tokens]
+            t = self._token_ids = self._history.token_ids[: self._num_tokens].tolist()
         return t
 
     @property

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from aiosched.sampling_params import SamplingParams
+from aiosched.token_ids import TokenIds
 
 
 class RequestStatus(enum.Enum):
@@ -25,7 +26,8 @@ class Request:
     seed: int
     eos_token_ids: list[int]
     arrival_time: float = field(default_factory=time.monotonic)
-    all_token_ids: list[int] = field(default_factory=list)
+    # Prompt + outputs in one int64 buffer (not a list of ints the GC walks every collection).
+    all_token_ids: TokenIds = field(default_factory=TokenIds)
     num_computed_tokens: int = 0  # tokens whose KV is computed or scheduled
     # Async scheduling: tokens scheduled to be sampled whose value has not arrived.
     num_output_placeholders: int = 0
@@ -53,7 +55,9 @@ class Request:
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
-            self.all_token_ids = list(self.prompt_token_ids)
+            self.all_token_ids = TokenIds(self.prompt_token_ids)
+        elif not isinstance(self.all_token_ids, TokenIds):
+            self.all_token_ids = TokenIds(self.all_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.max_total_tokens = self.num_prompt_tokens + self.sampling.max_tokens
         self.stop_token_set = frozenset(self.eos_token_ids) | frozenset(self.sampling.stop_token_ids)
@@ -64,7 +68,7 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[self.num_prompt_tokens :]
+        return self.all_token_ids[self.num_prompt_tokens :].tolist()
 
     @property
     def is_finished(self) -> bool:

@@ -180,7 +180,7 @@ class Scheduler:
             new_reqs.append(
                 NewRequestData(
                     req_id=req.req_id,
-                    token_ids=list(req.all_token_ids),
+                    token_ids=req.all_token_ids.tolist(),
                     prompt_len=req.num_prompt_tokens,
                     sampling=req.sampling,
                     seed=req.seed,

@@ -11,6 +11,10 @@ so every step there is a pure decode step at full batch), per engine step:
 - loop CPU: CPU time of the event-loop thread (engine loop + the consumers'
   `async for` + asyncio itself) per step;
 - process CPU: every thread, the fake runner's included;
+- of which GC: wall time in the cyclic collector's automatic runs, per step;
+- full GC: one `gc.collect()` (median of 3) at the end of the window, with the live state
+  of every request at its longest history (what a generation-2 collection costs the loop
+  whenever it triggers; grows with history held in lists of ints);
 - steps/s and output tok/s (wall clock).
 
 Modes: `ids` (no tokenizer: prompts and outputs are token ids, no detokenizer) and
@@ -120,6 +124,18 @@ def _snapshot(engine: AsyncEngine) -> dict[str, float]:
             "gc": _gc_timer.total}
 
 
+def _time_full_gc(repeats: int = 3) -> float:
+    """Median wall time of gc.collect() (a full collection) over the live state right
+    now: every request at its longest history, their outputs, the runner's state. The
+    engine pays this whenever the collector's third generation triggers, in the loop."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        gc.collect()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _time_submit(engine: AsyncEngine) -> None:
     """Engines whose timings have no `submit_s` (older code): time executor.submit here."""
     if hasattr(engine.timings, "submit_s"):
@@ -181,6 +197,7 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
     marks: dict[str, dict[str, float]] = {}
     prof = cProfile.Profile() if profile else None
     tokens = 0
+    full_gc: list[float] = []
 
     async def consume(p: list[int]) -> None:
         nonlocal reached, tokens
@@ -198,6 +215,7 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
                 marks["end"] = _snapshot(engine)
                 if prof is not None:
                     prof.disable()
+                full_gc.append(_time_full_gc())
         tokens += got
 
     try:
@@ -215,7 +233,7 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
            "schedule_us": (b["schedule"] - a["schedule"]) * us, "submit_us": (b["submit"] - a["submit"]) * us,
            "update_us": (b["update"] - a["update"]) * us, "wait_us": (b["wait"] - a["wait"]) * us,
            "loop_cpu_us": (b["loop_cpu"] - a["loop_cpu"]) * us, "proc_cpu_us": (b["proc_cpu"] - a["proc_cpu"]) * us,
-           "gc_us": (b["gc"] - a["gc"]) * us,
+           "gc_us": (b["gc"] - a["gc"]) * us, "full_gc_us": full_gc[0] * 1e6,
            "steps_per_s": steps / max(b["wall"] - a["wall"], 1e-9), "tok_per_s": steps * batch / max(b["wall"] - a["wall"], 1e-9)}
     res["engine_us"] = res["schedule_us"] + res["submit_us"] + res["update_us"]
     if prof is not None:
@@ -225,7 +243,8 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
     return res
 
 
-_KEYS = ["schedule_us", "submit_us", "update_us", "engine_us", "wait_us", "loop_cpu_us", "proc_cpu_us", "gc_us", "steps_per_s", "tok_per_s"]
+_KEYS = ["schedule_us", "submit_us", "update_us", "engine_us", "wait_us", "loop_cpu_us", "proc_cpu_us", "gc_us", "full_gc_us",
+         "steps_per_s", "tok_per_s"]
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -238,7 +257,7 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _row(r: dict[str, Any], label: str) -> str:
     return (f"| {label} | {r['batch']} | {r['mode']} | {r['detok']} | {r['output_len']} | {r['steps']} | {r['schedule_us']:.0f} "
             f"| {r['submit_us']:.0f} | {r['update_us']:.0f} | {r['engine_us']:.0f} | {r['loop_cpu_us']:.0f} "
-            f"| {r['proc_cpu_us']:.0f} | {r['gc_us']:.0f} | {r['steps_per_s']:.0f} | {r['tok_per_s']:.0f} |")
+            f"| {r['proc_cpu_us']:.0f} | {r['gc_us']:.0f} | {r['full_gc_us']:.0f} | {r['steps_per_s']:.0f} | {r['tok_per_s']:.0f} |")
 
 
 def _ratio_row(new: dict[str, Any], old: dict[str, Any]) -> str:
@@ -246,13 +265,13 @@ def _ratio_row(new: dict[str, Any], old: dict[str, Any]) -> str:
         return f"{new[k] / old[k]:.2f}x" if old[k] else "-"
 
     return (f"| new/old | {new['batch']} | {new['mode']} | {new['detok']} | {new['output_len']} | | {q('schedule_us')} "
-            f"| {q('submit_us')} | {q('update_us')} | {q('engine_us')} | {q('loop_cpu_us')} | {q('proc_cpu_us')} | "
-            f"| {q('steps_per_s')} | {q('tok_per_s')} |")
+            f"| {q('submit_us')} | {q('update_us')} | {q('engine_us')} | {q('loop_cpu_us')} | {q('proc_cpu_us')} | {q('gc_us')} "
+            f"| {q('full_gc_us')} | {q('steps_per_s')} | {q('tok_per_s')} |")
 
 
 HEADER = ("| code | batch | mode | detok | output len | window steps | schedule us/step | submit us/step | update us/step "
-          "| engine total us/step | loop-thread CPU us/step | process CPU us/step | of which GC us/step | steps/s | output tok/s |\n"
-          "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| engine total us/step | loop-thread CPU us/step | process CPU us/step | of which GC us/step | full GC us | steps/s | output tok/s |\n"
+          "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[bool, int, int, str]]:

@@ -36,6 +36,7 @@ are the plain hash tokens, exactly as without penalties.
 """
 from __future__ import annotations
 
+import array
 import json
 import math
 import os
@@ -43,6 +44,7 @@ import os
 import numpy as np
 
 from aiosched.config import EngineConfig
+from aiosched.token_ids import TokenIds
 from aiosched.protocol import PROTOCOL_VERSION, Logprobs, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
 from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput
 from aiosched.executors.structured_output import StructuredOutputManager, allowed_token_ids, bitmask_words
@@ -115,7 +117,9 @@ class FakeKVError(AssertionError):
 
 class _State:
     def __init__(self, new: NewRequestData) -> None:
-        self.tokens = list(new.token_ids)
+        # Both grow by one per step for the request's life: int64 buffers, not lists of
+        # ints that every full collection in this process would walk.
+        self.tokens = TokenIds(new.token_ids)
         self.prompt_len = new.prompt_len
         self.seed = new.seed
         self.sampling = new.sampling
@@ -123,13 +127,16 @@ class _State:
         self.penalized = has_penalties(new.sampling)
         self.blocks: list[int] = []
         self.num_computed = 0
-        self.prefix_hash = [0]  # prefix_hash[i] = hash of tokens[:i]
+        self.prefix_hash = array.array("q", [0])  # prefix_hash[i] = hash of tokens[:i] (< 2**61)
 
     def hash_upto(self, n: int) -> int:
-        while len(self.prefix_hash) <= n:
-            i = len(self.prefix_hash) - 1
-            self.prefix_hash.append((self.prefix_hash[-1] * 1_000_003 + self.tokens[i] + 1) % _MOD)
-        return self.prefix_hash[n]
+        ph = self.prefix_hash
+        if len(ph) <= n:
+            toks, h = self.tokens, ph[-1]
+            for i in range(len(ph) - 1, n):
+                h = (h * 1_000_003 + toks[i] + 1) % _MOD
+                ph.append(h)
+        return ph[n]
 
 
 class FakeModelRunner(ModelRunner):
@@ -226,11 +233,10 @@ class FakeModelRunner(ModelRunner):
                 raise FakeKVError(f"{sr.req_id}: scheduled up to position {end} but only {len(st.tokens)} tokens exist")
             if len(st.blocks) * self.bs < end:
                 raise FakeKVError(f"{sr.req_id}: {len(st.blocks)} blocks cannot hold {end} tokens")
+            toks = st.tokens.tolist()  # this step's reads, as plain ints (one C copy, not a lookup per position)
             for p in range(start, end):
-                self.slots[self._slot(st, p)] = (st.tokens[p], p)
-            for p in range(0, start):  # "attention" reads the whole prefix
-                if self.slots[self._slot(st, p)] != (st.tokens[p], p):
-                    raise FakeKVError(f"{sr.req_id}: KV at position {p} is {self.slots[self._slot(st, p)]}, expected {(st.tokens[p], p)}")
+                self.slots[self._slot(st, p)] = (toks[p], p)
+            self._check_prefix(sr.req_id, st, toks, start)
             st.num_computed = end
             self.tokens_computed += sr.num_tokens
             if st.sampling.prompt_logprobs is not None and start + 1 < st.prompt_len:
@@ -277,9 +283,7 @@ class FakeModelRunner(ModelRunner):
         seq = st.tokens[start:] + drafts
         for i, t in enumerate(seq):  # KV of the last token and the drafts (rejected ones are overwritten later)
             self.slots[self._slot(st, start + i)] = (t, start + i)
-        for p in range(0, start):
-            if self.slots[self._slot(st, p)] != (st.tokens[p], p):
-                raise FakeKVError(f"{sr.req_id}: KV at position {p} is {self.slots[self._slot(st, p)]}, expected {(st.tokens[p], p)}")
+        self._check_prefix(sr.req_id, st, st.tokens.tolist(), start)
         self.tokens_computed += len(seq)
         emitted: list[int] = []
         for j in range(len(drafts) + 1):
@@ -293,6 +297,13 @@ class FakeModelRunner(ModelRunner):
         out.sampled_token_ids.append(emitted)
         out.num_draft_tokens += len(drafts)
         out.num_accepted_tokens += len(emitted) - 1
+
+    def _check_prefix(self, req_id: str, st: _State, toks: list[int], start: int) -> None:
+        """ "Attention" reads the whole prefix: every position before `start` must read back."""
+        slots = self.slots
+        for p in range(0, start):
+            if slots[self._slot(st, p)] != (toks[p], p):
+                raise FakeKVError(f"{req_id}: KV at position {p} is {slots[self._slot(st, p)]}, expected {(toks[p], p)}")
 
     def _fake_logprob(self, st: _State, n: int, tok: int) -> tuple[float, list[int], list[float]]:
         """A deterministic stand-in for log p(token at n | history): (logprob, top ids, top logprobs)."""
