@@ -20,31 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 from aiosched.executors.torch.attention.triton_paged import DecodeConfig, DecodeWorkspace, paged_decode_attention  # noqa: E402
-
-
-def graph_us(fn, reps: int = 20) -> float:
-    """Median us per replay of `fn` captured in a CUDA graph (events)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
+from decode_step import graph_time  # noqa: E402  (ms per replay of a CUDA graph of the function, events)
 
 
 def configs(full: bool) -> list[DecodeConfig]:
@@ -76,8 +55,8 @@ def sweep(batch: int, ctx: int, layers: int, hq: int, hkv: int, d: int, page: in
         try:
             got = paged_decode_attention(q, *caches[0], tables, lens, scale, out=out, workspace=ws, config=cfg)
             ok = torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
-            us = graph_us(lambda: [paged_decode_attention(q, k, v, tables, lens, scale, out=out, workspace=ws, config=cfg)
-                                   for k, v in caches]) / layers
+            us = graph_time(lambda: [paged_decode_attention(q, k, v, tables, lens, scale, out=out, workspace=ws, config=cfg)
+                                     for k, v in caches]) * 1e3 / layers
         except Exception as ex:  # does not fit (shared memory / registers): skip
             rows.append({"config": cfg._asdict(), "error": repr(ex)[:80]})
             continue
