@@ -152,6 +152,8 @@ class AsyncEngine:
         gc.freeze()
         sched_cls = AsyncScheduler if self.config.async_scheduling else Scheduler
         self.scheduler = sched_cls(self.config, self.info.num_kv_blocks, self.info.max_model_len)
+        if self.spec_policy is not None:
+            self.scheduler.drafting = self.spec_policy.drafting  # it measures without drafts first
         # A plain task, not a task group held open across calls: start() and shutdown()
         # may run in different tasks (web-framework lifespans, test fixtures).
         self._loop = asyncio.get_running_loop()

@@ -11,7 +11,11 @@ Throughput is output tokens per second of wall time between step outputs, the fi
 user sees. Windows in both modes are short and alternate, so both see the same mix of
 requests; the first outputs after a switch are skipped, as they belong to steps
 scheduled before it. Drafting is kept only when it beats no drafting by `min_gain`:
-speculation must never make things slower. Pure Python and deterministic: the caller
+speculation must never make things slower. Each round measures without drafts first, so
+that a drafting window which is clearly losing (below 1/`cut` of that rate after `early`
+outputs) ends at once: where a verify step costs several plain steps (a GPU step that
+gives up the one-step-ahead overlap), a full window of drafting would cost more than the
+whole answer is worth on short runs. Pure Python and deterministic: the caller
 passes the time, so tests drive it with a fake clock.
 """
 from __future__ import annotations
@@ -26,12 +30,14 @@ class SpecPolicy:
     max_exploit: int = 6400  # ... doubled while the measurements keep agreeing, up to this
     skip: int = 2  # outputs ignored after a switch (steps still in flight from the other mode)
     min_gain: float = 1.03  # drafting must be this much faster to be kept
-    drafting: bool = True  # what the scheduler does now
+    early: int = 4  # counted drafting outputs after which a clear loss ends the window ...
+    cut: float = 1.5  # ... clear: this many times slower than without drafts
+    drafting: bool = False  # what the scheduler does now
     # Measured tokens and seconds of the current round, per mode.
     _tokens: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
     _seconds: dict[bool, float] = field(default_factory=lambda: {True: 0.0, False: 0.0})
     _seen: int = 0  # outputs observed in the current phase
-    _phase: str = "measure-on"  # measure-on -> measure-off -> exploit -> measure-on ...
+    _phase: str = "measure-off"  # measure-off -> measure-on -> exploit -> measure-off ...
     rates: dict[bool, float] = field(default_factory=dict)  # last measured tokens/s per mode
     _exploit_len: int = 0
     _last_choice: bool = True
@@ -43,16 +49,20 @@ class SpecPolicy:
         self._seen += 1
         if self._phase == "exploit":
             if self._seen >= self._exploit_len:
-                self._enter("measure-on")
+                self._enter("measure-off")
             return
         if self._seen <= self.skip:
             return
         self._tokens[self.drafting] += tokens
         self._seconds[self.drafting] += seconds
-        if self._seen < self.skip + self.window:
+        counted = self._seen - self.skip
+        if self._phase == "measure-on" and counted >= self.early and self._rate(True) * self.cut < self._rate(False):
+            self._decide()  # clearly losing: the rest of the window would only add to the loss
             return
-        if self._phase == "measure-on":
-            self._enter("measure-off")
+        if counted < self.window:
+            return
+        if self._phase == "measure-off":
+            self._enter("measure-on")
         else:
             self._decide()
 
@@ -72,11 +82,11 @@ class SpecPolicy:
         self._enter("exploit", drafting=drafting)
 
     def _enter(self, phase: str, drafting: bool | None = None) -> None:
-        if phase == "measure-on":
+        if phase == "measure-off":
             self._tokens, self._seconds = {True: 0, False: 0}, {True: 0.0, False: 0.0}
-            drafting = True
-        elif phase == "measure-off":
             drafting = False
+        elif phase == "measure-on":
+            drafting = True
         assert drafting is not None
         self.switches += drafting != self.drafting
         self.drafting, self._phase, self._seen = drafting, phase, 0

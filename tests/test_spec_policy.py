@@ -22,10 +22,20 @@ def feed(p: SpecPolicy, steps: int, rate_with: float, rate_without: float, token
 
 
 def test_slower_drafting_is_switched_off_after_one_round() -> None:
-    p = SpecPolicy(window=10, exploit=100, skip=2)
-    modes = feed(p, 24, rate_with=600.0, rate_without=1000.0)
-    assert modes[:12] == [True] * 12 and modes[12:] == [False] * 12  # measured on, then off
+    p = SpecPolicy(window=10, exploit=100, skip=2, cut=1.5)
+    modes = feed(p, 24, rate_with=800.0, rate_without=1000.0)
+    assert modes[:12] == [False] * 12 and modes[12:] == [True] * 12  # measured off, then on (a whole window)
     assert not p.drafting and p.stats()["spec_auto"] == "off"
+    assert round(p.rates[True]) == 800 and round(p.rates[False]) == 1000
+
+
+def test_a_clearly_losing_drafting_window_ends_early() -> None:
+    """Verify steps that cost several plain ones: drafting stops after `early` counted outputs,
+    not a whole window (short runs would pay more for measuring than drafting could win)."""
+    p = SpecPolicy(window=10, exploit=100, skip=2, early=4, cut=1.5)
+    modes = feed(p, 24, rate_with=600.0, rate_without=1000.0)
+    assert modes[:12] == [False] * 12 and modes[12:18] == [True] * 6 and modes[18:] == [False] * 6
+    assert not p.drafting and p.rounds == 1
     assert round(p.rates[True]) == 600 and round(p.rates[False]) == 1000
 
 
@@ -44,13 +54,13 @@ def test_a_gain_below_the_margin_is_not_worth_drafting() -> None:
 def test_outputs_just_after_a_switch_are_not_counted() -> None:
     """The first `skip` outputs after a switch belong to steps of the other mode."""
     p = SpecPolicy(window=4, exploit=100, skip=2)
-    for _ in range(6):  # measure-on: 2 skipped, 4 counted
-        p.observe(10, 1.0)
-    assert not p.drafting
-    p.observe(10, 1000.0)  # slow stragglers from the drafting steps: skipped
+    for _ in range(6):  # measure-off: 2 skipped, 4 counted
+        p.observe(10, 2.0)
+    assert p.drafting
+    p.observe(10, 1000.0)  # slow stragglers from the steps without drafts: skipped
     p.observe(10, 1000.0)
     for _ in range(4):
-        p.observe(10, 2.0)
+        p.observe(10, 1.0)
     assert p.rates == {True: 10.0, False: 5.0} and p.drafting
 
 
@@ -58,7 +68,7 @@ def test_measures_again_and_follows_a_change_in_the_workload() -> None:
     p = SpecPolicy(window=10, exploit=50, skip=2)
     feed(p, 24, rate_with=2000.0, rate_without=1000.0)
     assert p.drafting
-    modes = feed(p, 50 + 24, rate_with=500.0, rate_without=1000.0)  # acceptance fell: drafting now loses
+    modes = feed(p, 50 + 12 + 6, rate_with=500.0, rate_without=1000.0)  # acceptance fell: drafting now loses
     assert modes[:50] == [True] * 50  # exploiting the earlier answer
     assert not p.drafting and p.rounds == 2
 
@@ -66,10 +76,11 @@ def test_measures_again_and_follows_a_change_in_the_workload() -> None:
 def test_measuring_backs_off_while_the_answer_holds() -> None:
     """The losing mode's share shrinks: each confirming round doubles the exploit stretch."""
     p = SpecPolicy(window=10, exploit=100, max_exploit=400, skip=2)
-    modes = feed(p, 24 + 100 + 24 + 200 + 24 + 400 + 24 + 400 + 24, rate_with=500.0, rate_without=1000.0)
+    # A round: 12 outputs without drafts, then drafting cut after 2 skipped + 4 counted.
+    modes = feed(p, 18 + 100 + 18 + 200 + 18 + 400 + 18 + 400 + 18, rate_with=500.0, rate_without=1000.0)
     assert p.rounds == 5 and not p.drafting
-    assert sum(modes) == 5 * 12  # drafting only while measuring: 12 outputs a round
-    assert p.switches == 2 * 5 - 1
+    assert sum(modes) == 5 * 6  # drafting only while measuring: 6 outputs a round
+    assert p.switches == 2 * 5
 
 
 # ---- through the engine: fake runner whose drafts are accepted, a clock the test controls ----
