@@ -306,3 +306,38 @@ def test_batched_proposer_equals_the_reference(hists, k, nmin, extra) -> None:
     for h, d, c in zip(hists, drafts.tolist(), counts.tolist()):
         want = propose_ngram(h, k, nmin, nmin + extra)
         assert d[:c] == want and c == len(want) and all(x == -1 for x in d[c:])
+
+
+class _Toggle:
+    """A speculation policy that turns drafting on and off every `every` step outputs (the
+    auto policy's switches, mid-request and with steps of the other mode in flight)."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.seen, self.drafting, self.switches = every, 0, False, 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.seen += 1
+        if self.seen % self.every == 0:
+            self.drafting, self.switches = not self.drafting, self.switches + 1
+
+    def stats(self) -> dict:
+        return {"spec_auto": "on" if self.drafting else "off"}
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("every", [3, 7])
+async def test_torch_drafting_switched_on_and_off_mid_request_keeps_greedy_output(make_engine, tiny_model, async_scheduling, every) -> None:
+    """SpecPolicy starts without drafts and switches while requests run: the greedy output
+    equals the run without speculation whichever steps drafted."""
+    ps = _torch_prompts(12)
+    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)]
+    kw = dict(model=tiny_model, **DEV, async_scheduling=async_scheduling, max_num_batched_tokens=64, cpu_threads=1)
+    base, _ = await _run(make_engine, ps, params, **kw)
+    async with make_engine(speculative=dict(SPEC, auto=True), **kw) as eng:
+        eng.spec_policy = policy = _Toggle(every)
+        eng.scheduler.drafting = False
+        outs = await asyncio.gather(*[eng.generate(p, params[0]) for p in ps])
+        st = eng.stats()
+        eng.scheduler.check_invariants()
+    assert [o.token_ids for o in outs] == base
+    assert policy.switches >= 4 and st["spec_draft_tokens"] > 0, st
