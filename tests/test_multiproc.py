@@ -156,7 +156,7 @@ async def test_sigkill_fails_pending_fast_and_leaves_no_orphans(make_engine, tp:
     with pytest.raises(EngineDeadError):
         eng._executor.check_health()
     await eng.shutdown()
-    assert wait_gone(pids, 1.0) == [], "workers left behind (or zombies)"
+    assert wait_gone(pids, 30.0) == [], "workers left behind (or zombies)"
     assert not set(pids) & set(children_of(os.getpid()))
     # a new engine starts cleanly afterwards
     async with make_engine(**FAKE, executor="multiproc", tensor_parallel_size=tp) as eng2:
@@ -180,7 +180,7 @@ async def test_stopped_worker_is_detected(make_engine) -> None:
         t1 = time.monotonic()
         await eng.shutdown()  # SIGTERM is not delivered to a stopped process: shutdown must SIGKILL it
     assert time.monotonic() - t1 < 5.0
-    assert wait_gone([pid], 1.0) == []
+    assert wait_gone([pid], 30.0) == []
 
 
 class CrashingRunner(FakeModelRunner):
@@ -245,7 +245,7 @@ async def test_runner_exception_is_engine_dead(make_engine) -> None:
     with pytest.raises(EngineDeadError, match="boom in step 3"):
         await asyncio.wait_for(_await(eng.generate([1, 2], GREEDY)), 5.0)
     await eng.shutdown()
-    assert wait_gone(pids, 1.0) == []
+    assert wait_gone(pids, 30.0) == []
 
 
 @pytest.mark.parametrize("runner,match", [(FailingLoadRunner, "weights not found"), (BigKVRunner, "disagree on num_kv_blocks")])
@@ -256,7 +256,7 @@ async def test_startup_failure_is_clear_and_clean(make_engine, runner: type, mat
     with pytest.raises(EngineDeadError, match=match):
         await eng.start()
     spawned = set(children_of(os.getpid())) - before
-    assert wait_gone(sorted(spawned), 2.0) == []
+    assert wait_gone(sorted(spawned), 30.0) == []
 
 
 @pytest.mark.parametrize("runner", [SlowImportRunner, LongStepRunner])
@@ -441,7 +441,7 @@ def test_workers_exit_when_the_engine_process_is_killed(tmp_path: Path) -> None:
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        assert wait_gone(pids, 5.0) == [], "workers outlived a SIGKILLed engine"
+        assert wait_gone(pids, 30.0) == [], "workers outlived a SIGKILLed engine"
     finally:
         proc.kill()
         proc.wait()
@@ -451,8 +451,8 @@ def test_ctrl_c_shuts_down_cleanly(tmp_path: Path) -> None:
     proc, pids = _start_engine_script(tmp_path)
     try:
         os.killpg(proc.pid, signal.SIGINT)  # like a terminal: the whole process group gets SIGINT
-        proc.wait(15)
-        assert wait_gone(pids, 2.0) == []
+        proc.wait(60)
+        assert wait_gone(pids, 30.0) == []
         stderr = proc.stderr.read() if proc.stderr else ""
         assert "Traceback" not in stderr or "KeyboardInterrupt" in stderr, stderr
         assert "did not exit" not in stderr, stderr
