@@ -31,6 +31,19 @@ def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
     return [p for p in pids if not is_gone(p)]
 
 
+def describe(pids: list[int]) -> list[str]:
+    """pid: command line of each (for a failure message naming what was left behind)."""
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{p}: {cmd[:200]}")
+        except OSError:
+            out.append(f"{p}: gone")
+    return out
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of `pid` (scans /proc)."""
     out = []
@@ -46,3 +59,9 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             out.append(int(name))
     return out
+
+
+def spawned_since(before: set[int]) -> list[int]:
+    """Children of this process not in `before`, except multiprocessing's resource tracker
+    (started at this process's first spawn, it lives as long as the process does)."""
+    return [p for p in sorted(set(children_of(os.getpid())) - before) if "resource_tracker" not in describe([p])[0]]

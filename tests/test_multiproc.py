@@ -43,7 +43,7 @@ from aiosched.executors.base import register_executor
 from aiosched.executors.multiproc import MultiprocExecutor
 from aiosched.executors.fake_runner import FakeModelRunner, reference_tokens
 from aiosched.executors.worker_loop import FrameSocket, worker_main
-from procs import children_of, is_gone, proc_state, wait_gone
+from procs import children_of, is_gone, proc_state, spawned_since, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
@@ -255,8 +255,7 @@ async def test_startup_failure_is_clear_and_clean(make_engine, runner: type, mat
     before = set(children_of(os.getpid()))
     with pytest.raises(EngineDeadError, match=match):
         await eng.start()
-    spawned = set(children_of(os.getpid())) - before
-    assert wait_gone(sorted(spawned), 30.0) == []
+    assert wait_gone(spawned_since(before), 30.0) == []
 
 
 @pytest.mark.parametrize("runner", [SlowImportRunner, LongStepRunner])

@@ -24,7 +24,7 @@ from aiosched.executors.torch.loader import build_model
 from aiosched.executors.torch.models.llama import LlamaForCausalLM
 from aiosched.executors.torch.parallel import shard_range
 from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
-from procs import children_of, wait_gone
+from procs import children_of, describe, spawned_since, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -154,8 +154,8 @@ async def test_indivisible_model_fails_at_startup_naming_the_field(make_engine, 
     before = set(children_of(os.getpid()))
     with pytest.raises(EngineDeadError, match=r"num_key_value_heads \(1\) is not divisible by tensor_parallel_size \(2\)"):
         await eng.start()
-    spawned = set(children_of(os.getpid())) - before
-    assert wait_gone(sorted(spawned), 30.0) == [], "worker processes left behind"
+    left = wait_gone(spawned_since(before), 30.0)
+    assert left == [], f"processes left behind: {describe(left)}"
 
 
 async def test_tp_with_the_inproc_executor_is_refused(make_engine, tiny_tp_model: Path) -> None:
