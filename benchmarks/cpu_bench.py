@@ -134,6 +134,50 @@ def cmd_step(args: argparse.Namespace) -> None:
             json.dump(report, f, indent=2)
 
 
+def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Median µs per call of each function, calls interleaved (best of 2 per round)."""
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            f()
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                f()
+                best = min(best, time.perf_counter() - t0)
+            ts[k].append(best)
+    return {k: statistics.median(v) * 1e6 for k, v in ts.items()}
+
+
+def cmd_ops(args: argparse.Namespace) -> None:
+    """Each projection of a config (and its LM head) through F.linear vs oneDNN over the
+    prepacked weight, and the greedy argmax over [rows, vocab]: the evidence behind
+    layers.onednn_pays and sampler.greedy_argmax's thresholds."""
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    with open(args.config) as f:
+        c = json.load(f)
+    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    hd = c.get("head_dim", h // c["num_attention_heads"])
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * hd
+    shapes = {"qkv": (h, qkv), "o": (c["num_attention_heads"] * hd, h), "gate_up": (h, 2 * i), "down": (i, h), "lm_head": (h, v)}
+    with torch.inference_mode():
+        for rows in [int(r) for r in args.rows.split(",")]:
+            for name, (k, n) in shapes.items():
+                x, w = torch.randn(rows, k), torch.randn(n, k)
+                wp = torch.ops.mkldnn._reorder_linear_weight(w)
+                t = _interleaved({"F": lambda: F.linear(x, w),
+                                  "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")},
+                                 args.rounds)
+                print(f"rows {rows:4d} {name:8s} [{k}->{n}]  F.linear {t['F']:9.1f} us  oneDNN {t['onednn']:9.1f} us  "
+                      f"F/oneDNN {t['F'] / t['onednn']:.2f}", flush=True)
+            x = torch.randn(rows, v)
+            t = _interleaved({"torch": lambda: x.argmax(-1), "two-pass": lambda: greedy_argmax(x)}, args.rounds)
+            print(f"rows {rows:4d} argmax [{rows}, {v}]  torch.argmax {t['torch']:9.1f} us  two-pass {t['two-pass']:9.1f} us  "
+                  f"ratio {t['torch'] / t['two-pass']:.2f}", flush=True)
+
+
 CKPTS = {"256": "llama-256x4.json", "512": "llama-512x8.json", "1024": "llama-1024x12.json"}
 
 
@@ -164,7 +208,7 @@ def cmd_ckpt(args: argparse.Namespace) -> None:
 def _vllm(args: argparse.Namespace, mode: str, r: int, rows: dict[str, list[float]]) -> None:
     """One `vllm bench throughput` run of the same workload on the same checkpoint (its
     start-up, 100-200 s here, is outside the timed part); req/s into rows['vllm/<mode>']."""
-    path = os.path.join(args.out, f"vllm_{mode}_r{r}.json")
+    path = os.path.abspath(os.path.join(args.out, f"vllm_{mode}_r{r}.json"))  # vLLM runs in the temp dir
     cmd = [args.vllm, "bench", "throughput", "--model", args.model, "--dataset-name", "random", "--random-input-len", "128",
            "--random-output-len", "64", "--num-prompts", str(args.num_prompts), "--max-num-batched-tokens", "512",
            "--dtype", "float32", "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.25",
@@ -249,13 +293,18 @@ def main() -> None:
                    help="also run `VLLM_BIN bench throughput` (vLLM-CPU, its own venv) sync and async in every round")
     e.add_argument("--out", default="cpu_bench_out")
     e.add_argument("--verbose", action="store_true")
+    o = sub.add_parser("ops", help="F.linear vs oneDNN per projection shape, torch vs two-pass argmax")
+    o.add_argument("--config", default="benchmarks/configs/llama-256x4.json")
+    o.add_argument("--rows", default="1,64,512")
+    o.add_argument("--rounds", type=int, default=10)
+    o.add_argument("--threads", type=int, default=1)
     c = sub.add_parser("ckpt", help="build the float32 random Llama checkpoints (transformers), /work/ckpt256 etc.")
     c.add_argument("--sizes", default="256,512,1024")
     c.add_argument("--prefix", default="/work/ckpt")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--force", action="store_true")
     args = p.parse_args()
-    {"step": cmd_step, "e2e": cmd_e2e, "ckpt": cmd_ckpt}[args.cmd](args)
+    {"step": cmd_step, "e2e": cmd_e2e, "ckpt": cmd_ckpt, "ops": cmd_ops}[args.cmd](args)
 
 
 if __name__ == "__main__":
