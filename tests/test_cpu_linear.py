@@ -154,3 +154,12 @@ def test_argmax_env_flag_selects_torch_argmax(monkeypatch) -> None:
     monkeypatch.delenv("AIOSCHED_CPU_ARGMAX")
     with torch.inference_mode():
         assert "aten::amax" in _ops(lambda: greedy_argmax(x))  # the two-pass path ran
+
+
+@needs_onednn
+def test_layer_built_under_inference_mode(monkeypatch) -> None:
+    monkeypatch.delenv(CPU_LINEAR_ENV, raising=False)
+    with torch.inference_mode():  # its weight is an inference tensor: no version counter
+        lin = Linear(64, WIDE, bias=True)
+        x = torch.randn(32, 64)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)

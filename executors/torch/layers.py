@@ -220,7 +220,9 @@ class PackedWeight:
     def get(self, weight: torch.Tensor) -> torch.Tensor | None:
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
             return None
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        # An inference tensor (a model built under inference_mode) has no version counter
+        # and cannot be written in place outside it: its storage alone identifies it.
+        key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version, tuple(weight.shape))
         if key != self._key:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
