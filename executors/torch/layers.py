@@ -21,6 +21,8 @@ plain torch one, in HF's order.
 from __future__ import annotations
 
 import math
+import os
+import platform
 from collections.abc import Callable
 
 import torch
@@ -171,7 +173,92 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rota
 # ---------------------------------------------------------------------------
 
 
-class RowParallelLinear(nn.Linear):
+# CPU float32 GEMMs through oneDNN with the weight kept in oneDNN's own blocked layout
+# (reordered once, at first use). Measured on the AVX2 sandbox, 1 thread (docs/benchmarks.md,
+# issue 23, 2026-12-03): wide outputs gain (the LM head [64, 256..2048] x [.., 32000]:
+# 1.2-1.3x over MKL's F.linear; [1, 256] x [256, 32000]: 1.4x), while the model's own
+# projections (out <= 5632) lose 3-20% at 64 rows and 2-4x at one row (oneDNN's ~20 us
+# per-call overhead). So only wide layers take it, and one row only over a narrow input
+# ([1, 2048] x [2048, 32000] lost 15%). AIOSCHED_CPU_LINEAR=torch keeps F.linear
+# everywhere (the before/after switch, and a way out if a CPU misbehaves).
+CPU_LINEAR_ENV = "AIOSCHED_CPU_LINEAR"
+ONEDNN_MIN_OUT = 16384  # output features from which oneDNN pays (4096: 1.07-1.28x at 64 rows, but 0.90x at 512)
+ONEDNN_FEW_ROWS, ONEDNN_FEW_ROWS_MAX_IN = 16, 1024  # under 16 rows only for inputs <= 1024 wide
+
+
+def onednn_pays(rows: int, in_features: int, out_features: int) -> bool:
+    """Whether a float32 [rows, in] x [in, out] product is faster through oneDNN here."""
+    return out_features >= ONEDNN_MIN_OUT and (rows >= ONEDNN_FEW_ROWS or in_features <= ONEDNN_FEW_ROWS_MAX_IN)
+
+
+def _onednn_usable() -> bool:
+    """oneDNN's packed linear ops exist in this torch build and the CPU is x86 (on ARM
+    torch routes mkldnn through ACL, whose fp32 path is not measured here)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+            and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
+
+
+_ONEDNN = _onednn_usable()
+
+
+def onednn_linear_enabled() -> bool:
+    """Whether CPU float32 linears take oneDNN now (read per call, so tests and
+    benchmarks can switch the path within one process)."""
+    return _ONEDNN and os.environ.get(CPU_LINEAR_ENV, "onednn") != "torch"
+
+
+class PackedWeight:
+    """oneDNN's reordered copy of one weight, made at first use and again whenever the
+    weight tensor changes (loading copies in place, which bumps its version; `.to()`
+    swaps its storage). Holds nothing for a weight the oneDNN path does not take."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, tuple[int, ...]] | None = None
+        self._packed: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+            return None
+        # An inference tensor (a model built under inference_mode) has no version counter
+        # and cannot be written in place outside it: its storage alone identifies it.
+        key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version, tuple(weight.shape))
+        if key != self._key:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            self._key = key
+        return self._packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: PackedWeight | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); on the CPU in float32, without autograd, with `packed`
+    given, oneDNN enabled and a shape where it pays (`onednn_pays`), oneDNN's GEMM over
+    the prepacked weight instead (same product, other summation order: allclose, not
+    bitwise, to MKL's)."""
+    if (packed is None or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or x.numel() == 0 or not onednn_pays(x.numel() // x.shape[-1], weight.shape[-1], weight.shape[0])
+            or not onednn_linear_enabled()):
+        return F.linear(x, weight, bias)
+    w = packed.get(weight)
+    if w is None or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU float32 forward runs through `linear` (oneDNN, prepacked weight);
+    same parameters and state dict as nn.Linear, so loaders and HF names are unchanged."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.packed = PackedWeight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.packed)
+
+
+class RowParallelLinear(Linear):
     """Input columns split over the ranks: partial products are summed, then the bias added once."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup = SINGLE) -> None:
@@ -179,7 +266,7 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce_(F.linear(x, self.weight), self.tp)
+        out = all_reduce_(linear(x, self.weight, None, self.packed), self.tp)
         return out if self.bias is None else out + self.bias
 
     def add_into(self, stream: Residual, x: torch.Tensor) -> None:
@@ -211,7 +298,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.inter = intermediate // tp.world_size
         self.act = activation(act)
-        self.gate_up_proj = nn.Linear(hidden, 2 * self.inter, bias=bias)
+        self.gate_up_proj = Linear(hidden, 2 * self.inter, bias=bias)
         self.down_proj = RowParallelLinear(self.inter, hidden, bias, tp)
         self.silu = act == "silu"
 

@@ -38,7 +38,7 @@ from aiosched.executors.torch import fused_ops
 from aiosched.executors.torch.input_batch import InputBatch, ScheduledStep, StepInputs
 from aiosched.executors.torch.loader import build_model
 from aiosched.executors.torch.parallel import SINGLE, agree_min, destroy_group, init_group
-from aiosched.executors.torch.sampler import sample
+from aiosched.executors.torch.sampler import greedy_argmax, sample
 from aiosched.executors.torch.sampling_extras import SamplingExtras, StepContext
 
 _SPARE_TOKENS = 16  # room past max_model_len in a buffer row (speculative drafts)
@@ -241,7 +241,8 @@ class TorchModelRunner(ModelRunner):
         tokens = None
         if argmax:
             out = tokens_out[:logits.shape[0]] if tokens_out is not None else None
-            tokens = fused_ops.argmax_rows(logits, out=out, workspace=self.fast.argmax_workspace if fused else None)
+            tokens = (greedy_argmax(logits, out=out) if logits.device.type == "cpu"  # two-pass CPU argmax
+                      else fused_ops.argmax_rows(logits, out=out, workspace=self.fast.argmax_workspace if fused else None))
             self.batch.write_tokens(inputs.dst, tokens)
         return hidden, logits, tokens
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from aiosched.executors.model_config import ModelConfig
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, paged_attention
-from aiosched.executors.torch.layers import (GatedMLP, Residual, RMSNorm, RotaryAt, RowParallelLinear, rope_and_store,
-                                             rope_cos_sin, scale_embedding, softcap)
+from aiosched.executors.torch.layers import (GatedMLP, Linear, PackedWeight, Residual, RMSNorm, RotaryAt, RowParallelLinear,
+                                             linear, rope_and_store, rope_cos_sin, scale_embedding, softcap)
 from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_gather, all_reduce_, shard_range
 
 
@@ -85,7 +85,7 @@ class Attention(nn.Module):
         # keeps every query head with its GQA kv head (nh/N = groups * nkv/N).
         self.nh, self.nkv, self.hd = args.num_heads // tp.world_size, args.num_kv_heads // tp.world_size, args.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = RowParallelLinear(self.q_size, args.hidden_size, args.o_bias, tp)
         self.q_norm = RMSNorm(self.hd, args.rms_norm_eps, args.norm_unit_offset) if args.qk_norm else None
         self.k_norm = RMSNorm(self.hd, args.rms_norm_eps, args.norm_unit_offset) if args.qk_norm else None
@@ -155,8 +155,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(local_vocab, args.hidden_size)
         self.layers = nn.ModuleList(self.make_layer(args, i, tp) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_unit_offset)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, local_vocab, bias=False)
+        self.lm_head = None if args.tie_word_embeddings else Linear(args.hidden_size, local_vocab, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+        self.head_packed = PackedWeight()  # the LM head (or tied embedding) in oneDNN's layout, CPU float32
 
     def make_layer(self, args: ModelArgs, layer: int, tp: TPGroup) -> nn.Module:
         return DecoderLayer(args, layer, tp)
@@ -205,7 +206,7 @@ class LlamaForCausalLM(nn.Module):
         if direct is not None:
             y = torch.mm(self.norm.apply(hidden, fused), w.t(), out=direct)
         else:
-            y = self.norm.apply(hidden, fused) @ w.t()
+            y = linear(self.norm.apply(hidden, fused), w, None, self.head_packed)
         if direct is not None:
             return y
         y = softcap(all_gather(y if dtype is None else y.to(dtype), self.tp, dim=-1), cap)
