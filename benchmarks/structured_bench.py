@@ -198,6 +198,11 @@ def _mask_stats(eng: AsyncEngine) -> dict[str, Any]:
     rows = st["prefetched_rows"] + st["launch_thread_rows"]
     return {"mask_steps": st["mask_steps"], "launch_thread_mask_ms_per_step": round(1e3 * st["launch_thread_s"] / st["mask_steps"], 3),
             "job_ms_per_step": round(1e3 * st["job_s"] / st["mask_steps"], 3),
+            # the job's time split: waiting for the previous step's ids, advancing, filling
+            "job_wait_ms_per_step": round(1e3 * st["job_wait_s"] / st["mask_steps"], 3),
+            "job_consume_ms_per_step": round(1e3 * st["job_consume_s"] / st["mask_steps"], 3),
+            "job_fill_ms_per_step": round(1e3 * st["job_fill_s"] / st["mask_steps"], 3),
+            "job_fill_us_per_row": round(1e6 * st["job_fill_s"] / st["job_rows"], 1) if st["job_rows"] else None,
             "prefetched_share": round(st["prefetched_rows"] / rows, 3) if rows else 0.0}
 
 
@@ -288,15 +293,23 @@ async def main_async(args: argparse.Namespace) -> None:
         walls: dict[tuple[str, str], list[float]] = {}
         fracs = [float(f) for f in (args.fracs or str(args.structured_frac)).split(",")]
         workloads = [("unconstrained", 0.0, "")]
+        threads = args.grammar_threads.split(",") if args.grammar_threads else [""]
         for path in args.grammar_paths.split(","):
-            workloads += [(f"{int(f * 100)}% structured" + (f" [{path}]" if path else ""), f, path) for f in fracs]
+            for th in threads:
+                tag = ", ".join(x for x in (path, f"{th} mask threads" if th else "") if x)
+                workloads += [(f"{int(f * 100)}% structured" + (f" [{tag}]" if tag else ""), f, (path, th)) for f in fracs]
         # Interleaved repeats, best wall time kept: a shared machine's noise only ever adds time.
         for rep in range(args.repeats):
             for mode in args.modes.split(","):
                 for label, frac, path in workloads:
                     cfg = dict(base, async_scheduling=(mode == "async"))
                     # "before": the old path (masks filled on the launch thread), only for this comparison
+                    path, th = path or ("", "")
                     os.environ["AIOSCHED_GRAMMAR_PREFETCH"] = "0" if path == "before" else "1"
+                    if th:
+                        os.environ["AIOSCHED_GRAMMAR_THREADS"] = th
+                    else:
+                        os.environ.pop("AIOSCHED_GRAMMAR_THREADS", None)
                     r = await run_one(cfg, args, frac)
                     r.update(mode=mode, workload=label, repeat=rep)
                     print(json.dumps(r), flush=True)
@@ -307,15 +320,17 @@ async def main_async(args: argparse.Namespace) -> None:
         for r in rows:
             r["wall_s_all"] = walls[(r["mode"], r["workload"])]
         print(f"\nbest of {args.repeats} (interleaved); load average at the end: {os.getloadavg()[0]:.1f}")
-        print("| scheduling | workload | requests (constrained) | output tokens | wall s (best; all) | process CPU s (of the best) | tok/s | vs unconstrained | launch-thread mask ms/step | prefetched |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| scheduling | workload | requests (constrained) | output tokens | wall s (best; all) | process CPU s (of the best) | tok/s | vs unconstrained "
+              "| launch-thread mask ms/step | prefetched | job ms/step: wait / consume / fill | fill us/row |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for mode in args.modes.split(","):
             ref = next(r for r in rows if r["mode"] == mode and r["workload"] == "unconstrained")
             for r in (x for x in rows if x["mode"] == mode):
                 print(f"| {mode} | {r['workload']} | {r['requests']} ({r['constrained']}) | {r['output_tokens']} | "
                       f"{r['wall_s']}; {', '.join(str(w) for w in r['wall_s_all'])} | {r['cpu_s']} | "
                       f"{r['tok_per_s']} | {r['tok_per_s'] / ref['tok_per_s']:.2f}x | {r.get('launch_thread_mask_ms_per_step', '-')} | "
-                      f"{r.get('prefetched_share', '-')} |")
+                      f"{r.get('prefetched_share', '-')} | {r.get('job_wait_ms_per_step', '-')} / {r.get('job_consume_ms_per_step', '-')} / "
+                      f"{r.get('job_fill_ms_per_step', '-')} | {r.get('job_fill_us_per_row', '-')} |")
 
 
 def main() -> None:
@@ -332,6 +347,7 @@ def main() -> None:
     ap.add_argument("--modes", default="sync,async")
     ap.add_argument("--fracs", default=None, help="constrained fractions to compare with 0%%, e.g. 0.25,1.0 (default: --structured-frac)")
     ap.add_argument("--grammar-paths", default="", help="'before,after': issue 18's old launch-thread masks vs prefetched ones, in one run")
+    ap.add_argument("--grammar-threads", default="", help="mask-fill threads to compare, e.g. 8,15 (AIOSCHED_GRAMMAR_THREADS; default: the manager's)")
     ap.add_argument("--gil-probe", action="store_true", help="first, measure whether the mask fill releases the GIL")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each config; the best is reported")
     ap.add_argument("--validate", type=int, default=0, metavar="N",

@@ -205,7 +205,9 @@ class StructuredOutputManager:
             # Building the token trie takes ~0.5-2 s for a 64k-128k vocab: do it in the
             # background from load() so the first constrained request rarely waits.
             threading.Thread(target=self._build_tok, args=(tokenizer,), name="aiosched-grammar-tok", daemon=True).start()
-        self._num_threads = num_threads or max(1, min(8, (os.cpu_count() or 2) - 1))
+        # Mask fills run on llguidance's own Rust pool; AIOSCHED_GRAMMAR_THREADS overrides the default.
+        env = os.environ.get("AIOSCHED_GRAMMAR_THREADS")
+        self._num_threads = num_threads or (int(env) if env else max(1, min(8, (os.cpu_count() or 2) - 1)))
         self._executor: Any = None
         self.grammars: dict[str, RequestGrammar] = {}
         # Steps whose sampled ids are not on the host yet (async scheduling), oldest first.
@@ -217,7 +219,11 @@ class StructuredOutputManager:
         # rows whose mask came from a prefetch job / was filled on the launch thread; seconds
         # the launch thread spent in masks_for (waiting for the job + its own fills), and
         # seconds of job work on the mask thread (waiting for the device copy included)
-        self.stats = {"prefetched_rows": 0, "launch_thread_rows": 0, "mask_steps": 0, "launch_thread_s": 0.0, "job_s": 0.0}
+        # seconds of job work on the mask thread: job_s in all, of which waiting for the
+        # previous step's ids (the device copy) job_wait_s, advancing the matchers
+        # job_consume_s and filling the masks job_fill_s
+        self.stats = {"prefetched_rows": 0, "launch_thread_rows": 0, "mask_steps": 0, "launch_thread_s": 0.0, "job_s": 0.0,
+                      "job_wait_s": 0.0, "job_consume_s": 0.0, "job_fill_s": 0.0, "job_rows": 0}
 
     @classmethod
     def for_model_dir(cls, model_dir: str | None, vocab_size: int | None = None) -> "StructuredOutputManager | None":
@@ -350,9 +356,17 @@ class StructuredOutputManager:
         (llguidance computes in Rust with the interpreter lock released)."""
         t0 = time.perf_counter()
         self._drain(pending)
+        t1 = time.perf_counter()
         self._consume([(rg, pos) for rg, pos in job.targets])
+        t2 = time.perf_counter()
         self._fill([(rg.matcher, j) for j, (rg, _) in enumerate(job.targets)], job.bitmask)
-        self.stats["job_s"] += time.perf_counter() - t0
+        t3 = time.perf_counter()
+        st = self.stats
+        st["job_s"] += t3 - t0
+        st["job_wait_s"] += t1 - t0
+        st["job_consume_s"] += t2 - t1
+        st["job_fill_s"] += t3 - t2
+        st["job_rows"] += len(job.targets)
 
     def _join(self) -> _MaskJob | None:
         """Wait for the prefetch job, if any (its errors surface here); returns it."""
