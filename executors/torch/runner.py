@@ -28,6 +28,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import torch
@@ -71,6 +72,45 @@ class _DevicePending(PendingOutput):
             self._output.sampled_token_ids = [[t] for t in self._host.tolist()]
         self._extras.finish(self._output, self._ctx, self._host_extra)
         return self._output
+
+
+@dataclass
+class _SpecStep:
+    """A speculative step's plan (`_propose`): the samplers verified on the device and those
+    sampled through the extras (indices into ScheduledStep.samplers), each verified one's
+    row in `drafts` (-1: a plain row), and the drafts [R, K] (-1: none)."""
+
+    ver: list[int]
+    ext: list[int]
+    spec_of: list[int]
+    drafts: torch.Tensor
+
+
+class _SpecPending(PendingOutput):
+    """A verified step's output: the emitted tokens of the verified requests arrive through
+    `host` (a SpecHost: pinned memory and an event on CUDA); the extras rows' are known."""
+
+    def __init__(self, output: RunnerOutput, host: "Any", ver: list[int], ext: list[int], ext_tokens: list[int],
+                 num_samplers: int) -> None:
+        self._output, self._host, self._ver, self._ext, self._ext_tokens = output, host, ver, ext, ext_tokens
+        self._n = num_samplers
+
+    def result(self) -> RunnerOutput:
+        out = self._output
+        tokens: list[list[int]] = [[] for _ in range(self._n)]
+        if self._host is not None:
+            drafted = accepted = 0
+            for i, h in zip(self._ver, self._host.rows()):
+                c = h[-2]
+                tokens[i] = h[:c]
+                drafted += h[-1]
+                accepted += c - 1
+            out.num_draft_tokens, out.num_accepted_tokens = drafted, accepted
+            self._host.delivered = True
+        for i, t in zip(self._ext, self._ext_tokens):
+            tokens[i] = [t]
+        out.sampled_token_ids = tokens
+        return out
 
 
 class TorchModelRunner(ModelRunner):
@@ -186,25 +226,49 @@ class TorchModelRunner(ModelRunner):
             return self._step(so, out)
 
     def _step(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
-        drafts: dict[str, list[int]] = {}
-        if any(sr.num_draft_slots for sr in so.scheduled):
-            so, drafts = self._propose(so)
-        step = self.batch.schedule(so, drafts)
+        step = self.batch.schedule(so)
         out.req_ids = [sr.req_id for sr in so.scheduled if sr.sample]
         extras_on = self.extras.step_uses_extras(so)
-        greedy = not drafts and not extras_on and self.batch.greedy(step.samplers)
+        spec = self._propose(step) if step.spec else None
+        greedy = not step.spec and not extras_on and self.batch.greedy(step.samplers)
         fwd = self._forward(step, greedy, eager_only=extras_on and bool(self.prompt_lp_reqs))
-        if drafts:
-            return self._verify(step, fwd, extras_on, out)
+        if spec is not None:
+            return self._verify(step, fwd, extras_on, out, spec)
         return self._sample(step, fwd, extras_on, out)
 
-    def _propose(self, so: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, list[int]]]:
-        """Speculative rows at the worker's exact positions, with their drafts in the token buffer.
-        Requests with sampling extras (penalties, bias, logprobs, grammars) get no drafts
-        (the verifier does not implement them): they run as one-token rows of the same step."""
-        from aiosched.executors.torch.spec_decode import prepare_spec_step
+    def _propose(self, step: ScheduledStep) -> "_SpecStep":
+        """A step with speculative rows, before its forward: which samplers are verified on
+        the device (all but those with sampling extras, which sample their one row through
+        the extras), their exact counts on the device, and the drafts of the speculative
+        ones proposed into the token buffer (executors/torch/spec_decode.py). No host wait."""
+        from aiosched.executors.torch.spec_decode import propose_into_buffer
 
-        return prepare_spec_step(self.batch, so, self.config.speculative, no_drafts=self.extras.active)
+        batch = self.batch
+        active = self.extras.active
+        spec_at = dict(zip(step.spec, range(len(step.spec))))  # sampler index -> its row in the drafts
+        ver: list[int] = []
+        ext: list[int] = []
+        for i, st in enumerate(step.samplers):
+            if st.data.req_id in active:
+                if i in spec_at:  # the scheduler never speculates these (scheduler._uses_spec)
+                    raise RuntimeError(f"{st.data.req_id}: draft slots for a request with sampling extras")
+                ext.append(i)
+            else:
+                ver.append(i)
+        # Verified requests whose device count is stale (their last step sampled on the
+        # host's count) get it from the host, which is exact for them.
+        stale = [step.samplers[i] for i in ver if not step.samplers[i].dev_exact]
+        if stale:
+            assert not any(st.spec_pending for st in stale)
+            vals = torch.tensor([st.row for st in stale] + [st.num_tokens for st in stale], dtype=torch.int64)
+            vals = vals.to(self.device, non_blocking=True)
+            batch.num_tokens_dev.index_copy_(0, vals[:len(stale)], vals[len(stale):])
+            for st in stale:
+                st.dev_exact = True
+        spec_states = [step.samplers[i] for i in step.spec]
+        bounds = [sr.num_computed_tokens + 1 for sr in step.so.scheduled if sr.num_draft_slots]  # lengths at most
+        drafts = propose_into_buffer(batch, spec_states, step.spec_k, bounds, self.config.speculative)
+        return _SpecStep(ver, ext, [spec_at.get(i, -1) for i in ver], drafts)
 
     def _forward(self, step: ScheduledStep, greedy: bool, eager_only: bool) -> _Forward:
         """A CUDA graph replay when one fits the step, else the model's forward on the exactly packed step.
@@ -276,52 +340,63 @@ class TorchModelRunner(ModelRunner):
             self.batch.write_tokens(fwd.dst, tokens)  # the token joins the request's history on the device
         for st in samplers:
             st.num_tokens += 1
+            st.dev_exact = False  # num_tokens_dev is set from the host before its next speculative step
         return self._pending(out, tokens, extra, ctx)
 
-    def _verify(self, step: ScheduledStep, fwd: _Forward, extras_on: bool, out: RunnerOutput) -> PendingOutput:
-        """Speculative verification of the logits rows (synchronous: the accepted count
-        decides each request's next position). Requests with sampling extras have one
-        logits row and no drafts: they sample through the extras (`_sample_extras_rows`)."""
-        from aiosched.executors.torch.spec_decode import accept_drafts
+    def _verify(self, step: ScheduledStep, fwd: _Forward, extras_on: bool, out: RunnerOutput, spec: "_SpecStep") -> PendingOutput:
+        """Speculative verification of the logits rows, on the device: the accepted tokens
+        join the histories and the device counts there, and the emitted tokens come back
+        as a pending output (the launch thread does not wait for them; the next step is
+        laid out relative to the device counts). Requests with sampling extras have one
+        logits row and no drafts: they sample through the extras (`_sample_extras_rows`,
+        which still waits for their tokens)."""
+        from aiosched.executors.torch.spec_decode import verify_on_device
 
         if self.fast is not None:
             self.fast.stats["spec_steps"] += 1
-        if not step.samplers:
-            return ReadyOutput(out)
         logits = fwd.logits.float()
-        active = self.extras.active if extras_on else ()
-        # Split the samplers (and their logits rows) into verified and extras rows.
-        ver: list[int] = []  # sampler indices
-        ver_rows: list[int] = []  # their logits rows
-        ext: list[int] = []
-        ext_rows: list[int] = []
-        r = 0
-        for i, (st, n) in enumerate(zip(step.samplers, step.num_logits)):
-            if st.data.req_id in active:
-                assert n == 1, f"{st.data.req_id}: drafts for a request with sampling extras"
-                ext.append(i)
-                ext_rows.append(r)
-            else:
-                ver.append(i)
-                ver_rows.extend(range(r, r + n))
+        ver, ext = spec.ver, spec.ext
+        # The logits rows of each sampler, in order.
+        first, r = [], 0
+        for n in step.num_logits:
+            first.append(r)
             r += n
-        tokens: list[list[int]] = [[] for _ in step.samplers]
+        host = None
         if ver:
             states = [step.samplers[i] for i in ver]
             counts = [step.num_logits[i] for i in ver]
-            rows = logits if not ext else logits[torch.tensor(ver_rows, dtype=torch.int64, device=logits.device)]
-            sb = self.batch.sampling_batch(states, counts, self.extras.grammar_terminated)
-            emitted, drafted, accepted = accept_drafts(self.batch, states, counts, step.drafts, rows, sb)
-            for i, e in zip(ver, emitted):
-                tokens[i] = e
-            out.num_draft_tokens += drafted
-            out.num_accepted_tokens += accepted
+            if ext:
+                idx = [first[i] + j for i in ver for j in range(step.num_logits[i])]
+                rows = logits[torch.tensor(idx, dtype=torch.int64).to(logits.device, non_blocking=True)]
+            else:
+                rows = logits
+            sb = self.batch.sampling_batch(states, counts, self.extras.grammar_terminated, device_positions=True)
+            emitted, _ = verify_on_device(self.batch, states, counts, spec.spec_of, spec.drafts, rows, sb)
+            host = self._to_host(emitted)
+            for q, (st, s) in enumerate(zip(states, spec.spec_of)):
+                if s >= 0:
+                    st.spec_pending.append((host, q))  # its host count grows when this lands
+                else:
+                    st.num_tokens += 1  # a plain row emits one token (the device count grew by it too)
+        ext_tokens: list[int] = []
         if ext or (extras_on and self.prompt_lp_reqs):  # prompt chunks of the step may want prompt logprobs
-            sub = self._sample_extras_rows(step, fwd, logits, ext, ext_rows, out)
-            for i, t in zip(ext, sub):
-                tokens[i] = [t]
-        out.sampled_token_ids = tokens
-        return ReadyOutput(out)
+            ext_tokens = self._sample_extras_rows(step, fwd, logits, ext, [first[i] for i in ext], out)
+        return _SpecPending(out, host, ver, ext, ext_tokens, len(step.samplers))
+
+    def _to_host(self, t: torch.Tensor) -> "SpecHost":
+        """The verified step's emitted tokens toward the host: pinned, on the side stream (CUDA)."""
+        from aiosched.executors.torch.spec_decode import SpecHost
+
+        if not self.is_cuda:
+            return SpecHost(t)
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        done = torch.cuda.Event()
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            h.copy_(t, non_blocking=True)
+            t.record_stream(self.copy_stream)
+            done.record()
+        return SpecHost(h, done)
 
     def _sample_extras_rows(self, step: ScheduledStep, fwd: _Forward, logits: torch.Tensor, ext: list[int],
                             ext_rows: list[int], out: RunnerOutput) -> list[int]:
@@ -347,6 +422,7 @@ class TorchModelRunner(ModelRunner):
             self.batch.write_tokens([st.row * self.batch.row_len + st.num_tokens for st in states], tokens)
             for st in states:
                 st.num_tokens += 1
+                st.dev_exact = False
             ids_list = tokens.tolist()
         extra = self.extras.device_outputs(ctx, raw, tokens, logits_at, tokens_buf)
         self.extras.note_step(ctx, ids_list, None)
