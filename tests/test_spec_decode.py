@@ -131,8 +131,16 @@ def _prompts(n: int) -> list[list[int]]:
     return [[(i * 5 + j % (3 + i % 4)) % 48 for j in range(6 + (i * 7) % 30)] for i in range(n)]
 
 
-async def _run(make_engine, prompts, params, **kw) -> tuple[list[list[int]], dict]:
+def _fixed_rows(eng) -> None:
+    """The GPU's layout on the CPU: every speculative request computes 1 + k rows, drafts
+    found or not (the CPU runner otherwise trims them to the drafts found)."""
+    eng._executor.runner.trim_draft_rows = False
+
+
+async def _run(make_engine, prompts, params, trim: bool = True, **kw) -> tuple[list[list[int]], dict]:
     async with make_engine(**kw) as eng:
+        if not trim:
+            _fixed_rows(eng)
         outs = await asyncio.gather(*[eng.generate(p, params[i % len(params)]) for i, p in enumerate(prompts)])
         stats = eng.stats()
         eng.scheduler.check_invariants()
@@ -207,15 +215,16 @@ def _torch_prompts(n: int) -> list[list[int]]:
     return [[(i * 11 + j % (2 + i % 5)) % 300 + 3 for j in range(5 + (i * 13) % 40)] for i in range(n)]
 
 
+@pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "fixed-rows"])
 @pytest.mark.parametrize("async_scheduling", [False, True])
-async def test_torch_greedy_identity_with_preemption_and_chunking(make_engine, tiny_model, async_scheduling) -> None:
+async def test_torch_greedy_identity_with_preemption_and_chunking(make_engine, tiny_model, async_scheduling, trim) -> None:
     ps = _torch_prompts(16)
     params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, speculative=False)]
     kw = dict(model=tiny_model, **DEV, async_scheduling=async_scheduling, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32,
               cpu_threads=1)
     base, _ = await _run(make_engine, ps, params, **kw)
-    spec, st = await _run(make_engine, ps, params, speculative=SPEC, **kw)
+    spec, st = await _run(make_engine, ps, params, trim=trim, speculative=SPEC, **kw)
     assert spec == base
     assert st["preemptions"] > 0
     assert st["spec_accepted_tokens"] > 0, st
@@ -225,11 +234,12 @@ async def test_torch_seeded_sampling_with_spec_is_reproducible(make_engine, tiny
     ps = _torch_prompts(6)
     p = [SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=11, ignore_eos=True)]
     outs = []
-    for mode in (False, True):
-        o, st = await _run(make_engine, ps, p, model=tiny_model, **DEV, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
+    for mode, trim in ((False, True), (True, True), (True, False), (False, False)):
+        o, st = await _run(make_engine, ps, p, trim=trim, model=tiny_model, **DEV, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
         outs.append(o)
         assert st["spec_draft_tokens"] > 0
-    assert outs[0] == outs[1], "seeded speculative sampling: sync == async"
+    # sync == async, and the same whether rows without a draft are laid out or not
+    assert outs[0] == outs[1] == outs[2] == outs[3], "seeded speculative sampling: sync == async"
 
 
 async def test_torch_multiproc_identity(make_engine, tiny_model) -> None:
@@ -261,6 +271,8 @@ async def test_torch_extras_requests_verified_without_drafts_others_keep_theirs(
             alone.append(await eng.generate(p, sp))
     for mode in (False, True):
         async with make_engine(async_scheduling=mode, speculative=SPEC, **kw) as eng:
+            if mode:
+                _fixed_rows(eng)
             outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
             st = eng.stats()
             eng.scheduler.check_invariants()
@@ -334,6 +346,8 @@ async def test_torch_drafting_switched_on_and_off_mid_request_keeps_greedy_outpu
     kw = dict(model=tiny_model, **DEV, async_scheduling=async_scheduling, max_num_batched_tokens=64, cpu_threads=1)
     base, _ = await _run(make_engine, ps, params, **kw)
     async with make_engine(speculative=dict(SPEC, auto=True), **kw) as eng:
+        if every == 7:
+            _fixed_rows(eng)
         eng.spec_policy = policy = _Toggle(every)
         eng.scheduler.drafting = False
         outs = await asyncio.gather(*[eng.generate(p, params[0]) for p in ps])
@@ -457,7 +471,8 @@ class _nothing:
         return False
 
 
-def test_torch_async_speculative_steps_run_back_to_back_without_waiting(tiny_model, monkeypatch) -> None:
+@pytest.mark.parametrize("trim", [False, True], ids=["fixed-rows", "trimmed"])
+def test_torch_async_speculative_steps_run_back_to_back_without_waiting(tiny_model, monkeypatch, trim) -> None:
     """Async scheduling: a speculating request is scheduled (with its draft slots) in
     consecutive steps, step N + 1 is built and launched before step N's output is
     processed, no launch reads a speculative step's emitted counts before that step's
@@ -495,6 +510,7 @@ def test_torch_async_speculative_steps_run_back_to_back_without_waiting(tiny_mod
             return False
 
     cfg, runner, info = _spec_runner(tiny_model, async_scheduling=True, speculative=SPEC)
+    runner.trim_draft_rows = trim
     got, log, sched = _drive(cfg, runner, info, ps, greedy, guard=guard)
     assert got == want
     assert runner.batch.host_waits == 0

@@ -244,7 +244,7 @@ class InputBatch:
 
     # ---- a step, host side ----
 
-    def schedule(self, so: SchedulerOutput, drafts: None = None) -> ScheduledStep:
+    def schedule(self, so: SchedulerOutput, drafts: None = None, spec_rows: list[int] | None = None) -> ScheduledStep:
         """Apply the step's block-table deltas and lay it out (one walk over so.scheduled).
 
         A speculative request (`num_draft_slots = k > 0`) computes 1 + k query rows
@@ -255,7 +255,9 @@ class InputBatch:
         KV slots and attention lengths of these rows are derived on the device
         (`fused_ops.step_inputs`), the drafts are proposed and written there, and the
         verification appends the accepted tokens there. Drafts the proposer did not find
-        are -1 rows, never accepted. Every other row is exact, from the host's count."""
+        are -1 rows, never accepted. Every other row is exact, from the host's count.
+        spec_rows: per speculative request (batch order), the draft rows to lay out
+        (<= its slots; the CPU runner trims them to the drafts found); None: all k."""
         assert not drafts, "drafts are proposed on the device (spec_decode.propose_into_buffer)"
         bs, mb, row_len = self.block_size, self.max_blocks, self.row_len
         step = ScheduledStep(so, [], [], [], [], [], [], [], {}, [], [])
@@ -265,6 +267,7 @@ class InputBatch:
         if has_spec:
             step.rel = []
         flat = 0
+        n_spec = 0
         for sr in so.scheduled:
             st = self.reqs[sr.req_id]
             st.block_table.extend(sr.new_block_ids)
@@ -284,6 +287,9 @@ class InputBatch:
                 while st.spec_pending and st.spec_pending[0][0].delivered:  # counts already handed out: keep the host close
                     host, q = st.spec_pending.pop(0)
                     st.num_tokens += host.count(q)
+                if spec_rows is not None:
+                    k = min(k, spec_rows[n_spec])
+                n_spec += 1
                 step.rel.append(True)
                 step.states.append(st)
                 step.starts.append(sr.num_computed_tokens)  # an upper bound: the device knows the start

@@ -78,21 +78,24 @@ class _DevicePending(PendingOutput):
 class _SpecStep:
     """A speculative step's plan (`_propose`): the samplers verified on the device and those
     sampled through the extras (indices into ScheduledStep.samplers), each verified one's
-    row in `drafts` (-1: a plain row), and the drafts [R, K] (-1: none)."""
+    row in `drafts` (-1: a plain row), the drafts [R, K] (-1: none) and, when trimmed (CPU),
+    the draft rows laid out per speculative request."""
 
     ver: list[int]
     ext: list[int]
     spec_of: list[int]
     drafts: torch.Tensor
+    rows: list[int] | None = None  # draft rows laid out per speculative request (None: all its slots)
 
 
 class _SpecPending(PendingOutput):
     """A verified step's output: the emitted tokens of the verified requests arrive through
-    `host` (a SpecHost: pinned memory and an event on CUDA); the extras rows' are known."""
+    `host` (a SpecHost: pinned memory and an event on CUDA), those of the extras rows
+    (and any logprobs) through their own pending output."""
 
-    def __init__(self, output: RunnerOutput, host: "Any", ver: list[int], ext: list[int], ext_tokens: list[int],
+    def __init__(self, output: RunnerOutput, host: "Any", ver: list[int], ext: list[int], ext_out: PendingOutput | None,
                  num_samplers: int) -> None:
-        self._output, self._host, self._ver, self._ext, self._ext_tokens = output, host, ver, ext, ext_tokens
+        self._output, self._host, self._ver, self._ext, self._ext_out = output, host, ver, ext, ext_out
         self._n = num_samplers
 
     def result(self) -> RunnerOutput:
@@ -107,8 +110,16 @@ class _SpecPending(PendingOutput):
                 accepted += c - 1
             out.num_draft_tokens, out.num_accepted_tokens = drafted, accepted
             self._host.delivered = True
-        for i, t in zip(self._ext, self._ext_tokens):
-            tokens[i] = [t]
+        if self._ext_out is not None:  # the extras rows, sampled as in a plain step
+            sub = self._ext_out.result()
+            for i, t in zip(self._ext, sub.sampled_token_ids):
+                tokens[i] = t
+            out.prompt_logprobs = sub.prompt_logprobs
+            if sub.logprobs is not None:  # aligned with out.req_ids: None for the other rows
+                lps = [None] * len(out.req_ids)
+                for i, lp in zip(self._ext, sub.logprobs):
+                    lps[i] = lp
+                out.logprobs = lps
         out.sampled_token_ids = tokens
         return out
 
@@ -147,6 +158,10 @@ class TorchModelRunner(ModelRunner):
         self.row_len = self.max_model_len + _SPARE_TOKENS
         self.batch = InputBatch(cfg.max_num_seqs, self.row_len, self.block_size, cfg.max_num_batched_tokens, self.device)
         self.is_cuda = self.device.type == "cuda"
+        # Speculative rows: on a GPU always 1 + k (their drafts are found on the device
+        # while the previous step may still run); on the CPU the device is the host, so the
+        # step lays out only the drafts found (no wasted rows, nothing to wait for).
+        self.trim_draft_rows = self.device.type == "cpu"
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
@@ -226,38 +241,44 @@ class TorchModelRunner(ModelRunner):
             return self._step(so, out)
 
     def _step(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
-        step = self.batch.schedule(so)
+        spec = self._propose(so) if any(sr.num_draft_slots for sr in so.scheduled) else None
+        step = self.batch.schedule(so, spec_rows=spec.rows if spec is not None else None)
         out.req_ids = [sr.req_id for sr in so.scheduled if sr.sample]
         extras_on = self.extras.step_uses_extras(so)
-        spec = self._propose(step) if step.spec else None
         greedy = not step.spec and not extras_on and self.batch.greedy(step.samplers)
         fwd = self._forward(step, greedy, eager_only=extras_on and bool(self.prompt_lp_reqs))
         if spec is not None:
             return self._verify(step, fwd, extras_on, out, spec)
         return self._sample(step, fwd, extras_on, out)
 
-    def _propose(self, step: ScheduledStep) -> "_SpecStep":
-        """A step with speculative rows, before its forward: which samplers are verified on
-        the device (all but those with sampling extras, which sample their one row through
-        the extras), their exact counts on the device, and the drafts of the speculative
-        ones proposed into the token buffer (executors/torch/spec_decode.py). No host wait."""
+    def _propose(self, so: SchedulerOutput) -> "_SpecStep":
+        """A step with speculative rows, before it is laid out: which samplers are verified
+        on the device (all but those with sampling extras, which sample their one row
+        through the extras), their exact counts on the device, and the drafts of the
+        speculative ones proposed into the token buffer (executors/torch/spec_decode.py).
+        No host wait, except that on the CPU (`trim_draft_rows`: the device is the host,
+        so reading costs nothing) the step lays out only the drafts found."""
         from aiosched.executors.torch.spec_decode import propose_into_buffer
 
-        batch = self.batch
-        active = self.extras.active
-        spec_at = dict(zip(step.spec, range(len(step.spec))))  # sampler index -> its row in the drafts
+        batch, active, reqs = self.batch, self.extras.active, self.batch.reqs
+        samplers = [sr for sr in so.scheduled if sr.sample]
         ver: list[int] = []
         ext: list[int] = []
-        for i, st in enumerate(step.samplers):
-            if st.data.req_id in active:
-                if i in spec_at:  # the scheduler never speculates these (scheduler._uses_spec)
-                    raise RuntimeError(f"{st.data.req_id}: draft slots for a request with sampling extras")
+        spec_of: list[int] = []  # per verified sampler: its row in the drafts, -1 for a plain row
+        spec_srs = []
+        for i, sr in enumerate(samplers):
+            if sr.req_id in active:
+                if sr.num_draft_slots:  # the scheduler never speculates these (scheduler._uses_spec)
+                    raise RuntimeError(f"{sr.req_id}: draft slots for a request with sampling extras")
                 ext.append(i)
-            else:
-                ver.append(i)
+                continue
+            ver.append(i)
+            spec_of.append(len(spec_srs) if sr.num_draft_slots else -1)
+            if sr.num_draft_slots:
+                spec_srs.append(sr)
         # Verified requests whose device count is stale (their last step sampled on the
         # host's count) get it from the host, which is exact for them.
-        stale = [step.samplers[i] for i in ver if not step.samplers[i].dev_exact]
+        stale = [reqs[samplers[i].req_id] for i in ver if not reqs[samplers[i].req_id].dev_exact]
         if stale:
             assert not any(st.spec_pending for st in stale)
             vals = torch.tensor([st.row for st in stale] + [st.num_tokens for st in stale], dtype=torch.int64)
@@ -265,10 +286,11 @@ class TorchModelRunner(ModelRunner):
             batch.num_tokens_dev.index_copy_(0, vals[:len(stale)], vals[len(stale):])
             for st in stale:
                 st.dev_exact = True
-        spec_states = [step.samplers[i] for i in step.spec]
-        bounds = [sr.num_computed_tokens + 1 for sr in step.so.scheduled if sr.num_draft_slots]  # lengths at most
-        drafts = propose_into_buffer(batch, spec_states, step.spec_k, bounds, self.config.speculative)
-        return _SpecStep(ver, ext, [spec_at.get(i, -1) for i in ver], drafts)
+        ks = [sr.num_draft_slots for sr in spec_srs]
+        bounds = [sr.num_computed_tokens + 1 for sr in spec_srs]  # lengths at most
+        drafts = propose_into_buffer(batch, [reqs[sr.req_id] for sr in spec_srs], ks, bounds, self.config.speculative)
+        rows = (drafts >= 0).sum(dim=1).tolist() if self.trim_draft_rows else None
+        return _SpecStep(ver, ext, spec_of, drafts, rows)
 
     def _forward(self, step: ScheduledStep, greedy: bool, eager_only: bool) -> _Forward:
         """A CUDA graph replay when one fits the step, else the model's forward on the exactly packed step.
@@ -348,8 +370,7 @@ class TorchModelRunner(ModelRunner):
         join the histories and the device counts there, and the emitted tokens come back
         as a pending output (the launch thread does not wait for them; the next step is
         laid out relative to the device counts). Requests with sampling extras have one
-        logits row and no drafts: they sample through the extras (`_sample_extras_rows`,
-        which still waits for their tokens)."""
+        logits row and no drafts: they sample through the extras (`_sample_extras_rows`)."""
         from aiosched.executors.torch.spec_decode import verify_on_device
 
         if self.fast is not None:
@@ -378,10 +399,10 @@ class TorchModelRunner(ModelRunner):
                     st.spec_pending.append((host, q))  # its host count grows when this lands
                 else:
                     st.num_tokens += 1  # a plain row emits one token (the device count grew by it too)
-        ext_tokens: list[int] = []
+        ext_out = None
         if ext or (extras_on and self.prompt_lp_reqs):  # prompt chunks of the step may want prompt logprobs
-            ext_tokens = self._sample_extras_rows(step, fwd, logits, ext, [first[i] for i in ext], out)
-        return _SpecPending(out, host, ver, ext, ext_tokens, len(step.samplers))
+            ext_out = self._sample_extras_rows(step, fwd, logits, ext, [first[i] for i in ext], out)
+        return _SpecPending(out, host, ver, ext, ext_out, len(step.samplers))
 
     def _to_host(self, t: torch.Tensor) -> "SpecHost":
         """The verified step's emitted tokens toward the host: pinned, on the side stream (CUDA)."""
@@ -399,11 +420,12 @@ class TorchModelRunner(ModelRunner):
         return SpecHost(h, done)
 
     def _sample_extras_rows(self, step: ScheduledStep, fwd: _Forward, logits: torch.Tensor, ext: list[int],
-                            ext_rows: list[int], out: RunnerOutput) -> list[int]:
+                            ext_rows: list[int], out: RunnerOutput) -> PendingOutput:
         """Sample the one-row requests of a verified step that use sampling extras, exactly
         as `_sample` would in a step without drafts (penalties, bias, grammar masks,
-        logprobs; prompt logprobs of the step's prompt chunks too). Synchronous, like the
-        verification around it. Fills out.logprobs / out.prompt_logprobs; returns the tokens."""
+        logprobs; prompt logprobs of the step's prompt chunks too). Their tokens and
+        logprobs come back like a plain step's (`_pending`: on CUDA a copy on the side
+        stream); the returned output holds them for the ext samplers, in order."""
         states = [step.samplers[i] for i in ext]
         ids = {st.data.req_id for st in states}
         # The extras address rows by their index among the sampled requests of `so`.
@@ -414,27 +436,17 @@ class TorchModelRunner(ModelRunner):
         logits_at = self._logits_at(fwd)
         tokens_buf = self.batch.tokens
         raw = tokens = None
-        ids_list: list[int] = []
         if states:
-            raw = logits[torch.tensor(ext_rows, dtype=torch.int64, device=logits.device)]
+            raw = logits[torch.tensor(ext_rows, dtype=torch.int64).to(logits.device, non_blocking=True)]
             processed = self.extras.process(ctx, raw, tokens_buf)
             tokens = sample(processed, self.batch.sampling_batch(states, [1] * len(states), self.extras.grammar_terminated))
             self.batch.write_tokens([st.row * self.batch.row_len + st.num_tokens for st in states], tokens)
             for st in states:
                 st.num_tokens += 1
                 st.dev_exact = False
-            ids_list = tokens.tolist()
         extra = self.extras.device_outputs(ctx, raw, tokens, logits_at, tokens_buf)
-        self.extras.note_step(ctx, ids_list, None)
         sub_out = RunnerOutput(step_id=out.step_id, req_ids=[st.data.req_id for st in states], sampled_token_ids=[])
-        self.extras.finish(sub_out, ctx, [t.cpu() for t in extra])
-        out.prompt_logprobs = sub_out.prompt_logprobs
-        if sub_out.logprobs is not None:  # aligned with out.req_ids: None for the other rows
-            lps = [None] * len(out.req_ids)
-            for i, lp in zip(ext, sub_out.logprobs):
-                lps[i] = lp
-            out.logprobs = lps
-        return ids_list
+        return self._pending(sub_out, tokens, extra, ctx)
 
     def _pending(self, out: RunnerOutput, tokens: torch.Tensor | None, extra: list[torch.Tensor] | None = None,
                  ctx: StepContext | None = None) -> PendingOutput:
