@@ -522,3 +522,41 @@ def test_torch_async_speculative_steps_run_back_to_back_without_waiting(tiny_mod
     runs = sum(1 for (a, _), (b, prev) in zip(r0, r0[1:]) if b == a + 1 and prev)
     assert runs >= 4, r0
     runner.shutdown()
+
+
+async def test_torch_engine_async_schedules_speculative_step_before_the_previous_output(make_engine, tiny_model) -> None:
+    """Through the engine loop (inproc executor, async): each speculative step of a
+    request is scheduled while its previous speculative step's output is unprocessed, and
+    the runner hands every verify step back as a pending output."""
+    from aiosched.executors.runner import ReadyOutput
+
+    events: list[tuple[str, int, bool]] = []
+    async with make_engine(model=tiny_model, **DEV, cpu_threads=1, async_scheduling=True, speculative=SPEC) as eng:
+        _fixed_rows(eng)
+        sched, runner = eng.scheduler, eng._executor.runner
+        schedule, update, execute = sched.schedule, sched.update_from_output, runner.execute
+
+        def rec_schedule():
+            so = schedule()
+            events.append(("schedule", so.step_id, any(sr.num_draft_slots for sr in so.scheduled)))
+            return so
+
+        def rec_update(so, out):
+            events.append(("update", so.step_id, False))
+            return update(so, out)
+
+        pendings = {}
+
+        def rec_execute(so):
+            p = execute(so)
+            pendings[so.step_id] = p
+            return p
+
+        sched.schedule, sched.update_from_output, runner.execute = rec_schedule, rec_update, rec_execute
+        out = await eng.generate(_torch_prompts(3)[2], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    spec = [sid for kind, sid, d in events if kind == "schedule" and d]
+    assert len(out.token_ids) == 30 and len(spec) >= 5, events
+    order = {(kind, sid): i for i, (kind, sid, _) in enumerate(events)}
+    back_to_back = [s for s in spec if s - 1 in spec and order[("schedule", s)] < order[("update", s - 1)]]
+    assert len(back_to_back) >= len(spec) - 2, events
+    assert all(not isinstance(pendings[s], ReadyOutput) for s in spec)
