@@ -560,3 +560,42 @@ async def test_torch_engine_async_schedules_speculative_step_before_the_previous
     back_to_back = [s for s in spec if s - 1 in spec and order[("schedule", s)] < order[("update", s - 1)]]
     assert len(back_to_back) >= len(spec) - 2, events
     assert all(not isinstance(pendings[s], ReadyOutput) for s in spec)
+
+
+async def test_cuda_speculative_steps_replay_the_mixed_graphs_and_launch_without_a_sync(make_engine, tiny_model) -> None:
+    """CUDA only (AIOSCHED_TEST_DEVICE=cuda): speculative steps replay the mixed-step CUDA
+    graphs (every input of the step is on the device), no CUDA call that synchronizes
+    with the device runs while one is launched (torch's sync debug mode raises), the
+    launch thread never waits for a count (host_waits), and the float32 greedy output
+    equals the run without speculation."""
+    torch = pytest.importorskip("torch")
+    if DEV.get("device") != "cuda" or not torch.cuda.is_available():
+        pytest.skip("needs AIOSCHED_TEST_DEVICE=cuda and a GPU")
+    ps = _torch_prompts(6)
+    p = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)]
+    kw = dict(model=tiny_model, **DEV, async_scheduling=True)
+    base, _ = await _run(make_engine, ps, p, **kw)
+    async with make_engine(speculative=SPEC, **kw) as eng:
+        runner = eng._executor.runner
+        assert runner.fast is not None and runner.fast.mixed is not None, "the tiny model takes the CUDA fast path"
+        execute = runner.execute
+        launched = []
+
+        def checked(so):
+            if not any(sr.num_draft_slots for sr in so.scheduled):
+                return execute(so)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                pending = execute(so)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            launched.append(pending)
+            return pending
+
+        runner.execute = checked
+        outs = await asyncio.gather(*[eng.generate(x, p[0]) for x in ps])
+        stats = dict(runner.fast.stats)
+        waits = runner.batch.host_waits
+    assert [o.token_ids for o in outs] == base
+    assert launched and stats["spec_steps"] == len(launched) and waits == 0
+    assert stats["mixed_graph_steps"] >= stats["spec_steps"], stats  # (prefill steps replay them too)

@@ -244,7 +244,8 @@ class InputBatch:
 
     # ---- a step, host side ----
 
-    def schedule(self, so: SchedulerOutput, drafts: None = None, spec_rows: list[int] | None = None) -> ScheduledStep:
+    def schedule(self, so: SchedulerOutput, drafts: None = None, spec_rows: list[int] | None = None,
+                 has_spec: bool | None = None) -> ScheduledStep:
         """Apply the step's block-table deltas and lay it out (one walk over so.scheduled).
 
         A speculative request (`num_draft_slots = k > 0`) computes 1 + k query rows
@@ -257,13 +258,15 @@ class InputBatch:
         verification appends the accepted tokens there. Drafts the proposer did not find
         are -1 rows, never accepted. Every other row is exact, from the host's count.
         spec_rows: per speculative request (batch order), the draft rows to lay out
-        (<= its slots; the CPU runner trims them to the drafts found); None: all k."""
+        (<= its slots; the CPU runner trims them to the drafts found); None: all k.
+        has_spec: whether any request has draft slots, when the caller knows already."""
         assert not drafts, "drafts are proposed on the device (spec_decode.propose_into_buffer)"
         bs, mb, row_len = self.block_size, self.max_blocks, self.row_len
         step = ScheduledStep(so, [], [], [], [], [], [], [], {}, [], [])
         # A step with speculative rows samples all its rows after the forward (verified):
         # no row's token is written by the forward's argmax.
-        has_spec = any(sr.num_draft_slots for sr in so.scheduled)
+        if has_spec is None:
+            has_spec = any(sr.num_draft_slots for sr in so.scheduled)
         if has_spec:
             step.rel = []
         flat = 0

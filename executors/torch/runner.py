@@ -242,7 +242,7 @@ class TorchModelRunner(ModelRunner):
 
     def _step(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
         spec = self._propose(so) if any(sr.num_draft_slots for sr in so.scheduled) else None
-        step = self.batch.schedule(so, spec_rows=spec.rows if spec is not None else None)
+        step = self.batch.schedule(so, spec_rows=spec.rows if spec is not None else None, has_spec=spec is not None)
         out.req_ids = [sr.req_id for sr in so.scheduled if sr.sample]
         extras_on = self.extras.step_uses_extras(so)
         greedy = not step.spec and not extras_on and self.batch.greedy(step.samplers)
