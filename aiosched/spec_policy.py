@@ -1,9 +1,9 @@
 """Whether speculative drafting pays, decided from measured throughput (issue 18).
 
 Drafts pay only when the tokens they add per step outweigh what verifying them costs,
-and that depends on the machine (a step that waits for its accepted count gives up the
-one-step-ahead overlap on a GPU; on a CPU verification is nearly free), on the batch
-size and on the text (acceptance). No fixed threshold gets all three right, so the
+and that depends on the machine (a speculating request computes 1 + k query rows every
+step, found drafts or not, next to one row of a plain step replayed from its CUDA
+graph; on a CPU the rows cost compute), on the batch size and on the text (acceptance). No fixed threshold gets all three right, so the
 engine measures: it runs a window of steps with drafts and a window without, keeps the
 faster mode for a longer stretch, then measures both again (the workload drifts).
 
@@ -13,9 +13,8 @@ requests; the first outputs after a switch are skipped, as they belong to steps
 scheduled before it. Drafting is kept only when it beats no drafting by `min_gain`:
 speculation must never make things slower. Each round measures without drafts first, so
 that a drafting window which is clearly losing (below 1/`cut` of that rate after `early`
-outputs) ends at once: where a verify step costs several plain steps (a GPU step that
-gives up the one-step-ahead overlap), a full window of drafting would cost more than the
-whole answer is worth on short runs. Pure Python and deterministic: the caller
+outputs) ends at once: where a verify step costs several plain steps, a full window of
+drafting would cost more than the whole answer is worth on short runs. Pure Python and deterministic: the caller
 passes the time, so tests drive it with a fake clock.
 """
 from __future__ import annotations

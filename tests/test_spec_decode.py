@@ -131,8 +131,16 @@ def _prompts(n: int) -> list[list[int]]:
     return [[(i * 5 + j % (3 + i % 4)) % 48 for j in range(6 + (i * 7) % 30)] for i in range(n)]
 
 
-async def _run(make_engine, prompts, params, **kw) -> tuple[list[list[int]], dict]:
+def _fixed_rows(eng) -> None:
+    """The GPU's layout on the CPU: every speculative request computes 1 + k rows, drafts
+    found or not (the CPU runner otherwise trims them to the drafts found)."""
+    eng._executor.runner.trim_draft_rows = False
+
+
+async def _run(make_engine, prompts, params, trim: bool = True, **kw) -> tuple[list[list[int]], dict]:
     async with make_engine(**kw) as eng:
+        if not trim:
+            _fixed_rows(eng)
         outs = await asyncio.gather(*[eng.generate(p, params[i % len(params)]) for i, p in enumerate(prompts)])
         stats = eng.stats()
         eng.scheduler.check_invariants()
@@ -207,15 +215,16 @@ def _torch_prompts(n: int) -> list[list[int]]:
     return [[(i * 11 + j % (2 + i % 5)) % 300 + 3 for j in range(5 + (i * 13) % 40)] for i in range(n)]
 
 
+@pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "fixed-rows"])
 @pytest.mark.parametrize("async_scheduling", [False, True])
-async def test_torch_greedy_identity_with_preemption_and_chunking(make_engine, tiny_model, async_scheduling) -> None:
+async def test_torch_greedy_identity_with_preemption_and_chunking(make_engine, tiny_model, async_scheduling, trim) -> None:
     ps = _torch_prompts(16)
     params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, speculative=False)]
     kw = dict(model=tiny_model, **DEV, async_scheduling=async_scheduling, num_kv_blocks=40, block_size=4, max_num_batched_tokens=32,
               cpu_threads=1)
     base, _ = await _run(make_engine, ps, params, **kw)
-    spec, st = await _run(make_engine, ps, params, speculative=SPEC, **kw)
+    spec, st = await _run(make_engine, ps, params, trim=trim, speculative=SPEC, **kw)
     assert spec == base
     assert st["preemptions"] > 0
     assert st["spec_accepted_tokens"] > 0, st
@@ -225,11 +234,12 @@ async def test_torch_seeded_sampling_with_spec_is_reproducible(make_engine, tiny
     ps = _torch_prompts(6)
     p = [SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=11, ignore_eos=True)]
     outs = []
-    for mode in (False, True):
-        o, st = await _run(make_engine, ps, p, model=tiny_model, **DEV, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
+    for mode, trim in ((False, True), (True, True), (True, False), (False, False)):
+        o, st = await _run(make_engine, ps, p, trim=trim, model=tiny_model, **DEV, async_scheduling=mode, speculative=SPEC, cpu_threads=1)
         outs.append(o)
         assert st["spec_draft_tokens"] > 0
-    assert outs[0] == outs[1], "seeded speculative sampling: sync == async"
+    # sync == async, and the same whether rows without a draft are laid out or not
+    assert outs[0] == outs[1] == outs[2] == outs[3], "seeded speculative sampling: sync == async"
 
 
 async def test_torch_multiproc_identity(make_engine, tiny_model) -> None:
@@ -261,6 +271,8 @@ async def test_torch_extras_requests_verified_without_drafts_others_keep_theirs(
             alone.append(await eng.generate(p, sp))
     for mode in (False, True):
         async with make_engine(async_scheduling=mode, speculative=SPEC, **kw) as eng:
+            if mode:
+                _fixed_rows(eng)
             outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(ps, params)])
             st = eng.stats()
             eng.scheduler.check_invariants()
@@ -334,6 +346,8 @@ async def test_torch_drafting_switched_on_and_off_mid_request_keeps_greedy_outpu
     kw = dict(model=tiny_model, **DEV, async_scheduling=async_scheduling, max_num_batched_tokens=64, cpu_threads=1)
     base, _ = await _run(make_engine, ps, params, **kw)
     async with make_engine(speculative=dict(SPEC, auto=True), **kw) as eng:
+        if every == 7:
+            _fixed_rows(eng)
         eng.spec_policy = policy = _Toggle(every)
         eng.scheduler.drafting = False
         outs = await asyncio.gather(*[eng.generate(p, params[0]) for p in ps])
@@ -341,3 +355,247 @@ async def test_torch_drafting_switched_on_and_off_mid_request_keeps_greedy_outpu
         eng.scheduler.check_invariants()
     assert [o.token_ids for o in outs] == base
     assert policy.switches >= 4 and st["spec_draft_tokens"] > 0, st
+
+
+# ---- speculation one step ahead (issue 18): the launch never waits for an accepted count ----
+
+
+def _relative_step(torch):
+    """A packed step of 3 tokens of a plain request (row 0, positions 4..6) and 3 relative
+    rows of a speculative one (row 1, whose device count is 9: positions 8, 9, 10)."""
+    tokens = torch.arange(3 * 20, dtype=torch.int64).view(3, 20)  # row 2: the scratch row
+    bt = torch.tensor([[3, 4, 5], [7, 8, 9], [0, 0, 0]])
+    ntok = torch.tensor([7, 9, 1])
+    T, R = 7, 3  # one padding token, one padding request slot
+    rows = [0, 0, 0, 1, 1, 1, 2]
+    pos = [4, 5, 6, -2, -3, -4, -1]
+    o_rows, o_seq = 2 * T, 2 * T + R
+    d = torch.tensor(rows + pos + [0, 1, 2] + [7, -3, 0] + [12345] * 4)
+    return d, T, tokens, bt, ntok, R, o_rows, o_seq
+
+
+def test_relative_rows_take_their_positions_from_the_device_count() -> None:
+    """Speculative rows are laid out relative to the row's token count on the device
+    (position -2 - j: query j at count - 1 + j; attention length -n: count - 1 + n), so
+    a step is built without the previous step's accepted count on the host."""
+    torch = pytest.importorskip("torch")
+    from aiosched.executors.torch import fused_ops
+
+    d, T, tokens, bt, ntok, R, o_rows, o_seq = _relative_step(torch)
+    ids, p, slots = fused_ops.step_inputs_ref(d, T, tokens, bt, 4, ntok, R, o_rows, o_seq)
+    assert p.tolist() == [4, 5, 6, 8, 9, 10, 0]
+    assert ids.tolist() == [4, 5, 6, 28, 29, 30, 40]  # the padding token reads the scratch row
+    assert slots.tolist() == [4 * 4 + 0, 4 * 4 + 1, 4 * 4 + 2, 9 * 4 + 0, 9 * 4 + 1, 9 * 4 + 2, -1]
+    assert d[o_seq:o_seq + R].tolist() == [7, 11, 0]  # the relative length resolved in place
+    plain = fused_ops.step_inputs_ref(d[:2 * T].clone(), T, tokens, bt, 4)  # without a count: unchanged behaviour
+    assert plain[2].tolist()[:3] == slots.tolist()[:3] and plain[2].tolist()[3:] == [-1] * 4
+
+
+def test_step_inputs_kernel_resolves_relative_rows_like_the_reference() -> None:
+    """CUDA only (Triton): the fused step-inputs kernel equals the torch fallback on relative rows."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("the Triton step-inputs kernel needs a CUDA device")
+    from aiosched.executors.torch import fused_ops
+
+    for T, R in ((7, 3), (300, 257)):
+        rows_n, row_len, page = 9, 400, 16
+        g = torch.Generator().manual_seed(T)
+        tokens = torch.randint(0, 50_000, (rows_n, row_len), generator=g)
+        bt = torch.randint(0, 4_000, (rows_n, row_len // page + 1), generator=g)
+        ntok = torch.randint(1, row_len - 8, (rows_n,), generator=g)
+        rows = torch.randint(0, rows_n, (T,), generator=g)
+        pos = torch.randint(0, row_len - 8, (T,), generator=g)
+        pos[::3] = -2 - torch.randint(0, 5, (len(pos[::3]),), generator=g)  # relative
+        pos[::7] = -1  # padding
+        seq = torch.randint(0, row_len - 8, (R,), generator=g)
+        seq[::2] = -torch.randint(1, 6, (len(seq[::2]),), generator=g)
+        d = torch.cat([rows, pos, torch.randint(0, rows_n, (R,), generator=g), seq, torch.full((5,), 12345)])
+        o_rows, o_seq = 2 * T, 2 * T + R
+        want_d = d.clone()
+        want = fused_ops.step_inputs_ref(want_d, T, tokens, bt, page, ntok, R, o_rows, o_seq)
+        got_d = d.cuda()
+        got = fused_ops.step_inputs(got_d, T, tokens.cuda(), bt.cuda(), page, ntok.cuda(), R, o_rows, o_seq)
+        for a, b in zip(got, want):
+            assert torch.equal(a.cpu(), b)
+        assert torch.equal(got_d.cpu(), want_d)
+
+
+def _spec_runner(tiny_model, **kw):
+    from aiosched.config import EngineConfig
+    from aiosched.executors.torch.runner import TorchModelRunner
+
+    cfg = EngineConfig.load(dict(model=tiny_model, cpu_threads=1, **DEV, **kw))
+    runner = TorchModelRunner(cfg)
+    return cfg, runner, runner.load()
+
+
+def _drive(cfg, runner, info, prompts, params, guard=None):
+    """The engine loop, by hand and in a fixed order: with async scheduling step N + 1 is
+    scheduled and launched before step N's output is read. Returns the outputs and, per
+    step, (step id, the output of the step before it still unprocessed at its scheduling,
+    [(req, num_tokens, draft slots)], the pending output)."""
+    from collections import deque
+
+    from aiosched.async_scheduler import AsyncScheduler
+    from aiosched.request import Request
+    from aiosched.scheduler import Scheduler
+
+    sched = (AsyncScheduler if cfg.async_scheduling else Scheduler)(cfg, info.num_kv_blocks, info.max_model_len)
+    reqs = [Request(f"r{i}", p, params, seed=i, eos_token_ids=[]) for i, p in enumerate(prompts)]
+    for r in reqs:
+        sched.add_request(r)
+    in_flight, log = deque(), []
+    depth = 2 if cfg.async_scheduling else 1
+    while sched.has_unfinished() or in_flight:
+        while len(in_flight) < depth:
+            so = sched.schedule()
+            if so.is_empty and not so.freed_req_ids:
+                break
+            with guard() if guard is not None else _nothing():
+                pending = runner.execute(so)
+            log.append((so.step_id, bool(in_flight), [(sr.req_id, sr.num_tokens, sr.num_draft_slots) for sr in so.scheduled], pending))
+            in_flight.append((so, pending))
+        so, pending = in_flight.popleft()
+        sched.update_from_output(so, pending.result())
+        sched.check_invariants()
+    return [r.output_token_ids for r in reqs], log, sched
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("trim", [False, True], ids=["fixed-rows", "trimmed"])
+def test_torch_async_speculative_steps_run_back_to_back_without_waiting(tiny_model, monkeypatch, trim) -> None:
+    """Async scheduling: a speculating request is scheduled (with its draft slots) in
+    consecutive steps, step N + 1 is built and launched before step N's output is
+    processed, no launch reads a speculative step's emitted counts before that step's
+    output was handed out (doing so while a step is being launched raises here), each verify step returns a pending output, and
+    the greedy tokens equal those without speculation (sync, and this runner without drafts)."""
+    from aiosched.executors.runner import ReadyOutput
+    from aiosched.executors.torch import spec_decode
+
+    ps = _torch_prompts(3)
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    base_cfg, base_runner, base_info = _spec_runner(tiny_model, async_scheduling=False)
+    want, _, _ = _drive(base_cfg, base_runner, base_info, ps, greedy)
+    base_runner.shutdown()
+
+    launching = [False]
+    rows, count = spec_decode.SpecHost.rows, spec_decode.SpecHost.count
+
+    def guarded_rows(self):
+        assert not launching[0] or self.delivered, "a launch read a speculative step's emitted tokens before its output"
+        return rows(self)
+
+    def guarded_count(self, q):
+        assert not launching[0] or self.delivered, "a launch waited for a speculative step's accepted count"
+        return count(self, q)
+
+    monkeypatch.setattr(spec_decode.SpecHost, "rows", guarded_rows)
+    monkeypatch.setattr(spec_decode.SpecHost, "count", guarded_count)
+
+    class guard:
+        def __enter__(self):
+            launching[0] = True
+
+        def __exit__(self, *a):
+            launching[0] = False
+            return False
+
+    cfg, runner, info = _spec_runner(tiny_model, async_scheduling=True, speculative=SPEC)
+    runner.trim_draft_rows = trim
+    got, log, sched = _drive(cfg, runner, info, ps, greedy, guard=guard)
+    assert got == want
+    assert runner.batch.host_waits == 0
+    assert sched.stats.accepted_tokens > 0
+    spec_steps = [(sid, prev, rows_, p) for sid, prev, rows_, p in log if any(d for _, _, d in rows_)]
+    assert all(not isinstance(p, ReadyOutput) for *_, p in spec_steps), "verify steps return pending outputs"
+    # r0 speculates in consecutive steps, each built while the step before it was in flight.
+    r0 = [(sid, prev) for sid, prev, rows_, _ in log if any(r == "r0" and d for r, _, d in rows_)]
+    runs = sum(1 for (a, _), (b, prev) in zip(r0, r0[1:]) if b == a + 1 and prev)
+    assert runs >= 4, r0
+    runner.shutdown()
+
+
+async def test_torch_engine_async_schedules_speculative_step_before_the_previous_output(make_engine, tiny_model) -> None:
+    """Through the engine loop (inproc executor, async): each speculative step of a
+    request is scheduled while its previous speculative step's output is unprocessed, and
+    the runner hands every verify step back as a pending output."""
+    from aiosched.executors.runner import ReadyOutput
+
+    events: list[tuple[str, int, bool]] = []
+    async with make_engine(model=tiny_model, **DEV, cpu_threads=1, async_scheduling=True, speculative=SPEC) as eng:
+        _fixed_rows(eng)
+        sched, runner = eng.scheduler, eng._executor.runner
+        schedule, update, execute = sched.schedule, sched.update_from_output, runner.execute
+
+        def rec_schedule():
+            so = schedule()
+            events.append(("schedule", so.step_id, any(sr.num_draft_slots for sr in so.scheduled)))
+            return so
+
+        def rec_update(so, out):
+            events.append(("update", so.step_id, False))
+            return update(so, out)
+
+        pendings = {}
+
+        def rec_execute(so):
+            p = execute(so)
+            pendings[so.step_id] = p
+            return p
+
+        sched.schedule, sched.update_from_output, runner.execute = rec_schedule, rec_update, rec_execute
+        out = await eng.generate(_torch_prompts(3)[2], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    spec = [sid for kind, sid, d in events if kind == "schedule" and d]
+    assert len(out.token_ids) == 30 and len(spec) >= 5, events
+    order = {(kind, sid): i for i, (kind, sid, _) in enumerate(events)}
+    back_to_back = [s for s in spec if s - 1 in spec and order[("schedule", s)] < order[("update", s - 1)]]
+    assert len(back_to_back) >= len(spec) - 2, events
+    assert all(not isinstance(pendings[s], ReadyOutput) for s in spec)
+
+
+async def test_cuda_speculative_steps_replay_the_mixed_graphs_and_launch_without_a_sync(make_engine, tiny_model) -> None:
+    """CUDA only (AIOSCHED_TEST_DEVICE=cuda): speculative steps replay the mixed-step CUDA
+    graphs (every input of the step is on the device), no CUDA call that synchronizes
+    with the device runs while one is launched (torch's sync debug mode raises), the
+    launch thread never waits for a count (host_waits), and the float32 greedy output
+    equals the run without speculation."""
+    torch = pytest.importorskip("torch")
+    if DEV.get("device") != "cuda" or not torch.cuda.is_available():
+        pytest.skip("needs AIOSCHED_TEST_DEVICE=cuda and a GPU")
+    ps = _torch_prompts(6)
+    p = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)]
+    kw = dict(model=tiny_model, **DEV, async_scheduling=True)
+    base, _ = await _run(make_engine, ps, p, **kw)
+    async with make_engine(speculative=SPEC, **kw) as eng:
+        runner = eng._executor.runner
+        assert runner.fast is not None and runner.fast.mixed is not None, "the tiny model takes the CUDA fast path"
+        execute = runner.execute
+        launched = []
+
+        def checked(so):
+            if not any(sr.num_draft_slots for sr in so.scheduled):
+                return execute(so)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                pending = execute(so)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            launched.append(pending)
+            return pending
+
+        runner.execute = checked
+        outs = await asyncio.gather(*[eng.generate(x, p[0]) for x in ps])
+        stats = dict(runner.fast.stats)
+        waits = runner.batch.host_waits
+    assert [o.token_ids for o in outs] == base
+    assert launched and stats["spec_steps"] == len(launched) and waits == 0
+    assert stats["mixed_graph_steps"] >= stats["spec_steps"], stats  # (prefill steps replay them too)

@@ -74,6 +74,8 @@ class FastPath:
         self.mixed: DecodeGraphs | None = None
         if use_graphs is None:
             use_graphs = dev.type == "cuda" and not cfg.enforce_eager and graphable(a)
+        # Relative (speculative) rows' host lengths are needed only by host-list attention layers.
+        batch.fused_host_lists = not graphable(a)
         runner.fast = self  # the runner's model_step reads this path's workspaces, also while capturing below
         if use_graphs:
             max_bs = min(cfg.cuda_graph_max_batch, R)

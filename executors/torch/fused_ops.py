@@ -9,9 +9,11 @@ memory) by one pass:
   rotates q and k in place (rotate-half / NeoX layout, as HF Llama and Qwen) and
   writes k, v into their paged-cache slots (slot = block * block_size + offset; a
   negative slot skips the write, for padded rows).
-- `step_inputs(d, T, tokens, block_table, block_size)`: a packed step's input ids, clamped
+- `step_inputs(d, T, tokens, block_table, block_size, ntok, ...)`: a packed step's input ids, clamped
   positions and KV slots, gathered from the device token buffer and block table in one
-  launch (about ten small torch kernels otherwise, each a few microseconds of a decode step).
+  launch (about ten small torch kernels otherwise, each a few microseconds of a decode step);
+  with `ntok`, relative (speculative) rows get their positions and attention lengths
+  from each row's token count on the device.
 
 The Triton versions are used when the tensors are on a CUDA device and Triton is
 importable (or TRITON_INTERPRET=1 for tests on CPU); `*_ref` are the torch versions.
@@ -71,10 +73,20 @@ def rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) ->
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def step_inputs_ref(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: torch.Tensor,
-                    block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d[:T] token-buffer rows, d[T:2T] positions (-1: padding) -> (ids, positions >= 0, slots; -1 for padding)."""
+def step_inputs_ref(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                    ntok: torch.Tensor | None = None, R: int = 0, o_rows: int = 0,
+                    o_seq: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d[:T] token-buffer rows, d[T:2T] positions (-1: padding) -> (ids, positions >= 0, slots; -1 for padding).
+
+    With `ntok` (each buffer row's token count, on the device), positions <= -2 are
+    relative (speculative rows): -2 - j is query j at ntok[row] - 1 + j; and the R
+    attention lengths d[o_seq:o_seq + R] of the requests in rows d[o_rows:o_rows + R]
+    that are negative (-n: n relative queries) become ntok[row] - 1 + n, in place."""
     rows, pos = d[:T], d[T:2 * T]
+    if ntok is not None:
+        pos = torch.where(pos <= -2, ntok[rows] - 1 + (-2 - pos), pos)
+        seq = d[o_seq:o_seq + R]
+        seq.copy_(torch.where(seq < 0, ntok[d[o_rows:o_rows + R]] - 1 - seq, seq))
     p = pos.clamp(min=0)
     ids = tokens.view(-1)[rows * tokens.shape[1] + p]
     slots = block_table[rows, p // block_size] * block_size + p % block_size
@@ -86,12 +98,16 @@ def step_inputs_ref(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: 
 if HAVE_TRITON:
 
     @triton.jit
-    def _step_inputs_kernel(d_ptr, tok_ptr, bt_ptr, ids_ptr, p_ptr, slot_ptr, T, row_len, stride_bt,
-                            PAGE: tl.constexpr, BLOCK: tl.constexpr):
+    def _step_inputs_kernel(d_ptr, tok_ptr, bt_ptr, ntok_ptr, ids_ptr, p_ptr, slot_ptr, T, R, o_rows, o_seq, row_len, stride_bt,
+                            PAGE: tl.constexpr, BLOCK: tl.constexpr, REL: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < T
         row = tl.load(d_ptr + offs, mask=m, other=0)
         pos = tl.load(d_ptr + T + offs, mask=m, other=0)
+        if REL:  # relative (speculative) rows: -2 - j -> ntok[row] - 1 + j
+            rel = m & (pos <= -2)
+            base = tl.load(ntok_ptr + row, mask=rel, other=1)
+            pos = tl.where(rel, base - 1 + (-2 - pos), pos)
         p = tl.maximum(pos, 0)
         ids = tl.load(tok_ptr + row * row_len + p, mask=m, other=0)
         blk = tl.load(bt_ptr + row * stride_bt + p // PAGE, mask=m, other=0)
@@ -99,6 +115,13 @@ if HAVE_TRITON:
         tl.store(ids_ptr + offs, ids, mask=m)
         tl.store(p_ptr + offs, p, mask=m)
         tl.store(slot_ptr + offs, slot, mask=m)
+        if REL:  # relative attention lengths (-n -> ntok[row] - 1 + n), in place
+            mr = offs < R
+            seq = tl.load(d_ptr + o_seq + offs, mask=mr, other=0)
+            neg = mr & (seq < 0)
+            srow = tl.load(d_ptr + o_rows + offs, mask=neg, other=0)
+            sbase = tl.load(ntok_ptr + srow, mask=neg, other=1)
+            tl.store(d_ptr + o_seq + offs, sbase - 1 - seq, mask=neg)
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
@@ -249,17 +272,21 @@ if HAVE_TRITON:
 # ---------------------------------------------------------------- wrappers
 
 
-def step_inputs(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: torch.Tensor,
-                block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def step_inputs(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                ntok: torch.Tensor | None = None, R: int = 0, o_rows: int = 0,
+                o_seq: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`step_inputs_ref` in one kernel (int64 throughout, contiguous token buffer)."""
-    if not use_triton(d) or T == 0:
-        return step_inputs_ref(d, T, tokens, block_table, block_size)
+    if not use_triton(d) or (T == 0 and (ntok is None or R == 0)):
+        return step_inputs_ref(d, T, tokens, block_table, block_size, ntok, R, o_rows, o_seq)
     ids = torch.empty(T, dtype=tokens.dtype, device=d.device)
     p = torch.empty(T, dtype=d.dtype, device=d.device)
     slots = torch.empty(T, dtype=block_table.dtype, device=d.device)
-    BLOCK = min(1024, _next_pow2(T))
-    _step_inputs_kernel[(triton.cdiv(T, BLOCK),)](d, tokens, block_table, ids, p, slots, T, tokens.stride(0), block_table.stride(0),
-                                                  PAGE=block_size, BLOCK=BLOCK, num_warps=4)
+    rel = ntok is not None
+    n = max(T, R) if rel else T
+    BLOCK = min(1024, _next_pow2(n))
+    _step_inputs_kernel[(triton.cdiv(n, BLOCK),)](d, tokens, block_table, ntok if rel else d, ids, p, slots, T, R if rel else 0,
+                                                  o_rows, o_seq, tokens.stride(0), block_table.stride(0),
+                                                  PAGE=block_size, BLOCK=BLOCK, REL=rel, num_warps=4)
     return ids, p, slots
 
 

@@ -7,10 +7,14 @@
   trip (async scheduling);
 - the request rows (`ReqState`: row, tokens in the buffer, host block table) and the
   per-row sampling parameters on the device;
+- each row's token count on the device (`num_tokens_dev`): a speculative step yields
+  1..1+k tokens, and only the device knows how many until its output is copied back.
+  Speculative rows are laid out *relative* to it (see `schedule`), so the step after
+  a speculative one is built and launched without waiting for its accepted count;
 - the device block table (one row per request slot), sent as deltas only;
 - a ring of pinned staging buffers: one packed int64 array per step, one H2D copy.
 
-`schedule(so, drafts)` walks a SchedulerOutput once on the host (block-table deltas,
+`schedule(so)` walks a SchedulerOutput once on the host (block-table deltas,
 bounds checks, token rows and positions, logits rows, token-buffer write slots) into a
 `ScheduledStep`; `upload(step, layout)` packs it at the offsets of a `Layout` (one H2D
 copy) and `device_inputs` derives the `StepInputs` that the model's forward reads. The layout is either exact
@@ -43,13 +47,23 @@ _RING = 4  # pinned staging buffers in rotation (steps in flight are at most 2)
 class ReqState:
     row: int
     prompt_len: int
-    num_tokens: int  # tokens in the buffer row (prompt + sampled); the next sampled token's position
+    # Tokens in the buffer row (prompt + sampled); the next sampled token's position. Exact
+    # unless speculative steps are in flight (`spec_pending`): then a lower bound, and the
+    # true count is on the device (`InputBatch.num_tokens_dev`).
+    num_tokens: int
     data: NewRequestData
     ban_ids: list[int] = field(default_factory=list)  # masked until min_tokens are out
     block_table: list[int] = field(default_factory=list)
     # Entries of block_table already in the device block table. Kept on the state (not
     # in a map by request id) so it dies with the request, whatever the step.
     device_blocks: int = 0
+    # InputBatch.num_tokens_dev[row] (once the work enqueued so far has run) is the true
+    # count. False after a plain step sampled on the host's count (the device count is
+    # then set from the host before the next speculative step).
+    dev_exact: bool = True
+    # Speculative steps launched whose emitted counts num_tokens does not include yet:
+    # (SpecHost, index of this request in it), in launch order (spec_decode.SpecHost).
+    spec_pending: list[Any] = field(default_factory=list)
 
     def bans_now(self, position: int) -> bool:
         """min_tokens: EOS and stop ids are masked for the token at `position` (before the grammar check)."""
@@ -65,13 +79,17 @@ class ScheduledStep:
     starts: list[int]  # first position computed
     qlens: list[int]  # tokens computed
     samplers: list[ReqState]  # requests that sample, in batch order
-    num_logits: list[int]  # per sampler: logits rows (1 + its drafts)
+    num_logits: list[int]  # per sampler: logits rows (1 + its draft slots)
     logit_rows: list[int]  # flat token index of every logits row
     dst: list[int]  # per logits row: where its argmax goes in the token buffer (scratch when verifying)
-    drafts: dict[str, list[int]]
     flat_offsets: dict[str, int]  # flat index of each request's first token
     upd_idx: list[int]  # device block-table deltas (flat index, block id)
     upd_val: list[int]
+    # Speculative requests (relative rows: positions from the device count), in batch
+    # order: their index in `samplers` and their draft slots k (1 + k query rows each).
+    spec: list[int] = field(default_factory=list)
+    spec_k: list[int] = field(default_factory=list)
+    rel: list[bool] | None = None  # per scheduled request: relative rows (None: none in this step)
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +98,7 @@ class ScheduledStep:
     @property
     def decode_only(self) -> bool:
         """Every request computes one token and samples it (no drafts)."""
-        return not self.drafts and all(n == 1 for n in self.qlens) and len(self.samplers) == len(self.states)
+        return not self.spec and all(n == 1 for n in self.qlens) and len(self.samplers) == len(self.states)
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,14 @@ class InputBatch:
         self.tokens = torch.zeros((max_rows + 1, row_len), dtype=torch.int64, device=device)
         self.max_blocks = -(-row_len // block_size)
         self.block_table = torch.zeros((max_rows + 1, self.max_blocks), dtype=torch.int64, device=device)
+        # Tokens of each row on the device (the scratch row: 1, so padding reads a valid slot).
+        self.num_tokens_dev = torch.ones(max_rows + 1, dtype=torch.int64, device=device)
+        # Host waits of the launch thread for a speculative step's counts (a plain row of a
+        # request whose speculative step had not landed: the scheduler never does that).
+        self.host_waits = 0
+        # The fused eager step also runs host-list attention (layers with windows or soft
+        # caps: FastPath sets this from the model): relative rows' lengths are then read back.
+        self.fused_host_lists = True
         self.free_rows = list(range(max_rows - 1, -1, -1))
         self.reqs: dict[str, ReqState] = {}
         # Sampling parameters by row, written once when a request arrives and gathered
@@ -201,6 +227,7 @@ class InputBatch:
         row = self.free_rows.pop()
         dev = self.device
         self.tokens[row, :n] = torch.tensor(new.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        self.num_tokens_dev[row] = n
         sp = new.sampling
         self.row_f[row] = torch.tensor([sp.temperature, sp.top_p, sp.min_p], dtype=torch.float32).to(dev, non_blocking=True)
         self.row_i[row] = torch.tensor([max(sp.top_k, 0), new.seed], dtype=torch.int64).to(dev, non_blocking=True)
@@ -217,12 +244,33 @@ class InputBatch:
 
     # ---- a step, host side ----
 
-    def schedule(self, so: SchedulerOutput, drafts: dict[str, list[int]]) -> ScheduledStep:
+    def schedule(self, so: SchedulerOutput, drafts: None = None, spec_rows: list[int] | None = None,
+                 has_spec: bool | None = None) -> ScheduledStep:
         """Apply the step's block-table deltas and lay it out (one walk over so.scheduled).
-        A request with m drafts computes [last token, drafts] and has 1 + m logits rows."""
+
+        A speculative request (`num_draft_slots = k > 0`) computes 1 + k query rows
+        [its last token, k drafts] and has 1 + k logits rows, *relative* to its count on
+        the device: row j sits at position num_tokens_dev[row] - 1 + j. The host does not
+        know that count while a speculative step of the request is in flight (the
+        scheduler's position is then an upper bound), and does not need it: the positions,
+        KV slots and attention lengths of these rows are derived on the device
+        (`fused_ops.step_inputs`), the drafts are proposed and written there, and the
+        verification appends the accepted tokens there. Drafts the proposer did not find
+        are -1 rows, never accepted. Every other row is exact, from the host's count.
+        spec_rows: per speculative request (batch order), the draft rows to lay out
+        (<= its slots; the CPU runner trims them to the drafts found); None: all k.
+        has_spec: whether any request has draft slots, when the caller knows already."""
+        assert not drafts, "drafts are proposed on the device (spec_decode.propose_into_buffer)"
         bs, mb, row_len = self.block_size, self.max_blocks, self.row_len
-        step = ScheduledStep(so, [], [], [], [], [], [], [], drafts, {}, [], [])
+        step = ScheduledStep(so, [], [], [], [], [], [], [], {}, [], [])
+        # A step with speculative rows samples all its rows after the forward (verified):
+        # no row's token is written by the forward's argmax.
+        if has_spec is None:
+            has_spec = any(sr.num_draft_slots for sr in so.scheduled)
+        if has_spec:
+            step.rel = []
         flat = 0
+        n_spec = 0
         for sr in so.scheduled:
             st = self.reqs[sr.req_id]
             st.block_table.extend(sr.new_block_ids)
@@ -231,26 +279,61 @@ class InputBatch:
                 step.upd_idx.extend(range(st.row * mb + have, st.row * mb + n_bt))
                 step.upd_val.extend(st.block_table[have:n_bt])
                 st.device_blocks = n_bt
-            m = len(drafts.get(sr.req_id, ()))
             end = sr.num_computed_tokens + sr.num_tokens
-            if end > st.num_tokens + m or end > n_bt * bs:
-                raise RuntimeError(f"{sr.req_id}: step needs tokens up to {end} but the worker has {st.num_tokens}"
-                                   + (f" (+{m} drafts)" if m else ""))
+            k = sr.num_draft_slots
+            if k:
+                # The scheduler's bound: the true start is at most num_computed_tokens, so
+                # 1 + k rows from it stay inside the blocks reserved for them.
+                if not sr.sample or sr.num_tokens != 1 + k or end > n_bt * bs or sr.num_computed_tokens + 1 + k >= row_len:
+                    raise RuntimeError(f"{sr.req_id}: speculative step of {sr.num_tokens} tokens from {sr.num_computed_tokens} "
+                                       f"with {k} draft slots does not fit its {n_bt} blocks")
+                while st.spec_pending and st.spec_pending[0][0].delivered:  # counts already handed out: keep the host close
+                    host, q = st.spec_pending.pop(0)
+                    st.num_tokens += host.count(q)
+                if spec_rows is not None:
+                    k = min(k, spec_rows[n_spec])
+                n_spec += 1
+                step.rel.append(True)
+                step.states.append(st)
+                step.starts.append(sr.num_computed_tokens)  # an upper bound: the device knows the start
+                step.qlens.append(1 + k)
+                step.flat_offsets[sr.req_id] = flat
+                flat += 1 + k
+                step.spec.append(len(step.samplers))
+                step.spec_k.append(k)
+                step.samplers.append(st)
+                step.num_logits.append(1 + k)
+                step.logit_rows.extend(range(flat - 1 - k, flat))
+                step.dst.extend([self.scratch_slot] * (1 + k))  # written after acceptance, not by the argmax
+                continue
+            if st.spec_pending:
+                self.settle(st)  # a plain row needs the exact count (the scheduler's steps have landed: no wait)
+            if end > st.num_tokens or end > n_bt * bs:
+                raise RuntimeError(f"{sr.req_id}: step needs tokens up to {end} but the worker has {st.num_tokens}")
+            if has_spec:
+                step.rel.append(False)
             step.states.append(st)
             step.starts.append(sr.num_computed_tokens)
             step.qlens.append(sr.num_tokens)
             step.flat_offsets[sr.req_id] = flat
             flat += sr.num_tokens
             if sr.sample:
-                if end != st.num_tokens + m:
-                    raise RuntimeError(f"{sr.req_id}: sampling at {end} but the worker has {st.num_tokens} tokens"
-                                       + (f" (+{m} drafts)" if m else ""))
+                if end != st.num_tokens:
+                    raise RuntimeError(f"{sr.req_id}: sampling at {end} but the worker has {st.num_tokens} tokens")
                 step.samplers.append(st)
-                step.num_logits.append(1 + m)
-                step.logit_rows.extend(range(flat - 1 - m, flat))
-                # verified rows are written after acceptance, not by the argmax
-                step.dst.extend([self.scratch_slot] * (1 + m) if drafts else [st.row * row_len + st.num_tokens])
+                step.num_logits.append(1)
+                step.logit_rows.append(flat - 1)
+                step.dst.append(self.scratch_slot if has_spec else st.row * row_len + st.num_tokens)
         return step
+
+    def settle(self, st: ReqState) -> None:
+        """Make st.num_tokens exact: add the counts of its speculative steps in flight
+        (waits for their copies; counted in host_waits when one had not landed)."""
+        for host, q in st.spec_pending:
+            if not host.ready():
+                self.host_waits += 1
+            st.num_tokens += host.count(q)
+        st.spec_pending.clear()
 
     def exact_layout(self, step: ScheduledStep, block_q: int, tiles: bool) -> Layout:
         """The unpadded layout of an eager step (tiles: for the Triton varlen kernel)."""
@@ -292,6 +375,7 @@ class InputBatch:
         starts = step.starts if step is not None else []
         qlens = step.qlens if step is not None else []
         R, T = len(states), sum(qlens)
+        rel = step.rel if step is not None else None
         t = 0
         for st, start, n in zip(states, starts, qlens):  # per query token: its buffer row and position
             buf[t:t + n] = st.row
@@ -304,6 +388,16 @@ class InputBatch:
         buf[o + R:o + L.R] = self.scratch_row
         o = L.o_seq
         buf[o:o + R] = [s + n for s, n in zip(starts, qlens)]
+        if rel is not None:
+            # Relative rows (speculative requests): position -2 - j is query j at
+            # num_tokens_dev[row] - 1 + j; attention length -n is num_tokens_dev[row] - 1 + n.
+            # The device resolves both (fused_ops.step_inputs); -1 stays "padding".
+            t = 0
+            for i, (r, n) in enumerate(zip(rel, qlens)):
+                if r:
+                    buf[L.T + t:L.T + t + n] = -2 - np.arange(n)
+                    buf[L.o_seq + i] = -n
+                t += n
         buf[o + R:o + L.R] = 1 if L.decode else 0  # decode padding reads one scratch key; varlen padding none
         o = L.o_cu
         buf[o] = 0
@@ -333,10 +427,12 @@ class InputBatch:
         token buffer, KV slots from the device block table. The CUDA graphs call this
         inside their capture. `host` (exact layouts) adds the host lists for the CPU kernels."""
         bs = self.block_size
+        rel = fused or (host is not None and host.rel is not None)  # padded layouts (graphs) serve every step
+        ntok = self.num_tokens_dev if rel else None
         if fused:  # one kernel on CUDA (decode steps are short: each launch counts)
-            ids, p, slots = fused_ops.step_inputs(d, L.T, self.tokens, self.block_table, bs)
+            ids, p, slots = fused_ops.step_inputs(d, L.T, self.tokens, self.block_table, bs, ntok, L.R, L.o_rows, L.o_seq)
         else:
-            ids, p, slots = fused_ops.step_inputs_ref(d, L.T, self.tokens, self.block_table, bs)
+            ids, p, slots = fused_ops.step_inputs_ref(d, L.T, self.tokens, self.block_table, bs, ntok, L.R, L.o_rows, L.o_seq)
         dev_attn = None
         if fused:
             dev_attn = DeviceAttention(self.block_table, d[L.o_rows:L.o_rows + L.R], d[L.o_seq:L.o_seq + L.R],
@@ -344,7 +440,13 @@ class InputBatch:
                                        L.decode, workspace)
         if host is not None:
             qsl = [0, *np.cumsum(host.qlens).tolist()]
-            seq_lens = [s + n for s, n in zip(host.starts, host.qlens)]
+            if host.rel is not None and (not fused or self.fused_host_lists):
+                # The host kernels (CPU attention, sliding-window layers) read host lengths:
+                # those of the relative rows come from the device (a read of memory on the
+                # CPU; a sync on CUDA, only without the fused attention kernels).
+                seq_lens = d[L.o_seq:L.o_seq + len(host.qlens)].tolist()
+            else:  # (relative rows on the fused path: upper bounds, which the device kernels do not read)
+                seq_lens = [s + n for s, n in zip(host.starts, host.qlens)]
             meta = AttentionMetadata(slots, qsl, seq_lens, [st.block_table for st in host.states], bs, fused=fused, device=dev_attn)
         else:
             meta = AttentionMetadata(slots, [], [], [], bs, fused=fused, device=dev_attn)
@@ -352,10 +454,14 @@ class InputBatch:
 
     # ---- sampling ----
 
-    def sampling_batch(self, states: list[ReqState], num_rows: list[int], grammar_done: Callable[[str], bool]) -> SamplingBatch:
+    def sampling_batch(self, states: list[ReqState], num_rows: list[int], grammar_done: Callable[[str], bool],
+                       device_positions: bool = False) -> SamplingBatch:
         """Per-row sampling tensors for `states` in order, num_rows[i] consecutive rows each
         (1 + drafts): row j of a request yields its token at position num_tokens + j.
-        grammar_done(req_id): a complete grammar allows only EOS, so min_tokens yields."""
+        grammar_done(req_id): a complete grammar allows only EOS, so min_tokens yields.
+        device_positions: num_tokens is the device count (`num_tokens_dev`, exact for every
+        request of a verified step; the host's may lag); min_tokens bans still use the
+        host's, which is exact for the only requests that have them (never speculative)."""
         rows: list[int] = []
         positions: list[int] = []
         ban_rows: list[int] = []
@@ -368,7 +474,12 @@ class InputBatch:
                     ban_tokens.extend(st.ban_ids)
                 rows.append(st.row)
                 positions.append(p)
-        rows_pos = _tensor(rows + positions, torch.int64, self.device).view(2, -1)
+        if device_positions:
+            j = [p - st.num_tokens for st, n in zip(states, num_rows) for p in range(st.num_tokens, st.num_tokens + n)]
+            rows_pos = _tensor(rows + j, torch.int64, self.device).view(2, -1)
+            rows_pos = torch.stack([rows_pos[0], self.num_tokens_dev[rows_pos[0]] + rows_pos[1]])
+        else:
+            rows_pos = _tensor(rows + positions, torch.int64, self.device).view(2, -1)
         f, i = self.row_f[rows_pos[0]], self.row_i[rows_pos[0]]
         sps = [st.data.sampling for st in states]
         random_k = [sp.top_k for sp in sps if sp.temperature > 0]

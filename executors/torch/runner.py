@@ -28,6 +28,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import torch
@@ -73,6 +74,56 @@ class _DevicePending(PendingOutput):
         return self._output
 
 
+@dataclass
+class _SpecStep:
+    """A speculative step's plan (`_propose`): the samplers verified on the device and those
+    sampled through the extras (indices into ScheduledStep.samplers), each verified one's
+    row in `drafts` (-1: a plain row), the drafts [R, K] (-1: none) and, when trimmed (CPU),
+    the draft rows laid out per speculative request."""
+
+    ver: list[int]
+    ext: list[int]
+    spec_of: list[int]
+    drafts: torch.Tensor
+    rows: list[int] | None = None  # draft rows laid out per speculative request (None: all its slots)
+
+
+class _SpecPending(PendingOutput):
+    """A verified step's output: the emitted tokens of the verified requests arrive through
+    `host` (a SpecHost: pinned memory and an event on CUDA), those of the extras rows
+    (and any logprobs) through their own pending output."""
+
+    def __init__(self, output: RunnerOutput, host: "Any", ver: list[int], ext: list[int], ext_out: PendingOutput | None,
+                 num_samplers: int) -> None:
+        self._output, self._host, self._ver, self._ext, self._ext_out = output, host, ver, ext, ext_out
+        self._n = num_samplers
+
+    def result(self) -> RunnerOutput:
+        out = self._output
+        tokens: list[list[int]] = [[] for _ in range(self._n)]
+        if self._host is not None:
+            drafted = accepted = 0
+            for i, h in zip(self._ver, self._host.rows()):
+                c = h[-2]
+                tokens[i] = h[:c]
+                drafted += h[-1]
+                accepted += c - 1
+            out.num_draft_tokens, out.num_accepted_tokens = drafted, accepted
+            self._host.delivered = True
+        if self._ext_out is not None:  # the extras rows, sampled as in a plain step
+            sub = self._ext_out.result()
+            for i, t in zip(self._ext, sub.sampled_token_ids):
+                tokens[i] = t
+            out.prompt_logprobs = sub.prompt_logprobs
+            if sub.logprobs is not None:  # aligned with out.req_ids: None for the other rows
+                lps = [None] * len(out.req_ids)
+                for i, lp in zip(self._ext, sub.logprobs):
+                    lps[i] = lp
+                out.logprobs = lps
+        out.sampled_token_ids = tokens
+        return out
+
+
 class TorchModelRunner(ModelRunner):
     def load(self) -> WorkerInfo:
         cfg = self.config
@@ -107,6 +158,10 @@ class TorchModelRunner(ModelRunner):
         self.row_len = self.max_model_len + _SPARE_TOKENS
         self.batch = InputBatch(cfg.max_num_seqs, self.row_len, self.block_size, cfg.max_num_batched_tokens, self.device)
         self.is_cuda = self.device.type == "cuda"
+        # Speculative rows: on a GPU always 1 + k (their drafts are found on the device
+        # while the previous step may still run); on the CPU the device is the host, so the
+        # step lays out only the drafts found (no wasted rows, nothing to wait for).
+        self.trim_draft_rows = self.device.type == "cpu"
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
@@ -186,25 +241,56 @@ class TorchModelRunner(ModelRunner):
             return self._step(so, out)
 
     def _step(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
-        drafts: dict[str, list[int]] = {}
-        if any(sr.num_draft_slots for sr in so.scheduled):
-            so, drafts = self._propose(so)
-        step = self.batch.schedule(so, drafts)
+        spec = self._propose(so) if any(sr.num_draft_slots for sr in so.scheduled) else None
+        step = self.batch.schedule(so, spec_rows=spec.rows if spec is not None else None, has_spec=spec is not None)
         out.req_ids = [sr.req_id for sr in so.scheduled if sr.sample]
         extras_on = self.extras.step_uses_extras(so)
-        greedy = not drafts and not extras_on and self.batch.greedy(step.samplers)
+        greedy = not step.spec and not extras_on and self.batch.greedy(step.samplers)
         fwd = self._forward(step, greedy, eager_only=extras_on and bool(self.prompt_lp_reqs))
-        if drafts:
-            return self._verify(step, fwd, extras_on, out)
+        if spec is not None:
+            return self._verify(step, fwd, extras_on, out, spec)
         return self._sample(step, fwd, extras_on, out)
 
-    def _propose(self, so: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, list[int]]]:
-        """Speculative rows at the worker's exact positions, with their drafts in the token buffer.
-        Requests with sampling extras (penalties, bias, logprobs, grammars) get no drafts
-        (the verifier does not implement them): they run as one-token rows of the same step."""
-        from aiosched.executors.torch.spec_decode import prepare_spec_step
+    def _propose(self, so: SchedulerOutput) -> "_SpecStep":
+        """A step with speculative rows, before it is laid out: which samplers are verified
+        on the device (all but those with sampling extras, which sample their one row
+        through the extras), their exact counts on the device, and the drafts of the
+        speculative ones proposed into the token buffer (executors/torch/spec_decode.py).
+        No host wait, except that on the CPU (`trim_draft_rows`: the device is the host,
+        so reading costs nothing) the step lays out only the drafts found."""
+        from aiosched.executors.torch.spec_decode import propose_into_buffer
 
-        return prepare_spec_step(self.batch, so, self.config.speculative, no_drafts=self.extras.active)
+        batch, active, reqs = self.batch, self.extras.active, self.batch.reqs
+        samplers = [sr for sr in so.scheduled if sr.sample]
+        ver: list[int] = []
+        ext: list[int] = []
+        spec_of: list[int] = []  # per verified sampler: its row in the drafts, -1 for a plain row
+        spec_srs = []
+        for i, sr in enumerate(samplers):
+            if sr.req_id in active:
+                if sr.num_draft_slots:  # the scheduler never speculates these (scheduler._uses_spec)
+                    raise RuntimeError(f"{sr.req_id}: draft slots for a request with sampling extras")
+                ext.append(i)
+                continue
+            ver.append(i)
+            spec_of.append(len(spec_srs) if sr.num_draft_slots else -1)
+            if sr.num_draft_slots:
+                spec_srs.append(sr)
+        # Verified requests whose device count is stale (their last step sampled on the
+        # host's count) get it from the host, which is exact for them.
+        stale = [reqs[samplers[i].req_id] for i in ver if not reqs[samplers[i].req_id].dev_exact]
+        if stale:
+            assert not any(st.spec_pending for st in stale)
+            vals = torch.tensor([st.row for st in stale] + [st.num_tokens for st in stale], dtype=torch.int64)
+            vals = vals.to(self.device, non_blocking=True)
+            batch.num_tokens_dev.index_copy_(0, vals[:len(stale)], vals[len(stale):])
+            for st in stale:
+                st.dev_exact = True
+        ks = [sr.num_draft_slots for sr in spec_srs]
+        bounds = [sr.num_computed_tokens + 1 for sr in spec_srs]  # lengths at most
+        drafts = propose_into_buffer(batch, [reqs[sr.req_id] for sr in spec_srs], ks, bounds, self.config.speculative)
+        rows = (drafts >= 0).sum(dim=1).tolist() if self.trim_draft_rows else None
+        return _SpecStep(ver, ext, spec_of, drafts, rows)
 
     def _forward(self, step: ScheduledStep, greedy: bool, eager_only: bool) -> _Forward:
         """A CUDA graph replay when one fits the step, else the model's forward on the exactly packed step.
@@ -276,59 +362,70 @@ class TorchModelRunner(ModelRunner):
             self.batch.write_tokens(fwd.dst, tokens)  # the token joins the request's history on the device
         for st in samplers:
             st.num_tokens += 1
+            st.dev_exact = False  # num_tokens_dev is set from the host before its next speculative step
         return self._pending(out, tokens, extra, ctx)
 
-    def _verify(self, step: ScheduledStep, fwd: _Forward, extras_on: bool, out: RunnerOutput) -> PendingOutput:
-        """Speculative verification of the logits rows (synchronous: the accepted count
-        decides each request's next position). Requests with sampling extras have one
+    def _verify(self, step: ScheduledStep, fwd: _Forward, extras_on: bool, out: RunnerOutput, spec: "_SpecStep") -> PendingOutput:
+        """Speculative verification of the logits rows, on the device: the accepted tokens
+        join the histories and the device counts there, and the emitted tokens come back
+        as a pending output (the launch thread does not wait for them; the next step is
+        laid out relative to the device counts). Requests with sampling extras have one
         logits row and no drafts: they sample through the extras (`_sample_extras_rows`)."""
-        from aiosched.executors.torch.spec_decode import accept_drafts
+        from aiosched.executors.torch.spec_decode import verify_on_device
 
         if self.fast is not None:
             self.fast.stats["spec_steps"] += 1
-        if not step.samplers:
-            return ReadyOutput(out)
         logits = fwd.logits.float()
-        active = self.extras.active if extras_on else ()
-        # Split the samplers (and their logits rows) into verified and extras rows.
-        ver: list[int] = []  # sampler indices
-        ver_rows: list[int] = []  # their logits rows
-        ext: list[int] = []
-        ext_rows: list[int] = []
-        r = 0
-        for i, (st, n) in enumerate(zip(step.samplers, step.num_logits)):
-            if st.data.req_id in active:
-                assert n == 1, f"{st.data.req_id}: drafts for a request with sampling extras"
-                ext.append(i)
-                ext_rows.append(r)
-            else:
-                ver.append(i)
-                ver_rows.extend(range(r, r + n))
+        ver, ext = spec.ver, spec.ext
+        # The logits rows of each sampler, in order.
+        first, r = [], 0
+        for n in step.num_logits:
+            first.append(r)
             r += n
-        tokens: list[list[int]] = [[] for _ in step.samplers]
+        host = None
         if ver:
             states = [step.samplers[i] for i in ver]
             counts = [step.num_logits[i] for i in ver]
-            rows = logits if not ext else logits[torch.tensor(ver_rows, dtype=torch.int64, device=logits.device)]
-            sb = self.batch.sampling_batch(states, counts, self.extras.grammar_terminated)
-            emitted, drafted, accepted = accept_drafts(self.batch, states, counts, step.drafts, rows, sb)
-            for i, e in zip(ver, emitted):
-                tokens[i] = e
-            out.num_draft_tokens += drafted
-            out.num_accepted_tokens += accepted
+            if ext:
+                idx = [first[i] + j for i in ver for j in range(step.num_logits[i])]
+                rows = logits[torch.tensor(idx, dtype=torch.int64).to(logits.device, non_blocking=True)]
+            else:
+                rows = logits
+            sb = self.batch.sampling_batch(states, counts, self.extras.grammar_terminated, device_positions=True)
+            emitted, _ = verify_on_device(self.batch, states, counts, spec.spec_of, spec.drafts, rows, sb)
+            host = self._to_host(emitted)
+            for q, (st, s) in enumerate(zip(states, spec.spec_of)):
+                if s >= 0:
+                    st.spec_pending.append((host, q))  # its host count grows when this lands
+                else:
+                    st.num_tokens += 1  # a plain row emits one token (the device count grew by it too)
+        ext_out = None
         if ext or (extras_on and self.prompt_lp_reqs):  # prompt chunks of the step may want prompt logprobs
-            sub = self._sample_extras_rows(step, fwd, logits, ext, ext_rows, out)
-            for i, t in zip(ext, sub):
-                tokens[i] = [t]
-        out.sampled_token_ids = tokens
-        return ReadyOutput(out)
+            ext_out = self._sample_extras_rows(step, fwd, logits, ext, [first[i] for i in ext], out)
+        return _SpecPending(out, host, ver, ext, ext_out, len(step.samplers))
+
+    def _to_host(self, t: torch.Tensor) -> "SpecHost":
+        """The verified step's emitted tokens toward the host: pinned, on the side stream (CUDA)."""
+        from aiosched.executors.torch.spec_decode import SpecHost
+
+        if not self.is_cuda:
+            return SpecHost(t)
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        done = torch.cuda.Event()
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            h.copy_(t, non_blocking=True)
+            t.record_stream(self.copy_stream)
+            done.record()
+        return SpecHost(h, done)
 
     def _sample_extras_rows(self, step: ScheduledStep, fwd: _Forward, logits: torch.Tensor, ext: list[int],
-                            ext_rows: list[int], out: RunnerOutput) -> list[int]:
+                            ext_rows: list[int], out: RunnerOutput) -> PendingOutput:
         """Sample the one-row requests of a verified step that use sampling extras, exactly
         as `_sample` would in a step without drafts (penalties, bias, grammar masks,
-        logprobs; prompt logprobs of the step's prompt chunks too). Synchronous, like the
-        verification around it. Fills out.logprobs / out.prompt_logprobs; returns the tokens."""
+        logprobs; prompt logprobs of the step's prompt chunks too). Their tokens and
+        logprobs come back like a plain step's (`_pending`: on CUDA a copy on the side
+        stream); the returned output holds them for the ext samplers, in order."""
         states = [step.samplers[i] for i in ext]
         ids = {st.data.req_id for st in states}
         # The extras address rows by their index among the sampled requests of `so`.
@@ -339,26 +436,17 @@ class TorchModelRunner(ModelRunner):
         logits_at = self._logits_at(fwd)
         tokens_buf = self.batch.tokens
         raw = tokens = None
-        ids_list: list[int] = []
         if states:
-            raw = logits[torch.tensor(ext_rows, dtype=torch.int64, device=logits.device)]
+            raw = logits[torch.tensor(ext_rows, dtype=torch.int64).to(logits.device, non_blocking=True)]
             processed = self.extras.process(ctx, raw, tokens_buf)
             tokens = sample(processed, self.batch.sampling_batch(states, [1] * len(states), self.extras.grammar_terminated))
             self.batch.write_tokens([st.row * self.batch.row_len + st.num_tokens for st in states], tokens)
             for st in states:
                 st.num_tokens += 1
-            ids_list = tokens.tolist()
+                st.dev_exact = False
         extra = self.extras.device_outputs(ctx, raw, tokens, logits_at, tokens_buf)
-        self.extras.note_step(ctx, ids_list, None)
         sub_out = RunnerOutput(step_id=out.step_id, req_ids=[st.data.req_id for st in states], sampled_token_ids=[])
-        self.extras.finish(sub_out, ctx, [t.cpu() for t in extra])
-        out.prompt_logprobs = sub_out.prompt_logprobs
-        if sub_out.logprobs is not None:  # aligned with out.req_ids: None for the other rows
-            lps = [None] * len(out.req_ids)
-            for i, lp in zip(ext, sub_out.logprobs):
-                lps[i] = lp
-            out.logprobs = lps
-        return ids_list
+        return self._pending(sub_out, tokens, extra, ctx)
 
     def _pending(self, out: RunnerOutput, tokens: torch.Tensor | None, extra: list[torch.Tensor] | None = None,
                  ctx: StepContext | None = None) -> PendingOutput:

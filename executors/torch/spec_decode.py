@@ -3,28 +3,29 @@
 
 The scheduler only reserves room: a decode step of a speculating request carries
 `num_draft_slots = k` (KV blocks for 1 + k tokens) and, in async mode, only an upper
-bound of the request's position. The worker knows the request's real length (its own
-token history), so it:
+bound of the request's position. The worker's true length of the request lives on the
+device (`InputBatch.num_tokens_dev`), so a step is built and launched without waiting
+for the previous step's accepted count; the request always computes 1 + k rows:
 
-1. proposes up to k drafts from that history (`propose_ngram`),
-2. writes them into the token buffer past the known tokens and runs the target model
-   over [last token, drafts] in one forward pass,
-3. verifies (`verify_drafts`): greedy accepts the longest prefix equal to the target
+1. `propose_into_buffer`: up to k drafts from its history, on the device over the token
+   buffer (`propose_ngram_batch`; `propose_ngram` is the host reference), written into
+   the buffer right after its known tokens (missing drafts: -1, never accepted);
+2. the target model runs over [last token, drafts] in the step's forward pass, at
+   positions derived on the device from the device count (`InputBatch.schedule`);
+3. `verify_on_device` verifies (`verify_drafts`): greedy accepts the longest prefix equal to the target
    argmax; sampling uses rejection sampling for a point-mass draft (accept d with
    probability p(d), else sample from p without d, renormalised), which draws exactly
    from the target distribution. Randomness is the sampler's counter hash of
-   (seed, position, vocab index), so it stays seeded and batch-invariant,
-4. appends the accepted drafts plus one corrected/bonus token to the history, on the
-   device (`accept_rows`); one copy brings the emitted tokens to the host.
+   (seed, position, vocab index), so it stays seeded and batch-invariant;
+4. appends the accepted drafts plus one corrected/bonus token to the history and the
+   device count, on the device; the emitted tokens and counts go to the host on the
+   side stream (`SpecHost`), as a pending output like any step's.
 """
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any
 
-import msgspec
 import numpy as np
-
-from aiosched.protocol import SchedulerOutput
 
 
 def propose_ngram(tokens: "list[int] | np.ndarray", k: int, ngram_min: int, ngram_max: int) -> list[int]:
@@ -128,79 +129,96 @@ def accept_rows(tokens: Any, accepted: Any, num_rows: list[int]) -> tuple[Any, A
 # ---- the torch runner's speculative step (the forward is the runner's, over InputBatch) ----
 
 
-def prepare_spec_step(batch: Any, so: SchedulerOutput, spec: Any,
-                      no_drafts: Collection[str] = ()) -> tuple[SchedulerOutput, dict[str, list[int]]]:
-    """Resolve each speculative row at the worker's real position and propose its drafts
-    (written into the token buffer past the known tokens). Returns the step rewritten
-    with exact positions (rows without drafts become plain one-token decodes, so a step
-    with no drafts at all runs on the unchanged path, CUDA graphs included) and the
-    drafts by request. spec None: no drafts; requests in `no_drafts` (those with sampling
-    extras the verifier does not implement) get none either, the others keep theirs.
-    `batch` is the runner's InputBatch (executors/torch/input_batch.py)."""
+class SpecHost:
+    """A verified step's emitted tokens on their way to the host: one [Q, K1 + 2] int64
+    tensor (per verified request: its tokens padded with -1, its count, its drafts),
+    pinned and copied on the side stream on CUDA (`event`), the device tensor itself on
+    the CPU. `delivered` is set once the step's output was handed out (its result());
+    the launch thread reads counts from here only for a request that needs its exact
+    host count (InputBatch.settle)."""
+
+    def __init__(self, host: Any, event: Any = None) -> None:
+        self.host, self.event = host, event
+        self.delivered = False
+        self._rows: list[list[int]] | None = None
+
+    def ready(self) -> bool:
+        return self.delivered or (self.event is not None and self.event.query())
+
+    def rows(self) -> list[list[int]]:
+        if self._rows is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._rows = self.host.tolist()  # (two threads may both convert: the same values)
+        return self._rows
+
+    def count(self, q: int) -> int:
+        return self.rows()[q][-2]
+
+
+def propose_into_buffer(batch: Any, states: list[Any], ks: list[int], bounds: list[int], spec: Any) -> Any:
+    """Drafts for the speculative requests `states` (k = ks[i] slots each), proposed on
+    the device over the token buffer at each row's device count (`propose_ngram_batch`)
+    and written into the buffer right after its known tokens: nothing comes to the host.
+    bounds[i]: an upper bound of the request's length (the scheduler's). Returns the
+    [R, K] drafts (-1: none; K = max(ks)); their buffer slots hold 0 there."""
     import torch
 
-    spec_rows = [(sr, batch.reqs[sr.req_id]) for sr in so.scheduled if sr.num_draft_slots]
-    drafting = [(sr, st) for sr, st in spec_rows if spec is not None and sr.req_id not in no_drafts]
-    proposed: dict[str, list[int]] = {}
-    if drafting:
-        # Proposed on the device over the token buffer, for every drafting row at once;
-        # only the [R, k] drafts and counts come to the host (one small copy).
-        dev = batch.tokens.device
-        longest = max(st.num_tokens for _, st in drafting)
-        rows_len = torch.tensor([st.row for _, st in drafting] + [st.num_tokens for _, st in drafting], dtype=torch.int64).to(dev)
-        R = len(drafting)
-        k = max(sr.num_draft_slots for sr, _ in drafting)
-        d_t, c_t = propose_ngram_batch(batch.tokens[rows_len[:R], :longest], rows_len[R:], k, spec.ngram_min, spec.ngram_max)
-        host = torch.cat([d_t, c_t.unsqueeze(1)], dim=1).tolist()
-        proposed = {sr.req_id: h[:h[-1]] for (sr, _), h in zip(drafting, host)}
-    proposals: dict[str, list[int]] = {}
-    for sr, st in spec_rows:
-        start = st.num_tokens - 1
-        if start > sr.num_computed_tokens:
-            raise RuntimeError(f"{sr.req_id}: worker at position {start}, past the scheduler's bound {sr.num_computed_tokens}")
-        room = min(sr.num_draft_slots, (len(st.block_table) + len(sr.new_block_ids)) * batch.block_size - start - 1,
-                   batch.row_len - st.num_tokens)
-        ds = proposed.get(sr.req_id, [])[:max(room, 0)]  # the first `room` of k: the match does not depend on k
-        if ds:
-            proposals[sr.req_id] = ds
-    # Drafts go into the token buffer past the known tokens, in one copy.
-    dst = [st.row * batch.row_len + st.num_tokens + j for sr, st in spec_rows for j in range(len(proposals.get(sr.req_id, ())))]
-    if dst:
-        batch.write_tokens(dst, [t for sr, _ in spec_rows for t in proposals.get(sr.req_id, ())])
-    scheduled = []
-    for sr in so.scheduled:
-        if not sr.num_draft_slots:
-            scheduled.append(sr)
-            continue
-        st = batch.reqs[sr.req_id]
-        m = len(proposals.get(sr.req_id, ()))
-        scheduled.append(msgspec.structs.replace(sr, num_computed_tokens=st.num_tokens - 1, num_tokens=1 + m, num_draft_slots=m))
-    return msgspec.structs.replace(so, new_requests=[], freed_req_ids=[], scheduled=scheduled), proposals
+    dev = batch.tokens.device
+    R, K = len(states), max(ks)
+    meta = torch.tensor([st.row for st in states] + ks, dtype=torch.int64).to(dev, non_blocking=True)
+    rows, kt = meta[:R], meta[R:]
+    lengths = batch.num_tokens_dev[rows]
+    j = torch.arange(K, device=dev).unsqueeze(0)
+    if spec is None:
+        drafts = torch.full((R, K), -1, dtype=torch.int64, device=dev)
+    else:
+        W = min(max(bounds), batch.row_len)
+        drafts, _ = propose_ngram_batch(batch.tokens[rows, :W], lengths, K, spec.ngram_min, spec.ngram_max)
+        drafts = torch.where(j < kt.unsqueeze(1), drafts, -1)  # at most k_i of them (the first k_i: the match does not depend on k)
+    # The k_i slots after each row's known tokens get its drafts (0 for none); the rest of
+    # the [R, K] grid goes to the scratch slot.
+    dst = torch.where(j < kt.unsqueeze(1), (rows * batch.row_len + lengths).unsqueeze(1) + j, batch.scratch_slot)
+    batch.write_tokens(dst.view(-1), drafts.clamp(min=0).view(-1))
+    return drafts
 
 
-def accept_drafts(batch: Any, states: list[Any], num_logits: list[int], drafts: dict[str, list[int]], logits: Any,
-                  sampling: Any) -> tuple[list[list[int]], int, int]:
-    """Verify the 1 + m logits rows of each request in `states` (`logits`: their rows, in
-    order; `sampling`: InputBatch.sampling_batch of the same rows) and append the accepted
-    drafts plus the corrected/bonus token to the token buffer, on the device; then one
-    copy of the emitted tokens to the host (synchronous). Returns each request's emitted
-    tokens, the drafts verified and the drafts accepted."""
+def verify_on_device(batch: Any, states: list[Any], num_rows: list[int], spec_of: list[int], drafts: Any, logits: Any,
+                     sampling: Any) -> tuple[Any, Any]:
+    """Verify the logits rows of the requests `states` (num_rows[q] consecutive rows each;
+    spec_of[q]: the request's row in `drafts`, or -1 for a plain one-row request) and
+    append the accepted drafts plus the corrected/bonus token to each request's history,
+    all on the device: the token buffer at the request's device count, which then grows
+    by what it emitted. Nothing waits for the host. Returns the [Q, K1 + 2] emitted
+    tokens / counts / drafts tensor (device) and the [Q] counts."""
     import torch
 
     dev = logits.device
-    draft_of_row = []
-    for st, n in zip(states, num_logits):
-        ds = drafts.get(st.data.req_id, [])
-        draft_of_row.extend(ds[j] if j < len(ds) else -1 for j in range(n))
-    tok_t, acc_t = verify_drafts(logits, sampling, torch.tensor(draft_of_row, dtype=torch.int64).to(dev, non_blocking=True))
-    tok, counts = accept_rows(tok_t, acc_t, num_logits)
-    # Emitted token j of a request goes to its row at num_tokens + j; the padding to a scratch slot.
-    base = torch.tensor([st.row * batch.row_len + st.num_tokens for st in states], dtype=torch.int64).to(dev, non_blocking=True)
-    dst = torch.where(tok >= 0, base.unsqueeze(1) + torch.arange(tok.shape[1], device=dev), batch.scratch_slot)
+    Q, K1 = len(states), max(num_rows)
+    K = drafts.shape[1] if drafts is not None else 0
+    none = drafts.numel() if drafts is not None else 0  # the index of a -1 appended to the flat drafts
+    # One host list -> one copy: per logits row its draft's flat index and its padded slot
+    # q * K1 + j; per request its buffer row.
+    d_idx, slot = [], []
+    for q, (n, s) in enumerate(zip(num_rows, spec_of)):
+        for jj in range(n):
+            d_idx.append(s * K + jj if s >= 0 and jj < n - 1 else none)
+            slot.append(q * K1 + jj)
+    N = len(slot)
+    meta = torch.tensor(d_idx + slot + [st.row for st in states], dtype=torch.int64).to(dev, non_blocking=True)
+    flat = torch.cat([drafts.view(-1), drafts.new_full((1,), -1)]) if drafts is not None else torch.full((1,), -1, dtype=torch.int64, device=dev)
+    row_drafts = flat[meta[:N]]
+    rows = meta[2 * N:]
+    tok_t, acc_t = verify_drafts(logits, sampling, row_drafts)
+    tok = torch.full((Q * K1,), -1, dtype=torch.int64, device=dev).index_copy_(0, meta[N:2 * N], tok_t.long()).view(Q, K1)
+    acc = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, meta[N:2 * N], acc_t.long()).view(Q, K1)
+    counts = acc.cumprod(dim=1).sum(dim=1) + 1  # leading accepted drafts + the one token after them
+    j = torch.arange(K1, device=dev).unsqueeze(0)
+    tok = torch.where(j < counts.unsqueeze(1), tok, -1)
+    base = rows * batch.row_len + batch.num_tokens_dev[rows]
+    dst = torch.where(tok >= 0, base.unsqueeze(1) + j, batch.scratch_slot)
     batch.write_tokens(dst.view(-1), tok.clamp(min=0).view(-1))
-    host = torch.cat([tok, counts.unsqueeze(1)], dim=1).tolist()
-    emitted_all = [h[:h[-1]] for h in host]
-    for st, e in zip(states, emitted_all):
-        st.num_tokens += len(e)
-    num_drafts = sum(num_logits) - len(num_logits)
-    return emitted_all, num_drafts, sum(len(e) for e in emitted_all) - len(emitted_all)
+    batch.num_tokens_dev.index_add_(0, rows, counts)
+    ndrafts = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, meta[N:2 * N], (row_drafts >= 0).long())
+    ndrafts = ndrafts.view(Q, K1).sum(dim=1)
+    return torch.cat([tok, counts.unsqueeze(1), ndrafts.unsqueeze(1)], dim=1), counts
