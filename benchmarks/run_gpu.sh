@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec families before beforedecode
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab structured families before beforedecode
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -103,6 +103,21 @@ if has spec; then
   say "speculative decoding with every 4th request penalised (verified without drafts; the others keep theirs)"
   python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads code --requests 16,64 --extras-every 4 \
     --max-tokens 128 --json "$OUT/spec_extras.json" 2>&1 | tee -a "$LOG"
+fi
+if has specab; then
+  say "speculation, code workload (embedded model): this tree, then the before tree, same machine"
+  python3 benchmarks/spec_bench.py --device cuda --workloads code --requests ${SPEC_REQUESTS:-1,16,256} --max-tokens 128 \
+    --json "$OUT/spec_code.json" 2>&1 | tee -a "$LOG"
+  if [ -x /tmp/venv-before/bin/python ]; then
+    mkdir -p "$OUT/before"
+    (cd /tmp/before && /tmp/venv-before/bin/python benchmarks/spec_bench.py --device cuda --workloads code --requests ${SPEC_BEFORE_REQUESTS:-1,16} \
+       --max-tokens 128 --json "$OUT/before/spec_code.json") 2>&1 | tee -a "$LOG"
+  fi
+fi
+if has structured; then
+  say "structured output, concurrency 64, async: 25% and 100% constrained, mask threads ${GRAMMAR_THREADS:-8,15}"
+  python3 benchmarks/structured_bench.py --device cuda --random-weights "$SHAPE" --concurrency 64 --num-requests 128 --output-len 128 \
+    --repeats 1 --modes async --fracs 0.25,1.0 --grammar-threads ${GRAMMAR_THREADS:-8,15} --validate 64 2>&1 | tee -a "$LOG" "$OUT/structured.log"
 fi
 if has families; then
   say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"
