@@ -24,7 +24,7 @@ make_venv() {
 # Stage `before`: the same decode/tpu/c256 stages on an older tree, in this call (host speed
 # differs between lent machines by up to 30%, so before/after is only fair on one machine).
 # Make the tree with `git archive REF -o .old/before.tar` and carry `.old`; results go to $OUT/before/.
-if [[ " ${*:-} " == *" before"* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
+if [[ " ${*:-} " == *" before"* || " ${*:-} " == *" specab "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
   rm -rf /tmp/before && mkdir -p /tmp/before && tar -xf .old/before.tar -C /tmp/before
   make_venv /tmp/venv-before /tmp/before
 fi
