@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab structured families before beforedecode
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab specprof structured families before beforedecode
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -113,6 +113,12 @@ if has specab; then
     (cd /tmp/before && /tmp/venv-before/bin/python benchmarks/spec_bench.py --device cuda --workloads code --requests ${SPEC_BEFORE_REQUESTS:-1,16} \
        --max-tokens 128 --json "$OUT/before/spec_code.json") 2>&1 | tee -a "$LOG"
   fi
+fi
+if has specprof; then
+  say "a speculative step's host phases and device time vs a plain step (code workload, always on)"
+  for c in ${SPEC_PROFILE_REQUESTS:-1 16}; do
+    python3 benchmarks/spec_step_profile.py --device cuda --requests "$c" --max-tokens 128 --trace 2>&1 | grep '^{' | tee -a "$LOG" "$OUT/spec_profile_c$c.jsonl"
+  done
 fi
 if has structured; then
   say "structured output, concurrency 64, async: 25% and 100% constrained, mask threads ${GRAMMAR_THREADS:-8,15}"
