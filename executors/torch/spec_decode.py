@@ -52,28 +52,35 @@ def propose_ngram(tokens: "list[int] | np.ndarray", k: int, ngram_min: int, ngra
 def propose_ngram_batch(hist: Any, lengths: Any, k: int, ngram_min: int, ngram_max: int) -> tuple[Any, Any]:
     """`propose_ngram` for a batch of histories at once, as tensor ops on their device (no
     per-request Python, no copy of the histories to the host): [R, W] histories whose
-    first lengths[r] tokens are known -> ([R, k] drafts, -1 past each row's count; [R] counts)."""
+    first lengths[r] tokens are known -> ([R, k] drafts, -1 past each row's count; [R] counts).
+
+    All n-gram sizes in one pass, a fixed ~20 kernels whatever ngram_max (a loop per n
+    and per offset launched ~150 small kernels, 1.8 ms of host time per step on the
+    H200's host): eq[r, j, o] says whether the token o places before column j equals
+    the one o places before the last; its running AND over o is the match length at j;
+    the score n * W + j of every (size, end) that matches picks the largest n, then the
+    most recent end, as the reference's loop does."""
     import torch
 
     R, W = hist.shape
     dev = hist.device
-    cols = torch.arange(W, device=dev)
+    N = ngram_max
     last = lengths - 1  # index of each row's last known token
-    found = torch.zeros(R, dtype=torch.bool, device=dev)
-    best = torch.full((R,), -1, dtype=torch.int64, device=dev)  # j: end of the chosen earlier occurrence
-    for n in range(ngram_max, ngram_min - 1, -1):
-        # j ends an earlier occurrence of the last n tokens: hist[j - o] == hist[last - o] for o < n
-        ok = (cols < last.unsqueeze(1)) & (cols >= n - 1)
-        for o in range(n):
-            tail = hist.gather(1, (last - o).clamp(min=0).unsqueeze(1))
-            ok &= torch.roll(hist, o, dims=1) == tail  # column j holds hist[j - o] (j < o wraps: masked above)
-        j = torch.where(ok, cols, -1).amax(dim=1)  # the most recent
-        take = ~found & (j >= 0)
-        best = torch.where(take, j, best)
-        found |= take
+    # windows[r, j, i] = hist[r, j - (N - 1) + i], left-padded (a view, no copy); flipped, i -> o = N - 1 - i
+    windows = torch.nn.functional.pad(hist, (N - 1, 0), value=-1).unfold(1, N, 1).flip(-1)
+    offs = torch.arange(N, device=dev)
+    tails = hist.gather(1, (last.unsqueeze(1) - offs).clamp(min=0))  # [R, N]: the token o places before the last
+    run = (windows == tails.unsqueeze(1)).to(torch.uint8).cummin(dim=-1).values  # [R, W, N]: tokens 0..o all equal
+    ns = torch.arange(ngram_min, ngram_max + 1, device=dev)
+    cols = torch.arange(W, device=dev).view(1, W, 1)
+    # j ends an earlier occurrence of the last n tokens: j < last, j >= n - 1, the first n offsets equal
+    ok = run[:, :, ngram_min - 1:].bool() & (cols >= ns - 1) & (cols < last.view(R, 1, 1))
+    score = torch.where(ok, ns * W + cols, -1).amax(dim=(1, 2))
+    found = score >= 0
+    best = torch.where(found, score % W, -1)  # j: end of the chosen earlier occurrence
     idx = best.unsqueeze(1) + 1 + torch.arange(k, device=dev)
     valid = found.unsqueeze(1) & (idx < lengths.unsqueeze(1))
-    drafts = torch.where(valid, hist.gather(1, idx.clamp(max=W - 1)), -1)
+    drafts = torch.where(valid, hist.gather(1, idx.clamp(min=0, max=W - 1)), -1)
     return drafts, valid.sum(dim=1)
 
 
