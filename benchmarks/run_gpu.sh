@@ -117,7 +117,7 @@ fi
 if has specprof; then
   say "a speculative step's host phases and device time vs a plain step (code workload, always on)"
   for c in ${SPEC_PROFILE_REQUESTS:-1 16}; do
-    python3 benchmarks/spec_step_profile.py --device cuda --requests "$c" --max-tokens 128 --trace --h2d-probe 2>&1 | grep '^{' | tee -a "$LOG" "$OUT/spec_profile_c$c.jsonl"
+    python3 benchmarks/spec_step_profile.py --device cuda --requests "$c" --max-tokens 128 --trace 2>&1 | grep '^{' | tee -a "$LOG" "$OUT/spec_profile_c$c.jsonl"
   done
 fi
 if has structured; then

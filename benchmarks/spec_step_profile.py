@@ -130,32 +130,6 @@ async def trace(eng: AsyncEngine, prompts: list[Any], params: SamplingParams, ar
             "top_aten_ops (count/step, cpu us/step)": [(k, round(c / steps, 1), round(t / steps, 1)) for k, c, t in top]}
 
 
-def h2d_probe() -> dict[str, float]:
-    """Host time of one small list -> device copy while the stream is busy (a ~5 ms sleep
-    kernel queued first): from pageable memory (`torch.tensor(..).to(dev, non_blocking=True)`)
-    and through `executors/torch/h2d.to_device` (pinned). A pageable copy that waits for
-    the stream shows up as ~the sleep."""
-    import torch
-
-    from aiosched.executors.torch.h2d import to_device
-
-    dev = torch.device("cuda")
-    vals = list(range(64))
-    out: dict[str, list[float]] = {"pageable": [], "pinned": []}
-    for _ in range(3):
-        for kind in out:
-            torch.cuda.synchronize()
-            torch.cuda._sleep(10_000_000)  # ~5 ms of device time at ~2 GHz
-            t0 = time.perf_counter()
-            if kind == "pageable":
-                torch.tensor(vals, dtype=torch.int64).to(dev, non_blocking=True)
-            else:
-                to_device(vals, torch.int64, dev)
-            out[kind].append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return {f"h2d_host_ms {k} (stream busy)": round(1e3 * statistics.median(v), 3) for k, v in out.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -164,10 +138,7 @@ def main() -> None:
     ap.add_argument("--num-tokens", type=int, default=4)
     ap.add_argument("--sync", action="store_true")
     ap.add_argument("--trace", action="store_true")
-    ap.add_argument("--h2d-probe", action="store_true", help="first, whether a pageable host->device copy waits for the stream")
     args = ap.parse_args()
-    if args.h2d_probe:
-        print(json.dumps(h2d_probe()), flush=True)
     for spec in (True, False):
         print(json.dumps(asyncio.run(run(args, spec))), flush=True)
 

@@ -39,7 +39,6 @@ from aiosched.protocol import NewRequestData, SchedulerOutput
 from aiosched.executors.torch import fused_ops
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, DeviceAttention
 from aiosched.executors.torch.sampler import SamplingBatch
-from aiosched.executors.torch.h2d import to_device
 
 _RING = 4  # pinned staging buffers in rotation (steps in flight are at most 2)
 
@@ -185,7 +184,7 @@ class _Staging:
 
 
 def _tensor(vals: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return to_device(vals, dtype, device)
+    return torch.tensor(vals, dtype=dtype).to(device, non_blocking=True)
 
 
 class InputBatch:
@@ -227,11 +226,11 @@ class InputBatch:
             raise RuntimeError(f"request {new.req_id}: {n} tokens do not fit in max_model_len {self.row_len}")
         row = self.free_rows.pop()
         dev = self.device
-        self.tokens[row, :n] = to_device(list(new.token_ids), torch.int64, dev)
+        self.tokens[row, :n] = torch.tensor(new.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
         self.num_tokens_dev[row] = n
         sp = new.sampling
-        self.row_f[row] = to_device([sp.temperature, sp.top_p, sp.min_p], torch.float32, dev)
-        self.row_i[row] = to_device([max(sp.top_k, 0), new.seed], torch.int64, dev)
+        self.row_f[row] = torch.tensor([sp.temperature, sp.top_p, sp.min_p], dtype=torch.float32).to(dev, non_blocking=True)
+        self.row_i[row] = torch.tensor([max(sp.top_k, 0), new.seed], dtype=torch.int64).to(dev, non_blocking=True)
         ban = sorted(set(new.eos_token_ids) | set(sp.stop_token_ids)) if sp.min_tokens else []
         st = self.reqs[new.req_id] = ReqState(row, new.prompt_len, n, new, ban)
         return st

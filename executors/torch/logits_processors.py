@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 
 from aiosched.sampling_params import SamplingParams
-from aiosched.executors.torch.h2d import to_device
 
 
 @dataclass
@@ -75,7 +74,7 @@ def build_penalty_batch(params: list[SamplingParams], buffer_rows: list[int], pr
         return None
 
     def t(vals: list, dtype: torch.dtype) -> torch.Tensor:
-        return to_device(vals, dtype, device)
+        return torch.tensor(vals, dtype=dtype).to(device, non_blocking=True)
 
     sps = [params[i] for i in idx]
     return PenaltyBatch(
@@ -107,8 +106,9 @@ def build_bias_batch(params: list[SamplingParams], device: torch.device) -> Bias
             values.append(float("-inf"))
     if not rows:
         return None
-    return BiasBatch(to_device(rows, torch.int64, device), to_device(tokens, torch.int64, device),
-                     to_device(values, torch.float32, device))
+    return BiasBatch(torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+                     torch.tensor(tokens, dtype=torch.int64).to(device, non_blocking=True),
+                     torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True))
 
 
 def token_stats(token_buffer: torch.Tensor, b: PenaltyBatch, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,6 @@ from aiosched.executors.torch.loader import build_model
 from aiosched.executors.torch.parallel import SINGLE, agree_min, destroy_group, init_group
 from aiosched.executors.torch.sampler import greedy_argmax, sample
 from aiosched.executors.torch.sampling_extras import SamplingExtras, StepContext
-from aiosched.executors.torch.h2d import to_device
 
 _SPARE_TOKENS = 16  # room past max_model_len in a buffer row (speculative drafts)
 log = logging.getLogger("aiosched.worker")
@@ -282,7 +281,8 @@ class TorchModelRunner(ModelRunner):
         stale = [reqs[samplers[i].req_id] for i in ver if not reqs[samplers[i].req_id].dev_exact]
         if stale:
             assert not any(st.spec_pending for st in stale)
-            vals = to_device([st.row for st in stale] + [st.num_tokens for st in stale], torch.int64, self.device)
+            vals = torch.tensor([st.row for st in stale] + [st.num_tokens for st in stale], dtype=torch.int64)
+            vals = vals.to(self.device, non_blocking=True)
             batch.num_tokens_dev.index_copy_(0, vals[:len(stale)], vals[len(stale):])
             for st in stale:
                 st.dev_exact = True
@@ -388,7 +388,7 @@ class TorchModelRunner(ModelRunner):
             counts = [step.num_logits[i] for i in ver]
             if ext:
                 idx = [first[i] + j for i in ver for j in range(step.num_logits[i])]
-                rows = logits[to_device(idx, torch.int64, logits.device)]
+                rows = logits[torch.tensor(idx, dtype=torch.int64).to(logits.device, non_blocking=True)]
             else:
                 rows = logits
             sb = self.batch.sampling_batch(states, counts, self.extras.grammar_terminated, device_positions=True)
@@ -437,7 +437,7 @@ class TorchModelRunner(ModelRunner):
         tokens_buf = self.batch.tokens
         raw = tokens = None
         if states:
-            raw = logits[to_device(ext_rows, torch.int64, logits.device)]
+            raw = logits[torch.tensor(ext_rows, dtype=torch.int64).to(logits.device, non_blocking=True)]
             processed = self.extras.process(ctx, raw, tokens_buf)
             tokens = sample(processed, self.batch.sampling_batch(states, [1] * len(states), self.extras.grammar_terminated))
             self.batch.write_tokens([st.row * self.batch.row_len + st.num_tokens for st in states], tokens)

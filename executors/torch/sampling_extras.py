@@ -45,7 +45,6 @@ from aiosched.executors.torch.logits_processors import (
     has_penalties,
 )
 from aiosched.executors.structured_output import StructuredOutputManager, allocate_bitmask, apply_token_bitmask
-from aiosched.executors.torch.h2d import to_device
 
 
 @dataclass
@@ -184,7 +183,7 @@ class SamplingExtras:
         n = max(slots) + 1
         dev = self._dev_bitmask[:n]
         dev.copy_(host[:n], non_blocking=True)
-        idx = to_device(slots + [r for r, _, _ in ctx.grammar_rows], torch.int64, self.device)
+        idx = torch.tensor(slots + [r for r, _, _ in ctx.grammar_rows], dtype=torch.int64).to(self.device, non_blocking=True)
         k = len(slots)
         apply_token_bitmask(logits, dev.index_select(0, idx[:k]) if slots != list(range(k)) else dev[:k], idx[k:])
         return logits
@@ -207,14 +206,15 @@ class SamplingExtras:
             return []
         out: list[torch.Tensor] = []
         if ctx.lp_rows:
-            idx = to_device(ctx.lp_rows, torch.int64, self.device)
+            idx = torch.tensor(ctx.lp_rows, dtype=torch.int64).to(self.device, non_blocking=True)
             chosen, top_ids, top_lp = compute_logprobs(raw_logits.index_select(0, idx), tokens.index_select(0, idx), max(ctx.lp_k))
             out += [chosen, top_ids, top_lp]
         if ctx.plp_flat_rows:
             assert logits_at is not None
-            flat = to_device(ctx.plp_flat_rows, torch.int64, self.device)
+            flat = torch.tensor(ctx.plp_flat_rows, dtype=torch.int64).to(self.device, non_blocking=True)
             rows, pos = zip(*ctx.plp_next_pos)
-            nxt = token_buffer[to_device(list(rows), torch.int64, self.device), to_device(list(pos), torch.int64, self.device)]
+            nxt = token_buffer[torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True),
+                               torch.tensor(pos, dtype=torch.int64).to(self.device, non_blocking=True)]
             chosen, top_ids, top_lp = compute_logprobs(logits_at(flat), nxt, max(k for _, k, _, _ in ctx.plp))
             out += [chosen, top_ids, top_lp]
         ctx.num_host_tensors = len(out)

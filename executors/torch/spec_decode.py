@@ -121,12 +121,11 @@ def accept_rows(tokens: Any, accepted: Any, num_rows: list[int]) -> tuple[Any, A
     the bonus after all drafts; the last row has no draft, so it is never accepted).
     [N] tokens, [N] accepted -> ([Q, K1] tokens by request, padded with -1; [Q] counts)."""
     import torch
-    from aiosched.executors.torch.h2d import to_device
 
     Q, K1 = len(num_rows), max(num_rows)
     dev = tokens.device
     # Flat row i of request q, step j sits at q * K1 + j of the padded layout.
-    slot = to_device([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], torch.int64, dev)
+    slot = torch.tensor([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], dtype=torch.int64).to(dev, non_blocking=True)
     tok = torch.full((Q * K1,), -1, dtype=tokens.dtype, device=dev).index_copy_(0, slot, tokens).view(Q, K1)
     acc = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, slot, accepted.long()).view(Q, K1)
     counts = acc.cumprod(dim=1).sum(dim=1) + 1  # leading accepted drafts + the one token after them
@@ -171,11 +170,10 @@ def propose_into_buffer(batch: Any, states: list[Any], ks: list[int], bounds: li
     bounds[i]: an upper bound of the request's length (the scheduler's). Returns the
     [R, K] drafts (-1: none; K = max(ks)); their buffer slots hold 0 there."""
     import torch
-    from aiosched.executors.torch.h2d import to_device
 
     dev = batch.tokens.device
     R, K = len(states), max(ks)
-    meta = to_device([st.row for st in states] + ks, torch.int64, dev)
+    meta = torch.tensor([st.row for st in states] + ks, dtype=torch.int64).to(dev, non_blocking=True)
     rows, kt = meta[:R], meta[R:]
     lengths = batch.num_tokens_dev[rows]
     j = torch.arange(K, device=dev).unsqueeze(0)
@@ -201,7 +199,6 @@ def verify_on_device(batch: Any, states: list[Any], num_rows: list[int], spec_of
     by what it emitted. Nothing waits for the host. Returns the [Q, K1 + 2] emitted
     tokens / counts / drafts tensor (device) and the [Q] counts."""
     import torch
-    from aiosched.executors.torch.h2d import to_device
 
     dev = logits.device
     Q, K1 = len(states), max(num_rows)
@@ -215,7 +212,7 @@ def verify_on_device(batch: Any, states: list[Any], num_rows: list[int], spec_of
             d_idx.append(s * K + jj if s >= 0 and jj < n - 1 else none)
             slot.append(q * K1 + jj)
     N = len(slot)
-    meta = to_device(d_idx + slot + [st.row for st in states], torch.int64, dev)
+    meta = torch.tensor(d_idx + slot + [st.row for st in states], dtype=torch.int64).to(dev, non_blocking=True)
     flat = torch.cat([drafts.view(-1), drafts.new_full((1,), -1)]) if drafts is not None else torch.full((1,), -1, dtype=torch.int64, device=dev)
     row_drafts = flat[meta[:N]]
     rows = meta[2 * N:]
