@@ -4,6 +4,11 @@ The pool hands out fixed-size block ids; the worker owns the memory behind them.
 A full block is identified by a hash chain over its tokens (each hash includes the
 parent's), so equal prefixes map to equal blocks. Blocks with no owner but a hash
 stay reusable until evicted, least recently freed first.
+
+Per-request block tables and hash chains grow by one entry per `block_size` tokens for
+the request's life: they are int64 buffers (`TokenIds`), not lists of ints that every
+full garbage collection would walk. `Request.num_kv_slots` (tokens its blocks hold) lets
+the scheduler skip `allocate` for the steps that stay inside the last block.
 """
 from __future__ import annotations
 
@@ -11,6 +16,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from aiosched.request import Request
+from aiosched.token_ids import TokenIds
+
+# Hashes of full blocks (Python's tuple hash: a signed 64-bit value) and block ids, one
+# int64 buffer per request.
+_Ids = TokenIds
 
 
 @dataclass
@@ -85,8 +95,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks)
-        self.blocks: dict[str, list[int]] = {}
-        self.hashes: dict[str, list[int]] = {}  # hashes of the request's full blocks so far
+        self.blocks: dict[str, TokenIds] = {}  # block table per request (compares equal to a list)
+        self.hashes: dict[str, TokenIds] = {}  # hashes of the request's full blocks so far
         self.num_registered: dict[str, int] = {}  # leading blocks already offered to the cache
         self.stats = PrefixCacheStats()
 
@@ -105,11 +115,15 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_hashes(self, req: Request, num_full: int) -> list[int]:
+    def _block_hashes(self, req: Request, num_full: int) -> TokenIds:
         """Extend and return the request's hash chain up to `num_full` blocks."""
-        hs = self.hashes.setdefault(req.req_id, [])
+        hs = self.hashes.get(req.req_id)
+        if hs is None:
+            hs = self.hashes[req.req_id] = _Ids()
+        if len(hs) >= num_full:
+            return hs
         bs = self.block_size
-        toks = req.all_token_ids
+        toks = req.all_token_ids.tolist() if num_full - len(hs) > 1 else req.all_token_ids  # plain ints to slice
         while len(hs) < num_full:
             i = len(hs)
             hs.append(hash_block(hs[-1] if hs else None, tuple(toks[i * bs : (i + 1) * bs])))
@@ -136,27 +150,27 @@ class KVCacheManager:
         `cached` are prefix hits for a request being admitted. Returns the new block
         ids (cached ones first) or None if the pool cannot supply them."""
         have = self.blocks.get(req.req_id)
-        need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - (len(have) if have else 0)
+        need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - (len(have) if have is not None else 0)
         if not cached:  # hot path: a running request, usually needing no new block
             if need <= 0:
                 return []
             if need > self.pool.num_free:
                 return None
             new = self.pool.allocate(need)
-            if have is None:
-                self.blocks[req.req_id] = new
-            else:
-                have.extend(new)
-            return list(new)
-        need -= len(cached)
-        # Hits sitting in the free list stop being allocatable once we touch them.
-        revived = sum(1 for b in cached if self.pool.ref_cnt[b] == 0)
-        if need + revived > self.pool.num_free:
-            return None
-        self.pool.touch(cached)
-        new = self.pool.allocate(max(need, 0))
-        self.blocks.setdefault(req.req_id, []).extend(cached + new)
-        return cached + new
+        else:
+            need -= len(cached)
+            # Hits sitting in the free list stop being allocatable once we touch them.
+            revived = sum(1 for b in cached if self.pool.ref_cnt[b] == 0)
+            if need + revived > self.pool.num_free:
+                return None
+            self.pool.touch(cached)
+            new = cached + self.pool.allocate(max(need, 0))
+        if have is None:
+            have = self.blocks[req.req_id] = _Ids(new)
+        else:
+            have.extend(new)
+        req.num_kv_slots = len(have) * self.block_size
+        return new
 
     def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.stats.queries += num_prompt_tokens
@@ -176,7 +190,9 @@ class KVCacheManager:
         if num_full <= done:
             req.next_full_block_at = (done + 1) * self.block_size
             return
-        blocks = self.blocks.get(req.req_id, [])
+        blocks = self.blocks.get(req.req_id)
+        if blocks is None:
+            return
         num_full = min(num_full, len(blocks))
         hashes = self._block_hashes(req, num_full)
         for i in range(done, num_full):
@@ -185,10 +201,13 @@ class KVCacheManager:
         req.next_full_block_at = (num_full + 1) * self.block_size
 
     def free(self, req: Request) -> None:
-        self.pool.release(self.blocks.pop(req.req_id, []))
+        blocks = self.blocks.pop(req.req_id, None)
+        if blocks is not None:
+            self.pool.release(blocks)
         self.hashes.pop(req.req_id, None)
         self.num_registered.pop(req.req_id, None)
         req.next_full_block_at = 0
+        req.num_kv_slots = 0
 
     def check_invariants(self) -> None:
         """Every block is free (ref 0, in the LRU) or owned (ref > 0); counts add up; a
