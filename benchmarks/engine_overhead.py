@@ -105,12 +105,14 @@ class _GCTimer:
     def __init__(self) -> None:
         self.total = 0.0
         self._t0 = 0.0
+        self.count = [0, 0, 0]  # collections per generation
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._t0 = time.perf_counter()
         else:
             self.total += time.perf_counter() - self._t0
+            self.count[info["generation"]] += 1
 
 
 _gc_timer = _GCTimer()
@@ -121,7 +123,7 @@ def _snapshot(engine: AsyncEngine) -> dict[str, float]:
     t = engine.timings
     return {"steps": t.steps, "schedule": t.schedule_s, "submit": getattr(t, "submit_s", 0.0), "update": t.update_s,
             "wait": t.wait_s, "wall": time.perf_counter(), "loop_cpu": time.thread_time(), "proc_cpu": time.process_time(),
-            "gc": _gc_timer.total}
+            "gc": _gc_timer.total, "gc0": _gc_timer.count[0], "gc1": _gc_timer.count[1], "gc2": _gc_timer.count[2]}
 
 
 def _time_full_gc(repeats: int = 3) -> float:
@@ -234,6 +236,8 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
            "update_us": (b["update"] - a["update"]) * us, "wait_us": (b["wait"] - a["wait"]) * us,
            "loop_cpu_us": (b["loop_cpu"] - a["loop_cpu"]) * us, "proc_cpu_us": (b["proc_cpu"] - a["proc_cpu"]) * us,
            "gc_us": (b["gc"] - a["gc"]) * us, "full_gc_us": full_gc[0] * 1e6,
+           # automatic collections per 100 steps, by generation (young, middle, full)
+           "gc_per_100_steps": [round(100 * (b[f"gc{g}"] - a[f"gc{g}"]) / max(steps, 1), 1) for g in range(3)],
            "steps_per_s": steps / max(b["wall"] - a["wall"], 1e-9), "tok_per_s": steps * batch / max(b["wall"] - a["wall"], 1e-9)}
     res["engine_us"] = res["schedule_us"] + res["submit_us"] + res["update_us"]
     if prof is not None:
