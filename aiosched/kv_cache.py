@@ -12,7 +12,8 @@ the scheduler skip `allocate` for the steps that stay inside the last block.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from aiosched.request import Request
@@ -33,15 +34,113 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
+class FreeBlocks:
+    """The free blocks in LRU order (front = next to evict), as a doubly linked list over
+    block ids in int64 arrays: O(1) push at the back, pop from the front and removal of
+    any block, like the `OrderedDict[int, None]` it replaces (the same operations), but
+    no Python object per block for every full garbage collection to visit."""
+
+    __slots__ = ("_prev", "_next", "_in", "_head", "_tail", "_n")
+
+    def __init__(self, num_blocks: int) -> None:  # all blocks free, in id order
+        self._prev = array.array("q", range(-1, num_blocks - 1))
+        self._next = array.array("q", range(1, num_blocks + 1))
+        if num_blocks:
+            self._next[-1] = -1
+        self._in = bytearray(b"\x01") * num_blocks
+        self._head, self._tail, self._n = (0, num_blocks - 1, num_blocks) if num_blocks else (-1, -1, 0)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, b: object) -> bool:
+        return isinstance(b, int) and 0 <= b < len(self._in) and self._in[b] == 1
+
+    def __iter__(self) -> Iterator[int]:
+        b, nxt = self._head, self._next
+        while b != -1:
+            yield b
+            b = nxt[b]
+
+    def __setitem__(self, b: int, _value: None) -> None:
+        """Append at the back (the most recently freed); a block already free keeps its place."""
+        if self._in[b]:
+            return
+        self._in[b] = 1
+        tail = self._tail
+        self._prev[b], self._next[b] = tail, -1
+        if tail == -1:
+            self._head = b
+        else:
+            self._next[tail] = b
+        self._tail = b
+        self._n += 1
+
+    def __delitem__(self, b: int) -> None:
+        if not self._in[b]:
+            raise KeyError(b)
+        p, n = self._prev[b], self._next[b]
+        if p == -1:
+            self._head = n
+        else:
+            self._next[p] = n
+        if n == -1:
+            self._tail = p
+        else:
+            self._prev[n] = p
+        self._in[b] = 0
+        self._n -= 1
+
+    def popitem(self, last: bool = False) -> tuple[int, None]:
+        """The front (least recently freed) block; `last=True` is not supported."""
+        assert not last, "the pool only evicts from the front"
+        b = self._head
+        if b == -1:
+            raise KeyError("popitem(): no free block")
+        del self[b]
+        return b, None
+
+
+class BlockHashes:
+    """Each block's content hash or None, indexable like the `list[int | None]` it
+    replaces: int64 values plus a flag per block, nothing for the collector to visit."""
+
+    __slots__ = ("_h", "_set")
+
+    def __init__(self, num_blocks: int) -> None:
+        self._h = array.array("q", bytes(8 * num_blocks))
+        self._set = bytearray(num_blocks)
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+    def __getitem__(self, b: int) -> int | None:
+        return self._h[b] if self._set[b] else None
+
+    def __setitem__(self, b: int, h: int | None) -> None:
+        if h is None:
+            self._set[b] = 0
+        else:
+            self._h[b] = h
+            self._set[b] = 1
+
+    def __iter__(self) -> Iterator[int | None]:
+        return (self[b] for b in range(len(self._set)))
+
+
 class BlockPool:
-    """Ref-counted blocks; free blocks kept in an LRU (front = next to evict)."""
+    """Ref-counted blocks; free blocks kept in an LRU (front = next to evict).
+
+    Per-block state is int64 arrays (reference counts, content hashes, the free list):
+    it is as large as the pool, lives as long as the engine, and a list per field would
+    be up to `num_blocks` pointers for every full collection to follow."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.ref_cnt = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.ref_cnt = array.array("q", bytes(8 * num_blocks))
+        self.block_hash = BlockHashes(num_blocks)
+        self.free = FreeBlocks(num_blocks)
+        self.cached: dict[int, int] = {}  # hash -> block id (ints only: CPython stops tracking such a dict)
 
     @property
     def num_free(self) -> int:
