@@ -22,6 +22,7 @@ from aiosched.token_ids import TokenIds
 # Hashes of full blocks (Python's tuple hash: a signed 64-bit value) and block ids, one
 # int64 buffer per request.
 _Ids = TokenIds
+_item = array.array.__getitem__  # indexing and slicing in C (TokenIds' own __getitem__ is Python)
 
 
 @dataclass
@@ -222,10 +223,12 @@ class KVCacheManager:
         if len(hs) >= num_full:
             return hs
         bs = self.block_size
-        toks = req.all_token_ids.tolist() if num_full - len(hs) > 1 else req.all_token_ids  # plain ints to slice
+        toks = req.all_token_ids
+        parent = _item(hs, -1) if hs else None
         while len(hs) < num_full:
             i = len(hs)
-            hs.append(hash_block(hs[-1] if hs else None, tuple(toks[i * bs : (i + 1) * bs])))
+            parent = hash_block(parent, tuple(_item(toks, slice(i * bs, (i + 1) * bs))))
+            hs.append(parent)
         return hs
 
     def find_cached_prefix(self, req: Request) -> list[int]:
@@ -294,8 +297,9 @@ class KVCacheManager:
             return
         num_full = min(num_full, len(blocks))
         hashes = self._block_hashes(req, num_full)
+        register = self.pool.register
         for i in range(done, num_full):
-            self.pool.register(blocks[i], hashes[i])
+            register(_item(blocks, i), _item(hashes, i))
         self.num_registered[req.req_id] = num_full
         req.next_full_block_at = (num_full + 1) * self.block_size
 
