@@ -335,7 +335,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         med = {label: _median(runs[(i, label)]) for label in trees}
         for label in ("old", "new"):
             print(_row(med[label], label), flush=True)
-            results.append(dict(med[label], label=label))
+            results.append(dict(med[label], label=label, runs=runs[(i, label)]))
         print(_ratio_row(med["new"], med["old"]), flush=True)
     return results
 
@@ -356,7 +356,7 @@ async def inline_workload(batch: int, output_len: int, tok: bool, input_len: int
     from aiosched.protocol import RunnerOutput, WorkerInfo
     from aiosched.tokenizer import Tokenizer
 
-    max_len = input_len + 1024 + 8  # one configuration for every length
+    max_len = input_len + 1024 + 32  # one configuration for every length
     cfg = EngineConfig.load(dict(runner="fake", max_num_seqs=batch, max_num_batched_tokens=batch * input_len,
                                  num_kv_blocks=batch * (max_len // 16 + 2) + 64, max_model_len=max_len, seed=0))
     e = AsyncEngine(cfg)
@@ -411,24 +411,28 @@ def _instructions(tree: str, batch: int, output_len: int, tok: bool, args: argpa
 
 def instructions(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Instructions per request per decode step: Ir(L0 + 64) - Ir(L0) over 64 x batch, so
-    start-up, imports and prefill cancel out. Deterministic (valgrind counts what the CPU
+    start-up, imports and prefill cancel out (L0 from --instr-base: the steps measured are
+    those while every request holds L0..L0+64 output tokens). Deterministic (valgrind counts what the CPU
     executes, whatever else runs on the machine), ~1-2 min per run."""
     trees = {"new": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     if args.compare:
         trees = {"old": _old_tree(args.compare), **trees}
-    base, extra = 32, 64
+    extra = 64
     results = []
-    print("| code | batch | detok | instructions per request per decode step |\n| --- | ---: | --- | ---: |", flush=True)
+    print("| code | batch | detok | history (output tokens) | instructions per request per decode step |\n"
+          "| --- | ---: | --- | --- | ---: |", flush=True)
     for t in args.tokenizer.split(","):
         for b in (int(x) for x in args.batch.split(",")):
-            per = {}
-            for label, tree in trees.items():
-                ir = [_instructions(tree, b, n, t == "tok", args) for n in (base, base + extra)]
-                per[label] = (ir[1] - ir[0]) / (extra * b)
-                print(f"| {label} | {b} | {t} | {per[label]:,.0f} |", flush=True)
-                results.append({"label": label, "batch": b, "detok": t, "instructions_per_request_step": per[label]})
-            if "old" in per:
-                print(f"| new/old | {b} | {t} | {per['new'] / per['old']:.2f}x |", flush=True)
+            for base in (int(x) for x in args.instr_base.split(",")):
+                per = {}
+                for label, tree in trees.items():
+                    ir = [_instructions(tree, b, n, t == "tok", args) for n in (base, base + extra)]
+                    per[label] = (ir[1] - ir[0]) / (extra * b)
+                    print(f"| {label} | {b} | {t} | {base}-{base + extra} | {per[label]:,.0f} |", flush=True)
+                    results.append({"label": label, "batch": b, "detok": t, "history": [base, base + extra],
+                                    "instructions_per_request_step": per[label]})
+                if "old" in per:
+                    print(f"| new/old | {b} | {t} | {base}-{base + extra} | {per['new'] / per['old']:.2f}x |", flush=True)
     return results
 
 
@@ -485,6 +489,7 @@ if __name__ == "__main__":
     p.add_argument("--profile", action="store_true", help="cProfile the event-loop thread over the window")
     p.add_argument("--instructions", action="store_true",
                    help="instructions per request per decode step under valgrind (one thread, runner inline); with --compare, old and new")
+    p.add_argument("--instr-base", default="32", help="--instructions: output tokens already held (comma list, <= 960)")
     p.add_argument("--child-inline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sort", default="tottime")
     p.add_argument("--profile-lines", type=int, default=35)
