@@ -81,6 +81,9 @@ class _Tracked:
     # stream_interval > 1: tokens (and their text) held back since the last output
     held_ids: list[int] = field(default_factory=list)
     held_text: str = ""
+    # The one-pass path of `_process` applies: one sample (no n > 1, no best_of), no
+    # logprobs of any kind, no stop strings (set once, in generate()).
+    plain: bool = False
 
 
 @dataclass
@@ -249,7 +252,8 @@ class AsyncEngine:
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output)
-            self._live[internal] = _Tracked(group, index, detok)
+            plain = (num_samples == 1 and worker_params.logprobs is None and params.prompt_logprobs is None and not params.stop)
+            self._live[internal] = _Tracked(group, index, detok, plain=plain)
             group.children.append(internal)
             self.scheduler.add_request(req)
         self._wakeup.set()
@@ -406,6 +410,12 @@ class AsyncEngine:
         return now, gen
 
     def _process(self, so: SchedulerOutput, out: RunnerOutput) -> None:
+        """Apply one step's output: the scheduler's update, then each request's output.
+
+        One pass over the step's requests. The common case (one new token, a plain
+        request that did not finish, stream_interval 1) is built here without `_emit`'s
+        branches; everything else (finish, several tokens, n > 1, best_of, logprobs,
+        stop strings, held-back outputs) goes through `_emit`. Both build the same output."""
         assert self.scheduler is not None
         now = time.monotonic()
         lps: dict[str, Logprobs] | None = None
@@ -413,12 +423,37 @@ class AsyncEngine:
             lps = {rid: lp for rid, lp in zip(out.req_ids, out.logprobs) if lp is not None}
         if out.prompt_logprobs:
             self._add_prompt_logprobs(so, out.prompt_logprobs)
-        emit = self._emit
+        emit, live, observers = self._emit, self._live, self._observers
+        one_pass = self._stream_interval == 1
         for upd in self.scheduler.update_from_output(so, out):
-            req = upd.req
-            if req.first_token_time is None and upd.new_token_ids:
+            req, new_ids = upd.req, upd.new_token_ids
+            if req.first_token_time is None and new_ids:
                 req.first_token_time = now
-            emit(upd, None, lps.get(req.req_id) if lps else None, now)
+            tr = live.get(req.req_id)
+            if tr is None:
+                continue
+            if not (one_pass and tr.plain and len(new_ids) == 1 and req.status is not _FINISHED):
+                emit(upd, None, lps.get(req.req_id) if lps else None, now)
+                continue
+            t = new_ids[0]
+            hist, detok = tr.hist, tr.detok
+            new_text = ""
+            if detok is not None:
+                new_text = detok.push(t)
+                if new_text:
+                    hist.add_text(new_text)
+            hist.token_ids.append(t)
+            group = tr.group
+            comp = CompletionOutput(0, new_text, new_ids, None, None, None, hist, len(hist.token_ids), hist.num_chars, -1)
+            metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time, now, None,
+                                     req.num_cached_prompt_tokens, req.num_preemptions)
+            ro = RequestOutput(group.user_id, group.prompt, req.prompt_token_ids, [comp], False, metrics, None)
+            for obs in observers:
+                obs.on_output(ro)
+            try:
+                group.stream.put(ro)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # the consumer left; the request was aborted
 
     def _add_prompt_logprobs(self, so: SchedulerOutput, plp: dict[str, Logprobs]) -> None:
         """A chunk [start, end) of the prompt gives the logprobs of prompt tokens start+1 ..

@@ -4,13 +4,25 @@ The pool hands out fixed-size block ids; the worker owns the memory behind them.
 A full block is identified by a hash chain over its tokens (each hash includes the
 parent's), so equal prefixes map to equal blocks. Blocks with no owner but a hash
 stay reusable until evicted, least recently freed first.
+
+Per-request block tables and hash chains grow by one entry per `block_size` tokens for
+the request's life: they are int64 buffers (`TokenIds`), not lists of ints that every
+full garbage collection would walk. `Request.num_kv_slots` (tokens its blocks hold) lets
+the scheduler skip `allocate` for the steps that stay inside the last block.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from aiosched.request import Request
+from aiosched.token_ids import TokenIds
+
+# Hashes of full blocks (Python's tuple hash: a signed 64-bit value) and block ids, one
+# int64 buffer per request.
+_Ids = TokenIds
+_item = array.array.__getitem__  # indexing and slicing in C (TokenIds' own __getitem__ is Python)
 
 
 @dataclass
@@ -23,15 +35,113 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
+class FreeBlocks:
+    """The free blocks in LRU order (front = next to evict), as a doubly linked list over
+    block ids in int64 arrays: O(1) push at the back, pop from the front and removal of
+    any block, like the `OrderedDict[int, None]` it replaces (the same operations), but
+    no Python object per block for every full garbage collection to visit."""
+
+    __slots__ = ("_prev", "_next", "_in", "_head", "_tail", "_n")
+
+    def __init__(self, num_blocks: int) -> None:  # all blocks free, in id order
+        self._prev = array.array("q", range(-1, num_blocks - 1))
+        self._next = array.array("q", range(1, num_blocks + 1))
+        if num_blocks:
+            self._next[-1] = -1
+        self._in = bytearray(b"\x01") * num_blocks
+        self._head, self._tail, self._n = (0, num_blocks - 1, num_blocks) if num_blocks else (-1, -1, 0)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, b: object) -> bool:
+        return isinstance(b, int) and 0 <= b < len(self._in) and self._in[b] == 1
+
+    def __iter__(self) -> Iterator[int]:
+        b, nxt = self._head, self._next
+        while b != -1:
+            yield b
+            b = nxt[b]
+
+    def __setitem__(self, b: int, _value: None) -> None:
+        """Append at the back (the most recently freed); a block already free keeps its place."""
+        if self._in[b]:
+            return
+        self._in[b] = 1
+        tail = self._tail
+        self._prev[b], self._next[b] = tail, -1
+        if tail == -1:
+            self._head = b
+        else:
+            self._next[tail] = b
+        self._tail = b
+        self._n += 1
+
+    def __delitem__(self, b: int) -> None:
+        if not self._in[b]:
+            raise KeyError(b)
+        p, n = self._prev[b], self._next[b]
+        if p == -1:
+            self._head = n
+        else:
+            self._next[p] = n
+        if n == -1:
+            self._tail = p
+        else:
+            self._prev[n] = p
+        self._in[b] = 0
+        self._n -= 1
+
+    def popitem(self, last: bool = False) -> tuple[int, None]:
+        """The front (least recently freed) block; `last=True` is not supported."""
+        assert not last, "the pool only evicts from the front"
+        b = self._head
+        if b == -1:
+            raise KeyError("popitem(): no free block")
+        del self[b]
+        return b, None
+
+
+class BlockHashes:
+    """Each block's content hash or None, indexable like the `list[int | None]` it
+    replaces: int64 values plus a flag per block, nothing for the collector to visit."""
+
+    __slots__ = ("_h", "_set")
+
+    def __init__(self, num_blocks: int) -> None:
+        self._h = array.array("q", bytes(8 * num_blocks))
+        self._set = bytearray(num_blocks)
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+    def __getitem__(self, b: int) -> int | None:
+        return self._h[b] if self._set[b] else None
+
+    def __setitem__(self, b: int, h: int | None) -> None:
+        if h is None:
+            self._set[b] = 0
+        else:
+            self._h[b] = h
+            self._set[b] = 1
+
+    def __iter__(self) -> Iterator[int | None]:
+        return (self[b] for b in range(len(self._set)))
+
+
 class BlockPool:
-    """Ref-counted blocks; free blocks kept in an LRU (front = next to evict)."""
+    """Ref-counted blocks; free blocks kept in an LRU (front = next to evict).
+
+    Per-block state is int64 arrays (reference counts, content hashes, the free list):
+    it is as large as the pool, lives as long as the engine, and a list per field would
+    be up to `num_blocks` pointers for every full collection to follow."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.ref_cnt = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.ref_cnt = array.array("q", bytes(8 * num_blocks))
+        self.block_hash = BlockHashes(num_blocks)
+        self.free = FreeBlocks(num_blocks)
+        self.cached: dict[int, int] = {}  # hash -> block id (ints only: CPython stops tracking such a dict)
 
     @property
     def num_free(self) -> int:
@@ -85,8 +195,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks)
-        self.blocks: dict[str, list[int]] = {}
-        self.hashes: dict[str, list[int]] = {}  # hashes of the request's full blocks so far
+        self.blocks: dict[str, TokenIds] = {}  # block table per request (compares equal to a list)
+        self.hashes: dict[str, TokenIds] = {}  # hashes of the request's full blocks so far
         self.num_registered: dict[str, int] = {}  # leading blocks already offered to the cache
         self.stats = PrefixCacheStats()
 
@@ -105,14 +215,20 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_hashes(self, req: Request, num_full: int) -> list[int]:
+    def _block_hashes(self, req: Request, num_full: int) -> TokenIds:
         """Extend and return the request's hash chain up to `num_full` blocks."""
-        hs = self.hashes.setdefault(req.req_id, [])
+        hs = self.hashes.get(req.req_id)
+        if hs is None:
+            hs = self.hashes[req.req_id] = _Ids()
+        if len(hs) >= num_full:
+            return hs
         bs = self.block_size
         toks = req.all_token_ids
+        parent = _item(hs, -1) if hs else None
         while len(hs) < num_full:
             i = len(hs)
-            hs.append(hash_block(hs[-1] if hs else None, tuple(toks[i * bs : (i + 1) * bs])))
+            parent = hash_block(parent, tuple(_item(toks, slice(i * bs, (i + 1) * bs))))
+            hs.append(parent)
         return hs
 
     def find_cached_prefix(self, req: Request) -> list[int]:
@@ -136,27 +252,27 @@ class KVCacheManager:
         `cached` are prefix hits for a request being admitted. Returns the new block
         ids (cached ones first) or None if the pool cannot supply them."""
         have = self.blocks.get(req.req_id)
-        need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - (len(have) if have else 0)
+        need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - (len(have) if have is not None else 0)
         if not cached:  # hot path: a running request, usually needing no new block
             if need <= 0:
                 return []
             if need > self.pool.num_free:
                 return None
             new = self.pool.allocate(need)
-            if have is None:
-                self.blocks[req.req_id] = new
-            else:
-                have.extend(new)
-            return list(new)
-        need -= len(cached)
-        # Hits sitting in the free list stop being allocatable once we touch them.
-        revived = sum(1 for b in cached if self.pool.ref_cnt[b] == 0)
-        if need + revived > self.pool.num_free:
-            return None
-        self.pool.touch(cached)
-        new = self.pool.allocate(max(need, 0))
-        self.blocks.setdefault(req.req_id, []).extend(cached + new)
-        return cached + new
+        else:
+            need -= len(cached)
+            # Hits sitting in the free list stop being allocatable once we touch them.
+            revived = sum(1 for b in cached if self.pool.ref_cnt[b] == 0)
+            if need + revived > self.pool.num_free:
+                return None
+            self.pool.touch(cached)
+            new = cached + self.pool.allocate(max(need, 0))
+        if have is None:
+            have = self.blocks[req.req_id] = _Ids(new)
+        else:
+            have.extend(new)
+        req.num_kv_slots = len(have) * self.block_size
+        return new
 
     def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.stats.queries += num_prompt_tokens
@@ -176,19 +292,25 @@ class KVCacheManager:
         if num_full <= done:
             req.next_full_block_at = (done + 1) * self.block_size
             return
-        blocks = self.blocks.get(req.req_id, [])
+        blocks = self.blocks.get(req.req_id)
+        if blocks is None:
+            return
         num_full = min(num_full, len(blocks))
         hashes = self._block_hashes(req, num_full)
+        register = self.pool.register
         for i in range(done, num_full):
-            self.pool.register(blocks[i], hashes[i])
+            register(_item(blocks, i), _item(hashes, i))
         self.num_registered[req.req_id] = num_full
         req.next_full_block_at = (num_full + 1) * self.block_size
 
     def free(self, req: Request) -> None:
-        self.pool.release(self.blocks.pop(req.req_id, []))
+        blocks = self.blocks.pop(req.req_id, None)
+        if blocks is not None:
+            self.pool.release(blocks)
         self.hashes.pop(req.req_id, None)
         self.num_registered.pop(req.req_id, None)
         req.next_full_block_at = 0
+        req.num_kv_slots = 0
 
     def check_invariants(self) -> None:
         """Every block is free (ref 0, in the LRU) or owned (ref > 0); counts add up; a

@@ -52,6 +52,9 @@ class Request:
     # Kept by the KV cache manager: the known-and-computed token count at which its next
     # block becomes full (until then cache_full_blocks has nothing to do; 0: unknown).
     next_full_block_at: int = field(init=False, default=0)
+    # Kept by the KV cache manager: tokens its blocks hold (block table length x block
+    # size; 0 when it holds none). A step that stays within it needs no allocation.
+    num_kv_slots: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -79,11 +79,16 @@ class RequestStream:
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
         items = self._items
         try:
+            loop = asyncio.get_running_loop()
+            # One future per wait, i.e. per request per step while streaming: on the stock
+            # loops, the object `loop.create_future()` returns, without its Python frame.
+            stock = type(loop).create_future is asyncio.BaseEventLoop.create_future
+            future = asyncio.Future
             while True:
                 if not items:
                     if self._closed:
                         return
-                    self._waiter = asyncio.get_running_loop().create_future()
+                    self._waiter = future(loop=loop) if stock else loop.create_future()
                     await self._waiter
                     continue
                 item = items.popleft()

@@ -32,6 +32,12 @@ class SchedulerStats:
     spec_step_tokens: int = 0  # tokens those produced (accepted drafts + one each)
 
 
+# An empty id list shared by every ScheduledRequest that has no new blocks / no drafts
+# (most of them, every step): immutable, so sharing it is safe, and not one more
+# GC-tracked list per request per step. It encodes as an empty array like [].
+_NO_IDS: tuple[int, ...] = ()
+
+
 class StepUpdate(msgspec.Struct, gc=False):
     """What one step's output did to one request (one per request per step: not tracked
     by the cyclic GC, which it would otherwise wake more often)."""
@@ -120,14 +126,20 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         new_reqs: list[NewRequestData] = []
         preempted = False
-        # Hot loop (every running request, every step): bound methods and flags hoisted.
+        # Hot loop (every running request, every step): bound methods and flags hoisted,
+        # and `_schedule_tokens` inlined. In steady-state decoding a request's step stays
+        # inside its last block (no `allocate`) and no block of it becomes full (no
+        # `cache_full_blocks`), so it costs a few attribute updates and one ScheduledRequest.
         running = self.running
         num_new_tokens = self._num_new_tokens
         allocate = self.kv.allocate
+        cache_full_blocks = self.kv.cache_full_blocks
+        caching = self.kv.enable_caching
         spec_on = self.config.speculative is not None
         # Drafting may be off for this step (the engine's policy, or too many requests); a
         # request whose speculative step is still in flight waits for it either way.
         drafting = spec_on and self.drafting and not (0 < self.config.speculative.disable_by_batch_size <= len(running))
+        append = scheduled.append
 
         i = 0
         while i < len(running) and budget > 0:
@@ -144,17 +156,33 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            new_blocks = allocate(req, n)
-            while new_blocks is None:  # out of blocks: preempt from the back
-                victim = running[-1]
-                self._preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
+            start = req.num_computed_tokens
+            end = start + n
+            if end <= req.num_kv_slots:
+                new_blocks: list[int] = _NO_IDS  # type: ignore[assignment]
+            else:
                 new_blocks = allocate(req, n)
-            if new_blocks is None:
-                break
-            scheduled.append(self._schedule_tokens(req, n, new_blocks, d))
+                while new_blocks is None:  # out of blocks: preempt from the back
+                    victim = running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                    new_blocks = allocate(req, n)
+                if new_blocks is None:
+                    break
+            # _schedule_tokens, for a request that is running (so it was scheduled before).
+            req.num_computed_tokens = end
+            known = len(req.all_token_ids)
+            # Sample when this step reaches the end of the sequence (known + placeholders).
+            sample = d > 0 or end == known + req.num_output_placeholders
+            if sample:
+                req.num_output_placeholders += 1
+            if d:
+                req.num_spec_slack += d  # KV reserved for the drafts; the step yields 1..1+d tokens
+            if caching and (end if end < known else known) >= req.next_full_block_at:
+                cache_full_blocks(req)
+            append(ScheduledRequest(req.req_id, n, start, new_blocks, sample, _NO_IDS, d))
             budget -= n
             i += 1
 
@@ -213,7 +241,7 @@ class Scheduler:
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
         self.kv.cache_full_blocks(req)
-        return ScheduledRequest(req.req_id, n, start, new_blocks, sample, num_draft_slots=draft_slots)
+        return ScheduledRequest(req.req_id, n, start, new_blocks, sample, _NO_IDS, draft_slots)
 
     def _preempt(self, req: Request) -> None:
         """Recompute later: drop its blocks and worker state, back to the front of the queue.
@@ -235,9 +263,13 @@ class Scheduler:
         """Resolve placeholders with real tokens; apply stop conditions."""
         updates: list[StepUpdate] = []
         slots = {sr.req_id: sr.num_draft_slots for sr in so.scheduled if sr.num_draft_slots} if self.config.speculative else None
-        # Hot loop (every sampled request, every step): lookups hoisted.
-        requests, stats = self.requests, self.stats
+        # Hot loop (every sampled request, every step): lookups hoisted, the common case
+        # (one token that stops nothing and fills no block) without a function call.
+        requests, stats, append = self.requests, self.stats, updates.append
         check_stop, cache_full_blocks = self._check_stop, self.kv.cache_full_blocks
+        caching = self.kv.enable_caching
+        running = RequestStatus.RUNNING
+        generated = 0
         for req_id, tokens in zip(out.req_ids, out.sampled_token_ids):
             req = requests.get(req_id)
             if req is None:  # finished or aborted while this step was in flight
@@ -250,12 +282,13 @@ class Scheduler:
                 # past the computed count and are simply recomputed over later.
                 assert 1 <= len(tokens) <= 1 + d, f"{req_id}: {len(tokens)} tokens from a step with {d} draft slots"
                 req.num_spec_slack -= d
-                if req.status is RequestStatus.RUNNING:
+                if req.status is running:
                     req.num_computed_tokens -= 1 + d - len(tokens)
-                self.stats.spec_steps += 1
-                self.stats.spec_step_tokens += len(tokens)
-            req.num_output_placeholders -= 1
-            assert req.num_output_placeholders >= 0, f"{req_id}: placeholder count went negative"
+                stats.spec_steps += 1
+                stats.spec_step_tokens += len(tokens)
+            placeholders = req.num_output_placeholders - 1
+            assert placeholders >= 0, f"{req_id}: placeholder count went negative"
+            req.num_output_placeholders = placeholders
             all_ids = req.all_token_ids
             if len(tokens) == 1:  # the usual case: one token, which cannot stop it unless in the set or at the length
                 t = tokens[0]
@@ -265,6 +298,7 @@ class Scheduler:
                     reason = check_stop(req, t)
                     if reason is not None:
                         self.finish_request(req_id, *reason)
+                generated += 1
             else:
                 new_ids = []
                 for t in tokens:
@@ -274,12 +308,16 @@ class Scheduler:
                     if reason is not None:
                         self.finish_request(req_id, *reason)
                         break
-            stats.generated_tokens += len(new_ids)
-            if req.status is RequestStatus.RUNNING:
-                cache_full_blocks(req)
-            updates.append(StepUpdate(req, new_ids))
-        self.stats.draft_tokens += out.num_draft_tokens
-        self.stats.accepted_tokens += out.num_accepted_tokens
+                generated += len(new_ids)
+            if caching and req.status is running:
+                # cache_full_blocks' own first test, inlined: is a block newly full?
+                c, known = req.num_computed_tokens, len(all_ids)
+                if (c if c < known else known) >= req.next_full_block_at:
+                    cache_full_blocks(req)
+            append(StepUpdate(req, new_ids))
+        stats.generated_tokens += generated
+        stats.draft_tokens += out.num_draft_tokens
+        stats.accepted_tokens += out.num_accepted_tokens
         return updates
 
     def _check_stop(self, req: Request, token: int) -> tuple[str, int | str | None] | None:
@@ -297,10 +335,12 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         self.kv.check_invariants()
+        bs = self.kv.block_size
         for req in self.running:
+            assert req.num_kv_slots == len(self.kv.blocks.get(req.req_id, ())) * bs, f"{req.req_id}: num_kv_slots out of date"
             assert req.num_output_placeholders >= 0
             assert 0 <= req.num_spec_slack
             assert req.status is RequestStatus.RUNNING
         for req in self.waiting:
-            assert req.num_computed_tokens == 0
+            assert req.num_computed_tokens == 0 and req.num_kv_slots == 0
         assert len(self.running) + len(self.waiting) == len(self.requests)

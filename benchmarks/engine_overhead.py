@@ -46,6 +46,13 @@ alternating old/new (old, new, new, old, ...); medians and new/old ratios.
     .venv/bin/python benchmarks/engine_overhead.py --batch 64,256 --output-len 128,4096 --modes async \
         --tokenizer tok --compare main --repeats 3                       # issue 17: before/after
     .venv/bin/python benchmarks/engine_overhead.py --batch 256 --modes async --tokenizer tok --profile
+    .venv/bin/python benchmarks/engine_overhead.py --instructions --batch 64,256 --tokenizer tok --compare main
+
+`--instructions` counts instructions under valgrind (callgrind) instead of timing: the
+engine loop's host work on one thread (the runner output made inline, the consumers and
+the stats observer included), per request per decode step. Timings on a shared 2-core
+machine move by +-30% from run to run; instruction counts do not (they do not see cache
+misses or the GIL hand-offs to a runner thread either: read both).
 """
 from __future__ import annotations
 
@@ -105,12 +112,14 @@ class _GCTimer:
     def __init__(self) -> None:
         self.total = 0.0
         self._t0 = 0.0
+        self.count = [0, 0, 0]  # collections per generation
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._t0 = time.perf_counter()
         else:
             self.total += time.perf_counter() - self._t0
+            self.count[info["generation"]] += 1
 
 
 _gc_timer = _GCTimer()
@@ -121,7 +130,7 @@ def _snapshot(engine: AsyncEngine) -> dict[str, float]:
     t = engine.timings
     return {"steps": t.steps, "schedule": t.schedule_s, "submit": getattr(t, "submit_s", 0.0), "update": t.update_s,
             "wait": t.wait_s, "wall": time.perf_counter(), "loop_cpu": time.thread_time(), "proc_cpu": time.process_time(),
-            "gc": _gc_timer.total}
+            "gc": _gc_timer.total, "gc0": _gc_timer.count[0], "gc1": _gc_timer.count[1], "gc2": _gc_timer.count[2]}
 
 
 def _time_full_gc(repeats: int = 3) -> float:
@@ -234,6 +243,8 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
            "update_us": (b["update"] - a["update"]) * us, "wait_us": (b["wait"] - a["wait"]) * us,
            "loop_cpu_us": (b["loop_cpu"] - a["loop_cpu"]) * us, "proc_cpu_us": (b["proc_cpu"] - a["proc_cpu"]) * us,
            "gc_us": (b["gc"] - a["gc"]) * us, "full_gc_us": full_gc[0] * 1e6,
+           # automatic collections per 100 steps, by generation (young, middle, full)
+           "gc_per_100_steps": [round(100 * (b[f"gc{g}"] - a[f"gc{g}"]) / max(steps, 1), 1) for g in range(3)],
            "steps_per_s": steps / max(b["wall"] - a["wall"], 1e-9), "tok_per_s": steps * batch / max(b["wall"] - a["wall"], 1e-9)}
     res["engine_us"] = res["schedule_us"] + res["submit_us"] + res["update_us"]
     if prof is not None:
@@ -324,14 +335,115 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         med = {label: _median(runs[(i, label)]) for label in trees}
         for label in ("old", "new"):
             print(_row(med[label], label), flush=True)
-            results.append(dict(med[label], label=label))
+            results.append(dict(med[label], label=label, runs=runs[(i, label)]))
         print(_ratio_row(med["new"], med["old"]), flush=True)
+    return results
+
+
+# ---- instruction counts (valgrind): the one measure this shared machine does not blur ----
+
+
+async def inline_workload(batch: int, output_len: int, tok: bool, input_len: int) -> None:
+    """The engine loop's host work on one thread: `schedule()`, `_process()` with a runner
+    output made inline (one random token per sampled request; no runner thread, so no
+    GIL hand-offs), `batch` consumer tasks streaming with `async for`, the stats observer.
+    Same code paths as the engine loop in async mode (two steps in flight)."""
+    import random as _random
+
+    from aiosched import engine_log
+    from aiosched.async_scheduler import AsyncScheduler
+    from aiosched.config import EngineConfig
+    from aiosched.protocol import RunnerOutput, WorkerInfo
+    from aiosched.tokenizer import Tokenizer
+
+    max_len = input_len + 1024 + 32  # one configuration for every length
+    cfg = EngineConfig.load(dict(runner="fake", max_num_seqs=batch, max_num_batched_tokens=batch * input_len,
+                                 num_kv_blocks=batch * (max_len // 16 + 2) + 64, max_model_len=max_len, seed=0))
+    e = AsyncEngine(cfg)
+    e.tokenizer = Tokenizer(DEFAULT_MODEL) if tok else None
+    e.info = WorkerInfo(1, cfg.num_kv_blocks, 16, 8192, max_len, "cpu", "none", "fake", features=["logprobs"])
+    e.scheduler = AsyncScheduler(cfg, cfg.num_kv_blocks, max_len)
+    e._running = True
+    e.add_observer(engine_log.StatsLogger(e))
+    rng = _random.Random(1)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+    async def consume(stream: Any) -> int:
+        n = 0
+        async for out in stream:
+            n += len(out.new_token_ids)
+        return n
+
+    tasks = [asyncio.ensure_future(consume(e.generate([rng.randrange(8192) for _ in range(input_len)], params)))
+             for _ in range(batch)]
+    sched, in_flight, sampler = e.scheduler, [], _random.Random(2)
+    while sched.has_unfinished() or in_flight:
+        so = sched.schedule()
+        if not so.is_empty:
+            in_flight.append(so)
+        if len(in_flight) < 2 and not so.is_empty:
+            continue
+        if not in_flight:
+            await asyncio.sleep(0)
+            continue
+        so = in_flight.pop(0)
+        ids = [sr.req_id for sr in so.scheduled if sr.sample]
+        e._process(so, RunnerOutput(so.step_id, ids, [[sampler.randrange(8192)] for _ in ids]))
+        await asyncio.sleep(0)  # the consumers run
+    assert sum(await asyncio.gather(*tasks)) == batch * output_len
+
+
+def _instructions(tree: str, batch: int, output_len: int, tok: bool, args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "cg.out")
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__),
+               "--child-inline", "--batch", str(batch), "--output-len", str(output_len), "--tokenizer", "tok" if tok else "ids",
+               "--input-len", str(args.input_len)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=tree), cwd=tempfile.gettempdir())
+        if r.returncode != 0:
+            raise RuntimeError(f"valgrind run failed ({tree}): {r.stderr[-2000:]}")
+        with open(out) as f:
+            for line in f:
+                if line.startswith("summary:"):
+                    return int(line.split()[1])
+    raise RuntimeError("no callgrind summary")
+
+
+def instructions(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Instructions per request per decode step: Ir(L0 + 64) - Ir(L0) over 64 x batch, so
+    start-up, imports and prefill cancel out (L0 from --instr-base: the steps measured are
+    those while every request holds L0..L0+64 output tokens). Deterministic (valgrind counts what the CPU
+    executes, whatever else runs on the machine), ~1-2 min per run."""
+    trees = {"new": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    if args.compare:
+        trees = {"old": _old_tree(args.compare), **trees}
+    extra = 64
+    results = []
+    print("| code | batch | detok | history (output tokens) | instructions per request per decode step |\n"
+          "| --- | ---: | --- | --- | ---: |", flush=True)
+    for t in args.tokenizer.split(","):
+        for b in (int(x) for x in args.batch.split(",")):
+            for base in (int(x) for x in args.instr_base.split(",")):
+                per = {}
+                for label, tree in trees.items():
+                    ir = [_instructions(tree, b, n, t == "tok", args) for n in (base, base + extra)]
+                    per[label] = (ir[1] - ir[0]) / (extra * b)
+                    print(f"| {label} | {b} | {t} | {base}-{base + extra} | {per[label]:,.0f} |", flush=True)
+                    results.append({"label": label, "batch": b, "detok": t, "history": [base, base + extra],
+                                    "instructions_per_request_step": per[label]})
+                if "old" in per:
+                    print(f"| new/old | {b} | {t} | {base}-{base + extra} | {per['new'] / per['old']:.2f}x |", flush=True)
     return results
 
 
 async def main(args: argparse.Namespace) -> None:
     if args.runner == "light":
         _install_light_runner()
+    if args.child_inline:
+        tok, batch, n, _ = _configs(args)[0]
+        gc.freeze()
+        await inline_workload(batch, n, tok, args.input_len)
+        return
     if args.child:  # one warm-up (imports, tokenizer, allocator), one timed run, JSON out
         tok, batch, n, mode = _configs(args)[0]
         await run_one(batch, mode, tok, min(n, 64), args)
@@ -375,16 +487,25 @@ if __name__ == "__main__":
     p.add_argument("--size-for", type=int, default=None, help=argparse.SUPPRESS)  # the run's longest output
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="cProfile the event-loop thread over the window")
+    p.add_argument("--instructions", action="store_true",
+                   help="instructions per request per decode step under valgrind (one thread, runner inline); with --compare, old and new")
+    p.add_argument("--instr-base", default="32", help="--instructions: output tokens already held (comma list, <= 960)")
+    p.add_argument("--child-inline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sort", default="tottime")
     p.add_argument("--profile-lines", type=int, default=35)
     args = p.parse_args()
-    if args.compare:
+    if args.instructions:
+        res = instructions(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "results": res}, f, indent=1)
+    elif args.compare:
         print(HEADER, flush=True)
         res = compare(args)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "results": res}, f, indent=1)
     else:
-        if not args.child:
+        if not (args.child or args.child_inline):
             print(HEADER, flush=True)
         asyncio.run(main(args))

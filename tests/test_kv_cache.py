@@ -335,3 +335,66 @@ def test_random_operations_keep_the_pool_consistent(num_blocks: int, ops: list) 
         kv.free(r)
     kv.check_invariants()
     assert kv.num_free_blocks == num_blocks and not kv.blocks and not kv.hashes
+
+
+# ---- the pool's per-block state as arrays (issue 17) ----
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["pop", "push", "del"]), st.integers(0, 11)), max_size=80))
+def test_free_blocks_behave_like_the_ordered_dict_they_replace(ops: list[tuple[str, int]]) -> None:
+    from collections import OrderedDict
+
+    from aiosched.kv_cache import FreeBlocks
+
+    free, model = FreeBlocks(12), OrderedDict((b, None) for b in range(12))
+    for op, b in ops:
+        if op == "pop":
+            if not model:
+                with pytest.raises(KeyError):
+                    free.popitem(last=False)
+                continue
+            assert free.popitem(last=False) == model.popitem(last=False)
+        elif op == "push":
+            free[b] = None
+            model[b] = None
+        elif b in model:
+            del free[b]
+            del model[b]
+        else:
+            with pytest.raises(KeyError):
+                del free[b]
+        assert list(free) == list(model) and len(free) == len(model)
+        assert all((x in free) == (x in model) for x in range(-1, 13))
+
+
+def test_block_hashes_read_like_a_list_of_optional_ints() -> None:
+    from aiosched.kv_cache import BlockHashes
+
+    h = BlockHashes(4)
+    assert list(h) == [None] * 4 and len(h) == 4
+    h[1], h[2] = -(1 << 63), (1 << 63) - 1  # any Python hash value
+    h[3] = 0
+    h[3] = None
+    assert list(h) == [None, -(1 << 63), (1 << 63) - 1, None] and h[0] is None and h[1] == -(1 << 63)
+
+
+def test_pool_and_block_tables_hold_nothing_for_the_collector() -> None:
+    """A pool of 10k blocks in use, with hashes: reference counts, hashes, free list,
+    block tables and hash chains are buffers; the hash index holds only ints (so
+    CPython stops tracking it). Before, each was a list or dict of up to num_blocks
+    int objects that every full collection followed."""
+    import gc
+
+    kv = KVCacheManager(10_000, BS)
+    reqs = [req(f"r{i}", [i * 1000 + j for j in range(200)]) for i in range(40)]
+    for r in reqs:
+        assert admit(kv, r) is not None
+    kv.free(reqs[0])
+    pool = kv.pool
+    gc.collect()
+    assert len(pool.cached) > 1000 and not gc.is_tracked(pool.cached)
+    holders = [pool.ref_cnt, pool.block_hash, pool.free, *kv.blocks.values(), *kv.hashes.values()]
+    for x in holders:
+        inside = gc.get_referents(x)  # a few fixed fields at most (the free list's head, tail, count)
+        assert len(inside) <= 8 and not [r for r in inside if isinstance(r, (list, dict))], type(x).__name__
