@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab specprof structured families before beforedecode
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab specprof structured hostcost families before beforedecode
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -24,7 +24,7 @@ make_venv() {
 # Stage `before`: the same decode/tpu/c256 stages on an older tree, in this call (host speed
 # differs between lent machines by up to 30%, so before/after is only fair on one machine).
 # Make the tree with `git archive REF -o .old/before.tar` and carry `.old`; results go to $OUT/before/.
-if [[ " ${*:-} " == *" before"* || " ${*:-} " == *" specab "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
+if [[ " ${*:-} " == *" before"* || " ${*:-} " == *" specab "* || " ${*:-} " == *" hostcost "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
   rm -rf /tmp/before && mkdir -p /tmp/before && tar -xf .old/before.tar -C /tmp/before
   make_venv /tmp/venv-before /tmp/before
 fi
@@ -124,6 +124,18 @@ if has structured; then
   say "structured output, concurrency 64, async: 25% and 100% constrained, mask threads ${GRAMMAR_THREADS:-8,15}"
   python3 benchmarks/structured_bench.py --device cuda --random-weights "$SHAPE" --concurrency 64 --num-requests 128 --output-len 128 \
     --repeats 1 --modes async --fracs 0.25,1.0 --grammar-threads ${GRAMMAR_THREADS:-8,15} --validate 64 2>&1 | tee -a "$LOG" "$OUT/structured.log"
+fi
+if has hostcost; then
+  say "engine host cost (issue 17): tpu (sync, async) and c256 (async), this tree then the before tree, same machine"
+  TPU="--input-len 230 --output-len 120 --num-prompts 200 --max-concurrency 3 --max-num-seqs 256 --max-num-batched-tokens 512 --no-enable-prefix-caching"
+  C256="--input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 --no-enable-prefix-caching"
+  $BENCH $C256 --compare async --json "$OUT/bench_c256.json" 2>&1 | tee -a "$LOG"
+  $BENCH $TPU --compare sync,async --json "$OUT/bench_tpu.json" 2>&1 | tee -a "$LOG"
+  if [ -x /tmp/venv-before/bin/python ]; then
+    mkdir -p "$OUT/before"
+    (cd /tmp/before && B="/tmp/venv-before/bin/python -m aiosched.bench --random-weights $SHAPE --device cuda --disable-tqdm --ignore-eos --num-kv-blocks 8192" &&
+     $B $C256 --compare async --json "$OUT/before/bench_c256.json" && $B $TPU --compare sync,async --json "$OUT/before/bench_tpu.json") 2>&1 | tee -a "$LOG"
+  fi
 fi
 if has families; then
   say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"
