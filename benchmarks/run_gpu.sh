@@ -130,11 +130,12 @@ if has hostcost; then
   TPU="--input-len 230 --output-len 120 --num-prompts 200 --max-concurrency 3 --max-num-seqs 256 --max-num-batched-tokens 512 --no-enable-prefix-caching"
   C256="--input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 --no-enable-prefix-caching"
   $BENCH $C256 --compare async --json "$OUT/bench_c256.json" 2>&1 | tee -a "$LOG"
-  $BENCH $TPU --compare sync,async --json "$OUT/bench_tpu.json" 2>&1 | tee -a "$LOG"
+  [ "${HOSTCOST_TPU:-1}" = 1 ] && $BENCH $TPU --compare sync,async --json "$OUT/bench_tpu.json" 2>&1 | tee -a "$LOG"
   if [ -x /tmp/venv-before/bin/python ]; then
     mkdir -p "$OUT/before"
     (cd /tmp/before && B="/tmp/venv-before/bin/python -m aiosched.bench --random-weights $SHAPE --device cuda --disable-tqdm --ignore-eos --num-kv-blocks 8192" &&
-     $B $C256 --compare async --json "$OUT/before/bench_c256.json" && $B $TPU --compare sync,async --json "$OUT/before/bench_tpu.json") 2>&1 | tee -a "$LOG"
+     $B $C256 --compare async --json "$OUT/before/bench_c256.json" &&
+     if [ "${HOSTCOST_TPU:-1}" = 1 ]; then $B $TPU --compare sync,async --json "$OUT/before/bench_tpu.json"; fi) 2>&1 | tee -a "$LOG"
   fi
 fi
 if has families; then
