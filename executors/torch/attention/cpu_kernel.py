@@ -98,6 +98,46 @@ static void attend_item(const item_t *it, const float *q, float *out, const floa
     }
 }
 
+/* One query of request r (a decode row), every head: the cache is read position by position,
+   each position's [Hkv, D] K (then V) row whole and in order (a block's rows are contiguous),
+   so the prefetcher streams it; per head, the scores S[hq][p - lo]. */
+static void attend_decode(int64_t r, const float *q, float *out, const float *kc, const float *vc,
+                          const int32_t *tables, const int64_t *seq_lens, const int64_t *qsl,
+                          int64_t max_blocks, int64_t Hq, int64_t Hkv, int64_t D, int64_t BS,
+                          float scale, int64_t window, float *S, float *acc) {
+    const int64_t G = Hq / Hkv, hi = seq_lens[r], row = Hkv * D;
+    int64_t lo = 0;
+    if (window > 0) { lo = hi - window; if (lo < 0) lo = 0; }
+    const int64_t n = hi - lo;
+    const int32_t *table = tables + r * max_blocks;
+    const float *qr = q + qsl[r] * Hq * D;
+    for (int64_t p = lo; p < hi; p++) {
+        const float *kp = kc + ((int64_t)table[p / BS] * BS + p % BS) * row;
+        for (int64_t m = 0; m < Hq; m++) S[m * n + (p - lo)] = scale * dot(qr + m * D, kp + (m / G) * D, D);
+    }
+    for (int64_t m = 0; m < Hq; m++) {
+        float *srow = S + m * n, mx = -INFINITY, sum = 0.f;
+        for (int64_t i = 0; i < n; i++) mx = srow[i] > mx ? srow[i] : mx;
+        for (int64_t i = 0; i < n; i++) { srow[i] = expf(srow[i] - mx); sum += srow[i]; }
+        acc[Hq * D + m] = 1.f / sum;
+    }
+    memset(acc, 0, sizeof(float) * Hq * D);
+    for (int64_t p = lo; p < hi; p++) {
+        const float *vp = vc + ((int64_t)table[p / BS] * BS + p % BS) * row;
+        for (int64_t m = 0; m < Hq; m++) {
+            const float w = S[m * n + (p - lo)], *vm = vp + (m / G) * D;
+            float *a = acc + m * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) a[d] += w * vm[d];
+        }
+    }
+    float *o = out + qsl[r] * Hq * D;
+    for (int64_t m = 0; m < Hq; m++) {
+        const float inv = acc[Hq * D + m];
+        for (int64_t d = 0; d < D; d++) o[m * D + d] = acc[m * D + d] * inv;
+    }
+}
+
 /* q, out: [T, Hq, D]; kc, vc: [num_blocks, BS, Hkv, D]; tables: [B, max_blocks] int32;
    seq_lens: [B]; qsl: [B + 1]. All contiguous float32 / int. Returns 0, or 1 if out of memory. */
 int aiosched_paged_attention_f32(const float *q, float *out, const float *kc, const float *vc,
@@ -108,7 +148,7 @@ int aiosched_paged_attention_f32(const float *q, float *out, const float *kc, co
     int64_t n_items = 0, max_len = 1;
     for (int64_t r = 0; r < B; r++) {
         const int64_t qlen = qsl[r + 1] - qsl[r];
-        n_items += Hkv * ((qlen + q_tile - 1) / q_tile);
+        n_items += qlen == 1 ? 1 : Hkv * ((qlen + q_tile - 1) / q_tile);
         if (seq_lens[r] > max_len) max_len = seq_lens[r];
     }
     item_t *items = malloc(sizeof(item_t) * (n_items ? n_items : 1));
@@ -116,13 +156,14 @@ int aiosched_paged_attention_f32(const float *q, float *out, const float *kc, co
     int64_t k = 0;
     for (int64_t r = 0; r < B; r++) {
         const int64_t qlen = qsl[r + 1] - qsl[r];
+        if (qlen == 1) { item_t it = {r, -1, 0, 1}; items[k++] = it; continue; }
         for (int64_t j0 = 0; j0 < qlen; j0 += q_tile)
             for (int64_t h = 0; h < Hkv; h++) {
                 item_t it = {r, h, j0, j0 + q_tile < qlen ? j0 + q_tile : qlen};
                 items[k++] = it;
             }
     }
-    const int64_t max_m = q_tile * G;
+    const int64_t max_m = q_tile * G > Hq ? q_tile * G : Hq; /* a decode item holds every head's scores */
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
     if (omp_get_max_threads() != nthreads) omp_set_num_threads(nthreads);
@@ -136,7 +177,9 @@ int aiosched_paged_attention_f32(const float *q, float *out, const float *kc, co
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n_items; i++)
-            if (S && acc)
+            if (S && acc && items[i].h < 0)
+                attend_decode(items[i].r, q, out, kc, vc, tables, seq_lens, qsl, max_blocks, Hq, Hkv, D, BS, scale, window, S, acc);
+            else if (S && acc)
                 attend_item(&items[i], q, out, kc, vc, tables, seq_lens, qsl, max_blocks, Hq, Hkv, D, BS,
                             scale, window, S, acc);
         free(S);
