@@ -175,20 +175,29 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rota
 
 # CPU float32 GEMMs through oneDNN with the weight kept in oneDNN's own blocked layout
 # (reordered once, at first use). Measured on the AVX2 sandbox, 1 thread (docs/benchmarks.md,
-# issue 23, 2026-12-03): wide outputs gain (the LM head [64, 256..2048] x [.., 32000]:
-# 1.2-1.3x over MKL's F.linear; [1, 256] x [256, 32000]: 1.4x), while the model's own
-# projections (out <= 5632) lose 3-20% at 64 rows and 2-4x at one row (oneDNN's ~20 us
-# per-call overhead). So only wide layers take it, and one row only over a narrow input
-# ([1, 2048] x [2048, 32000] lost 15%). AIOSCHED_CPU_LINEAR=torch keeps F.linear
-# everywhere (the before/after switch, and a way out if a CPU misbehaves).
+# issue 23, 2026-12-03 and its second series):
+# - wide outputs (the LM head, >= 16384 features) gain at every row count over narrow
+#   inputs: [64, 256..2048] x [.., 32000] 1.2-1.7x over MKL's F.linear; one row only over
+#   inputs <= 1024 wide ([1, 2048] x [2048, 32000] lost 15%);
+# - the projections of hidden >= 512 models (inputs and outputs >= 512 features) gain from
+#   8 rows on: [8..64, 512..1024] x [.., 1536..5632] 1.1-3.8x per op, and the whole step
+#   1.1-1.25x (decode batch 64 and a 4 x 128 prefill, hidden 512 / 8 layers and
+#   1024 / 12 layers); at one row they are even or lose (oneDNN's ~20 us per call);
+# - the hidden 256 model's projections (256 wide) are even at 64 rows (0.95-1.11x) and lose
+#   2-3x at one row: they stay on F.linear.
+# AIOSCHED_CPU_LINEAR=torch keeps F.linear everywhere (the before/after switch, and a way out
+# if a CPU misbehaves).
 CPU_LINEAR_ENV = "AIOSCHED_CPU_LINEAR"
-ONEDNN_MIN_OUT = 16384  # output features from which oneDNN pays (4096: 1.07-1.28x at 64 rows, but 0.90x at 512)
-ONEDNN_FEW_ROWS, ONEDNN_FEW_ROWS_MAX_IN = 16, 1024  # under 16 rows only for inputs <= 1024 wide
+ONEDNN_MIN_OUT = 16384  # output features from which oneDNN pays at any row count (the LM head)
+ONEDNN_FEW_ROWS, ONEDNN_FEW_ROWS_MAX_IN = 16, 1024  # wide outputs under 16 rows: only inputs <= 1024 wide
+ONEDNN_PROJ_MIN_DIM, ONEDNN_PROJ_MIN_ROWS = 512, 8  # projections: both dims >= 512, from 8 rows
 
 
 def onednn_pays(rows: int, in_features: int, out_features: int) -> bool:
     """Whether a float32 [rows, in] x [in, out] product is faster through oneDNN here."""
-    return out_features >= ONEDNN_MIN_OUT and (rows >= ONEDNN_FEW_ROWS or in_features <= ONEDNN_FEW_ROWS_MAX_IN)
+    if out_features >= ONEDNN_MIN_OUT:
+        return rows >= ONEDNN_FEW_ROWS or in_features <= ONEDNN_FEW_ROWS_MAX_IN
+    return rows >= ONEDNN_PROJ_MIN_ROWS and min(in_features, out_features) >= ONEDNN_PROJ_MIN_DIM
 
 
 def _onednn_usable() -> bool:
