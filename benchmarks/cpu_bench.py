@@ -73,16 +73,42 @@ def _decode_batch(model, batch: int, ctx: int, block: int):  # type: ignore[no-u
     return caches, meta, ids, pos
 
 
+def _prefill_batch(model, reqs: int, qlen: int, block: int):  # type: ignore[no-untyped-def]
+    """The metadata of one prefill step: `reqs` fresh prompts of `qlen` tokens each (the
+    engine's chunked prefill at max-num-batched-tokens 512 schedules 4 x 128)."""
+    a = model.args
+    per = -(-qlen // block)
+    nblocks = reqs * per + 1
+    perm = torch.randperm(nblocks - 1).tolist()
+    tables = [perm[i * per:(i + 1) * per] for i in range(reqs)]
+    caches = [(torch.zeros(nblocks, block, a.num_kv_heads, a.head_dim), torch.zeros(nblocks, block, a.num_kv_heads, a.head_dim))
+              for _ in range(a.num_layers)]
+    slots = [tables[i][p // block] * block + p % block for i in range(reqs) for p in range(qlen)]
+    meta = AttentionMetadata(torch.tensor(slots), [i * qlen for i in range(reqs + 1)], [qlen] * reqs, tables, block)
+    ids = torch.randint(0, a.vocab_size, (reqs * qlen,))
+    pos = torch.arange(qlen).repeat(reqs)
+    model.init_rope(qlen + 16)
+    meta.extra["logit_rows"] = torch.tensor([(i + 1) * qlen - 1 for i in range(reqs)])
+    return caches, meta, ids, pos
+
+
 def _step(model, caches, meta, ids, pos) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    rows = meta.extra.get("logit_rows")
     meta.extra.clear()  # per step, as the runner builds a new AttentionMetadata
     h = model(ids, pos, meta, caches)
+    if rows is not None:  # a prefill step: logits of each prompt's last token only
+        meta.extra["logit_rows"] = rows
+        h = h[rows]
     return greedy_argmax(model.compute_logits(h))  # as the runner takes greedy tokens on the CPU
 
 
 def cmd_step(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = _model(args.config)
-    caches, meta, ids, pos = _decode_batch(model, args.batch, args.ctx, args.block_size)
+    if args.prefill:
+        caches, meta, ids, pos = _prefill_batch(model, args.batch, args.prefill, args.block_size)
+    else:
+        caches, meta, ids, pos = _decode_batch(model, args.batch, args.ctx, args.block_size)
     lib = cpu_kernel.load()
     paths = {"kernel": lambda q, k, v, m, s, *_: torch_paged._kernel_attention(lib, q, k, v, m, s),  # no window/cap: Llama
              "torch": torch_paged.torch_paged_attention}
@@ -116,7 +142,8 @@ def cmd_step(args: argparse.Namespace) -> None:
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     for _ in range(3):
                         _step(model, caches, meta, ids, pos)
-                print(f"\n== profile: variant {n!r}, 3 decode steps, batch {args.batch}, ctx ~{args.ctx}")
+                what = f"prefill {args.batch} x {args.prefill}" if args.prefill else f"decode, batch {args.batch}, ctx ~{args.ctx}"
+                print(f"\n== profile: variant {n!r}, 3 steps, {what}")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
     llama.paged_attention = torch_paged.paged_attention = real
     os.environ.pop("AIOSCHED_CPU_LINEAR", None)
@@ -124,11 +151,12 @@ def cmd_step(args: argparse.Namespace) -> None:
     if len(results) > 1:
         first = next(iter(results.values()))
         print("same greedy tokens across paths:", all(torch.equal(first, r) for r in results.values()))
-    report = {"config": args.config, "batch": args.batch, "ctx": args.ctx, "threads": args.threads, "paths": {}}
+    report = {"config": args.config, "batch": args.batch, "ctx": args.ctx, "prefill": args.prefill, "threads": args.threads,
+              "paths": {}}
     for n, ts in times.items():
         ms = sorted(t * 1e3 for t in ts)
         report["paths"][n] = {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
-        print(f"{n:24s} decode step: median {statistics.median(ms):7.1f} ms  min {ms[0]:7.1f}  max {ms[-1]:7.1f}  (n={len(ms)})")
+        print(f"{n:24s} {'prefill' if args.prefill else 'decode'} step: median {statistics.median(ms):7.1f} ms  min {ms[0]:7.1f}  max {ms[-1]:7.1f}  (n={len(ms)})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -270,6 +298,8 @@ def main() -> None:
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--ctx", type=int, default=160, help="mean context length (128 prompt + half of 64 out)")
     s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--prefill", type=int, default=0, metavar="QLEN",
+                   help="time a prefill step instead: --batch fresh prompts of QLEN tokens (e.g. --batch 4 --prefill 128)")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--paths", default="kernel,torch", help="attention paths")
     s.add_argument("--linears", default="onednn,torch", help="linear paths (AIOSCHED_CPU_LINEAR values)")
