@@ -37,6 +37,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the torch worker sets it (executors/torch/__init__.py)
 
 import torch  # noqa: E402
 
