@@ -85,49 +85,6 @@ static inline float softmax_row(float *row, int64_t n) {
 /* One work item: request r, KV head h, its query tokens [j0, j1). */
 typedef struct { int64_t r, h, j0, j1; } item_t;
 
-static void attend_item(const item_t *it, const float *q, float *out, const float *kc, const float *vc,
-                        const int32_t *tables, const int64_t *seq_lens, const int64_t *qsl,
-                        int64_t max_blocks, int64_t Hq, int64_t Hkv, int64_t D, int64_t BS,
-                        float scale, int64_t window, float *S, float *acc) {
-    const int64_t G = Hq / Hkv, r = it->r, h = it->h, j0 = it->j0, j1 = it->j1;
-    const int64_t qlen = qsl[r + 1] - qsl[r], first = seq_lens[r] - qlen; /* query j sits at first + j */
-    const int64_t hi = first + j1;                                           /* keys [lo, hi) */
-    int64_t lo = 0;
-    if (window > 0) { lo = first + j0 - window + 1; if (lo < 0) lo = 0; }
-    const int64_t n = hi - lo, M = (j1 - j0) * G;
-    const int32_t *table = tables + r * max_blocks;
-    /* scores S[m][p - lo]; row m = (token j0 + m / G, query head h * G + m % G) */
-    for (int64_t p = lo; p < hi; p++) {
-        const float *kp = kc + (((int64_t)table[p / BS] * BS + p % BS) * Hkv + h) * D;
-        for (int64_t m = 0; m < M; m++) {
-            const int64_t qpos = first + j0 + m / G;
-            float s = -INFINITY;
-            if (p <= qpos && (window <= 0 || p > qpos - window)) {
-                const float *qm = q + ((qsl[r] + j0 + m / G) * Hq + h * G + m % G) * D;
-                s = scale * dot(qm, kp, D);
-            }
-            S[m * n + (p - lo)] = s;
-        }
-    }
-    for (int64_t m = 0; m < M; m++) acc[M * D + m] = softmax_row(S + m * n, n); /* the sum divides at the end */
-    memset(acc, 0, sizeof(float) * M * D);
-    for (int64_t p = lo; p < hi; p++) {
-        const float *vp = vc + (((int64_t)table[p / BS] * BS + p % BS) * Hkv + h) * D;
-        for (int64_t m = 0; m < M; m++) {
-            const float w = S[m * n + (p - lo)];
-            if (w == 0.f) continue; /* masked (causal tail of an earlier query) */
-            float *a = acc + m * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) a[d] += w * vp[d];
-        }
-    }
-    for (int64_t m = 0; m < M; m++) {
-        float *o = out + ((qsl[r] + j0 + m / G) * Hq + h * G + m % G) * D;
-        const float *a = acc + m * D, inv = acc[M * D + m];
-        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
-    }
-}
-
 /* out[j] = scale * <q, k[j]> for 8 rows k[j] of D floats. AVX2: eight accumulators and one
    transposing reduction (instead of a horizontal sum per dot product); D % 8 == 0. */
 static inline void dot8(const float *restrict q, const float *const k[8], int64_t D, float scale, float *restrict out) {
@@ -153,6 +110,69 @@ static inline void dot8(const float *restrict q, const float *const k[8], int64_
     }
 #endif
     for (int j = 0; j < 8; j++) out[j] = scale * dot(q, k[j], D);
+}
+
+static void attend_item(const item_t *it, const float *q, float *out, const float *kc, const float *vc,
+                        const int32_t *tables, const int64_t *seq_lens, const int64_t *qsl,
+                        int64_t max_blocks, int64_t Hq, int64_t Hkv, int64_t D, int64_t BS,
+                        float scale, int64_t window, float *S, float *acc) {
+    const int64_t G = Hq / Hkv, r = it->r, h = it->h, j0 = it->j0, j1 = it->j1;
+    const int64_t qlen = qsl[r + 1] - qsl[r], first = seq_lens[r] - qlen; /* query j sits at first + j */
+    const int64_t hi = first + j1;                                           /* keys [lo, hi) */
+    int64_t lo = 0;
+    if (window > 0) { lo = first + j0 - window + 1; if (lo < 0) lo = 0; }
+    const int64_t n = hi - lo, M = (j1 - j0) * G;
+    const int32_t *table = tables + r * max_blocks;
+#define KROW(c, p) ((c) + (((int64_t)table[(p) / BS] * BS + (p) % BS) * Hkv + h) * D)
+#define QROW(m) (q + ((qsl[r] + j0 + (m) / G) * Hq + h * G + (m) % G) * D)
+    /* scores S[m][p - lo]; row m = (token j0 + m / G, query head h * G + m % G); query m sees
+       the keys [vlo, qpos]. Keys 8 at a time (dot8, the 8 rows stay in L1 across the tile's
+       queries); a group no key of which a query sees is skipped, a partly seen one masked. */
+    int64_t p = lo;
+    for (; p + 8 <= hi; p += 8) {
+        const float *kp[8];
+        for (int j = 0; j < 8; j++) kp[j] = KROW(kc, p + j);
+        for (int64_t m = 0; m < M; m++) {
+            const int64_t qpos = first + j0 + m / G, vlo = window > 0 ? qpos - window + 1 : 0;
+            float *srow = S + m * n + (p - lo);
+            if (p > qpos || p + 7 < vlo) {
+                for (int j = 0; j < 8; j++) srow[j] = -INFINITY;
+                continue;
+            }
+            dot8(QROW(m), kp, D, scale, srow);
+            if (p + 7 > qpos || p < vlo)
+                for (int j = 0; j < 8; j++)
+                    if (p + j > qpos || p + j < vlo) srow[j] = -INFINITY;
+        }
+    }
+    for (; p < hi; p++) {
+        const float *kp = KROW(kc, p);
+        for (int64_t m = 0; m < M; m++) {
+            const int64_t qpos = first + j0 + m / G;
+            float s = -INFINITY;
+            if (p <= qpos && (window <= 0 || p > qpos - window)) s = scale * dot(QROW(m), kp, D);
+            S[m * n + (p - lo)] = s;
+        }
+    }
+    for (int64_t m = 0; m < M; m++) acc[M * D + m] = softmax_row(S + m * n, n); /* the sum divides at the end */
+    memset(acc, 0, sizeof(float) * M * D);
+    for (p = lo; p < hi; p++) {
+        const float *vp = KROW(vc, p);
+        for (int64_t m = 0; m < M; m++) {
+            const float w = S[m * n + (p - lo)];
+            if (w == 0.f) continue; /* masked (causal tail of an earlier query) */
+            float *a = acc + m * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) a[d] += w * vp[d];
+        }
+    }
+    for (int64_t m = 0; m < M; m++) {
+        float *o = out + ((qsl[r] + j0 + m / G) * Hq + h * G + m % G) * D;
+        const float *a = acc + m * D, inv = acc[M * D + m];
+        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
+    }
+#undef KROW
+#undef QROW
 }
 
 /* One query of request r (a decode row), every head: the cache is read position by position,
@@ -184,18 +204,7 @@ static void attend_decode(int64_t r, const float *q, float *out, const float *kc
     }
     for (int64_t m = 0; m < Hq; m++) acc[Hq * D + m] = softmax_row(S + m * n, n);
     memset(acc, 0, sizeof(float) * Hq * D);
-    for (p = lo; p + 4 <= hi; p += 4) { /* 4 positions per pass over the accumulators */
-        const float *v0 = vc + SLOT(p), *v1 = vc + SLOT(p + 1), *v2 = vc + SLOT(p + 2), *v3 = vc + SLOT(p + 3);
-        for (int64_t m = 0; m < Hq; m++) {
-            const float *w = S + m * n + (p - lo);
-            const int64_t off = (m / G) * D;
-            float *a = acc + m * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++)
-                a[d] += w[0] * v0[off + d] + w[1] * v1[off + d] + w[2] * v2[off + d] + w[3] * v3[off + d];
-        }
-    }
-    for (; p < hi; p++) {
+    for (p = lo; p < hi; p++) {
         const float *vp = vc + SLOT(p);
         for (int64_t m = 0; m < Hq; m++) {
             const float w = S[m * n + (p - lo)], *vm = vp + (m / G) * D;
@@ -263,6 +272,39 @@ int aiosched_paged_attention_f32(const float *q, float *out, const float *kc, co
     free(items);
     return failed;
 }
+
+/* Rotate-half RoPE (HF's convention) of q and k, and this step's k, v written into the paged
+   cache, in one pass (the layers' unfused path: a cos/sin gather, 2 x 7 elementwise ops and
+   two index_copy_). q, k, v: rows of T tokens, row strides qs, ks, vs (views of the fused
+   qkv output), heads contiguous ([H, D] per token); table: [max_pos, D] float32, cos in the
+   first half and sin in the second; pos: [T]; slots: [T] cache slot (-1: no write).
+   qo: [T, Hq, D], ko: [T, Hkv, D] contiguous, the rotated q and k. Products and sums are
+   rounded one by one (no FMA contraction), so the result is torch's, bit for bit. */
+__attribute__((optimize("fp-contract=off")))
+static void rope_row(const float *restrict x, float *restrict o, const float *restrict cs, int64_t D) {
+    const int64_t h = D / 2;
+    const float *c = cs, *sn = cs + h;
+    for (int64_t i = 0; i < h; i++) {
+        const float x1 = x[i], x2 = x[h + i];
+        const float a = x1 * c[i], b = x2 * sn[i], e = x2 * c[i], f = x1 * sn[i];
+        o[i] = a - b;
+        o[h + i] = e + f;
+    }
+}
+
+void aiosched_rope_store_f32(const float *q, const float *k, const float *v, int64_t qs, int64_t ks, int64_t vs,
+                             float *qo, float *ko, float *kc, float *vc, const float *table, const int64_t *pos,
+                             const int64_t *slots, int64_t T, int64_t Hq, int64_t Hkv, int64_t D) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *cs = table + pos[t] * D;
+        for (int64_t hh = 0; hh < Hq; hh++) rope_row(q + t * qs + hh * D, qo + (t * Hq + hh) * D, cs, D);
+        for (int64_t hh = 0; hh < Hkv; hh++) rope_row(k + t * ks + hh * D, ko + (t * Hkv + hh) * D, cs, D);
+        if (slots[t] >= 0) {
+            memcpy(kc + slots[t] * Hkv * D, ko + t * Hkv * D, sizeof(float) * Hkv * D);
+            for (int64_t hh = 0; hh < Hkv; hh++) memcpy(vc + (slots[t] * Hkv + hh) * D, v + t * vs + hh * D, sizeof(float) * D);
+        }
+    }
+}
 """
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
@@ -317,6 +359,9 @@ def _open(path: Path) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr] * 7 + [i64] * 6 + [ctypes.c_float, i64, i64, ctypes.c_int]
+    rope = lib.aiosched_rope_store_f32
+    rope.restype = None
+    rope.argtypes = [ptr] * 3 + [i64] * 3 + [ptr] * 7 + [i64] * 4
     return lib
 
 
