@@ -31,6 +31,7 @@ from torch import nn
 
 from aiosched.executors.model_config import RopeConfig
 from aiosched.executors.torch import fused_ops
+from aiosched.executors.torch.attention import cpu_kernel
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, store_kv
 from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_reduce_
 
@@ -147,6 +148,17 @@ class RotaryAt:
     def __init__(self, table: torch.Tensor, positions: torch.Tensor) -> None:
         self.table, self.positions = table, positions
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._c_ok: bool | None = None
+
+    def c_kernel_ok(self) -> bool:
+        """Whether the CPU C kernel can take this step's rotations: a float32 host table and
+        int64 positions inside it (checked once per step: the kernel does not bound-check)."""
+        if self._c_ok is None:
+            t, p = self.table, self.positions
+            self._c_ok = (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and p.device.type == "cpu"
+                          and p.dtype == torch.int64 and p.dim() == 1 and p.is_contiguous()
+                          and (p.numel() == 0 or (int(p.min()) >= 0 and int(p.max()) < t.shape[0])))
+        return self._c_ok
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos_sin is None:
@@ -154,14 +166,51 @@ class RotaryAt:
         return self._cos_sin
 
 
+def _c_rope_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The CPU C kernel's domain (attention/cpu_kernel.py, `aiosched_rope_store_f32`): float32
+    host tensors, heads contiguous within each token's row (views of the qkv output are),
+    contiguous caches, the table as wide as the head, slots checked once per step. Other
+    cases take the torch ops below, which the kernel equals bit for bit."""
+    d = q.shape[-1]
+    if not (q.dim() == k.dim() == v.dim() == 3 and q.device.type == "cpu" and d % 2 == 0
+            and q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+            and all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v)) and k.shape == v.shape
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == k.shape[1:]
+            and rope.table.shape[-1] == d and rope.c_kernel_ok()):
+        return False
+    slots = meta.slot_mapping
+    ok = meta.extra.get("cpu_slots_ok")
+    if ok is None or ok[0] != k_cache.shape[0] * k_cache.shape[1]:
+        n = k_cache.shape[0] * k_cache.shape[1]
+        ok = (n, slots.device.type == "cpu" and slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == q.shape[0]
+              and (slots.numel() == 0 or (int(slots.min()) >= -1 and int(slots.max()) < n)))
+        meta.extra["cpu_slots_ok"] = ok  # type: ignore[assignment]
+    return bool(ok[1])
+
+
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata,
                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q, k ([T, H, D]) and write this step's k, v into the paged cache (the whole
     batch before any attention reads it). Fused: one kernel, in place, padding slots
-    (-1) skipped."""
+    (-1) skipped. CPU float32: one pass of the C kernel (attention/cpu_kernel.py), equal to
+    the torch ops (`torch_rope_and_store`) bit for bit, where it applies."""
     if meta.fused:
         fused_ops.rope_and_cache(q, k, v, rope.positions, rope.table, k_cache, v_cache, meta.slot_mapping)
         return q, k
+    if _c_rope_applies(q, k, v, rope, meta, k_cache, v_cache) and (lib := cpu_kernel.load()) is not None:
+        T, hq, d = q.shape
+        qo, ko = torch.empty(T, hq, d), torch.empty(T, k.shape[1], d)
+        lib.aiosched_rope_store_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
+                                    qo.data_ptr(), ko.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rope.table.data_ptr(),
+                                    rope.positions.data_ptr(), meta.slot_mapping.data_ptr(), T, hq, k.shape[1], d)
+        return qo, ko
+    return torch_rope_and_store(q, k, v, rope, meta, k_cache, v_cache)
+
+
+def torch_rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_and_store in plain torch ops (any device and dtype), HF's order and rounding."""
     cos, sin = rope.cos_sin()
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
