@@ -21,6 +21,9 @@ checkpoint built by `ckpt` (transformers' own save, float32, the embedded tokeni
     python benchmarks/cpu_bench.py e2e --model /work/ckpt256 --vllm /work/vllm-venv/bin/vllm --rounds 3 \\
         --variant "after:" --variant "before:env:AIOSCHED_CPU_LINEAR=torch env:AIOSCHED_CPU_ARGMAX=torch"
 
+`attn` times the C attention kernel alone (decode or `--prefill`, `--hot` for cache-resident KV).
+`step --prefill 128 --batch 4` times a prefill step instead of a decode step.
+
 `step --linears onednn,torch` times the oneDNN LM head against F.linear (AIOSCHED_CPU_LINEAR),
 `--argmaxes two-pass,torch` the two-pass greedy argmax against torch.argmax (AIOSCHED_CPU_ARGMAX).
 """
@@ -214,6 +217,48 @@ def cmd_ops(args: argparse.Namespace) -> None:
                   f"ratio {t['torch'] / t['two-pass']:.2f}", flush=True)
 
 
+def cmd_attn(args: argparse.Namespace) -> None:
+    """The C attention kernel alone over --layers layers' caches: a decode batch (--batch
+    requests at context ~--ctx, block tables scattered) or a prefill step (--prefill QLEN:
+    --batch fresh prompts). --hot: every request reads the same blocks (the cache in L2/L3:
+    the kernel's compute without the memory traffic). Wall and thread CPU ms per call of
+    all layers, min and median over --iters."""
+    torch.set_num_threads(args.threads)
+    lib = cpu_kernel.load()
+    if lib is None:
+        raise SystemExit("the CPU kernel did not build")
+    B, bs, H, D = args.batch, args.block_size, args.heads, args.head_dim
+    if args.prefill:
+        lens, qsl = [args.prefill] * B, [i * args.prefill for i in range(B + 1)]
+    else:
+        lens, qsl = [args.ctx - B // 2 + i for i in range(B)], list(range(B + 1))
+    per = -(-max(lens) // bs)
+    nb = B * per + 1
+    perm = torch.randperm(nb - 1).tolist()
+    tables = [list(range(per)) if args.hot else perm[i * per:(i + 1) * per] for i in range(B)]
+    caches = [(torch.randn(nb, bs, H, D), torch.randn(nb, bs, H, D)) for _ in range(args.layers)]
+    meta = AttentionMetadata(torch.zeros(qsl[-1], dtype=torch.long), qsl, lens, tables, bs)
+    q = torch.randn(qsl[-1], H, D)
+
+    def run() -> None:
+        for k, v in caches:
+            torch_paged._kernel_attention(lib, q, k, v, meta, D ** -0.5)
+
+    run()
+    wall, cpu = [], []
+    for _ in range(args.iters):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        run()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.thread_time() - c0) * 1e3)
+    err = (torch_paged.torch_paged_attention(q, *caches[0], meta, D ** -0.5) - torch_paged._kernel_attention(
+        lib, q, *caches[0], meta, D ** -0.5)).abs().max().item()
+    what = f"prefill {B} x {args.prefill}" if args.prefill else f"decode batch {B}, ctx ~{args.ctx}"
+    print(f"attention, {args.layers} layers, {what}, {H} heads x {D}{', hot' if args.hot else ''}, {args.threads} thread(s): "
+          f"wall min {min(wall):.1f} median {statistics.median(wall):.1f} ms; thread CPU min {min(cpu):.1f} "
+          f"median {statistics.median(cpu):.1f} ms; max |kernel - torch| {err:.2e}")
+
+
 CKPTS = {"256": "llama-256x4.json", "512": "llama-512x8.json", "1024": "llama-1024x12.json"}
 
 
@@ -336,13 +381,24 @@ def main() -> None:
     o.add_argument("--rows", default="1,64,512")
     o.add_argument("--rounds", type=int, default=10)
     o.add_argument("--threads", type=int, default=1)
+    a = sub.add_parser("attn", help="the C attention kernel alone (decode or prefill), wall and CPU ms")
+    a.add_argument("--batch", type=int, default=64)
+    a.add_argument("--ctx", type=int, default=160)
+    a.add_argument("--prefill", type=int, default=0, metavar="QLEN")
+    a.add_argument("--heads", type=int, default=8, help="query = KV heads")
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--layers", type=int, default=8)
+    a.add_argument("--block-size", type=int, default=16)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--iters", type=int, default=10)
+    a.add_argument("--hot", action="store_true", help="all requests read the same blocks (cache-resident)")
     c = sub.add_parser("ckpt", help="build the float32 random Llama checkpoints (transformers), /work/ckpt256 etc.")
     c.add_argument("--sizes", default="256,512,1024")
     c.add_argument("--prefix", default="/work/ckpt")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--force", action="store_true")
     args = p.parse_args()
-    {"step": cmd_step, "e2e": cmd_e2e, "ckpt": cmd_ckpt, "ops": cmd_ops}[args.cmd](args)
+    {"step": cmd_step, "e2e": cmd_e2e, "ckpt": cmd_ckpt, "ops": cmd_ops, "attn": cmd_attn}[args.cmd](args)
 
 
 if __name__ == "__main__":
