@@ -21,6 +21,9 @@ checkpoint built by `ckpt` (transformers' own save, float32, the embedded tokeni
     python benchmarks/cpu_bench.py e2e --model /work/ckpt256 --vllm /work/vllm-venv/bin/vllm --rounds 3 \\
         --variant "after:" --variant "before:env:AIOSCHED_CPU_LINEAR=torch env:AIOSCHED_CPU_ARGMAX=torch"
 
+`attn` times the C attention kernel alone (decode or `--prefill`, `--hot` for cache-resident KV).
+`step --prefill 128 --batch 4` times a prefill step instead of a decode step.
+
 `step --linears onednn,torch` times the oneDNN LM head against F.linear (AIOSCHED_CPU_LINEAR),
 `--argmaxes two-pass,torch` the two-pass greedy argmax against torch.argmax (AIOSCHED_CPU_ARGMAX).
 """
@@ -37,6 +40,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the torch worker sets it (executors/torch/__init__.py)
 
 import torch  # noqa: E402
 
@@ -73,16 +77,42 @@ def _decode_batch(model, batch: int, ctx: int, block: int):  # type: ignore[no-u
     return caches, meta, ids, pos
 
 
+def _prefill_batch(model, reqs: int, qlen: int, block: int):  # type: ignore[no-untyped-def]
+    """The metadata of one prefill step: `reqs` fresh prompts of `qlen` tokens each (the
+    engine's chunked prefill at max-num-batched-tokens 512 schedules 4 x 128)."""
+    a = model.args
+    per = -(-qlen // block)
+    nblocks = reqs * per + 1
+    perm = torch.randperm(nblocks - 1).tolist()
+    tables = [perm[i * per:(i + 1) * per] for i in range(reqs)]
+    caches = [(torch.zeros(nblocks, block, a.num_kv_heads, a.head_dim), torch.zeros(nblocks, block, a.num_kv_heads, a.head_dim))
+              for _ in range(a.num_layers)]
+    slots = [tables[i][p // block] * block + p % block for i in range(reqs) for p in range(qlen)]
+    meta = AttentionMetadata(torch.tensor(slots), [i * qlen for i in range(reqs + 1)], [qlen] * reqs, tables, block)
+    ids = torch.randint(0, a.vocab_size, (reqs * qlen,))
+    pos = torch.arange(qlen).repeat(reqs)
+    model.init_rope(qlen + 16)
+    meta.extra["logit_rows"] = torch.tensor([(i + 1) * qlen - 1 for i in range(reqs)])
+    return caches, meta, ids, pos
+
+
 def _step(model, caches, meta, ids, pos) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    rows = meta.extra.get("logit_rows")
     meta.extra.clear()  # per step, as the runner builds a new AttentionMetadata
     h = model(ids, pos, meta, caches)
+    if rows is not None:  # a prefill step: logits of each prompt's last token only
+        meta.extra["logit_rows"] = rows
+        h = h[rows]
     return greedy_argmax(model.compute_logits(h))  # as the runner takes greedy tokens on the CPU
 
 
 def cmd_step(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = _model(args.config)
-    caches, meta, ids, pos = _decode_batch(model, args.batch, args.ctx, args.block_size)
+    if args.prefill:
+        caches, meta, ids, pos = _prefill_batch(model, args.batch, args.prefill, args.block_size)
+    else:
+        caches, meta, ids, pos = _decode_batch(model, args.batch, args.ctx, args.block_size)
     lib = cpu_kernel.load()
     paths = {"kernel": lambda q, k, v, m, s, *_: torch_paged._kernel_attention(lib, q, k, v, m, s),  # no window/cap: Llama
              "torch": torch_paged.torch_paged_attention}
@@ -98,6 +128,9 @@ def cmd_step(args: argparse.Namespace) -> None:
         os.environ["AIOSCHED_CPU_LINEAR"], os.environ["AIOSCHED_CPU_ARGMAX"] = lin, am
 
     times: dict[str, list[float]] = {n: [] for n in names}
+    # CPU time of this thread per step: with one thread, the step's own cost whatever else runs
+    # on the shared machine (the wall time includes waiting for a core).
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     results: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for _ in range(args.rounds):
@@ -105,9 +138,10 @@ def cmd_step(args: argparse.Namespace) -> None:
                 use(n)
                 results[n] = _step(model, caches, meta, ids, pos)  # warm-up
                 for _ in range(args.iters):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     _step(model, caches, meta, ids, pos)
                     times[n].append(time.perf_counter() - t0)
+                    cpu[n].append(time.thread_time() - c0)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -116,7 +150,8 @@ def cmd_step(args: argparse.Namespace) -> None:
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     for _ in range(3):
                         _step(model, caches, meta, ids, pos)
-                print(f"\n== profile: variant {n!r}, 3 decode steps, batch {args.batch}, ctx ~{args.ctx}")
+                what = f"prefill {args.batch} x {args.prefill}" if args.prefill else f"decode, batch {args.batch}, ctx ~{args.ctx}"
+                print(f"\n== profile: variant {n!r}, 3 steps, {what}")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
     llama.paged_attention = torch_paged.paged_attention = real
     os.environ.pop("AIOSCHED_CPU_LINEAR", None)
@@ -124,11 +159,15 @@ def cmd_step(args: argparse.Namespace) -> None:
     if len(results) > 1:
         first = next(iter(results.values()))
         print("same greedy tokens across paths:", all(torch.equal(first, r) for r in results.values()))
-    report = {"config": args.config, "batch": args.batch, "ctx": args.ctx, "threads": args.threads, "paths": {}}
+    report = {"config": args.config, "batch": args.batch, "ctx": args.ctx, "prefill": args.prefill, "threads": args.threads,
+              "paths": {}}
     for n, ts in times.items():
         ms = sorted(t * 1e3 for t in ts)
-        report["paths"][n] = {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
-        print(f"{n:24s} decode step: median {statistics.median(ms):7.1f} ms  min {ms[0]:7.1f}  max {ms[-1]:7.1f}  (n={len(ms)})")
+        cms = sorted(t * 1e3 for t in cpu[n])
+        report["paths"][n] = {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms),
+                              "cpu_median_ms": statistics.median(cms), "cpu_min_ms": cms[0]}
+        print(f"{n:24s} {'prefill' if args.prefill else 'decode'} step: median {statistics.median(ms):7.1f} ms  min {ms[0]:7.1f}  "
+              f"max {ms[-1]:7.1f}  (n={len(ms)}); thread CPU median {statistics.median(cms):7.1f} ms  min {cms[0]:7.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -176,6 +215,48 @@ def cmd_ops(args: argparse.Namespace) -> None:
             t = _interleaved({"torch": lambda: x.argmax(-1), "two-pass": lambda: greedy_argmax(x)}, args.rounds)
             print(f"rows {rows:4d} argmax [{rows}, {v}]  torch.argmax {t['torch']:9.1f} us  two-pass {t['two-pass']:9.1f} us  "
                   f"ratio {t['torch'] / t['two-pass']:.2f}", flush=True)
+
+
+def cmd_attn(args: argparse.Namespace) -> None:
+    """The C attention kernel alone over --layers layers' caches: a decode batch (--batch
+    requests at context ~--ctx, block tables scattered) or a prefill step (--prefill QLEN:
+    --batch fresh prompts). --hot: every request reads the same blocks (the cache in L2/L3:
+    the kernel's compute without the memory traffic). Wall and thread CPU ms per call of
+    all layers, min and median over --iters."""
+    torch.set_num_threads(args.threads)
+    lib = cpu_kernel.load()
+    if lib is None:
+        raise SystemExit("the CPU kernel did not build")
+    B, bs, H, D = args.batch, args.block_size, args.heads, args.head_dim
+    if args.prefill:
+        lens, qsl = [args.prefill] * B, [i * args.prefill for i in range(B + 1)]
+    else:
+        lens, qsl = [args.ctx - B // 2 + i for i in range(B)], list(range(B + 1))
+    per = -(-max(lens) // bs)
+    nb = B * per + 1
+    perm = torch.randperm(nb - 1).tolist()
+    tables = [list(range(per)) if args.hot else perm[i * per:(i + 1) * per] for i in range(B)]
+    caches = [(torch.randn(nb, bs, H, D), torch.randn(nb, bs, H, D)) for _ in range(args.layers)]
+    meta = AttentionMetadata(torch.zeros(qsl[-1], dtype=torch.long), qsl, lens, tables, bs)
+    q = torch.randn(qsl[-1], H, D)
+
+    def run() -> None:
+        for k, v in caches:
+            torch_paged._kernel_attention(lib, q, k, v, meta, D ** -0.5)
+
+    run()
+    wall, cpu = [], []
+    for _ in range(args.iters):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        run()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.thread_time() - c0) * 1e3)
+    err = (torch_paged.torch_paged_attention(q, *caches[0], meta, D ** -0.5) - torch_paged._kernel_attention(
+        lib, q, *caches[0], meta, D ** -0.5)).abs().max().item()
+    what = f"prefill {B} x {args.prefill}" if args.prefill else f"decode batch {B}, ctx ~{args.ctx}"
+    print(f"attention, {args.layers} layers, {what}, {H} heads x {D}{', hot' if args.hot else ''}, {args.threads} thread(s): "
+          f"wall min {min(wall):.1f} median {statistics.median(wall):.1f} ms; thread CPU min {min(cpu):.1f} "
+          f"median {statistics.median(cpu):.1f} ms; max |kernel - torch| {err:.2e}")
 
 
 CKPTS = {"256": "llama-256x4.json", "512": "llama-512x8.json", "1024": "llama-1024x12.json"}
@@ -270,6 +351,8 @@ def main() -> None:
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--ctx", type=int, default=160, help="mean context length (128 prompt + half of 64 out)")
     s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--prefill", type=int, default=0, metavar="QLEN",
+                   help="time a prefill step instead: --batch fresh prompts of QLEN tokens (e.g. --batch 4 --prefill 128)")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--paths", default="kernel,torch", help="attention paths")
     s.add_argument("--linears", default="onednn,torch", help="linear paths (AIOSCHED_CPU_LINEAR values)")
@@ -298,13 +381,24 @@ def main() -> None:
     o.add_argument("--rows", default="1,64,512")
     o.add_argument("--rounds", type=int, default=10)
     o.add_argument("--threads", type=int, default=1)
+    a = sub.add_parser("attn", help="the C attention kernel alone (decode or prefill), wall and CPU ms")
+    a.add_argument("--batch", type=int, default=64)
+    a.add_argument("--ctx", type=int, default=160)
+    a.add_argument("--prefill", type=int, default=0, metavar="QLEN")
+    a.add_argument("--heads", type=int, default=8, help="query = KV heads")
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--layers", type=int, default=8)
+    a.add_argument("--block-size", type=int, default=16)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--iters", type=int, default=10)
+    a.add_argument("--hot", action="store_true", help="all requests read the same blocks (cache-resident)")
     c = sub.add_parser("ckpt", help="build the float32 random Llama checkpoints (transformers), /work/ckpt256 etc.")
     c.add_argument("--sizes", default="256,512,1024")
     c.add_argument("--prefix", default="/work/ckpt")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--force", action="store_true")
     args = p.parse_args()
-    {"step": cmd_step, "e2e": cmd_e2e, "ckpt": cmd_ckpt, "ops": cmd_ops}[args.cmd](args)
+    {"step": cmd_step, "e2e": cmd_e2e, "ckpt": cmd_ckpt, "ops": cmd_ops, "attn": cmd_attn}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def test_narrow_layers_grad_and_other_dtypes_keep_f_linear(monkeypatch) -> None:
     x = torch.randn(64, 256)
     assert not onednn_pays(64, 256, 768) and onednn_pays(64, 256, WIDE)
     assert not onednn_pays(1, 2048, 32000)  # one row over a wide input: MKL was faster
+    # projections of hidden >= 512 models from 8 rows on; not at one row, not 256 wide
+    assert onednn_pays(8, 512, 1536) and onednn_pays(512, 1408, 512) and onednn_pays(64, 1024, 5632)
+    assert not onednn_pays(7, 512, 1536) and not onednn_pays(64, 704, 256) and not onednn_pays(512, 256, 1408)
     with torch.inference_mode():
         assert "mkldnn::_linear_pointwise" not in _ops(lambda: narrow(x))
         assert "mkldnn::_linear_pointwise" not in _ops(lambda: wide.to(torch.bfloat16)(x.bfloat16()))
@@ -114,6 +117,35 @@ def test_model_through_onednn_gives_hf_logits_and_greedy_tokens(tmp_path, monkey
     for i, s in enumerate(seqs):
         with torch.no_grad():
             ref = hf(torch.tensor([s])).logits[0].float()
+        torch.testing.assert_close(out[i], ref, atol=2e-4, rtol=1e-4)
+        assert torch.equal(out[i].argmax(-1), ref.argmax(-1))
+
+
+@needs_onednn
+def test_hidden_512_projections_through_onednn_give_hf_tokens(tmp_path, monkeypatch) -> None:
+    """A hidden-512 GQA model: its projections take oneDNN on steps of >= 8 rows (a prefill
+    chunk, then 9 decode rows through the decode attention kernel); HF's logits and greedy tokens."""
+    transformers = pytest.importorskip("transformers")
+    from aiosched.executors.torch.random_checkpoint import write_random_checkpoint
+    from paged_model import PagedModel
+
+    monkeypatch.delenv(CPU_LINEAR_ENV, raising=False)
+    path = write_random_checkpoint(tmp_path / "h512", seed=4, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=2,
+                                   intermediate_size=1024)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = PagedModel(path, 96, 4, 512)
+    vocab = hf.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 9, 12, 5, 7, 16, 2, 10, 11)]
+    with torch.inference_mode():
+        ours.step([(i, s[:-1], 0) for i, s in enumerate(seqs)])  # the prompts but their last token
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = ours.step([(i, s[-1:], len(s) - 1) for i, s in enumerate(seqs)])  # 9 decode rows
+        ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_linear_pointwise" in ops
+    for i, s in enumerate(seqs):
+        with torch.no_grad():
+            ref = hf(torch.tensor([s])).logits[0, -1:].float()
         torch.testing.assert_close(out[i], ref, atol=2e-4, rtol=1e-4)
         assert torch.equal(out[i].argmax(-1), ref.argmax(-1))
 

@@ -98,9 +98,15 @@ def test_kernel_result_does_not_depend_on_the_thread_count(threads: int) -> None
     torch.set_num_threads(1)
     try:
         one = _kernel(q, kc, vc, meta, 0.125)
-        torch.set_num_threads(threads)
+        cpu_kernel.set_threads(threads)  # the kernel's own count; torch's stays 1
+        torch.testing.assert_close(_kernel(q, kc, vc, meta, 0.125), one, rtol=0, atol=0)
+        assert torch.get_num_threads() == 1  # the kernel's thread count does not leak into torch's
+        cpu_kernel.set_threads(None)
+        torch.set_num_threads(threads)  # torch's count, which the kernel follows by default
+        assert cpu_kernel.threads() == threads
         torch.testing.assert_close(_kernel(q, kc, vc, meta, 0.125), one, rtol=0, atol=0)
     finally:
+        cpu_kernel.set_threads(None)
         torch.set_num_threads(before)
 
 

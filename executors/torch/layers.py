@@ -31,6 +31,7 @@ from torch import nn
 
 from aiosched.executors.model_config import RopeConfig
 from aiosched.executors.torch import fused_ops
+from aiosched.executors.torch.attention import cpu_kernel
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, store_kv
 from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_reduce_
 
@@ -147,6 +148,17 @@ class RotaryAt:
     def __init__(self, table: torch.Tensor, positions: torch.Tensor) -> None:
         self.table, self.positions = table, positions
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._c_ok: bool | None = None
+
+    def c_kernel_ok(self) -> bool:
+        """Whether the CPU C kernel can take this step's rotations: a float32 host table and
+        int64 positions inside it (checked once per step: the kernel does not bound-check)."""
+        if self._c_ok is None:
+            t, p = self.table, self.positions
+            self._c_ok = (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and p.device.type == "cpu"
+                          and p.dtype == torch.int64 and p.dim() == 1 and p.is_contiguous()
+                          and (p.numel() == 0 or (int(p.min()) >= 0 and int(p.max()) < t.shape[0])))
+        return self._c_ok
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos_sin is None:
@@ -154,14 +166,51 @@ class RotaryAt:
         return self._cos_sin
 
 
+def _c_rope_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The CPU C kernel's domain (attention/cpu_kernel.py, `aiosched_rope_store_f32`): float32
+    host tensors, heads contiguous within each token's row (views of the qkv output are),
+    contiguous caches, the table as wide as the head, slots checked once per step. Other
+    cases take the torch ops below, which the kernel equals bit for bit."""
+    d = q.shape[-1]
+    if not (q.dim() == k.dim() == v.dim() == 3 and q.device.type == "cpu" and d % 2 == 0
+            and q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+            and all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v)) and k.shape == v.shape
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == k.shape[1:]
+            and rope.table.shape[-1] == d and rope.c_kernel_ok()):
+        return False
+    slots = meta.slot_mapping
+    ok = meta.extra.get("cpu_slots_ok")
+    if ok is None or ok[0] != k_cache.shape[0] * k_cache.shape[1]:
+        n = k_cache.shape[0] * k_cache.shape[1]
+        ok = (n, slots.device.type == "cpu" and slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == q.shape[0]
+              and (slots.numel() == 0 or (int(slots.min()) >= -1 and int(slots.max()) < n)))
+        meta.extra["cpu_slots_ok"] = ok  # type: ignore[assignment]
+    return bool(ok[1])
+
+
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata,
                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q, k ([T, H, D]) and write this step's k, v into the paged cache (the whole
     batch before any attention reads it). Fused: one kernel, in place, padding slots
-    (-1) skipped."""
+    (-1) skipped. CPU float32: one pass of the C kernel (attention/cpu_kernel.py), equal to
+    the torch ops (`torch_rope_and_store`) bit for bit, where it applies."""
     if meta.fused:
         fused_ops.rope_and_cache(q, k, v, rope.positions, rope.table, k_cache, v_cache, meta.slot_mapping)
         return q, k
+    if _c_rope_applies(q, k, v, rope, meta, k_cache, v_cache) and (lib := cpu_kernel.load()) is not None:
+        T, hq, d = q.shape
+        qo, ko = torch.empty(T, hq, d), torch.empty(T, k.shape[1], d)
+        lib.aiosched_rope_store_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
+                                    qo.data_ptr(), ko.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rope.table.data_ptr(),
+                                    rope.positions.data_ptr(), meta.slot_mapping.data_ptr(), T, hq, k.shape[1], d)
+        return qo, ko
+    return torch_rope_and_store(q, k, v, rope, meta, k_cache, v_cache)
+
+
+def torch_rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_and_store in plain torch ops (any device and dtype), HF's order and rounding."""
     cos, sin = rope.cos_sin()
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -175,20 +224,29 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rota
 
 # CPU float32 GEMMs through oneDNN with the weight kept in oneDNN's own blocked layout
 # (reordered once, at first use). Measured on the AVX2 sandbox, 1 thread (docs/benchmarks.md,
-# issue 23, 2026-12-03): wide outputs gain (the LM head [64, 256..2048] x [.., 32000]:
-# 1.2-1.3x over MKL's F.linear; [1, 256] x [256, 32000]: 1.4x), while the model's own
-# projections (out <= 5632) lose 3-20% at 64 rows and 2-4x at one row (oneDNN's ~20 us
-# per-call overhead). So only wide layers take it, and one row only over a narrow input
-# ([1, 2048] x [2048, 32000] lost 15%). AIOSCHED_CPU_LINEAR=torch keeps F.linear
-# everywhere (the before/after switch, and a way out if a CPU misbehaves).
+# issue 23, 2026-12-03 and its second series):
+# - wide outputs (the LM head, >= 16384 features) gain at every row count over narrow
+#   inputs: [64, 256..2048] x [.., 32000] 1.2-1.7x over MKL's F.linear; one row only over
+#   inputs <= 1024 wide ([1, 2048] x [2048, 32000] lost 15%);
+# - the projections of hidden >= 512 models (inputs and outputs >= 512 features) gain from
+#   8 rows on: [8..64, 512..1024] x [.., 1536..5632] 1.1-3.8x per op, and the whole step
+#   1.1-1.25x (decode batch 64 and a 4 x 128 prefill, hidden 512 / 8 layers and
+#   1024 / 12 layers); at one row they are even or lose (oneDNN's ~20 us per call);
+# - the hidden 256 model's projections (256 wide) are even at 64 rows (0.95-1.11x) and lose
+#   2-3x at one row: they stay on F.linear.
+# AIOSCHED_CPU_LINEAR=torch keeps F.linear everywhere (the before/after switch, and a way out
+# if a CPU misbehaves).
 CPU_LINEAR_ENV = "AIOSCHED_CPU_LINEAR"
-ONEDNN_MIN_OUT = 16384  # output features from which oneDNN pays (4096: 1.07-1.28x at 64 rows, but 0.90x at 512)
-ONEDNN_FEW_ROWS, ONEDNN_FEW_ROWS_MAX_IN = 16, 1024  # under 16 rows only for inputs <= 1024 wide
+ONEDNN_MIN_OUT = 16384  # output features from which oneDNN pays at any row count (the LM head)
+ONEDNN_FEW_ROWS, ONEDNN_FEW_ROWS_MAX_IN = 16, 1024  # wide outputs under 16 rows: only inputs <= 1024 wide
+ONEDNN_PROJ_MIN_DIM, ONEDNN_PROJ_MIN_ROWS = 512, 8  # projections: both dims >= 512, from 8 rows
 
 
 def onednn_pays(rows: int, in_features: int, out_features: int) -> bool:
     """Whether a float32 [rows, in] x [in, out] product is faster through oneDNN here."""
-    return out_features >= ONEDNN_MIN_OUT and (rows >= ONEDNN_FEW_ROWS or in_features <= ONEDNN_FEW_ROWS_MAX_IN)
+    if out_features >= ONEDNN_MIN_OUT:
+        return rows >= ONEDNN_FEW_ROWS or in_features <= ONEDNN_FEW_ROWS_MAX_IN
+    return rows >= ONEDNN_PROJ_MIN_ROWS and min(in_features, out_features) >= ONEDNN_PROJ_MIN_DIM
 
 
 def _onednn_usable() -> bool:

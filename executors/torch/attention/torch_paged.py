@@ -132,7 +132,7 @@ def _kernel_attention(lib, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, bs, hkv, d = k_cache.shape
     rc = lib.aiosched_paged_attention_f32(
         q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(),
-        qsl.data_ptr(), meta.num_reqs, tables.shape[1], q.shape[1], hkv, d, bs, scale, 0, _Q_TILE, torch.get_num_threads())
+        qsl.data_ptr(), meta.num_reqs, tables.shape[1], q.shape[1], hkv, d, bs, scale, 0, _Q_TILE, cpu_kernel.threads())
     if rc != 0:
         raise MemoryError("paged attention (CPU kernel): out of memory for the score buffers")
     return out
