@@ -115,7 +115,7 @@ def verify_drafts(logits: Any, b: Any, drafts: Any) -> tuple[Any, Any]:
     return torch.where(is_sampled, sampled, greedy), torch.where(is_sampled, acc, greedy_acc)
 
 
-def accept_rows(tokens: Any, accepted: Any, num_rows: list[int]) -> tuple[Any, Any]:
+def accept_rows(tokens: Any, accepted: Any, num_rows: list[int], slot: Any = None) -> tuple[Any, Any]:
     """Per request (num_rows[q] consecutive rows: 1 + its drafts), on the device: keep
     the drafts while accepted, then the first non-accepted row's token (correction, or
     the bonus after all drafts; the last row has no draft, so it is never accepted).
@@ -125,7 +125,9 @@ def accept_rows(tokens: Any, accepted: Any, num_rows: list[int]) -> tuple[Any, A
     Q, K1 = len(num_rows), max(num_rows)
     dev = tokens.device
     # Flat row i of request q, step j sits at q * K1 + j of the padded layout.
-    slot = torch.tensor([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], dtype=torch.int64).to(dev, non_blocking=True)
+    # (`slot`: that index on the device already, as the verifier has it)
+    if slot is None:
+        slot = torch.tensor([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], dtype=torch.int64).to(dev, non_blocking=True)
     tok = torch.full((Q * K1,), -1, dtype=tokens.dtype, device=dev).index_copy_(0, slot, tokens).view(Q, K1)
     acc = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, slot, accepted.long()).view(Q, K1)
     counts = acc.cumprod(dim=1).sum(dim=1) + 1  # leading accepted drafts + the one token after them
@@ -217,11 +219,8 @@ def verify_on_device(batch: Any, states: list[Any], num_rows: list[int], spec_of
     row_drafts = flat[meta[:N]]
     rows = meta[2 * N:]
     tok_t, acc_t = verify_drafts(logits, sampling, row_drafts)
-    tok = torch.full((Q * K1,), -1, dtype=torch.int64, device=dev).index_copy_(0, meta[N:2 * N], tok_t.long()).view(Q, K1)
-    acc = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, meta[N:2 * N], acc_t.long()).view(Q, K1)
-    counts = acc.cumprod(dim=1).sum(dim=1) + 1  # leading accepted drafts + the one token after them
+    tok, counts = accept_rows(tok_t.long(), acc_t, num_rows, slot=meta[N:2 * N])
     j = torch.arange(K1, device=dev).unsqueeze(0)
-    tok = torch.where(j < counts.unsqueeze(1), tok, -1)
     base = rows * batch.row_len + batch.num_tokens_dev[rows]
     dst = torch.where(tok >= 0, base.unsqueeze(1) + j, batch.scratch_slot)
     batch.write_tokens(dst.view(-1), tok.clamp(min=0).view(-1))
