@@ -467,6 +467,7 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
             metrics["engine"]["device_idle"] = idle
             if idle is not None:
                 metrics["engine"]["device_idle_share"] = idle["idle_share"]
+                metrics["engine"]["device_idle_host_late_share"] = idle["host_late_ms"] / idle["span_ms"] if idle["span_ms"] else 0.0
         if fast is not None and getattr(fast, "stats", None):
             metrics["engine"]["runner_steps"] = dict(fast.stats)  # CUDA path: graph replays vs eager steps (all runs)
         if profile_dir is not None:
@@ -739,6 +740,7 @@ def _fmt_table(runs: dict[str, dict[str, Any]], ratios: dict[str, float] | None)
         add("Wait share of step", "wait_share", "{:.1%}", "engine")
         if any("device_idle_share" in r.get("engine", {}) for r in runs.values()):
             add("Device idle between steps (events)", "device_idle_share", "{:.1%}", "engine")
+            add("  of which the host was late", "device_idle_host_late_share", "{:.1%}", "engine")
     if any("profile" in r for r in runs.values()):
         add("Accelerator idle share (trace)", "idle_share", "{:.1%}", "profile")
         add("  in gaps > 20 us", "long_gap_idle_share", "{:.1%}", "profile")

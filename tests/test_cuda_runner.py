@@ -142,6 +142,11 @@ async def test_idle_probe_reports_the_gaps_between_steps(make_engine, ckpt) -> N
         rep = fast.idle_report()
     assert rep is not None and rep["steps"] >= 8
     assert 0.0 < rep["idle_share"] < 1.0 and rep["busy_ms"] > 0 and rep["idle_ms"] > 0
+    # Sync: the host enters each launch only after the step before has finished, so the
+    # gaps are the host's (the first step aligns the clocks); decode steps replay graphs.
+    assert rep["host_late_ms"] > 0.5 * rep["idle_ms"]
+    decode = rep["by_kind"]["graph_steps"]
+    assert decode["steps"] >= 4 and decode["launch_ms_mean"] > 0 and decode["device_ms_mean"] > 0
     assert fast.idle_probe is None  # reporting ends the measurement
 
 

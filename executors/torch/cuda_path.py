@@ -22,6 +22,7 @@ Non-greedy rows and sampling extras resample on the graph's logits (the runner's
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +68,7 @@ class FastPath:
         self.logits = torch.zeros((R, a.vocab_size), dtype=runner.model.embed_tokens.weight.dtype, device=dev)
         self.sampled = torch.zeros(R, dtype=torch.int64, device=dev)
         self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0}
-        self.idle_probe: list[tuple[Any, Any]] | None = None  # (start, end) CUDA events per step while measuring
+        self.idle_probe: list[tuple[Any, ...]] | None = None  # per step while measuring: CUDA events, host times, kind
         # tests: run the graphs' padded layouts (decode and mixed) without capturing them (no CUDA needed)
         self.padded_eager = False
         self.graphs: DecodeGraphs | None = None
@@ -151,26 +152,60 @@ class FastPath:
 
     # ------------------------------------------------------------ idle probe
 
-    def timed(self, run: Callable[..., Any], *args: Any) -> Any:
+    def timed(self, run: Callable[..., Any], *args: Any, add_s: float = 0.0) -> Any:
+        """run(*args) between two CUDA events while probing; also the host's time in it
+        (the launch), the time the runner spent before it on the step's new and freed
+        requests (`add_s`), and the kind of step (the stats counter it moved)."""
         if self.idle_probe is None:
             return run(*args)
+        before = dict(self.stats)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
         pending = run(*args)
         end.record()
-        self.idle_probe.append((start, end))
+        t1 = time.perf_counter()
+        kind = ",".join(k for k, v in self.stats.items() if v != before.get(k)) or "other"
+        self.idle_probe.append((start, end, t0, t1, add_s, kind))
         return pending
 
-    def idle_report(self) -> dict[str, float] | None:
+    def idle_report(self) -> dict[str, Any] | None:
         """Accelerator time between steps over the probed steps, from CUDA events (no
         profiler): a step is busy from its first enqueued op to its last; the gap from one
-        step's end to the next one's start is the device waiting for the host."""
+        step's end to the next one's start is the device waiting for the host.
+
+        `by_kind` splits the steps by kind (graph_steps, mixed_graph_steps, ...): the gaps
+        before them, their device time and the host's launch time. A gap is `host_late`
+        when the host entered the next step's launch after the device had finished the
+        step before (host and device clocks aligned at the first step, when the device
+        is idle): the device then waited for the engine's own work, not for a launch."""
         ev, self.idle_probe = self.idle_probe, None
         if not ev or len(ev) < 2:
             return None
         ev[-1][1].synchronize()
-        busy = sum(s.elapsed_time(e) for s, e in ev)
+        busy_of = [s.elapsed_time(e) for s, e, *_ in ev]
         gaps = [max(0.0, ev[i][1].elapsed_time(ev[i + 1][0])) for i in range(len(ev) - 1)]
         span = ev[0][0].elapsed_time(ev[-1][1])
-        return {"steps": len(ev), "span_ms": span, "busy_ms": busy, "idle_ms": sum(gaps), "idle_share": sum(gaps) / span if span else 0.0,
-                "max_gap_ms": max(gaps), "gaps_over_50us": sum(g > 0.05 for g in gaps)}
+        h0 = ev[0][2]
+        late = [(ev[i + 1][2] - h0) * 1e3 >= ev[0][0].elapsed_time(ev[i][1]) for i in range(len(ev) - 1)]
+        by_kind: dict[str, dict[str, float]] = {}
+        for i, (_, _, t0, t1, add_s, kind) in enumerate(ev):
+            k = by_kind.setdefault(kind, {"steps": 0, "device_ms": 0.0, "launch_ms": 0.0, "add_ms": 0.0, "gap_before_ms": 0.0,
+                                          "host_late_gaps": 0, "host_late_ms": 0.0})
+            k["steps"] += 1
+            k["device_ms"] += busy_of[i]
+            k["launch_ms"] += (t1 - t0) * 1e3
+            k["add_ms"] += add_s * 1e3
+            if i:
+                k["gap_before_ms"] += gaps[i - 1]
+                if late[i - 1]:
+                    k["host_late_gaps"] += 1
+                    k["host_late_ms"] += gaps[i - 1]
+        for k in by_kind.values():  # means per step of that kind, totals for the gaps
+            n = k["steps"]
+            k["device_ms_mean"], k["launch_ms_mean"], k["add_ms_mean"] = k["device_ms"] / n, k["launch_ms"] / n, k["add_ms"] / n
+        cadence = [(ev[i + 1][2] - ev[i][2]) * 1e3 for i in range(len(ev) - 1)]
+        return {"steps": len(ev), "span_ms": span, "busy_ms": sum(busy_of), "idle_ms": sum(gaps),
+                "idle_share": sum(gaps) / span if span else 0.0, "max_gap_ms": max(gaps), "gaps_over_50us": sum(g > 0.05 for g in gaps),
+                "host_late_ms": sum(g for g, l in zip(gaps, late) if l), "host_cadence_ms_mean": sum(cadence) / len(cadence),
+                "by_kind": by_kind}
