@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="offline: a random-weight model of this shape (llama-3.2-1b, qwen3-0.6b, or a config.json path), built on the device")
     d.add_argument("--profile", default=None, metavar="DIR", help="offline: after the timed run, trace a window of steps with the torch profiler into DIR")
     d.add_argument("--profile-start-step", type=int, default=20, help="engine steps into the profiled run before tracing starts")
-    d.add_argument("--profile-steps", type=int, default=30, help="engine steps traced")
+    d.add_argument("--profile-steps", type=int, default=30,
+                   help="engine steps of the timed window (the trace itself runs on to the end of the workload)")
     add_engine_arguments(parser)
 
 
@@ -451,7 +452,10 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
                 if not prof_task.done():
                     prof_task.cancel()
                 await prof_task
-            _export_profile(prof_result)  # the workload is over: the launch thread runs no ops
+            t = engine.timings
+            while t.submitted != t.steps:  # a step scheduled before the last request ended
+                await asyncio.sleep(0.001)
+            _export_profile(prof_result)  # the workload is over, no step in flight: the worker threads run no ops
         metrics = compute_metrics(results, duration)
         metrics["engine"] = engine_split(t_before, t_after, duration)
         metrics["engine"]["scheduler_steps"] = stats1.get("steps", 0) - stats0.get("steps", 0)
@@ -509,12 +513,11 @@ async def _profile_window(engine: Any, out_dir: str, label: str, start_step: int
     finally:
         steps = t.steps - s0
         wall = time.perf_counter() - w0
-        if torch.cuda.is_available() and engine.config.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        prof.stop()
-        # Written by `_export_profile` once the workload is over: exporting while the
-        # launch thread still runs ops (profile_all_threads) crashed the process in 2 of 17
-        # runs of tests/test_bench.py.
+        # Stopped and written by `_export_profile` once the workload is over: stopping or
+        # exporting while the launch and result threads run ops (profile_all_threads)
+        # crashed the process (2 of 17 runs of tests/test_bench.py exporting, and a full
+        # suite run stopping). So the trace runs on to the end of the workload; the
+        # window's own figures are these.
         result["_pending"] = (prof, os.path.join(out_dir, f"trace_{label}.json"))
         result.update({"traced_steps": steps, "traced_wall_ms": wall * 1e3})
         if steps:
@@ -522,11 +525,18 @@ async def _profile_window(engine: Any, out_dir: str, label: str, start_step: int
 
 
 def _export_profile(result: dict[str, Any]) -> None:
-    """Write the window's Chrome trace and add its idle analysis (no engine step running)."""
+    """Stop the profiler, write its Chrome trace and add the idle analysis (no engine
+    step running: the workload is over). The trace covers the window and the rest of the
+    workload after it."""
     pending = result.pop("_pending", None)
     if pending is None:
         return
     prof, path = pending
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    prof.stop()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     prof.export_chrome_trace(path)
     result.update(trace_idle_analysis(path))

@@ -90,7 +90,8 @@ class _Tracked:
 class EngineTimings:
     """Where the engine loop's time goes (for the scheduler-vs-model split)."""
 
-    steps: int = 0
+    steps: int = 0  # step outputs applied
+    submitted: int = 0  # steps handed to the executor (== steps: none in flight)
     schedule_s: float = 0.0  # building SchedulerOutputs
     submit_s: float = 0.0  # handing them to the executor (executor.submit)
     update_s: float = 0.0  # applying outputs, detokenizing, streaming
@@ -377,6 +378,7 @@ class AsyncEngine:
                         break
                     in_flight.append((so, ex.submit(so)))
                     t.submit_s += time.perf_counter() - t1
+                    t.submitted += 1
                     if so.is_empty:
                         break
                 if not in_flight:
