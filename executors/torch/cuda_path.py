@@ -74,7 +74,8 @@ class FastPath:
         # padded step has at most max_num_seqs logits rows).
         self.logits = torch.zeros((R, a.vocab_size), dtype=runner.model.embed_tokens.weight.dtype, device=dev)
         self.sampled = torch.zeros(R, dtype=torch.int64, device=dev)
-        self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0}
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0, "spec_propose_graphs": 0,
+                      "spec_verify_graphs": 0}
         self.idle_probe: list[tuple[Any, Any]] | None = None  # (start, end) CUDA events per step while measuring
         # tests: run the graphs' padded layouts (decode and mixed) without capturing them (no CUDA needed)
         self.padded_eager = False
@@ -155,6 +156,7 @@ class FastPath:
     def spec_propose(self, layout: Layout) -> None:
         """Run the propose phase of the speculative step staged at a padded layout."""
         if self.spec_graphs is not None:
+            self.stats["spec_propose_graphs"] += 1
             self.spec_graphs[0].replay(layout.T)
         else:  # padded_eager
             self._padded_propose(layout)
@@ -163,6 +165,7 @@ class FastPath:
         """Run the greedy verify phase of the step staged at a padded layout (after its
         forward): returns the [P, K1 + 2] emitted tokens / counts / drafts found."""
         if self.spec_graphs is not None:
+            self.stats["spec_verify_graphs"] += 1
             return self.spec_graphs[1].replay(layout.T)
         return self._padded_verify(layout)
 
