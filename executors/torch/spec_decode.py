@@ -7,19 +7,24 @@ bound of the request's position. The worker's true length of the request lives o
 device (`InputBatch.num_tokens_dev`), so a step is built and launched without waiting
 for the previous step's accepted count; the request always computes 1 + k rows:
 
-1. `propose_into_buffer`: up to k drafts from its history, on the device over the token
+1. `propose_step`: up to k drafts from its history, on the device over the token
    buffer (`propose_ngram_batch`; `propose_ngram` is the host reference), written into
    the buffer right after its known tokens (missing drafts: -1, never accepted);
 2. the target model runs over [last token, drafts] in the step's forward pass, at
    positions derived on the device from the device count (`InputBatch.schedule`);
-3. `verify_on_device` verifies (`verify_drafts`): greedy accepts the longest prefix equal to the target
-   argmax; sampling uses rejection sampling for a point-mass draft (accept d with
+3. `verify_step` accepts (`greedy_accepts`, or `verify_drafts` when sampling): greedy
+   accepts the longest prefix equal to the target argmax; sampling uses rejection sampling for a point-mass draft (accept d with
    probability p(d), else sample from p without d, renormalised), which draws exactly
    from the target distribution. Randomness is the sampler's counter hash of
    (seed, position, vocab index), so it stays seeded and batch-invariant;
 4. appends the accepted drafts plus one corrected/bonus token to the history and the
    device count, on the device; the emitted tokens and counts go to the host on the
    side stream (`SpecHost`), as a pending output like any step's.
+
+Both phases run at fixed shapes read from the staged step (`InputBatch.spec_views`: P
+request slots, S logits rows, padding harmless) into preallocated `SpecBuffers`, with no
+host read and no shape that depends on a device value: on CUDA each replays a graph per
+padded size (executors/torch/cuda_path.py), elsewhere the same ops run eagerly.
 """
 from __future__ import annotations
 
