@@ -599,3 +599,90 @@ async def test_cuda_speculative_steps_replay_the_mixed_graphs_and_launch_without
     assert [o.token_ids for o in outs] == base
     assert launched and stats["spec_steps"] == len(launched) and waits == 0
     assert stats["mixed_graph_steps"] >= stats["spec_steps"], stats  # (prefill steps replay them too)
+    # greedy steps on a mixed layout: propose and verify replay their own graphs too
+    assert stats["spec_propose_graphs"] == stats["spec_verify_graphs"] == stats["spec_steps"], stats
+
+
+async def test_cuda_captured_speculative_phases_keep_greedy_output_at_every_padded_size(make_engine, tiny_model) -> None:
+    """CUDA only (AIOSCHED_TEST_DEVICE=cuda): with the propose and verify graphs captured,
+    float32 greedy output with speculation equals the output without it for batches that
+    pad to several mixed-step sizes (1 request to 12), async and sync, and each
+    speculative step replays the three graphs (propose, forward, verify) under
+    torch.cuda.set_sync_debug_mode("error")."""
+    torch = pytest.importorskip("torch")
+    if DEV.get("device") != "cuda" or not torch.cuda.is_available():
+        pytest.skip("needs AIOSCHED_TEST_DEVICE=cuda and a GPU")
+    p = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for n, mode in ((1, True), (5, False), (12, True)):
+        ps = _torch_prompts(n)
+        kw = dict(model=tiny_model, **DEV, async_scheduling=mode)
+        base, _ = await _run(make_engine, ps, [p], **kw)
+        async with make_engine(speculative=SPEC, **kw) as eng:
+            runner = eng._executor.runner
+            assert runner.fast is not None and runner.fast.spec_graphs is not None
+            execute = runner.execute
+
+            def checked(so):
+                torch.cuda.set_sync_debug_mode("error" if any(sr.num_draft_slots for sr in so.scheduled) else "default")
+                try:
+                    return execute(so)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+
+            runner.execute = checked
+            outs = await asyncio.gather(*[eng.generate(x, p) for x in ps])
+            stats, st = dict(runner.fast.stats), eng.stats()
+        assert [o.token_ids for o in outs] == base, n
+        assert st["spec_accepted_tokens"] > 0 and stats["spec_verify_graphs"] == stats["spec_steps"] > 0, stats
+
+
+def _staged_spec(torch, P: int, S: int, padded: bool):
+    """A speculative section staged at P request slots and S logits rows (the real ones:
+    3 requests, 9 logits rows, one of them an extras row), as the propose and verify phases read it."""
+    import numpy as np
+
+    from aiosched.executors.torch.input_batch import InputBatch, Layout, SpecRows
+
+    batch = InputBatch(12, 40, 4, 32, torch.device("cpu"))
+    batch.spec_k1 = 4
+    hists = {2: [5, 6, 7, 8, 5, 6, 7], 0: [1, 2, 3, 1, 2, 3, 1, 2, 4, 9], 1: [9, 4, 9, 4, 9]}
+    for row, h in hists.items():
+        batch.tokens[row, :len(h)] = torch.tensor(h)
+        batch.num_tokens_dev[row] = len(h) if row != 0 else 3  # row 0: a stale device count, set from the host
+    # q0 (row 2): 3 drafts, 4 rows; q1 (row 0): a plain row; an extras row; q2 (row 1): 2 drafts, 3 rows
+    v = SpecRows(rows=[2, 0, 1], ks=[3, 0, 2], setv=[-1, 10, -1], slot=[0, 1, 2, 3, 4, -1, 8, 9, 10])
+    L = Layout(T=12, R=4, NT=0, S=S, block_q=1, decode=False, padded=padded, P=P)
+    buf = np.zeros(L.end + 4, dtype=np.int64)
+    batch._pack_spec(buf, L, v)
+    return batch, torch.from_numpy(buf), L
+
+
+def test_propose_and_verify_at_a_padded_shape_equal_the_exact_shape() -> None:
+    """The fixed shapes a CUDA graph captures (P = S request slots of padding, the whole
+    buffer row as history) give the exact layout's drafts, emitted tokens, histories and
+    device counts; padding leaves the scratch row's count at 1."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from aiosched.executors.torch.spec_decode import SpecBuffers, greedy_accepts, propose_step, verify_step, window
+
+    spec = SimpleNamespace(ngram_min=1, ngram_max=3)
+    results = []
+    for P, S, padded in ((3, 9, False), (12, 12, True)):
+        batch, d, L = _staged_spec(torch, P, S, padded)
+        bufs = SpecBuffers(batch.max_rows, batch.spec_k1, "cpu")
+        rows, ks, setv, slot = batch.spec_views(d, L)
+        W = batch.row_len if padded else window(12, batch.row_len)
+        drafts = propose_step(batch, bufs, rows, ks, setv, W, spec).clone()
+        # the target's argmax: q0 accepts its first 2 drafts, q2 rejects its first; padding rows: noise
+        real = [drafts[0, 0], drafts[0, 1], 77, 78, 55, 66, 70, drafts[2, 1], 71]
+        tok = torch.tensor([int(t) for t in real] + [(13 * i) % 9 for i in range(S - 9)])
+        emitted = verify_step(batch, bufs, tok, greedy_accepts(bufs, tok, slot), rows, slot).clone()
+        results.append((drafts[:3], emitted[:3], batch.tokens.clone(), batch.num_tokens_dev.clone()))
+    (d0, e0, t0, n0), (d1, e1, t1, n1) = results
+    assert d0.tolist() == [[8, 5, 6, -1], [-1, -1, -1, -1], [4, 9, -1, -1]]  # "5 6 7" -> 8 5 6; row 0 none (k 0); "9 4 9" -> 4 9
+    assert e0.tolist() == [[8, 5, 77, -1, 3, 3], [55, -1, -1, -1, 1, 0], [70, -1, -1, -1, 1, 2]]
+    assert n0[[2, 0, 1]].tolist() == [10, 11, 6] and n0[12] == n1[12] == 1  # + counts; the stale count was set first
+    assert t0[2, 7:10].tolist() == [8, 5, 77] and t0[0, 10] == 55 and t0[1, 5] == 70
+    assert torch.equal(d0, d1) and torch.equal(e0, e1) and torch.equal(n0, n1)
+    assert torch.equal(t0[:12], t1[:12])  # (the scratch row holds what padding wrote)

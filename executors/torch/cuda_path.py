@@ -15,6 +15,14 @@ This module only decides when that step is replayed from a graph, and captures i
 - Models with sliding-window or soft-capped attention layers are not captured: those
   layers run the torch attention over host block tables, which a graph cannot replay.
 
+- **Speculative steps** on a mixed-step layout: the propose phase (drafts into the token
+  buffer) and the greedy verify phase (acceptance, the accepted tokens and counts written
+  on the device) each replay a graph of their own for the same padded size, around the
+  forward's replay: every phase reads only the staged step (its speculative section:
+  `Layout.o_spec`) and persistent buffers (`spec_decode.SpecBuffers`), at fixed shapes
+  (P = S request slots, the whole buffer row as history). Sampling verification (a
+  temperature, min_tokens bans) runs eagerly on the same fixed shapes.
+
 Padding is `InputBatch`'s (scratch row, position -1 = no KV write, empty request slots).
 Non-greedy rows and sampling extras resample on the graph's logits (the runner's `_sample`).
 `idle_probe` records CUDA events around each step (`aiosched bench`: device idle time).
@@ -67,12 +75,14 @@ class FastPath:
         # padded step has at most max_num_seqs logits rows).
         self.logits = torch.zeros((R, a.vocab_size), dtype=runner.model.embed_tokens.weight.dtype, device=dev)
         self.sampled = torch.zeros(R, dtype=torch.int64, device=dev)
-        self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0}
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0, "spec_propose_graphs": 0,
+                      "spec_verify_graphs": 0}
         self.idle_probe: list[tuple[Any, ...]] | None = None  # per step while measuring: CUDA events, host times, kind
         # tests: run the graphs' padded layouts (decode and mixed) without capturing them (no CUDA needed)
         self.padded_eager = False
         self.graphs: DecodeGraphs | None = None
         self.mixed: DecodeGraphs | None = None
+        self.spec_graphs: tuple[DecodeGraphs, DecodeGraphs] | None = None  # (propose, greedy verify) by mixed size
         if use_graphs is None:
             use_graphs = dev.type == "cuda" and not cfg.enforce_eager and graphable(a)
         # Relative (speculative) rows' host lengths are needed only by host-list attention layers.
@@ -84,10 +94,13 @@ class FastPath:
             sizes = mixed_sizes(min(cfg.max_num_batched_tokens, MIXED_MAX_TOKENS))
             if sizes:
                 self.mixed = self._capture(sizes, decode=False, name="mixed-step")
+                if runner.spec_bufs is not None:
+                    self.spec_graphs = (self._capture_phase(sizes, self._padded_propose, "spec-propose"),
+                                        self._capture_phase(sizes, self._padded_verify, "spec-verify"))
 
     @property
     def num_graphs(self) -> int:
-        return sum(len(g.graphs) for g in (self.graphs, self.mixed) if g is not None)
+        return sum(len(g.graphs) for g in (self.graphs, self.mixed, *(self.spec_graphs or ())) if g is not None)
 
     def block_q(self, step: ScheduledStep) -> int:
         """Query tokens per varlen attention tile of an eager step."""
@@ -113,6 +126,49 @@ class FastPath:
         with torch.inference_mode():
             graphs.capture()
         return graphs
+
+    def _capture_phase(self, sizes: list[int], phase: Callable[[Layout], Any], name: str) -> DecodeGraphs:
+        """Graphs of one speculative phase at the mixed-step layouts (inputs: all padding)."""
+        def prepare(size: int) -> None:
+            self.batch.upload(None, self._layout(size, False))
+
+        graphs = DecodeGraphs(lambda size: phase(self._layout(size, False)), sizes[-1], self.r.device, sizes,
+                              prepare=prepare, name=name)
+        with torch.inference_mode():
+            graphs.capture()
+        return graphs
+
+    def _padded_propose(self, layout: Layout) -> torch.Tensor:
+        """The propose phase over a padded layout's speculative section (the whole row as history)."""
+        from aiosched.executors.torch.spec_decode import propose_step
+
+        rows, ks, setv, _ = self.batch.spec_views(self.batch.stage.dev, layout)
+        return propose_step(self.batch, self.r.spec_bufs, rows, ks, setv, self.batch.row_len, self.r.config.speculative)
+
+    def _padded_verify(self, layout: Layout) -> torch.Tensor:
+        """The greedy verify phase over a padded layout: the forward's argmax rows (`sampled`) against the drafts."""
+        from aiosched.executors.torch.spec_decode import greedy_accepts, verify_step
+
+        rows, _, _, slot = self.batch.spec_views(self.batch.stage.dev, layout)
+        tok = self.sampled[:layout.S]
+        bufs = self.r.spec_bufs
+        return verify_step(self.batch, bufs, tok, greedy_accepts(bufs, tok, slot), rows, slot)
+
+    def spec_propose(self, layout: Layout) -> None:
+        """Run the propose phase of the speculative step staged at a padded layout."""
+        if self.spec_graphs is not None:
+            self.stats["spec_propose_graphs"] += 1
+            self.spec_graphs[0].replay(layout.T)
+        else:  # padded_eager
+            self._padded_propose(layout)
+
+    def spec_verify(self, layout: Layout) -> torch.Tensor:
+        """Run the greedy verify phase of the step staged at a padded layout (after its
+        forward): returns the [P, K1 + 2] emitted tokens / counts / drafts found."""
+        if self.spec_graphs is not None:
+            self.stats["spec_verify_graphs"] += 1
+            return self.spec_graphs[1].replay(layout.T)
+        return self._padded_verify(layout)
 
     def graph_layout(self, step: ScheduledStep, eager_only: bool) -> Layout | None:
         """The padded layout whose graph runs this step, or None (eager)."""

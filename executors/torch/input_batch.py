@@ -90,6 +90,7 @@ class ScheduledStep:
     spec: list[int] = field(default_factory=list)
     spec_k: list[int] = field(default_factory=list)
     rel: list[bool] | None = None  # per scheduled request: relative rows (None: none in this step)
+    verify: "SpecRows | None" = None  # a speculative step's verified requests (the runner's; staged with the step)
 
     @property
     def num_tokens(self) -> int:
@@ -101,10 +102,25 @@ class ScheduledStep:
         return not self.spec and all(n == 1 for n in self.qlens) and len(self.samplers) == len(self.states)
 
 
+@dataclass
+class SpecRows:
+    """The verified requests of a speculative step, as the propose and verify phases read
+    them from the staging buffer (`Layout.o_spec`): per request slot q its buffer row, its
+    draft slots (0: a plain row) and the host count to set on the device first (-1: the
+    device count is exact); per logits row its slot q * K1 + j on the verify grid (-1:
+    not verified, an extras row)."""
+
+    rows: list[int]
+    ks: list[int]
+    setv: list[int]
+    slot: list[int]
+
+
 @dataclass(frozen=True)
 class Layout:
     """Offsets of one step in the staging buffer:
-    tok_rows[T] tok_pos[T] rows[R] seq[R] cu[R+1] tiles[2*NT] sidx[S] dst[S].
+    tok_rows[T] tok_pos[T] rows[R] seq[R] cu[R+1] tiles[2*NT] sidx[S] dst[S]
+    and, with P > 0 (speculative steps), spec_rows[P] spec_k[P] spec_set[P] spec_slot[S].
     Padded layouts (CUDA graphs) have fixed sizes; request slot R-1 is then always padding."""
 
     T: int
@@ -114,6 +130,7 @@ class Layout:
     block_q: int
     decode: bool  # one query per request (the decode kernel)
     padded: bool
+    P: int = 0  # verified request slots of a speculative step (padded layouts: S)
 
     @property
     def o_rows(self) -> int:
@@ -140,8 +157,12 @@ class Layout:
         return self.o_sidx + self.S
 
     @property
-    def end(self) -> int:
+    def o_spec(self) -> int:
         return self.o_dst + self.S
+
+    @property
+    def end(self) -> int:
+        return self.o_spec + (3 * self.P + self.S if self.P else 0)
 
 
 @dataclass
@@ -212,7 +233,10 @@ class InputBatch:
         self.max_tokens = max(max_tokens, max_rows) + 64
         T, R1 = self.max_tokens, max_rows + 1
         # the largest layout (NT <= T + R1 tiles, S <= T logits rows) and block-table deltas
-        self.stage = _Staging(2 * T + 3 * R1 + 1 + 2 * (T + R1) + 2 * T + 2 * (T + 2 * R1) + 64, device)
+        # (+ the speculative section: P <= max(T, R1) slots, S <= T rows)
+        self.stage = _Staging(2 * T + 3 * R1 + 1 + 2 * (T + R1) + 2 * T + 4 * T + 3 * R1 + 2 * (T + 2 * R1) + 64, device)
+        # 1 + k steps per verified request when the runner speculates (0: never; set by the runner)
+        self.spec_k1 = 0
 
     # ---- request lifecycle ----
 
@@ -260,7 +284,7 @@ class InputBatch:
         spec_rows: per speculative request (batch order), the draft rows to lay out
         (<= its slots; the CPU runner trims them to the drafts found); None: all k.
         has_spec: whether any request has draft slots, when the caller knows already."""
-        assert not drafts, "drafts are proposed on the device (spec_decode.propose_into_buffer)"
+        assert not drafts, "drafts are proposed on the device (spec_decode.propose_step)"
         bs, mb, row_len = self.block_size, self.max_blocks, self.row_len
         step = ScheduledStep(so, [], [], [], [], [], [], [], {}, [], [])
         # A step with speculative rows samples all its rows after the forward (verified):
@@ -338,7 +362,8 @@ class InputBatch:
     def exact_layout(self, step: ScheduledStep, block_q: int, tiles: bool) -> Layout:
         """The unpadded layout of an eager step (tiles: for the Triton varlen kernel)."""
         NT = sum(-(-n // block_q) for n in step.qlens) if tiles else 0
-        return Layout(step.num_tokens, len(step.states), NT, len(step.logit_rows), block_q, decode=False, padded=False)
+        P = len(step.verify.rows) if step.verify is not None else 0
+        return Layout(step.num_tokens, len(step.states), NT, len(step.logit_rows), block_q, decode=False, padded=False, P=P)
 
     def padded_layout(self, T: int, decode: bool, block_q: int) -> Layout:
         """A CUDA graph's layout for T tokens: decode graphs have one request per token;
@@ -347,7 +372,9 @@ class InputBatch:
         if decode:
             return Layout(T, T, 0, T, 1, decode=True, padded=True)
         R1 = self.max_rows + 1
-        return Layout(T, R1, T // block_q + R1, min(T, self.max_rows), block_q, decode=False, padded=True)
+        S = min(T, self.max_rows)
+        # a speculative step of this size verifies at most S requests (one logits row each at least)
+        return Layout(T, R1, T // block_q + R1, S, block_q, decode=False, padded=True, P=S if self.spec_k1 else 0)
 
     def upload(self, step: ScheduledStep | None, layout: Layout) -> torch.Tensor:
         """Pack the step (None: padding only, for graph capture), send it in one copy and
@@ -420,6 +447,29 @@ class InputBatch:
         o = L.o_dst
         buf[o:o + len(dst)] = dst
         buf[o + len(dst):o + L.S] = self.scratch_slot
+        if L.P:
+            self._pack_spec(buf, L, step.verify if step is not None else None)
+
+    def _pack_spec(self, buf: np.ndarray, L: Layout, v: SpecRows | None) -> None:
+        """The speculative section: the real slots first, then padding (the scratch row,
+        no drafts, its count kept; logits rows beyond the real ones verify into the dump slot)."""
+        Q = len(v.rows) if v is not None else 0
+        dump = L.P * self.spec_k1
+        o = L.o_spec
+        for vals, pad in ((v.rows if v else [], self.scratch_row), (v.ks if v else [], 0), (v.setv if v else [], -1)):
+            buf[o:o + Q] = vals
+            buf[o + Q:o + L.P] = pad
+            o += L.P
+        slot = v.slot if v is not None else []
+        buf[o:o + len(slot)] = slot
+        seg = buf[o:o + len(slot)]
+        seg[seg < 0] = dump
+        buf[o + len(slot):o + L.S] = dump
+
+    def spec_views(self, d: torch.Tensor, L: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, ks, setv [P], slot [S]) of a packed speculative step on the device (views)."""
+        o, P = L.o_spec, L.P
+        return d[o:o + P], d[o + P:o + 2 * P], d[o + 2 * P:o + 3 * P], d[o + 3 * P:o + 3 * P + L.S]
 
     def device_inputs(self, d: torch.Tensor, L: Layout, fused: bool, workspace: Any = None,
                       host: ScheduledStep | None = None) -> StepInputs:
@@ -454,14 +504,10 @@ class InputBatch:
 
     # ---- sampling ----
 
-    def sampling_batch(self, states: list[ReqState], num_rows: list[int], grammar_done: Callable[[str], bool],
-                       device_positions: bool = False) -> SamplingBatch:
-        """Per-row sampling tensors for `states` in order, num_rows[i] consecutive rows each
-        (1 + drafts): row j of a request yields its token at position num_tokens + j.
-        grammar_done(req_id): a complete grammar allows only EOS, so min_tokens yields.
-        device_positions: num_tokens is the device count (`num_tokens_dev`, exact for every
-        request of a verified step; the host's may lag); min_tokens bans still use the
-        host's, which is exact for the only requests that have them (never speculative)."""
+    def sampling_batch(self, states: list[ReqState], num_rows: list[int], grammar_done: Callable[[str], bool]) -> SamplingBatch:
+        """Per-row sampling tensors for `states` in order, num_rows[i] consecutive rows each:
+        row j of a request yields its token at position num_tokens + j.
+        grammar_done(req_id): a complete grammar allows only EOS, so min_tokens yields."""
         rows: list[int] = []
         positions: list[int] = []
         ban_rows: list[int] = []
@@ -474,17 +520,40 @@ class InputBatch:
                     ban_tokens.extend(st.ban_ids)
                 rows.append(st.row)
                 positions.append(p)
-        if device_positions:
-            j = [p - st.num_tokens for st, n in zip(states, num_rows) for p in range(st.num_tokens, st.num_tokens + n)]
-            rows_pos = _tensor(rows + j, torch.int64, self.device).view(2, -1)
-            rows_pos = torch.stack([rows_pos[0], self.num_tokens_dev[rows_pos[0]] + rows_pos[1]])
-        else:
-            rows_pos = _tensor(rows + positions, torch.int64, self.device).view(2, -1)
-        f, i = self.row_f[rows_pos[0]], self.row_i[rows_pos[0]]
+        rows_pos = _tensor(rows + positions, torch.int64, self.device).view(2, -1)
+        return self._sampling_tensors(states, rows_pos[0], rows_pos[1], ban_rows, ban_tokens)
+
+    def verify_sampling(self, d: torch.Tensor, L: Layout, states: list[ReqState], first: list[int], num_rows: list[int],
+                        grammar_done: Callable[[str], bool]) -> SamplingBatch:
+        """Sampling tensors for every logits row of a staged speculative step (L.S rows, a
+        fixed shape): each row reads its verified request's parameters through its grid
+        slot, on the device, at position num_tokens_dev[row] + j (the device count: exact
+        for every verified request; the host's may lag). Rows not verified (extras rows,
+        padding) read some slot's parameters: their results go to the dump slot.
+        states[q]: verified request q, its first logits row first[q] and num_rows[q] rows;
+        min_tokens bans use the host's count, exact for the only requests that have them
+        (never speculative)."""
+        rows, _, _, slot = self.spec_views(d, L)
+        q = torch.div(slot, self.spec_k1, rounding_mode="floor").clamp_(max=L.P - 1)
+        r = rows[q]
+        positions = self.num_tokens_dev[r] + slot % self.spec_k1
+        ban_rows: list[int] = []
+        ban_tokens: list[int] = []
+        for st, f0, n in zip(states, first, num_rows):
+            for j in range(n):
+                if st.bans_now(st.num_tokens + j) and not grammar_done(st.data.req_id):
+                    ban_rows.extend([f0 + j] * len(st.ban_ids))
+                    ban_tokens.extend(st.ban_ids)
+        return self._sampling_tensors(states, r.clamp(max=self.max_rows - 1), positions, ban_rows, ban_tokens)
+
+    def _sampling_tensors(self, states: list[ReqState], rows: torch.Tensor, positions: torch.Tensor, ban_rows: list[int],
+                          ban_tokens: list[int]) -> SamplingBatch:
+        """A SamplingBatch gathered from the per-row parameters at `rows` (device), the host flags from `states`."""
+        f, i = self.row_f[rows], self.row_i[rows]
         sps = [st.data.sampling for st in states]
         random_k = [sp.top_k for sp in sps if sp.temperature > 0]
         return SamplingBatch(
-            temperature=f[:, 0], top_k=i[:, 0], top_p=f[:, 1], min_p=f[:, 2], seeds=i[:, 1], positions=rows_pos[1],
+            temperature=f[:, 0], top_k=i[:, 0], top_p=f[:, 1], min_p=f[:, 2], seeds=i[:, 1], positions=positions,
             max_top_k=max(random_k) if random_k and min(random_k) > 0 else 0,
             all_greedy=all(sp.temperature == 0 for sp in sps),
             any_top_k=any(sp.top_k > 0 for sp in sps),

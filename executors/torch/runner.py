@@ -37,7 +37,7 @@ import torch
 from aiosched.protocol import PROTOCOL_VERSION, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
 from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput
 from aiosched.executors.torch import fused_ops
-from aiosched.executors.torch.input_batch import InputBatch, ScheduledStep, StepInputs
+from aiosched.executors.torch.input_batch import InputBatch, Layout, ScheduledStep, SpecRows, StepInputs
 from aiosched.executors.torch.loader import build_model
 from aiosched.executors.torch.parallel import SINGLE, agree_min, destroy_group, init_group
 from aiosched.executors.torch.sampler import greedy_argmax, sample
@@ -57,6 +57,10 @@ class _Forward:
     logits: torch.Tensor | None
     tokens: torch.Tensor | None
     dst: torch.Tensor | None
+    layout: Layout | None = None  # (speculative steps) where the step is staged, and the staged buffer
+    staged: torch.Tensor | None = None
+    all_logits: torch.Tensor | None = None  # (speculative steps) every logits row of the layout (S), and their argmax
+    all_tokens: torch.Tensor | None = None
 
 
 class _DevicePending(PendingOutput):
@@ -77,16 +81,21 @@ class _DevicePending(PendingOutput):
 
 @dataclass
 class _SpecStep:
-    """A speculative step's plan (`_propose`): the samplers verified on the device and those
-    sampled through the extras (indices into ScheduledStep.samplers), each verified one's
-    row in `drafts` (-1: a plain row), the drafts [R, K] (-1: none) and, when trimmed (CPU),
-    the draft rows laid out per speculative request."""
+    """A speculative step's plan (`_plan_spec`, host only): the samplers verified on the
+    device and those sampled through the extras (indices into ScheduledStep.samplers); per
+    verified request (its slot q) its buffer row, draft slots (0: a plain row) and the
+    host count to set on the device first (-1: exact there); whether every verified row
+    takes the argmax; the scheduler's length bounds; and, when trimmed (CPU: proposed
+    before the layout), the draft rows laid out per speculative request."""
 
     ver: list[int]
     ext: list[int]
-    spec_of: list[int]
-    drafts: torch.Tensor
-    rows: list[int] | None = None  # draft rows laid out per speculative request (None: all its slots)
+    rows: list[int]
+    ks: list[int]
+    setv: list[int]
+    greedy: bool
+    bound: int
+    trimmed: list[int] | None = None  # draft rows laid out per speculative request (None: all its slots)
 
 
 class _SpecPending(PendingOutput):
@@ -163,6 +172,13 @@ class TorchModelRunner(ModelRunner):
         # while the previous step may still run); on the CPU the device is the host, so the
         # step lays out only the drafts found (no wasted rows, nothing to wait for).
         self.trim_draft_rows = self.device.type == "cpu"
+        # The speculative step's fixed-shape device buffers (spec_decode.SpecBuffers): 1 + k steps per request slot.
+        self.spec_bufs = None
+        if cfg.speculative is not None:
+            from aiosched.executors.torch.spec_decode import SpecBuffers
+
+            self.spec_bufs = SpecBuffers(cfg.max_num_seqs, cfg.speculative.num_tokens + 1, self.device)
+            self.batch.spec_k1 = self.spec_bufs.k1
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
@@ -243,75 +259,112 @@ class TorchModelRunner(ModelRunner):
             return self._step(so, out)
 
     def _step(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
-        spec = self._propose(so) if any(sr.num_draft_slots for sr in so.scheduled) else None
-        step = self.batch.schedule(so, spec_rows=spec.rows if spec is not None else None, has_spec=spec is not None)
+        spec = self._plan_spec(so) if any(sr.num_draft_slots for sr in so.scheduled) else None
+        if spec is not None and self.trim_draft_rows:
+            self._propose(spec, None, None)  # before the layout: it lays out only the drafts found
+        step = self.batch.schedule(so, spec_rows=spec.trimmed if spec is not None else None, has_spec=spec is not None)
         out.req_ids = [sr.req_id for sr in so.scheduled if sr.sample]
         extras_on = self.extras.step_uses_extras(so)
-        greedy = not step.spec and not extras_on and self.batch.greedy(step.samplers)
-        fwd = self._forward(step, greedy, eager_only=extras_on and bool(self.prompt_lp_reqs))
+        if spec is not None:
+            step.verify = self._spec_rows(step, spec)
+            # every row of a speculative step writes its argmax to the scratch slot: harmless for the extras rows
+            greedy = spec.greedy
+        else:
+            greedy = not extras_on and self.batch.greedy(step.samplers)
+        fwd = self._forward(step, greedy, eager_only=extras_on and bool(self.prompt_lp_reqs), spec=spec)
         if spec is not None:
             return self._verify(step, fwd, extras_on, out, spec)
         return self._sample(step, fwd, extras_on, out)
 
-    def _propose(self, so: SchedulerOutput) -> "_SpecStep":
-        """A step with speculative rows, before it is laid out: which samplers are verified
-        on the device (all but those with sampling extras, which sample their one row
-        through the extras), their exact counts on the device, and the drafts of the
-        speculative ones proposed into the token buffer (executors/torch/spec_decode.py).
-        No host wait, except that on the CPU (`trim_draft_rows`: the device is the host,
-        so reading costs nothing) the step lays out only the drafts found."""
-        from aiosched.executors.torch.spec_decode import propose_into_buffer
-
-        batch, active, reqs = self.batch, self.extras.active, self.batch.reqs
+    def _plan_spec(self, so: SchedulerOutput) -> _SpecStep:
+        """A step with speculative rows, on the host, before it is laid out: which samplers
+        are verified on the device (all but those with sampling extras, which sample their
+        one row through the extras) and, per verified request, what the propose phase
+        reads: its row, draft slots and, when its device count is stale (its last step
+        sampled on the host's count), the host's exact count."""
+        reqs, active = self.batch.reqs, self.extras.active
+        if self.spec_bufs is None:
+            raise RuntimeError("draft slots scheduled but the runner has no speculative config")
         samplers = [sr for sr in so.scheduled if sr.sample]
-        ver: list[int] = []
-        ext: list[int] = []
-        spec_of: list[int] = []  # per verified sampler: its row in the drafts, -1 for a plain row
-        spec_srs = []
+        spec = _SpecStep([], [], [], [], [], True, 1)
         for i, sr in enumerate(samplers):
             if sr.req_id in active:
                 if sr.num_draft_slots:  # the scheduler never speculates these (scheduler._uses_spec)
                     raise RuntimeError(f"{sr.req_id}: draft slots for a request with sampling extras")
-                ext.append(i)
+                spec.ext.append(i)
                 continue
-            ver.append(i)
-            spec_of.append(len(spec_srs) if sr.num_draft_slots else -1)
-            if sr.num_draft_slots:
-                spec_srs.append(sr)
-        # Verified requests whose device count is stale (their last step sampled on the
-        # host's count) get it from the host, which is exact for them.
-        stale = [reqs[samplers[i].req_id] for i in ver if not reqs[samplers[i].req_id].dev_exact]
-        if stale:
-            assert not any(st.spec_pending for st in stale)
-            vals = torch.tensor([st.row for st in stale] + [st.num_tokens for st in stale], dtype=torch.int64)
-            vals = vals.to(self.device, non_blocking=True)
-            batch.num_tokens_dev.index_copy_(0, vals[:len(stale)], vals[len(stale):])
-            for st in stale:
-                st.dev_exact = True
-        ks = [sr.num_draft_slots for sr in spec_srs]
-        bounds = [sr.num_computed_tokens + 1 for sr in spec_srs]  # lengths at most
-        drafts = propose_into_buffer(batch, [reqs[sr.req_id] for sr in spec_srs], ks, bounds, self.config.speculative)
-        rows = (drafts >= 0).sum(dim=1).tolist() if self.trim_draft_rows else None
-        return _SpecStep(ver, ext, spec_of, drafts, rows)
+            if sr.num_draft_slots >= self.spec_bufs.k1:
+                raise RuntimeError(f"{sr.req_id}: {sr.num_draft_slots} draft slots, the runner speculates {self.spec_bufs.k1 - 1}")
+            st = reqs[sr.req_id]
+            assert st.dev_exact or not st.spec_pending
+            spec.ver.append(i)
+            spec.rows.append(st.row)
+            spec.ks.append(sr.num_draft_slots)
+            spec.setv.append(-1 if st.dev_exact else st.num_tokens)
+            st.dev_exact = True  # (the propose phase sets it)
+            spec.greedy = spec.greedy and st.data.sampling.temperature == 0.0 and not st.ban_ids
+            spec.bound = max(spec.bound, sr.num_computed_tokens + sr.num_tokens)  # its length is at most that
+        return spec
 
-    def _forward(self, step: ScheduledStep, greedy: bool, eager_only: bool) -> _Forward:
+    def _spec_rows(self, step: ScheduledStep, spec: _SpecStep) -> SpecRows:
+        """The staged form of the plan: each logits row's slot q * K1 + j on the verify grid (-1: an extras row)."""
+        K1 = self.spec_bufs.k1
+        q_of = {i: q for q, i in enumerate(spec.ver)}
+        slot: list[int] = []
+        for i, n in enumerate(step.num_logits):
+            q = q_of.get(i)
+            slot.extend(range(q * K1, q * K1 + n) if q is not None else [-1] * n)
+        return SpecRows(spec.rows, spec.ks, spec.setv, slot)
+
+    def _propose(self, spec: _SpecStep, staged: torch.Tensor | None, layout: Layout | None) -> None:
+        """The propose phase (executors/torch/spec_decode.py): drafts into the token buffer
+        and the SpecBuffers, on the device. On a padded layout the graph's own code (a
+        replay on CUDA); on an exact one the same ops eagerly. `staged` None (CPU,
+        `trim_draft_rows`: the device is the host, so reading costs nothing): before the
+        layout, from the plan's lists, and the rows laid out are the drafts found."""
+        from aiosched.executors.torch.spec_decode import propose_step, window
+
+        batch, cfg = self.batch, self.config.speculative
+        if layout is not None and layout.padded:
+            self.fast.spec_propose(layout)
+            return
+        W = window(spec.bound, batch.row_len)
+        if staged is not None:
+            rows, ks, setv, _ = batch.spec_views(staged, layout)
+            propose_step(batch, self.spec_bufs, rows, ks, setv, W, cfg)
+            return
+        meta = torch.tensor([spec.rows, spec.ks, spec.setv], dtype=torch.int64, device=self.device)
+        drafts = propose_step(batch, self.spec_bufs, meta[0], meta[1], meta[2], W, cfg)
+        found = (drafts >= 0).sum(dim=1).tolist()
+        spec.trimmed = [n for n, k in zip(found, spec.ks) if k]
+        spec.setv = [-1] * len(spec.setv)  # applied
+
+    def _forward(self, step: ScheduledStep, greedy: bool, eager_only: bool, spec: _SpecStep | None = None) -> _Forward:
         """A CUDA graph replay when one fits the step, else the model's forward on the exactly packed step.
-        greedy: take each logits row's argmax (written into the token buffer at once)."""
+        greedy: take each logits row's argmax (written into the token buffer at once).
+        spec: a speculative step, whose propose phase runs between the upload and the forward
+        (unless done before the layout) over the staged speculative section."""
         fast, batch = self.fast, self.batch
         n = len(step.logit_rows)
         layout = fast.graph_layout(step, eager_only) if fast is not None else None
         if layout is not None:
             dev = batch.upload(step, layout)
+            if spec is not None:
+                self._propose(spec, dev, layout)
+                logits, tokens = fast.replay(layout)
+                return _Forward(None, logits[:n], None, dev[layout.o_dst:layout.o_dst + n], layout, dev, logits, tokens)
             logits, tokens = fast.replay(layout)
             return _Forward(None, logits[:n], tokens[:n].clone() if greedy else None, dev[layout.o_dst:layout.o_dst + n])
         fused = fast is not None
         layout = batch.exact_layout(step, fast.block_q(step) if fused else 1, tiles=fused)
         dev = batch.upload(step, layout)
+        if spec is not None and spec.trimmed is None:
+            self._propose(spec, dev, layout)
         inputs = batch.device_inputs(dev, layout, fused, fast.decode_workspace if fused else None, host=step)
         if fused:
             fast.stats["eager_steps"] += 1
         hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
-        return _Forward(hidden, logits, tokens, inputs.dst)
+        return _Forward(hidden, logits, tokens, inputs.dst, layout, dev, logits, tokens)
 
     def model_step(self, inputs: StepInputs, argmax: bool, logits_out: torch.Tensor | None = None,
                    tokens_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -373,11 +426,8 @@ class TorchModelRunner(ModelRunner):
         as a pending output (the launch thread does not wait for them; the next step is
         laid out relative to the device counts). Requests with sampling extras have one
         logits row and no drafts: they sample through the extras (`_sample_extras_rows`)."""
-        from aiosched.executors.torch.spec_decode import verify_on_device
-
         if self.fast is not None:
             self.fast.stats["spec_steps"] += 1
-        logits = fwd.logits.float()
         ver, ext = spec.ver, spec.ext
         # The logits rows of each sampler, in order.
         first, r = [], 0
@@ -385,26 +435,42 @@ class TorchModelRunner(ModelRunner):
             first.append(r)
             r += n
         host = None
+        logits = None
         if ver:
-            states = [step.samplers[i] for i in ver]
-            counts = [step.num_logits[i] for i in ver]
-            if ext:
-                idx = [first[i] + j for i in ver for j in range(step.num_logits[i])]
-                rows = logits[torch.tensor(idx, dtype=torch.int64).to(logits.device, non_blocking=True)]
-            else:
-                rows = logits
-            sb = self.batch.sampling_batch(states, counts, self.extras.grammar_terminated, device_positions=True)
-            emitted, _ = verify_on_device(self.batch, states, counts, spec.spec_of, spec.drafts, rows, sb)
-            host = self._to_host(emitted)
-            for q, (st, s) in enumerate(zip(states, spec.spec_of)):
-                if s >= 0:
+            emitted = self._verify_rows(step, fwd, spec, first)
+            host = self._to_host(emitted[:len(ver)].clone())  # (the buffer is the next step's)
+            for q, i in enumerate(ver):
+                st = step.samplers[i]
+                if spec.ks[q]:
                     st.spec_pending.append((host, q))  # its host count grows when this lands
                 else:
                     st.num_tokens += 1  # a plain row emits one token (the device count grew by it too)
         ext_out = None
         if ext or (extras_on and self.prompt_lp_reqs):  # prompt chunks of the step may want prompt logprobs
+            logits = fwd.logits.float()
             ext_out = self._sample_extras_rows(step, fwd, logits, ext, [first[i] for i in ext], out)
         return _SpecPending(out, host, ver, ext, ext_out, len(step.samplers))
+
+    def _verify_rows(self, step: ScheduledStep, fwd: _Forward, spec: _SpecStep, first: list[int]) -> torch.Tensor:
+        """The verify phase over every logits row of the staged layout (a fixed shape): greedy
+        steps compare the forward's argmax with the drafts (on a padded layout the graph's
+        own code: a replay on CUDA); sampling steps run rejection sampling (`verify_drafts`).
+        Returns the [P, K1 + 2] emitted tokens / counts / drafts found."""
+        from aiosched.executors.torch.spec_decode import greedy_accepts, verify_drafts, verify_step
+
+        batch, bufs, L, d = self.batch, self.spec_bufs, fwd.layout, fwd.staged
+        if spec.greedy and L.padded:
+            return self.fast.spec_verify(L)
+        rows, _, _, slot = batch.spec_views(d, L)
+        if spec.greedy:
+            tok = fwd.all_tokens
+            acc = greedy_accepts(bufs, tok, slot)
+        else:
+            states = [step.samplers[i] for i in spec.ver]
+            sb = batch.verify_sampling(d, L, states, [first[i] for i in spec.ver], [step.num_logits[i] for i in spec.ver],
+                                       self.extras.grammar_terminated)
+            tok, acc = verify_drafts(fwd.all_logits.float(), sb, bufs.drafts[slot])
+        return verify_step(batch, bufs, tok, acc, rows, slot)
 
     def _to_host(self, t: torch.Tensor) -> "SpecHost":
         """The verified step's emitted tokens toward the host: pinned, on the side stream (CUDA)."""

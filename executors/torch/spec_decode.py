@@ -7,19 +7,24 @@ bound of the request's position. The worker's true length of the request lives o
 device (`InputBatch.num_tokens_dev`), so a step is built and launched without waiting
 for the previous step's accepted count; the request always computes 1 + k rows:
 
-1. `propose_into_buffer`: up to k drafts from its history, on the device over the token
+1. `propose_step`: up to k drafts from its history, on the device over the token
    buffer (`propose_ngram_batch`; `propose_ngram` is the host reference), written into
    the buffer right after its known tokens (missing drafts: -1, never accepted);
 2. the target model runs over [last token, drafts] in the step's forward pass, at
    positions derived on the device from the device count (`InputBatch.schedule`);
-3. `verify_on_device` verifies (`verify_drafts`): greedy accepts the longest prefix equal to the target
-   argmax; sampling uses rejection sampling for a point-mass draft (accept d with
+3. `verify_step` accepts (`greedy_accepts`, or `verify_drafts` when sampling): greedy
+   accepts the longest prefix equal to the target argmax; sampling uses rejection sampling for a point-mass draft (accept d with
    probability p(d), else sample from p without d, renormalised), which draws exactly
    from the target distribution. Randomness is the sampler's counter hash of
    (seed, position, vocab index), so it stays seeded and batch-invariant;
 4. appends the accepted drafts plus one corrected/bonus token to the history and the
    device count, on the device; the emitted tokens and counts go to the host on the
    side stream (`SpecHost`), as a pending output like any step's.
+
+Both phases run at fixed shapes read from the staged step (`InputBatch.spec_views`: P
+request slots, S logits rows, padding harmless) into preallocated `SpecBuffers`, with no
+host read and no shape that depends on a device value: on CUDA each replays a graph per
+padded size (executors/torch/cuda_path.py), elsewhere the same ops run eagerly.
 """
 from __future__ import annotations
 
@@ -54,34 +59,74 @@ def propose_ngram_batch(hist: Any, lengths: Any, k: int, ngram_min: int, ngram_m
     per-request Python, no copy of the histories to the host): [R, W] histories whose
     first lengths[r] tokens are known -> ([R, k] drafts, -1 past each row's count; [R] counts).
 
-    All n-gram sizes in one pass, a fixed ~20 kernels whatever ngram_max (a loop per n
-    and per offset launched ~150 small kernels, 1.8 ms of host time per step on the
-    H200's host): eq[r, j, o] says whether the token o places before column j equals
-    the one o places before the last; its running AND over o is the match length at j;
-    the score n * W + j of every (size, end) that matches picks the largest n, then the
-    most recent end, as the reference's loop does."""
+    All n-gram sizes in one pass, a fixed ~25 ops whatever ngram_max and whatever the
+    shapes (constants cached per (W, k, sizes): `_consts`), so the same ops run eagerly
+    and inside a CUDA graph: eq[r, j, o] says whether the token o places before column j
+    equals the one o places before the last; its running AND over o is the match length
+    at j; the score n * W + j + 1 of every (size, end) that matches picks the largest n,
+    then the most recent end, as the reference's loop does."""
     import torch
 
     R, W = hist.shape
-    dev = hist.device
-    N = ngram_max
+    c = _consts(hist.device, W, k, ngram_min, ngram_max)
     last = lengths - 1  # index of each row's last known token
-    # windows[r, j, i] = hist[r, j - (N - 1) + i], left-padded (a view, no copy); flipped, i -> o = N - 1 - i
-    windows = torch.nn.functional.pad(hist, (N - 1, 0), value=-1).unfold(1, N, 1).flip(-1)
-    offs = torch.arange(N, device=dev)
-    tails = hist.gather(1, (last.unsqueeze(1) - offs).clamp(min=0))  # [R, N]: the token o places before the last
-    run = (windows == tails.unsqueeze(1)).to(torch.uint8).cummin(dim=-1).values  # [R, W, N]: tokens 0..o all equal
-    ns = torch.arange(ngram_min, ngram_max + 1, device=dev)
-    cols = torch.arange(W, device=dev).view(1, W, 1)
+    tails = hist.gather(1, (last.unsqueeze(1) - c.offs).clamp_(min=0))  # [R, N]: the token o places before the last
+    # windows[r, j, o] = hist[r, max(j - o, 0)]: a clamped column (j < o) only meets sizes
+    # n > j + 1, which the score excludes (`c.score`: 0 for j < n - 1)
+    run = (hist[:, c.widx] == tails.unsqueeze(1)).to(torch.uint8).cummin(dim=-1).values  # [R, W, N]: tokens 0..o all equal
     # j ends an earlier occurrence of the last n tokens: j < last, j >= n - 1, the first n offsets equal
-    ok = run[:, :, ngram_min - 1:].bool() & (cols >= ns - 1) & (cols < last.view(R, 1, 1))
-    score = torch.where(ok, ns * W + cols, -1).amax(dim=(1, 2))
-    found = score >= 0
-    best = torch.where(found, score % W, -1)  # j: end of the chosen earlier occurrence
-    idx = best.unsqueeze(1) + 1 + torch.arange(k, device=dev)
-    valid = found.unsqueeze(1) & (idx < lengths.unsqueeze(1))
-    drafts = torch.where(valid, hist.gather(1, idx.clamp(min=0, max=W - 1)), -1)
+    score = (run[:, :, ngram_min - 1:] * c.score).mul_(c.cols < last.view(R, 1, 1)).amax(dim=(1, 2))
+    # j: end of the chosen earlier occurrence; with none (score 0: j = W - 1) idx starts at W >= every length
+    idx = ((score - 1) % W).unsqueeze(1) + c.steps
+    valid = idx < lengths.unsqueeze(1)
+    drafts = torch.where(valid, hist.gather(1, idx.clamp_(max=W - 1)), -1)
     return drafts, valid.sum(dim=1)
+
+
+class _Consts:
+    """The index constants of `propose_ngram_batch` for one (device, W, k, sizes)."""
+
+    def __init__(self, dev: Any, W: int, k: int, ngram_min: int, ngram_max: int) -> None:
+        import torch
+
+        N = ngram_max
+        self.offs = torch.arange(N, device=dev)
+        cols = torch.arange(W, device=dev)
+        self.widx = (cols.unsqueeze(1) - self.offs).clamp_(min=0)  # [W, N]
+        ns = torch.arange(ngram_min, ngram_max + 1, device=dev)
+        self.cols = cols.view(1, W, 1)
+        self.score = torch.where(self.cols >= ns - 1, ns * W + self.cols + 1, 0)  # [1, W, sizes]; 0: j too early for n
+        self.steps = torch.arange(1, k + 1, device=dev)  # the draft after the match end, and the next k - 1
+
+
+_CONSTS: dict[tuple, _Consts] = {}
+
+
+def _consts(dev: Any, W: int, k: int, ngram_min: int, ngram_max: int) -> _Consts:
+    """Cached: built once per shape (before a capture: its warm-up builds them), so a step
+    launches no arange. Callers bucket W (`window`), which bounds the cache."""
+    key = (str(dev), W, k, ngram_min, ngram_max)
+    c = _CONSTS.get(key)
+    if c is None:
+        c = _CONSTS[key] = _Consts(dev, W, k, ngram_min, ngram_max)
+    return c
+
+
+def _minus_one(dev: Any) -> Any:
+    """A 0-dim -1 on `dev`, built once (`torch.where(..., out=)` takes no Python scalar)."""
+    import torch
+
+    key = (str(dev), -1)
+    t = _STEPS.get(key)
+    if t is None:
+        t = _STEPS[key] = torch.tensor(-1, dtype=torch.int64, device=dev)
+    return t
+
+
+def window(bound: int, row_len: int) -> int:
+    """The history width a proposer reads for lengths <= bound: the next power of two
+    (>= 64), at most the buffer row; a width past the known tokens is never read."""
+    return min(row_len, max(64, 1 << max(0, bound - 1).bit_length()))
 
 
 def verify_drafts(logits: Any, b: Any, drafts: Any) -> tuple[Any, Any]:
@@ -115,24 +160,45 @@ def verify_drafts(logits: Any, b: Any, drafts: Any) -> tuple[Any, Any]:
     return torch.where(is_sampled, sampled, greedy), torch.where(is_sampled, acc, greedy_acc)
 
 
-def accept_rows(tokens: Any, accepted: Any, num_rows: list[int], slot: Any = None) -> tuple[Any, Any]:
+def accept_rows(tokens: Any, accepted: Any, num_rows: list[int]) -> tuple[Any, Any]:
     """Per request (num_rows[q] consecutive rows: 1 + its drafts), on the device: keep
     the drafts while accepted, then the first non-accepted row's token (correction, or
     the bonus after all drafts; the last row has no draft, so it is never accepted).
-    [N] tokens, [N] accepted -> ([Q, K1] tokens by request, padded with -1; [Q] counts)."""
+    [N] tokens, [N] accepted -> ([Q, K1] tokens by request, padded with -1; [Q] counts).
+    (The runner's steps lay their rows out on the grid directly: `verify_step`.)"""
     import torch
 
     Q, K1 = len(num_rows), max(num_rows)
     dev = tokens.device
     # Flat row i of request q, step j sits at q * K1 + j of the padded layout.
-    # (`slot`: that index on the device already, as the verifier has it)
-    if slot is None:
-        slot = torch.tensor([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], dtype=torch.int64).to(dev, non_blocking=True)
+    slot = torch.tensor([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], dtype=torch.int64, device=dev)
     tok = torch.full((Q * K1,), -1, dtype=tokens.dtype, device=dev).index_copy_(0, slot, tokens).view(Q, K1)
     acc = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, slot, accepted.long()).view(Q, K1)
-    counts = acc.cumprod(dim=1).sum(dim=1) + 1  # leading accepted drafts + the one token after them
-    keep = torch.arange(K1, device=dev).unsqueeze(0) < counts.unsqueeze(1)
+    return accept_grid(tok, acc)
+
+
+def accept_grid(tok: Any, acc: Any) -> tuple[Any, Any]:
+    """[Q, K1] tokens (-1: no row) and accepted flags (int) by request and step -> (the
+    emitted tokens, -1 past each count; [Q] counts = leading accepted drafts + the one after)."""
+    import torch
+
+    counts = acc.cumprod(dim=1).sum(dim=1).add_(1)
+    keep = _steps(tok.device, tok.shape[1]) < counts.unsqueeze(1)
     return torch.where(keep, tok, -1), counts
+
+
+_STEPS: dict[tuple[str, int], Any] = {}
+
+
+def _steps(dev: Any, n: int) -> Any:
+    """arange(n) on `dev`, built once (a step launches no arange; built before a capture)."""
+    import torch
+
+    key = (str(dev), n)
+    t = _STEPS.get(key)
+    if t is None:
+        t = _STEPS[key] = torch.arange(n, device=dev)
+    return t
 
 
 # ---- the torch runner's speculative step (the forward is the runner's, over InputBatch) ----
@@ -165,66 +231,77 @@ class SpecHost:
         return self.rows()[q][-2]
 
 
-def propose_into_buffer(batch: Any, states: list[Any], ks: list[int], bounds: list[int], spec: Any) -> Any:
-    """Drafts for the speculative requests `states` (k = ks[i] slots each), proposed on
-    the device over the token buffer at each row's device count (`propose_ngram_batch`)
-    and written into the buffer right after its known tokens: nothing comes to the host.
-    bounds[i]: an upper bound of the request's length (the scheduler's). Returns the
-    [R, K] drafts (-1: none; K = max(ks)); their buffer slots hold 0 there."""
+class SpecBuffers:
+    """What a speculative step leaves on the device for the next phase, preallocated for
+    the largest padded layout (max_slots request slots of K1 = 1 + k steps), so the
+    propose and verify phases write into fixed addresses: the same code runs eagerly and
+    inside a CUDA graph. drafts: [P, K1] per request slot (-1: none; column k always -1,
+    the last row has no draft) plus one spare row that padding logits rows may read;
+    emitted: [P, K1 + 2] (tokens padded with -1, count, drafts found)."""
+
+    def __init__(self, max_slots: int, k1: int, device: Any) -> None:
+        import torch
+
+        self.k1 = k1
+        self.drafts = torch.full(((max_slots + 1) * k1,), -1, dtype=torch.int64, device=device)
+        self.emitted = torch.zeros((max_slots + 1, k1 + 2), dtype=torch.int64, device=device)
+
+
+def propose_step(batch: Any, bufs: SpecBuffers, rows: Any, ks: Any, setv: Any, W: int, spec: Any) -> Any:
+    """The propose phase at a fixed shape: P request slots (padding: the scratch row, k 0).
+    rows/ks/setv: [P] buffer rows, draft slots, host counts to set first (-1: the device
+    count is exact; stale after a plain step). Drafts are proposed over the first W tokens
+    of each row at its device count (`propose_ngram_batch`), kept for the first k of each
+    slot, written into the token buffer right after the known tokens (0 for none) and into
+    bufs.drafts; returns that [P, K1] view. No host value is read, nothing is allocated
+    by shape-dependent host logic: capturable."""
     import torch
 
-    dev = batch.tokens.device
-    R, K = len(states), max(ks)
-    meta = torch.tensor([st.row for st in states] + ks, dtype=torch.int64).to(dev, non_blocking=True)
-    rows, kt = meta[:R], meta[R:]
-    lengths = batch.num_tokens_dev[rows]
-    j = torch.arange(K, device=dev).unsqueeze(0)
+    P, K1 = rows.shape[0], bufs.k1
+    ntok = batch.num_tokens_dev
+    lengths = torch.where(setv >= 0, setv, ntok[rows])
+    ntok.index_copy_(0, rows, lengths)  # (padding slots write the scratch row's own count back)
+    out = bufs.drafts[:P * K1].view(P, K1)
+    steps = _steps(rows.device, K1)
+    mine = steps < ks.unsqueeze(1)  # the first k_i steps are the slot's drafts (the match does not depend on k)
     if spec is None:
-        drafts = torch.full((R, K), -1, dtype=torch.int64, device=dev)
+        out.fill_(-1)
     else:
-        W = min(max(bounds), batch.row_len)
-        drafts, _ = propose_ngram_batch(batch.tokens[rows, :W], lengths, K, spec.ngram_min, spec.ngram_max)
-        drafts = torch.where(j < kt.unsqueeze(1), drafts, -1)  # at most k_i of them (the first k_i: the match does not depend on k)
+        drafts, _ = propose_ngram_batch(batch.tokens[:, :W][rows], lengths, K1, spec.ngram_min, spec.ngram_max)
+        torch.where(mine, drafts, _minus_one(rows.device), out=out)
     # The k_i slots after each row's known tokens get its drafts (0 for none); the rest of
-    # the [R, K] grid goes to the scratch slot.
-    dst = torch.where(j < kt.unsqueeze(1), (rows * batch.row_len + lengths).unsqueeze(1) + j, batch.scratch_slot)
-    batch.write_tokens(dst.view(-1), drafts.clamp(min=0).view(-1))
-    return drafts
+    # the grid goes to the scratch slot.
+    dst = torch.where(mine, (rows * batch.row_len + lengths).unsqueeze(1) + steps, batch.scratch_slot)
+    batch.tokens.view(-1).index_copy_(0, dst.view(-1), out.clamp(min=0).view(-1))
+    return out
 
 
-def verify_on_device(batch: Any, states: list[Any], num_rows: list[int], spec_of: list[int], drafts: Any, logits: Any,
-                     sampling: Any) -> tuple[Any, Any]:
-    """Verify the logits rows of the requests `states` (num_rows[q] consecutive rows each;
-    spec_of[q]: the request's row in `drafts`, or -1 for a plain one-row request) and
-    append the accepted drafts plus the corrected/bonus token to each request's history,
-    all on the device: the token buffer at the request's device count, which then grows
-    by what it emitted. Nothing waits for the host. Returns the [Q, K1 + 2] emitted
-    tokens / counts / drafts tensor (device) and the [Q] counts."""
+def greedy_accepts(bufs: SpecBuffers, tok: Any, slot: Any) -> Any:
+    """[S] argmax tokens of the logits rows and their grid slots -> [S] accepted: the row's
+    draft equals the target's argmax (no draft: -1, never equal)."""
+    return tok == bufs.drafts[slot]
+
+
+def verify_step(batch: Any, bufs: SpecBuffers, tok: Any, acc: Any, rows: Any, slot: Any) -> Any:
+    """The acceptance phase at a fixed shape: [S] tokens and accepted flags of the logits
+    rows, [S] their slots q * K1 + j on the [P, K1] grid (P * K1: a dump for rows that are
+    not verified: padding, extras rows), [P] the slots' buffer rows. Appends each slot's
+    accepted drafts plus the corrected/bonus token to its history and device count,
+    on the device. Returns the [P, K1 + 2] emitted tokens / counts / drafts found
+    (bufs.emitted; padding slots: count 1, never read)."""
     import torch
 
-    dev = logits.device
-    Q, K1 = len(states), max(num_rows)
-    K = drafts.shape[1] if drafts is not None else 0
-    none = drafts.numel() if drafts is not None else 0  # the index of a -1 appended to the flat drafts
-    # One host list -> one copy: per logits row its draft's flat index and its padded slot
-    # q * K1 + j; per request its buffer row.
-    d_idx, slot = [], []
-    for q, (n, s) in enumerate(zip(num_rows, spec_of)):
-        for jj in range(n):
-            d_idx.append(s * K + jj if s >= 0 and jj < n - 1 else none)
-            slot.append(q * K1 + jj)
-    N = len(slot)
-    meta = torch.tensor(d_idx + slot + [st.row for st in states], dtype=torch.int64).to(dev, non_blocking=True)
-    flat = torch.cat([drafts.view(-1), drafts.new_full((1,), -1)]) if drafts is not None else torch.full((1,), -1, dtype=torch.int64, device=dev)
-    row_drafts = flat[meta[:N]]
-    rows = meta[2 * N:]
-    tok_t, acc_t = verify_drafts(logits, sampling, row_drafts)
-    tok, counts = accept_rows(tok_t.long(), acc_t, num_rows, slot=meta[N:2 * N])
-    j = torch.arange(K1, device=dev).unsqueeze(0)
-    base = rows * batch.row_len + batch.num_tokens_dev[rows]
-    dst = torch.where(tok >= 0, base.unsqueeze(1) + j, batch.scratch_slot)
-    batch.write_tokens(dst.view(-1), tok.clamp(min=0).view(-1))
-    batch.num_tokens_dev.index_add_(0, rows, counts)
-    ndrafts = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, meta[N:2 * N], (row_drafts >= 0).long())
-    ndrafts = ndrafts.view(Q, K1).sum(dim=1)
-    return torch.cat([tok, counts.unsqueeze(1), ndrafts.unsqueeze(1)], dim=1), counts
+    P, K1 = rows.shape[0], bufs.k1
+    ntok = batch.num_tokens_dev
+    grid = torch.full((P * K1 + 1, 2), -1, dtype=torch.int64, device=tok.device)
+    grid.index_copy_(0, slot, torch.stack([tok.long(), acc.long()], dim=1))
+    grid = grid[:P * K1].view(P, K1, 2)
+    emitted, counts = accept_grid(grid[..., 0], grid[..., 1].clamp(min=0))
+    steps = _steps(tok.device, K1)
+    base = rows * batch.row_len + ntok[rows]
+    dst = torch.where(emitted >= 0, base.unsqueeze(1) + steps, batch.scratch_slot)
+    batch.tokens.view(-1).index_copy_(0, dst.view(-1), emitted.clamp(min=0).view(-1))
+    ntok.index_add_(0, rows, counts)
+    ntok[batch.scratch_row] = 1  # padding slots added to the scratch row: it keeps its one token
+    found = (bufs.drafts[:P * K1].view(P, K1) >= 0).sum(dim=1)
+    return torch.cat([emitted, counts.unsqueeze(1), found.unsqueeze(1)], dim=1, out=bufs.emitted[:P])
