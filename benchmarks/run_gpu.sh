@@ -26,6 +26,9 @@ make_venv() {
 # Make the tree with `git archive REF -o .old/before.tar` and carry `.old`; results go to $OUT/before/.
 if [[ " ${*:-} " == *" before"* || " ${*:-} " == *" specab "* || " ${*:-} " == *" hostcost "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
   rm -rf /tmp/before && mkdir -p /tmp/before && tar -xf .old/before.tar -C /tmp/before
+  # A tar may leave out the embedded model's weights (the carry limit): the same file as here.
+  m=aiosched/default_model/model.safetensors
+  [ -f /tmp/before/$m ] || cp $m /tmp/before/$m
   make_venv /tmp/venv-before /tmp/before
 fi
 export PATH=/tmp/venv/bin:$PATH
