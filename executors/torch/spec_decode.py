@@ -302,6 +302,8 @@ def verify_step(batch: Any, bufs: SpecBuffers, tok: Any, acc: Any, rows: Any, sl
     dst = torch.where(emitted >= 0, base.unsqueeze(1) + steps, batch.scratch_slot)
     batch.tokens.view(-1).index_copy_(0, dst.view(-1), emitted.clamp(min=0).view(-1))
     ntok.index_add_(0, rows, counts)
-    ntok[batch.scratch_row] = 1  # padding slots added to the scratch row: it keeps its one token
+    # padding slots added to the scratch row: it keeps its one token (fill_: `[i] = 1` is a
+    # blocking host-to-device copy, which a CUDA graph cannot capture)
+    ntok[batch.scratch_row:batch.scratch_row + 1].fill_(1)
     found = (bufs.drafts[:P * K1].view(P, K1) >= 0).sum(dim=1)
     return torch.cat([emitted, counts.unsqueeze(1), found.unsqueeze(1)], dim=1, out=bufs.emitted[:P])
