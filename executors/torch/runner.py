@@ -35,7 +35,7 @@ import torch
 
 from aiosched.protocol import PROTOCOL_VERSION, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
 from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput
-from aiosched.executors.torch import fused_ops
+from aiosched.executors.torch import cpu_split, fused_ops
 from aiosched.executors.torch.input_batch import InputBatch, ScheduledStep, StepInputs
 from aiosched.executors.torch.loader import build_model
 from aiosched.executors.torch.parallel import SINGLE, agree_min, destroy_group, init_group
@@ -164,6 +164,10 @@ class TorchModelRunner(ModelRunner):
         self.trim_draft_rows = self.device.type == "cpu"
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
+        # CPU: a step's requests in two parts, run at once on two cores (executors/torch/cpu_split.py).
+        self.splitter = None
+        if self.device.type == "cpu" and not self.tp.active and cpu_split.split_enabled(torch.get_num_threads()):
+            self.splitter = cpu_split.PairRunner(torch.get_num_threads())
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
         self.extras = SamplingExtras(cfg.resolved_model, a.vocab_size, cfg.max_num_seqs, self.device)
         self.prompt_lp_reqs: set[str] = set()
@@ -308,8 +312,35 @@ class TorchModelRunner(ModelRunner):
         inputs = batch.device_inputs(dev, layout, fused, fast.decode_workspace if fused else None, host=step)
         if fused:
             fast.stats["eager_steps"] += 1
-        hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
+        parts = cpu_split.split_inputs(inputs) if self.splitter is not None and not step.spec else None
+        if parts is not None:
+            hidden, logits, tokens = self._split_step(inputs, parts, argmax=greedy)
+        else:
+            hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
         return _Forward(hidden, logits, tokens, inputs.dst)
+
+    def _split_step(self, inputs: StepInputs, parts: tuple[StepInputs, StepInputs],
+                    argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`model_step` on the CPU as two sub-steps of whole requests at once (cpu_split):
+        the same rows, logits and tokens, in the same order."""
+        def part(p: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            hidden = self.model(p.input_ids, p.positions, p.meta, self.kv_caches)
+            if not p.logit_rows.numel():
+                return hidden, None, None
+            logits = self.model.compute_logits(hidden[p.logit_rows], dtype=torch.float32)
+            return hidden, logits, greedy_argmax(logits) if argmax else None
+
+        a, b = self.splitter.run(lambda: part(parts[0]), lambda: part(parts[1]))
+        hidden = torch.cat([a[0], b[0]])
+        if not inputs.logit_rows.numel():
+            return hidden, None, None
+        if not argmax:
+            return hidden, torch.cat([x[1] for x in (a, b) if x[1] is not None]), None
+        # Greedy: the tokens are all a step reads (`_sample`); the logits (8 MB at 64 rows
+        # of a 32000 vocab) are not joined.
+        tokens = torch.cat([x[2] for x in (a, b) if x[2] is not None])
+        self.batch.write_tokens(inputs.dst, tokens)
+        return hidden, None, tokens
 
     def model_step(self, inputs: StepInputs, argmax: bool, logits_out: torch.Tensor | None = None,
                    tokens_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -472,6 +503,9 @@ class TorchModelRunner(ModelRunner):
 
     def shutdown(self) -> None:
         self.fast = None
+        if getattr(self, "splitter", None) is not None:
+            self.splitter.close()
+            self.splitter = None
         if getattr(self, "extras", None) is not None:
             self.extras.close()  # the grammar mask thread
         if getattr(self, "batch", None) is not None:

@@ -1,0 +1,153 @@
+"""The CPU step on two cores: the batch's requests in two parts, one forward each, run at once.
+
+Requests of one step are independent through the whole forward (each attends to its own
+KV; every other op is per row), so a step splits by whole requests into two sub-steps
+that need no synchronisation until the step's end: one barrier per step, where two torch
+intra-op threads (static GEMM partitions, 8-12 OpenMP regions per layer) pay one per op.
+The launch thread runs the first part, a helper thread the second, each with one torch
+thread; torch ops and the C kernels release the GIL, so the parts overlap.
+
+The helper never stalls the step: it claims its part only once it is awake, and the
+launch thread, done with its own part, takes an unclaimed second part itself. So with the
+other core busy (a shared machine, the event loop's output work) the step costs what one
+thread costs, plus the split's bookkeeping (~0.1 ms); only a part the helper has claimed
+is waited for, and the waiting launch thread sleeps, leaving its core to the helper.
+
+When a step is split (`split_inputs`): CPU, not fused, at least 2 requests and
+`MIN_ROWS` rows, the logits rows in request order, and no block written by one part and
+read by the other (two requests of one step sharing prefix blocks, one writing what the
+other reads: the unsplit step writes the whole batch's KV before any read).
+`AIOSCHED_CPU_SPLIT=0` turns it off (`1` on; default on when torch runs one intra-op
+thread per two cores or fewer, i.e. a core is spare: the 2-core default).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
+from aiosched.executors.torch.input_batch import StepInputs
+
+SPLIT_ENV = "AIOSCHED_CPU_SPLIT"
+MIN_ROWS = 8  # below this a step is too small for two forwards to pay (the GEMMs turn weight-bound)
+
+
+def split_enabled(torch_threads: int, cores: int | None = None) -> bool:
+    v = os.environ.get(SPLIT_ENV, "")
+    if v in ("0", "1"):
+        return v == "1"
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return cores >= 2 and 2 * torch_threads <= cores
+
+
+def _sub(inputs: StepInputs, a: int, b: int, rows: list[int], lo: int, hi: int) -> StepInputs:
+    """Requests [a, b) of `inputs` as a step of their own (logits rows [lo, hi))."""
+    m = inputs.meta
+    qsl = m.query_start_loc
+    t0, t1 = qsl[a], qsl[b]
+    meta = AttentionMetadata(m.slot_mapping[t0:t1], [q - t0 for q in qsl[a:b + 1]], m.seq_lens[a:b], m.block_tables[a:b],
+                             m.block_size)
+    logit_rows = torch.tensor([r - t0 for r in rows[lo:hi]], dtype=torch.int64)
+    return StepInputs(inputs.input_ids[t0:t1], inputs.positions[t0:t1], meta, logit_rows, inputs.dst[lo:hi])
+
+
+def split_inputs(inputs: StepInputs) -> tuple[StepInputs, StepInputs] | None:
+    """The step as two sub-steps of whole requests with about equal work, or None where
+    it does not split (see the module docstring)."""
+    m = inputs.meta
+    if m.fused or m.device is not None or inputs.input_ids.device.type != "cpu":
+        return None
+    qsl, B = m.query_start_loc, m.num_reqs
+    T = qsl[-1] if qsl else 0
+    if B < 2 or T < MIN_ROWS or inputs.input_ids.shape[0] != T:
+        return None
+    # Work of a request ~ its rows (the GEMMs) plus a share for its attention over the
+    # context; split where the prefix sum crosses half.
+    work = [qsl[i + 1] - qsl[i] + (qsl[i + 1] - qsl[i]) * m.seq_lens[i] / 1024.0 for i in range(B)]
+    half, acc, k = sum(work) / 2, 0.0, 0
+    while k < B - 1 and acc + work[k] / 2 < half:
+        acc += work[k]
+        k += 1
+    k = max(1, k)
+    t = qsl[k]
+    rows = inputs.logit_rows.tolist()
+    if any(x >= y for x, y in zip(rows, rows[1:])):
+        return None  # not in request order
+    lo = 0
+    while lo < len(rows) and rows[lo] < t:
+        lo += 1
+    # KV blocks: none written by one part and read by the other.
+    bs = m.block_size
+    slots = m.slot_mapping.tolist()
+    w0 = {s // bs for s in slots[:t] if s >= 0}
+    w1 = {s // bs for s in slots[t:] if s >= 0}
+    if any(blk in w0 for tab in m.block_tables[k:] for blk in tab) or any(blk in w1 for tab in m.block_tables[:k] for blk in tab):
+        return None
+    return _sub(inputs, 0, k, rows, 0, lo), _sub(inputs, k, B, rows, lo, len(rows))
+
+
+class PairRunner:
+    """Runs two tasks at once: the first on the calling thread, the second on a helper
+    thread if it wakes up in time (else the caller runs it after the first)."""
+
+    def __init__(self, torch_threads: int) -> None:
+        self._threads = torch_threads
+        self._cv = threading.Condition()
+        self._task: Callable[[], Any] | None = None  # the posted second task, unclaimed
+        self._busy = False  # the helper is running a claimed task
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._stop = False
+        self.stats = {"split_steps": 0, "helper_ran": 0}
+        self._thread = threading.Thread(target=self._loop, name="aiosched-cpu-split", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self._threads)  # this thread's OpenMP/MKL count (per thread in libgomp)
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while self._task is None and not self._stop:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    task, self._task, self._busy = self._task, None, True
+                result, error = None, None
+                try:
+                    result = task()
+                except BaseException as e:  # handed to the caller
+                    error = e
+                with self._cv:
+                    self._result, self._error, self._busy = result, error, False
+                    self.stats["helper_ran"] += 1
+                    self._cv.notify_all()
+
+    def run(self, first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
+        self.stats["split_steps"] += 1
+        with self._cv:
+            self._task, self._result, self._error = second, None, None
+            self._cv.notify_all()
+        try:
+            r0 = first()
+        finally:
+            with self._cv:
+                mine = self._task is second  # the helper has not claimed it: run it here
+                if mine:
+                    self._task = None
+                else:
+                    while self._busy:
+                        self._cv.wait()
+        if mine:
+            return r0, second()
+        if self._error is not None:
+            raise self._error
+        return r0, self._result
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
