@@ -82,7 +82,8 @@ def test_split_keeps_whole_requests_and_their_rows() -> None:
     ctx = [40, 30, 20] + [50] * 6
     tables = [[i * 20 + j for j in range(13)] for i in range(9)]
     inp = _inputs(qlens, ctx, tables, [69, 89, 90, 91, 92, 93, 94, 95])
-    a, b = cpu_split.split_inputs(inp)
+    (a, b), (w0, w1) = cpu_split.split_inputs(inp)
+    assert w0 > 0 and w1 > 0
     ta, tb = a.input_ids.shape[0], b.input_ids.shape[0]
     assert ta + tb == 96 and 0 < ta < 96
     assert a.meta.query_start_loc[0] == b.meta.query_start_loc[0] == 0
@@ -131,7 +132,6 @@ def test_pair_runner_errors_and_a_missing_helper() -> None:
             pr.run(lambda: 1, boom)
     assert pr.run(lambda: 3, lambda: 4) == (3, 4)
     pr.close()
-    pr._thread.join(timeout=5)
     assert not pr._thread.is_alive()
     me = threading.current_thread().name
     assert pr.run(lambda: 5, lambda: threading.current_thread().name) == (5, me)  # no helper: the caller runs both

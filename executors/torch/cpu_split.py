@@ -12,6 +12,8 @@ launch thread, done with its own part, takes an unclaimed second part itself. So
 other core busy (a shared machine, the event loop's output work) the step costs what one
 thread costs, plus the split's bookkeeping (~0.1 ms); only a part the helper has claimed
 is waited for, and the waiting launch thread sleeps, leaving its core to the helper.
+The split point follows the two threads' measured rates (`PairRunner.frac`): where the
+helper shares its core with another process, it gets the smaller part.
 
 When a step is split (`split_inputs`): CPU, not fused, at least 2 requests and
 `MIN_ROWS` rows, the logits rows in request order, and no block written by one part and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +36,7 @@ from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
 from aiosched.executors.torch.input_batch import StepInputs
 
 SPLIT_ENV = "AIOSCHED_CPU_SPLIT"
+FRAC_ENV = "AIOSCHED_CPU_SPLIT_FRAC"  # a fixed share of the work for the launch thread's part (benchmarks; unset: adaptive)
 MIN_ROWS = 8  # below this a step is too small for two forwards to pay (the GEMMs turn weight-bound)
 
 
@@ -55,9 +59,9 @@ def _sub(inputs: StepInputs, a: int, b: int, rows: list[int], lo: int, hi: int) 
     return StepInputs(inputs.input_ids[t0:t1], inputs.positions[t0:t1], meta, logit_rows, inputs.dst[lo:hi])
 
 
-def split_inputs(inputs: StepInputs) -> tuple[StepInputs, StepInputs] | None:
-    """The step as two sub-steps of whole requests with about equal work, or None where
-    it does not split (see the module docstring)."""
+def split_inputs(inputs: StepInputs, frac: float = 0.5) -> tuple[tuple[StepInputs, StepInputs], tuple[float, float]] | None:
+    """The step as two sub-steps of whole requests, the first with about `frac` of the
+    work, and the work of each; or None where it does not split (see the module docstring)."""
     m = inputs.meta
     if m.fused or m.device is not None or inputs.input_ids.device.type != "cpu":
         return None
@@ -66,13 +70,15 @@ def split_inputs(inputs: StepInputs) -> tuple[StepInputs, StepInputs] | None:
     if B < 2 or T < MIN_ROWS or inputs.input_ids.shape[0] != T:
         return None
     # Work of a request ~ its rows (the GEMMs) plus a share for its attention over the
-    # context; split where the prefix sum crosses half.
+    # context; split where the prefix sum crosses `frac` of the total.
     work = [qsl[i + 1] - qsl[i] + (qsl[i + 1] - qsl[i]) * m.seq_lens[i] / 1024.0 for i in range(B)]
-    half, acc, k = sum(work) / 2, 0.0, 0
-    while k < B - 1 and acc + work[k] / 2 < half:
+    total = sum(work)
+    goal, acc, k = total * frac, 0.0, 0
+    while k < B - 1 and acc + work[k] / 2 < goal:
         acc += work[k]
         k += 1
     k = max(1, k)
+    acc = sum(work[:k])
     t = qsl[k]
     rows = inputs.logit_rows.tolist()
     if any(x >= y for x, y in zip(rows, rows[1:])):
@@ -87,12 +93,21 @@ def split_inputs(inputs: StepInputs) -> tuple[StepInputs, StepInputs] | None:
     w1 = {s // bs for s in slots[t:] if s >= 0}
     if any(blk in w0 for tab in m.block_tables[k:] for blk in tab) or any(blk in w1 for tab in m.block_tables[:k] for blk in tab):
         return None
-    return _sub(inputs, 0, k, rows, 0, lo), _sub(inputs, k, B, rows, lo, len(rows))
+    return (_sub(inputs, 0, k, rows, 0, lo), _sub(inputs, k, B, rows, lo, len(rows))), (acc, total - acc)
 
 
 class PairRunner:
     """Runs two tasks at once: the first on the calling thread, the second on a helper
-    thread if it wakes up in time (else the caller runs it after the first)."""
+    thread if it wakes up in time (else the caller runs it after the first).
+
+    `frac` is the share of a step's work to give the first task: each run with work
+    (w0, w1) measures both threads' rates (work per second of wall time, which counts the
+    time the OS gave the core to someone else) and moves `frac` toward the balance
+    rate0 / (rate0 + rate1) (the helper's time counted from the post, so its wake-up is
+    in it), so that both parts end together when one core is shared
+    with other processes. Bounded to [FRAC_MIN, FRAC_MAX]."""
+
+    FRAC_MIN, FRAC_MAX, ALPHA = 0.25, 0.8, 0.25
 
     def __init__(self, torch_threads: int) -> None:
         self._threads = torch_threads
@@ -101,8 +116,12 @@ class PairRunner:
         self._busy = False  # the helper is running a claimed task
         self._result: Any = None
         self._error: BaseException | None = None
+        self._end = 0.0  # when the helper finished its last task (perf_counter)
         self._stop = False
-        self.stats = {"split_steps": 0, "helper_ran": 0}
+        fixed = os.environ.get(FRAC_ENV)
+        self.fixed = float(fixed) if fixed else None
+        self.frac = self.fixed if self.fixed is not None else 0.5
+        self.stats = {"split_steps": 0, "helper_ran": 0, "caller_ran_both": 0, "caller_wait_s": 0.0}
         self._thread = threading.Thread(target=self._loop, name="aiosched-cpu-split", daemon=True)
         self._thread.start()
 
@@ -122,18 +141,20 @@ class PairRunner:
                 except BaseException as e:  # handed to the caller
                     error = e
                 with self._cv:
-                    self._result, self._error, self._busy = result, error, False
+                    self._result, self._error, self._busy, self._end = result, error, False, time.perf_counter()
                     self.stats["helper_ran"] += 1
                     self._cv.notify_all()
 
-    def run(self, first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
+    def run(self, first: Callable[[], Any], second: Callable[[], Any], work: tuple[float, float] | None = None) -> tuple[Any, Any]:
         self.stats["split_steps"] += 1
         with self._cv:
             self._task, self._result, self._error = second, None, None
             self._cv.notify_all()
+        t0 = time.perf_counter()
         try:
             r0 = first()
         finally:
+            t1 = time.perf_counter()
             with self._cv:
                 mine = self._task is second  # the helper has not claimed it: run it here
                 if mine:
@@ -141,13 +162,25 @@ class PairRunner:
                 else:
                     while self._busy:
                         self._cv.wait()
+            self.stats["caller_wait_s"] += time.perf_counter() - t1
         if mine:
+            self.stats["caller_ran_both"] += 1
+            if work is not None and self.fixed is None:
+                self.frac = min(self.FRAC_MAX, self.frac + self.ALPHA * (self.FRAC_MAX - self.frac))
             return r0, second()
         if self._error is not None:
             raise self._error
+        if work is not None and self.fixed is None and work[0] > 0 and work[1] > 0 and t1 > t0 and self._end > t0:
+            # rates from the post: the helper's includes its wake-up
+            r0_, r1_ = work[0] / (t1 - t0), work[1] / (self._end - t0)
+            target = r0_ / (r0_ + r1_)
+            self.frac = min(self.FRAC_MAX, max(self.FRAC_MIN, self.frac + self.ALPHA * (target - self.frac)))
         return r0, self._result
 
     def close(self) -> None:
+        """Stops the helper (between steps: it is idle) and waits for it to exit."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)

@@ -312,14 +312,14 @@ class TorchModelRunner(ModelRunner):
         inputs = batch.device_inputs(dev, layout, fused, fast.decode_workspace if fused else None, host=step)
         if fused:
             fast.stats["eager_steps"] += 1
-        parts = cpu_split.split_inputs(inputs) if self.splitter is not None and not step.spec else None
-        if parts is not None:
-            hidden, logits, tokens = self._split_step(inputs, parts, argmax=greedy)
+        split = cpu_split.split_inputs(inputs, self.splitter.frac) if self.splitter is not None and not step.spec else None
+        if split is not None:
+            hidden, logits, tokens = self._split_step(inputs, *split, argmax=greedy)
         else:
             hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
         return _Forward(hidden, logits, tokens, inputs.dst)
 
-    def _split_step(self, inputs: StepInputs, parts: tuple[StepInputs, StepInputs],
+    def _split_step(self, inputs: StepInputs, parts: tuple[StepInputs, StepInputs], work: tuple[float, float],
                     argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`model_step` on the CPU as two sub-steps of whole requests at once (cpu_split):
         the same rows, logits and tokens, in the same order."""
@@ -330,7 +330,7 @@ class TorchModelRunner(ModelRunner):
             logits = self.model.compute_logits(hidden[p.logit_rows], dtype=torch.float32)
             return hidden, logits, greedy_argmax(logits) if argmax else None
 
-        a, b = self.splitter.run(lambda: part(parts[0]), lambda: part(parts[1]))
+        a, b = self.splitter.run(lambda: part(parts[0]), lambda: part(parts[1]), work)
         hidden = torch.cat([a[0], b[0]])
         if not inputs.logit_rows.numel():
             return hidden, None, None
