@@ -135,3 +135,47 @@ def test_pair_runner_errors_and_a_missing_helper() -> None:
     assert not pr._thread.is_alive()
     me = threading.current_thread().name
     assert pr.run(lambda: 5, lambda: threading.current_thread().name) == (5, me)  # no helper: the caller runs both
+
+
+def test_split_point_moves_toward_the_faster_thread(monkeypatch) -> None:
+    import time
+
+    monkeypatch.delenv(cpu_split.FRAC_ENV, raising=False)
+    pr = cpu_split.PairRunner(1)
+    for _ in range(12):  # equal work, the helper's part three times as slow
+        pr.run(lambda: time.sleep(0.004), lambda: time.sleep(0.012), (1.0, 1.0))
+    assert pr.frac > 0.6
+    assert cpu_split.PairRunner.FRAC_MIN <= pr.frac <= cpu_split.PairRunner.FRAC_MAX
+    pr.close()
+    monkeypatch.setenv(cpu_split.FRAC_ENV, "0.5")
+    fixed = cpu_split.PairRunner(1)
+    for _ in range(4):
+        fixed.run(lambda: time.sleep(0.002), lambda: time.sleep(0.006), (1.0, 1.0))
+    assert fixed.frac == 0.5
+    fixed.close()
+
+
+def test_split_at_a_given_share() -> None:
+    tables = [[i * 4 + j for j in range(4)] for i in range(16)]
+    inp = _inputs([1] * 16, [10] * 16, tables, list(range(16)))
+    for frac, n0 in ((0.5, 8), (0.75, 12), (0.25, 4)):
+        (a, b), (w0, w1) = cpu_split.split_inputs(inp, frac)
+        assert a.meta.num_reqs == n0 and b.meta.num_reqs == 16 - n0
+        assert w0 / (w0 + w1) == pytest.approx(frac)
+
+
+def test_split_choice_keeps_the_faster_way_and_explores() -> None:
+    ch = cpu_split.SplitChoice()
+    picks = []
+    for _ in range(64):
+        s = ch.split("decode")
+        picks.append(s)
+        ch.record("decode", s, 10.0, 0.010 if s else 0.005)  # unsplit twice as fast here
+    assert picks[0] and not picks[1]  # one of each first
+    assert sum(picks[2:]) == sum(1 for i in range(3, 65) if i % ch.EXPLORE == 0)  # then split only to explore
+    ch2 = cpu_split.SplitChoice()
+    for _ in range(64):
+        s = ch2.split("mixed")
+        ch2.record("mixed", s, 10.0, 0.005 if s else 0.010)
+    assert ch2.stats["whole"] == 1 + sum(1 for i in range(3, 65) if i % ch2.EXPLORE == 0)
+    assert ch2.split("decode")  # kinds are separate

@@ -19,8 +19,10 @@ When a step is split (`split_inputs`): CPU, not fused, at least 2 requests and
 `MIN_ROWS` rows, the logits rows in request order, and no block written by one part and
 read by the other (two requests of one step sharing prefix blocks, one writing what the
 other reads: the unsplit step writes the whole batch's KV before any read).
-`AIOSCHED_CPU_SPLIT=0` turns it off (`1` on; default on when torch runs one intra-op
-thread per two cores or fewer, i.e. a core is spare: the 2-core default).
+Whether a step that can split is split follows measurements (`SplitChoice`: the faster
+way lately, per kind of step, the other way every 16th step). `AIOSCHED_CPU_SPLIT=0`
+turns it off, `1` splits every step that can (default: the choice, where torch runs one
+intra-op thread per two cores or fewer, i.e. a core is spare: the 2-core default).
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ from aiosched.executors.torch.input_batch import StepInputs
 SPLIT_ENV = "AIOSCHED_CPU_SPLIT"
 FRAC_ENV = "AIOSCHED_CPU_SPLIT_FRAC"  # a fixed share of the work for the launch thread's part (benchmarks; unset: adaptive)
 MIN_ROWS = 8  # below this a step is too small for two forwards to pay (the GEMMs turn weight-bound)
+
+
+def split_forced() -> bool:
+    """AIOSCHED_CPU_SPLIT=1: every step that splits is split (no SplitChoice)."""
+    return os.environ.get(SPLIT_ENV, "") == "1"
 
 
 def split_enabled(torch_threads: int, cores: int | None = None) -> bool:
@@ -94,6 +101,39 @@ def split_inputs(inputs: StepInputs, frac: float = 0.5) -> tuple[tuple[StepInput
     if any(blk in w0 for tab in m.block_tables[k:] for blk in tab) or any(blk in w1 for tab in m.block_tables[:k] for blk in tab):
         return None
     return (_sub(inputs, 0, k, rows, 0, lo), _sub(inputs, k, B, rows, lo, len(rows))), (acc, total - acc)
+
+
+class SplitChoice:
+    """Whether to split a step, from measured rates (work per second of the step's wall
+    time) of split and unsplit steps, per kind of step (decode-only, other): the faster
+    way, and every EXPLORE-th step of a kind the other way, to follow the load. On a
+    machine where another process keeps a core busy, two threads lose to one (each step
+    waits for a helper that shares its core); there the unsplit way wins and is kept."""
+
+    EXPLORE, ALPHA = 16, 0.3
+
+    def __init__(self) -> None:
+        self.rate: dict[tuple[str, bool], float] = {}
+        self.steps: dict[str, int] = {}
+        self.stats = {"split": 0, "whole": 0}
+
+    def split(self, kind: str) -> bool:
+        n = self.steps[kind] = self.steps.get(kind, 0) + 1
+        rs, rw = self.rate.get((kind, True)), self.rate.get((kind, False))
+        if rs is None or rw is None:
+            choice = rs is None  # one of each first
+        else:
+            choice = rs >= rw
+            if n % self.EXPLORE == 0:
+                choice = not choice
+        self.stats["split" if choice else "whole"] += 1
+        return choice
+
+    def record(self, kind: str, split: bool, work: float, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        r, old = work / seconds, self.rate.get((kind, split))
+        self.rate[(kind, split)] = r if old is None else old + self.ALPHA * (r - old)
 
 
 class PairRunner:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,7 @@ class TorchModelRunner(ModelRunner):
         self.splitter = None
         if self.device.type == "cpu" and not self.tp.active and cpu_split.split_enabled(torch.get_num_threads()):
             self.splitter = cpu_split.PairRunner(torch.get_num_threads())
+            self.split_choice = None if cpu_split.split_forced() else cpu_split.SplitChoice()
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
         self.extras = SamplingExtras(cfg.resolved_model, a.vocab_size, cfg.max_num_seqs, self.device)
         self.prompt_lp_reqs: set[str] = set()
@@ -314,7 +316,16 @@ class TorchModelRunner(ModelRunner):
             fast.stats["eager_steps"] += 1
         split = cpu_split.split_inputs(inputs, self.splitter.frac) if self.splitter is not None and not step.spec else None
         if split is not None:
-            hidden, logits, tokens = self._split_step(inputs, *split, argmax=greedy)
+            # split or not: whichever way ran this kind of step faster lately (cpu_split.SplitChoice)
+            kind = "decode" if inputs.input_ids.shape[0] == inputs.meta.num_reqs else "mixed"
+            use = self.split_choice is None or self.split_choice.split(kind)
+            t0 = time.perf_counter()
+            if use:
+                hidden, logits, tokens = self._split_step(inputs, *split, argmax=greedy)
+            else:
+                hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
+            if self.split_choice is not None:
+                self.split_choice.record(kind, use, sum(split[1]), time.perf_counter() - t0)
         else:
             hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
         return _Forward(hidden, logits, tokens, inputs.dst)
