@@ -116,7 +116,9 @@ def test_split_default_only_with_a_spare_core(monkeypatch) -> None:
     monkeypatch.setenv(cpu_split.SPLIT_ENV, "0")
     assert not cpu_split.split_enabled(1, cores=2)
     monkeypatch.setenv(cpu_split.SPLIT_ENV, "1")
-    assert cpu_split.split_enabled(7, cores=8)
+    assert cpu_split.split_enabled(7, cores=8) and not cpu_split.split_choice_on()
+    monkeypatch.setenv(cpu_split.SPLIT_ENV, "auto")
+    assert cpu_split.split_enabled(1, cores=2) and cpu_split.split_choice_on()
 
 
 def test_pair_runner_errors_and_a_missing_helper() -> None:
@@ -140,7 +142,7 @@ def test_pair_runner_errors_and_a_missing_helper() -> None:
 def test_split_point_moves_toward_the_faster_thread(monkeypatch) -> None:
     import time
 
-    monkeypatch.delenv(cpu_split.FRAC_ENV, raising=False)
+    monkeypatch.setenv(cpu_split.FRAC_ENV, "auto")
     pr = cpu_split.PairRunner(1)
     for _ in range(12):  # equal work, the helper's part three times as slow
         pr.run(lambda: time.sleep(0.004), lambda: time.sleep(0.012), (1.0, 1.0))

@@ -12,17 +12,22 @@ launch thread, done with its own part, takes an unclaimed second part itself. So
 other core busy (a shared machine, the event loop's output work) the step costs what one
 thread costs, plus the split's bookkeeping (~0.1 ms); only a part the helper has claimed
 is waited for, and the waiting launch thread sleeps, leaving its core to the helper.
-The split point follows the two threads' measured rates (`PairRunner.frac`): where the
-helper shares its core with another process, it gets the smaller part.
+Where another process keeps one core busy all the time, the split still loses ~10% to one
+thread (hidden 256; `AIOSCHED_CPU_SPLIT=0` there).
+
+Options, both measured (docs/benchmarks.md, "Issue 23, CPU, 2026-12-03 (third series)")
+and off by default: `AIOSCHED_CPU_SPLIT_FRAC=auto` moves the split point toward the two
+threads' measured rates (`PairRunner.frac`; a number fixes the launch thread's share, 0.5
+by default); `AIOSCHED_CPU_SPLIT=auto` splits a step only where split steps of its kind
+ran faster lately (`SplitChoice`). Neither paid in the A/B runs: adaptive split point
++-8% either way, SplitChoice 15-20% slower on a quiet machine for <= 7% on a busy one.
 
 When a step is split (`split_inputs`): CPU, not fused, at least 2 requests and
 `MIN_ROWS` rows, the logits rows in request order, and no block written by one part and
 read by the other (two requests of one step sharing prefix blocks, one writing what the
 other reads: the unsplit step writes the whole batch's KV before any read).
-Whether a step that can split is split follows measurements (`SplitChoice`: the faster
-way lately, per kind of step, the other way every 16th step). `AIOSCHED_CPU_SPLIT=0`
-turns it off, `1` splits every step that can (default: the choice, where torch runs one
-intra-op thread per two cores or fewer, i.e. a core is spare: the 2-core default).
+`AIOSCHED_CPU_SPLIT=0` turns it off, `1` on (the default where torch runs one intra-op
+thread per two cores or fewer, i.e. a core is spare: the 2-core default), `auto` as above.
 """
 from __future__ import annotations
 
@@ -38,19 +43,19 @@ from aiosched.executors.torch.attention.torch_paged import AttentionMetadata
 from aiosched.executors.torch.input_batch import StepInputs
 
 SPLIT_ENV = "AIOSCHED_CPU_SPLIT"
-FRAC_ENV = "AIOSCHED_CPU_SPLIT_FRAC"  # a fixed share of the work for the launch thread's part (benchmarks; unset: adaptive)
+FRAC_ENV = "AIOSCHED_CPU_SPLIT_FRAC"  # the launch thread's share of the work (default 0.5); "auto": adaptive
 MIN_ROWS = 8  # below this a step is too small for two forwards to pay (the GEMMs turn weight-bound)
 
 
-def split_forced() -> bool:
-    """AIOSCHED_CPU_SPLIT=1: every step that splits is split (no SplitChoice)."""
-    return os.environ.get(SPLIT_ENV, "") == "1"
+def split_choice_on() -> bool:
+    """AIOSCHED_CPU_SPLIT=auto: split a step only where that has been faster (SplitChoice)."""
+    return os.environ.get(SPLIT_ENV, "") == "auto"
 
 
 def split_enabled(torch_threads: int, cores: int | None = None) -> bool:
     v = os.environ.get(SPLIT_ENV, "")
-    if v in ("0", "1"):
-        return v == "1"
+    if v in ("0", "1", "auto"):
+        return v != "0"
     cores = cores if cores is not None else (os.cpu_count() or 1)
     return cores >= 2 and 2 * torch_threads <= cores
 
@@ -145,7 +150,8 @@ class PairRunner:
     time the OS gave the core to someone else) and moves `frac` toward the balance
     rate0 / (rate0 + rate1) (the helper's time counted from the post, so its wake-up is
     in it), so that both parts end together when one core is shared
-    with other processes. Bounded to [FRAC_MIN, FRAC_MAX]."""
+    with other processes. Bounded to [FRAC_MIN, FRAC_MAX]. Only with AIOSCHED_CPU_SPLIT_FRAC=auto;
+    else `frac` stays the fixed share (0.5 by default)."""
 
     FRAC_MIN, FRAC_MAX, ALPHA = 0.25, 0.8, 0.25
 
@@ -158,8 +164,8 @@ class PairRunner:
         self._error: BaseException | None = None
         self._end = 0.0  # when the helper finished its last task (perf_counter)
         self._stop = False
-        fixed = os.environ.get(FRAC_ENV)
-        self.fixed = float(fixed) if fixed else None
+        fixed = os.environ.get(FRAC_ENV, "0.5")
+        self.fixed = None if fixed == "auto" else float(fixed)
         self.frac = self.fixed if self.fixed is not None else 0.5
         self.stats = {"split_steps": 0, "helper_ran": 0, "caller_ran_both": 0, "caller_wait_s": 0.0}
         self._thread = threading.Thread(target=self._loop, name="aiosched-cpu-split", daemon=True)

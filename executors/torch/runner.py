@@ -169,7 +169,7 @@ class TorchModelRunner(ModelRunner):
         self.splitter = None
         if self.device.type == "cpu" and not self.tp.active and cpu_split.split_enabled(torch.get_num_threads()):
             self.splitter = cpu_split.PairRunner(torch.get_num_threads())
-            self.split_choice = None if cpu_split.split_forced() else cpu_split.SplitChoice()
+            self.split_choice = cpu_split.SplitChoice() if cpu_split.split_choice_on() else None
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
         self.extras = SamplingExtras(cfg.resolved_model, a.vocab_size, cfg.max_num_seqs, self.device)
         self.prompt_lp_reqs: set[str] = set()
