@@ -24,6 +24,8 @@ checkpoint built by `ckpt` (transformers' own save, float32, the embedded tokeni
 `attn` times the C attention kernel alone (decode or `--prefill`, `--hot` for cache-resident KV).
 `step --prefill 128 --batch 4` times a prefill step instead of a decode step.
 
+`step --splits whole,split` times the step unsplit against the runner's two-part split on two
+threads (executors/torch/cpu_split.py).
 `step --linears onednn,torch` times the oneDNN LM head against F.linear (AIOSCHED_CPU_LINEAR),
 `--argmaxes two-pass,torch` the two-pass greedy argmax against torch.argmax (AIOSCHED_CPU_ARGMAX).
 """
@@ -106,6 +108,29 @@ def _step(model, caches, meta, ids, pos) -> torch.Tensor:  # type: ignore[no-unt
     return greedy_argmax(model.compute_logits(h))  # as the runner takes greedy tokens on the CPU
 
 
+def _split_step(pair, model, caches, meta, ids, pos) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """`_step` as the runner's split (executors/torch/cpu_split.py): the requests in two
+    parts, one on this thread, one on the helper, each its forward, LM head and argmax."""
+    from aiosched.executors.torch import cpu_split
+    from aiosched.executors.torch.input_batch import StepInputs
+
+    pre = meta.extra.get("logit_rows")  # a prefill step's (see _step)
+    meta.extra.clear()
+    rows = pre if pre is not None else torch.arange(ids.shape[0])
+    split = cpu_split.split_inputs(StepInputs(ids, pos, meta, rows, torch.zeros_like(rows)), pair.frac)
+    if split is None:
+        raise SystemExit("this step does not split")
+    parts, work = split
+
+    def part(p):  # type: ignore[no-untyped-def]
+        return greedy_argmax(model.compute_logits(model(p.input_ids, p.positions, p.meta, caches)[p.logit_rows]))
+
+    a, b = pair.run(lambda: part(parts[0]), lambda: part(parts[1]), work)
+    if pre is not None:
+        meta.extra["logit_rows"] = pre
+    return torch.cat([a, b])
+
+
 def cmd_step(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = _model(args.config)
@@ -118,14 +143,21 @@ def cmd_step(args: argparse.Namespace) -> None:
              "torch": torch_paged.torch_paged_attention}
     attns = [p for p in args.paths.split(",") if p != "kernel" or lib is not None]
     # variant = attention path / linear path (AIOSCHED_CPU_LINEAR, read per call by layers.linear)
-    names = [f"{a}/{lin}/{am}" for a in attns for lin in args.linears.split(",") for am in args.argmaxes.split(",")]
+    names = [f"{a}/{lin}/{am}/{sp}" for a in attns for lin in args.linears.split(",") for am in args.argmaxes.split(",")
+             for sp in args.splits.split(",")]
     real = torch_paged.paged_attention
     import aiosched.executors.torch.models.llama as llama
+    from aiosched.executors.torch import cpu_split
+
+    pair = cpu_split.PairRunner(args.threads) if "split" in args.splits.split(",") else None
+    step_fn = _step
 
     def use(n: str) -> None:
-        attn, lin, am = n.split("/")
+        nonlocal step_fn
+        attn, lin, am, sp = n.split("/")
         torch_paged.paged_attention = llama.paged_attention = paths[attn]
         os.environ["AIOSCHED_CPU_LINEAR"], os.environ["AIOSCHED_CPU_ARGMAX"] = lin, am
+        step_fn = _step if sp == "whole" else (lambda *a: _split_step(pair, *a))
 
     times: dict[str, list[float]] = {n: [] for n in names}
     # CPU time of this thread per step: with one thread, the step's own cost whatever else runs
@@ -136,10 +168,10 @@ def cmd_step(args: argparse.Namespace) -> None:
         for _ in range(args.rounds):
             for n in names:
                 use(n)
-                results[n] = _step(model, caches, meta, ids, pos)  # warm-up
+                results[n] = step_fn(model, caches, meta, ids, pos)  # warm-up
                 for _ in range(args.iters):
                     t0, c0 = time.perf_counter(), time.thread_time()
-                    _step(model, caches, meta, ids, pos)
+                    step_fn(model, caches, meta, ids, pos)
                     times[n].append(time.perf_counter() - t0)
                     cpu[n].append(time.thread_time() - c0)
         if args.profile:
@@ -149,7 +181,7 @@ def cmd_step(args: argparse.Namespace) -> None:
                 use(n)
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     for _ in range(3):
-                        _step(model, caches, meta, ids, pos)
+                        step_fn(model, caches, meta, ids, pos)
                 what = f"prefill {args.batch} x {args.prefill}" if args.prefill else f"decode, batch {args.batch}, ctx ~{args.ctx}"
                 print(f"\n== profile: variant {n!r}, 3 steps, {what}")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
@@ -357,6 +389,8 @@ def main() -> None:
     s.add_argument("--paths", default="kernel,torch", help="attention paths")
     s.add_argument("--linears", default="onednn,torch", help="linear paths (AIOSCHED_CPU_LINEAR values)")
     s.add_argument("--argmaxes", default="two-pass,torch", help="greedy argmax paths (AIOSCHED_CPU_ARGMAX values)")
+    s.add_argument("--splits", default="whole", help="whole,split: the step unsplit and/or as the runner's two-part split "
+                   "(executors/torch/cpu_split.py; the thread CPU time then counts the launch thread only)")
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--iters", type=int, default=5)
     s.add_argument("--profile", action="store_true")

@@ -36,7 +36,7 @@ import torch
 
 from aiosched.protocol import PROTOCOL_VERSION, NewRequestData, RunnerOutput, SchedulerOutput, WorkerInfo
 from aiosched.executors.runner import ModelRunner, PendingOutput, ReadyOutput
-from aiosched.executors.torch import fused_ops
+from aiosched.executors.torch import cpu_split, fused_ops
 from aiosched.executors.torch.input_batch import InputBatch, Layout, ScheduledStep, SpecRows, StepInputs
 from aiosched.executors.torch.loader import build_model
 from aiosched.executors.torch.parallel import SINGLE, agree_min, destroy_group, init_group
@@ -181,6 +181,11 @@ class TorchModelRunner(ModelRunner):
             self.batch.spec_k1 = self.spec_bufs.k1
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
+        # CPU: a step's requests in two parts, run at once on two cores (executors/torch/cpu_split.py).
+        self.splitter = None
+        if self.device.type == "cpu" and not self.tp.active and cpu_split.split_enabled(torch.get_num_threads()):
+            self.splitter = cpu_split.PairRunner(torch.get_num_threads())
+            self.split_choice = cpu_split.SplitChoice() if cpu_split.split_choice_on() else None
         # Penalties, bias, bans, structured output, logprobs (idle unless a request uses them).
         self.extras = SamplingExtras(cfg.resolved_model, a.vocab_size, cfg.max_num_seqs, self.device)
         self.prompt_lp_reqs: set[str] = set()
@@ -363,8 +368,44 @@ class TorchModelRunner(ModelRunner):
         inputs = batch.device_inputs(dev, layout, fused, fast.decode_workspace if fused else None, host=step)
         if fused:
             fast.stats["eager_steps"] += 1
-        hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
+        split = cpu_split.split_inputs(inputs, self.splitter.frac) if self.splitter is not None and not step.spec else None
+        if split is not None:
+            # split or not: whichever way ran this kind of step faster lately (cpu_split.SplitChoice)
+            kind = "decode" if inputs.input_ids.shape[0] == inputs.meta.num_reqs else "mixed"
+            use = self.split_choice is None or self.split_choice.split(kind)
+            t0 = time.perf_counter()
+            if use:
+                hidden, logits, tokens = self._split_step(inputs, *split, argmax=greedy)
+            else:
+                hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
+            if self.split_choice is not None:
+                self.split_choice.record(kind, use, sum(split[1]), time.perf_counter() - t0)
+        else:
+            hidden, logits, tokens = self.model_step(inputs, argmax=greedy)
         return _Forward(hidden, logits, tokens, inputs.dst, layout, dev, logits, tokens)
+
+    def _split_step(self, inputs: StepInputs, parts: tuple[StepInputs, StepInputs], work: tuple[float, float],
+                    argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`model_step` on the CPU as two sub-steps of whole requests at once (cpu_split):
+        the same rows, logits and tokens, in the same order."""
+        def part(p: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            hidden = self.model(p.input_ids, p.positions, p.meta, self.kv_caches)
+            if not p.logit_rows.numel():
+                return hidden, None, None
+            logits = self.model.compute_logits(hidden[p.logit_rows], dtype=torch.float32)
+            return hidden, logits, greedy_argmax(logits) if argmax else None
+
+        a, b = self.splitter.run(lambda: part(parts[0]), lambda: part(parts[1]), work)
+        hidden = torch.cat([a[0], b[0]])
+        if not inputs.logit_rows.numel():
+            return hidden, None, None
+        if not argmax:
+            return hidden, torch.cat([x[1] for x in (a, b) if x[1] is not None]), None
+        # Greedy: the tokens are all a step reads (`_sample`); the logits (8 MB at 64 rows
+        # of a 32000 vocab) are not joined.
+        tokens = torch.cat([x[2] for x in (a, b) if x[2] is not None])
+        self.batch.write_tokens(inputs.dst, tokens)
+        return hidden, None, tokens
 
     def model_step(self, inputs: StepInputs, argmax: bool, logits_out: torch.Tensor | None = None,
                    tokens_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -540,6 +581,9 @@ class TorchModelRunner(ModelRunner):
 
     def shutdown(self) -> None:
         self.fast = None
+        if getattr(self, "splitter", None) is not None:
+            self.splitter.close()
+            self.splitter = None
         if getattr(self, "extras", None) is not None:
             self.extras.close()  # the grammar mask thread
         if getattr(self, "batch", None) is not None:
