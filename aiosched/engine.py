@@ -393,7 +393,7 @@ class AsyncEngine:
                 t.update_s += time.perf_counter() - t1
                 t.steps += 1
                 if policy is not None:
-                    last_out = self._observe_spec(policy, sched, last_out)
+                    last_out = self._observe_spec(policy, sched, last_out, so)
         except anyio.get_cancelled_exc_class():
             for _, fut in in_flight:
                 fut.cancel()
@@ -403,11 +403,14 @@ class AsyncEngine:
             self._dead = e if isinstance(e, EngineDeadError) else EngineDeadError(f"engine loop failed: {e!r}")
             self._fail_all(self._dead)
 
-    def _observe_spec(self, policy: SpecPolicy, sched: Scheduler, last: tuple[float, int] | None) -> tuple[float, int]:
-        """Feed one step output's tokens and wall time to the speculation policy."""
+    def _observe_spec(self, policy: SpecPolicy, sched: Scheduler, last: tuple[float, int] | None,
+                      so: SchedulerOutput) -> tuple[float, int]:
+        """Feed one step output's tokens and wall time to the speculation policy (and
+        whether the step computed prompt chunks, which the policy does not measure)."""
         now, gen = self._clock(), sched.stats.generated_tokens
         if last is not None:
-            policy.observe(gen - last[1], now - last[0])
+            prompt_work = any(not sr.sample or sr.num_tokens > 1 + sr.num_draft_slots for sr in so.scheduled)
+            policy.observe(gen - last[1], now - last[0], prompt_work)
             sched.drafting = policy.drafting
         return now, gen
 

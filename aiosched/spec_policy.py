@@ -43,8 +43,16 @@ class SpecPolicy:
     switches: int = 0
     rounds: int = 0
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        """One step output: `tokens` produced for live requests, `seconds` since the last output."""
+    def observe(self, tokens: int, seconds: float, prompt_work: bool = False) -> None:
+        """One step output: `tokens` produced for live requests, `seconds` since the last output.
+
+        prompt_work: the step also computed prompt chunks. Such a step measures prefill,
+        not drafting: while measuring it is left out (neither counted nor a window step).
+        When a burst of requests arrives at once (a benchmark, a batch job), the first
+        window would otherwise be mostly prefill without drafts, and drafting would look
+        faster than it is (H200, 256 requests: auto kept drafting at 0.74x of none)."""
+        if prompt_work and self._phase != "exploit":
+            return
         self._seen += 1
         if self._phase == "exploit":
             if self._seen >= self._exploit_len:

@@ -139,3 +139,20 @@ async def test_disable_by_batch_size(make_engine, tmp_path) -> None:
         assert eng.stats()["spec_draft_tokens"] == 0
         await eng.generate(prompts[0], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
         assert eng.stats()["spec_draft_tokens"] > 0
+
+
+def test_steps_with_prompt_work_are_not_measured() -> None:
+    """A burst of arrivals: the first outputs are prefill steps (few tokens, long steps).
+    Counted, they would make the window without drafts look slow and drafting win; left
+    out, the policy compares decode steps only and switches slower drafting off."""
+    p = SpecPolicy(window=4, exploit=100, skip=2)
+    for _ in range(10):
+        p.observe(2, 0.05, prompt_work=True)  # 40 tok/s: prefill, not a measure of either mode
+    assert p.drafting is False and p.rounds == 0
+    feed(p, 12, rate_with=800.0, rate_without=1000.0)
+    assert p.rounds == 1 and not p.drafting
+    assert round(p.rates[False]) == 1000 and round(p.rates[True]) == 800
+    # In the exploit phase a prefill step counts toward the phase's length like any output.
+    seen = p._seen
+    p.observe(2, 0.05, prompt_work=True)
+    assert p._seen == seen + 1
