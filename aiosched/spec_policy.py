@@ -50,8 +50,10 @@ class SpecPolicy:
         not drafting: while measuring it is left out (neither counted nor a window step).
         When a burst of requests arrives at once (a benchmark, a batch job), the first
         window would otherwise be mostly prefill without drafts, and drafting would look
-        faster than it is (H200, 256 requests: auto kept drafting at 0.74x of none)."""
-        if prompt_work and self._phase != "exploit":
+        faster than it is (H200, 256 requests: auto kept drafting at 0.74x of none).
+        An output with no tokens (a step still in flight for requests that had ended:
+        async scheduling) measures neither mode and is left out the same way."""
+        if (prompt_work or not tokens) and self._phase != "exploit":
             return
         self._seen += 1
         if self._phase == "exploit":

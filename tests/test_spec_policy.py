@@ -156,3 +156,15 @@ def test_steps_with_prompt_work_are_not_measured() -> None:
     seen = p._seen
     p.observe(2, 0.05, prompt_work=True)
     assert p._seen == seen + 1
+
+
+def test_outputs_without_tokens_are_not_measured() -> None:
+    """Steps still in flight for requests that had ended yield no tokens but a whole step
+    interval: counted, they would make the mode they fall into look slower."""
+    p = SpecPolicy(window=4, exploit=100, skip=2)
+    feed(p, 3, rate_with=800.0, rate_without=1000.0)  # measure-off: 2 skipped, 1 counted
+    p.observe(0, 0.05)
+    p.observe(0, 0.05)
+    assert p._seen == 3  # the empty outputs did not advance the window
+    feed(p, 9, rate_with=800.0, rate_without=1000.0)
+    assert p.rounds == 1 and round(p.rates[False]) == 1000 and not p.drafting
