@@ -56,9 +56,22 @@ def _walk(tokens: list[int], accepted: list[bool]) -> list[int]:
     return out
 
 
+def accept_rows(tokens, accepted, num_rows: list[int]):
+    """The acceptance grid from flat rows (num_rows[q] consecutive rows per request, as a
+    step lays them out) through `spec_decode.accept_grid`: ([Q, K1] tokens, -1 padded; [Q] counts)."""
+    import torch
+
+    from aiosched.executors.torch.spec_decode import accept_grid
+
+    Q, K1 = len(num_rows), max(num_rows)
+    slot = torch.tensor([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], dtype=torch.int64)
+    tok = torch.full((Q * K1,), -1, dtype=tokens.dtype).index_copy_(0, slot, tokens).view(Q, K1)
+    acc = torch.zeros(Q * K1, dtype=torch.int64).index_copy_(0, slot, accepted.long()).view(Q, K1)
+    return accept_grid(tok, acc)
+
+
 def test_accept_rows() -> None:
     torch = pytest.importorskip("torch")
-    from aiosched.executors.torch.spec_decode import accept_rows
 
     # all drafts then the bonus; second draft rejected: corrected token; first rejected; no drafts
     toks = torch.tensor([5, 6, 7, 5, 6, 7, 5, 6, 7, 5])
@@ -72,7 +85,6 @@ def test_accept_rows() -> None:
 @settings(max_examples=100, deadline=None)
 def test_accept_rows_equals_the_walk(reqs) -> None:
     torch = pytest.importorskip("torch")
-    from aiosched.executors.torch.spec_decode import accept_rows
 
     reqs = [r[:-1] + [(r[-1][0], False)] for r in reqs]  # the last row has no draft: never accepted
     tok, counts = accept_rows(torch.tensor([t for r in reqs for t, _ in r]), torch.tensor([a for r in reqs for _, a in r]),

@@ -28,6 +28,7 @@ padded size (executors/torch/cuda_path.py), elsewhere the same ops run eagerly.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -99,28 +100,36 @@ class _Consts:
         self.steps = torch.arange(1, k + 1, device=dev)  # the draft after the match end, and the next k - 1
 
 
-_CONSTS: dict[tuple, _Consts] = {}
+_DEVICE_CONSTS: dict[tuple, Any] = {}
 
 
-def _consts(dev: Any, W: int, k: int, ngram_min: int, ngram_max: int) -> _Consts:
-    """Cached: built once per shape (before a capture: its warm-up builds them), so a step
-    launches no arange. Callers bucket W (`window`), which bounds the cache."""
-    key = (str(dev), W, k, ngram_min, ngram_max)
-    c = _CONSTS.get(key)
+def _device_const(dev: Any, key: tuple, build: Callable[[], Any]) -> Any:
+    """A constant on `dev`, built once per key (before a capture: its warm-up builds it),
+    so a step launches no arange or host-to-device copy for it."""
+    k = (str(dev), *key)
+    c = _DEVICE_CONSTS.get(k)
     if c is None:
-        c = _CONSTS[key] = _Consts(dev, W, k, ngram_min, ngram_max)
+        c = _DEVICE_CONSTS[k] = build()
     return c
 
 
+def _consts(dev: Any, W: int, k: int, ngram_min: int, ngram_max: int) -> _Consts:
+    """The proposer's constants for one shape. Callers bucket W (`window`), which bounds the cache."""
+    return _device_const(dev, ("ngram", W, k, ngram_min, ngram_max), lambda: _Consts(dev, W, k, ngram_min, ngram_max))
+
+
 def _minus_one(dev: Any) -> Any:
-    """A 0-dim -1 on `dev`, built once (`torch.where(..., out=)` takes no Python scalar)."""
+    """A 0-dim -1 on `dev` (`torch.where(..., out=)` takes no Python scalar)."""
     import torch
 
-    key = (str(dev), -1)
-    t = _STEPS.get(key)
-    if t is None:
-        t = _STEPS[key] = torch.tensor(-1, dtype=torch.int64, device=dev)
-    return t
+    return _device_const(dev, ("minus_one",), lambda: torch.tensor(-1, dtype=torch.int64, device=dev))
+
+
+def _steps(dev: Any, n: int) -> Any:
+    """arange(n) on `dev`."""
+    import torch
+
+    return _device_const(dev, ("arange", n), lambda: torch.arange(n, device=dev))
 
 
 def window(bound: int, row_len: int) -> int:
@@ -160,23 +169,6 @@ def verify_drafts(logits: Any, b: Any, drafts: Any) -> tuple[Any, Any]:
     return torch.where(is_sampled, sampled, greedy), torch.where(is_sampled, acc, greedy_acc)
 
 
-def accept_rows(tokens: Any, accepted: Any, num_rows: list[int]) -> tuple[Any, Any]:
-    """Per request (num_rows[q] consecutive rows: 1 + its drafts), on the device: keep
-    the drafts while accepted, then the first non-accepted row's token (correction, or
-    the bonus after all drafts; the last row has no draft, so it is never accepted).
-    [N] tokens, [N] accepted -> ([Q, K1] tokens by request, padded with -1; [Q] counts).
-    (The runner's steps lay their rows out on the grid directly: `verify_step`.)"""
-    import torch
-
-    Q, K1 = len(num_rows), max(num_rows)
-    dev = tokens.device
-    # Flat row i of request q, step j sits at q * K1 + j of the padded layout.
-    slot = torch.tensor([q * K1 + j for q, n in enumerate(num_rows) for j in range(n)], dtype=torch.int64, device=dev)
-    tok = torch.full((Q * K1,), -1, dtype=tokens.dtype, device=dev).index_copy_(0, slot, tokens).view(Q, K1)
-    acc = torch.zeros(Q * K1, dtype=torch.int64, device=dev).index_copy_(0, slot, accepted.long()).view(Q, K1)
-    return accept_grid(tok, acc)
-
-
 def accept_grid(tok: Any, acc: Any) -> tuple[Any, Any]:
     """[Q, K1] tokens (-1: no row) and accepted flags (int) by request and step -> (the
     emitted tokens, -1 past each count; [Q] counts = leading accepted drafts + the one after)."""
@@ -185,20 +177,6 @@ def accept_grid(tok: Any, acc: Any) -> tuple[Any, Any]:
     counts = acc.cumprod(dim=1).sum(dim=1).add_(1)
     keep = _steps(tok.device, tok.shape[1]) < counts.unsqueeze(1)
     return torch.where(keep, tok, -1), counts
-
-
-_STEPS: dict[tuple[str, int], Any] = {}
-
-
-def _steps(dev: Any, n: int) -> Any:
-    """arange(n) on `dev`, built once (a step launches no arange; built before a capture)."""
-    import torch
-
-    key = (str(dev), n)
-    t = _STEPS.get(key)
-    if t is None:
-        t = _STEPS[key] = torch.arange(n, device=dev)
-    return t
 
 
 # ---- the torch runner's speculative step (the forward is the runner's, over InputBatch) ----
@@ -272,7 +250,7 @@ def propose_step(batch: Any, bufs: SpecBuffers, rows: Any, ks: Any, setv: Any, W
     # The k_i slots after each row's known tokens get its drafts (0 for none); the rest of
     # the grid goes to the scratch slot.
     dst = torch.where(mine, (rows * batch.row_len + lengths).unsqueeze(1) + steps, batch.scratch_slot)
-    batch.tokens.view(-1).index_copy_(0, dst.view(-1), out.clamp(min=0).view(-1))
+    batch.write_tokens(dst.view(-1), out.clamp(min=0).view(-1))
     return out
 
 
@@ -300,7 +278,7 @@ def verify_step(batch: Any, bufs: SpecBuffers, tok: Any, acc: Any, rows: Any, sl
     steps = _steps(tok.device, K1)
     base = rows * batch.row_len + ntok[rows]
     dst = torch.where(emitted >= 0, base.unsqueeze(1) + steps, batch.scratch_slot)
-    batch.tokens.view(-1).index_copy_(0, dst.view(-1), emitted.clamp(min=0).view(-1))
+    batch.write_tokens(dst.view(-1), emitted.clamp(min=0).view(-1))
     ntok.index_add_(0, rows, counts)
     # padding slots added to the scratch row: it keeps its one token (fill_: `[i] = 1` is a
     # blocking host-to-device copy, which a CUDA graph cannot capture)
