@@ -453,7 +453,8 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
                     prof_task.cancel()
                 await prof_task
             t = engine.timings
-            while t.submitted != t.steps:  # a step scheduled before the last request ended
+            # a step scheduled before the last request ended (a dead engine loop has none to finish)
+            while t.submitted != t.steps and engine._task is not None and not engine._task.done():
                 await asyncio.sleep(0.001)
             _export_profile(prof_result)  # the workload is over, no step in flight: the worker threads run no ops
         metrics = compute_metrics(results, duration)
