@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab specprof structured hostcost families before beforedecode
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab specpol specprof structured hostcost families before beforedecode
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -116,6 +116,11 @@ if has specab; then
     (cd /tmp/before && /tmp/venv-before/bin/python benchmarks/spec_bench.py --device cuda --workloads code --requests ${SPEC_BEFORE_REQUESTS:-1,16} \
        --max-tokens 128 --json "$OUT/before/spec_code.json") 2>&1 | tee -a "$LOG"
   fi
+fi
+if has specpol; then
+  say "speculation auto vs none vs always, async, with what the SpecPolicy measured per phase (code and random workloads)"
+  python3 benchmarks/spec_bench.py --device cuda --random-weights "$SHAPE" --workloads ${SPECPOL_WORKLOADS:-code,random} \
+    --requests ${SPECPOL_REQUESTS:-16,256} --modes async --max-tokens 128 --policy-log --json "$OUT/spec_policy.json" 2>&1 | tee -a "$LOG"
 fi
 if has specprof; then
   say "a speculative step's host phases and device time vs a plain step (code workload, always on)"

@@ -96,11 +96,48 @@ def random_prompts(n: int, vocab: int) -> list[list[int]]:
     return out
 
 
+POLICY_LOG = False  # --policy-log: what SpecPolicy saw (auto rows)
+MODES = ("sync", "async")  # --modes
+SPEC_VARIANTS = ("none", "always", "auto")  # --variants (none first: the reference output)
+
+
+def _log_policy(eng: AsyncEngine) -> list[tuple[str, bool, int, float, bool]] | None:
+    """Record every observation the engine's SpecPolicy gets: (phase, drafting, tokens, ms, prompt work)."""
+    pol = eng.spec_policy
+    if not POLICY_LOG or pol is None:
+        return None
+    log: list[tuple[str, bool, int, float, bool]] = []
+    orig = pol.observe
+
+    def observe(tokens: int, seconds: float, prompt_work: bool = False) -> None:
+        log.append((pol._phase, pol.drafting, tokens, seconds * 1e3, prompt_work))
+        orig(tokens, seconds, prompt_work)
+
+    pol.observe = observe  # type: ignore[method-assign]
+    return log
+
+
+def _summarize_policy(log: list[tuple[str, bool, int, float, bool]], start: int) -> dict[str, Any]:
+    """Per (phase, drafting, prompt work): outputs, tokens, ms, tok/s; and the first 60 observations of the timed run."""
+    agg: dict[str, list[float]] = {}
+    for ph, d, t, ms, pw in log[start:]:
+        a = agg.setdefault(f"{ph}/{'draft' if d else 'plain'}{'/prompt' if pw else ''}", [0, 0, 0.0])
+        a[0] += 1
+        a[1] += t
+        a[2] += ms
+    return {"warmup_outputs": start,
+            "by_phase": {k: {"outputs": c, "tokens": t, "ms": round(ms, 1), "tok_s": round(t / ms * 1e3) if ms else 0}
+                         for k, (c, t, ms) in agg.items()},
+            "first": [(ph.replace("measure-", "m-")[:6], int(d), t, round(ms, 2), int(pw)) for ph, d, t, ms, pw in log[start : start + 60]]}
+
+
 async def run_once(config: EngineConfig, prompts: list[Any], params: list[SamplingParams]) -> dict[str, Any]:
     async with AsyncEngine(config) as eng:
+        plog = _log_policy(eng)
         # Warm-up with the whole batch: the kernels' shape specialisations compile here, not in the timed run.
         await asyncio.gather(*[eng.generate(p, SamplingParams(max_tokens=8, temperature=0.0)) for p in prompts])
         s0 = dict(eng.stats())
+        warm = len(plog) if plog is not None else 0
         t0 = time.perf_counter()
         outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(prompts, params)])
         wall = time.perf_counter() - t0
@@ -116,6 +153,9 @@ async def run_once(config: EngineConfig, prompts: list[Any], params: list[Sampli
         "acceptance_rate": acc / draft if draft else 0.0,
         "mean_accepted_len": s1["spec_mean_accepted_len"],
         "spec_auto": s1.get("spec_auto"),
+        **({"policy": dict(_summarize_policy(plog, warm), rates={str(k): round(v) for k, v in eng.spec_policy.rates.items()},
+                           rounds=eng.spec_policy.rounds)}
+           if plog is not None and eng.spec_policy is not None else {}),
     }
 
 
@@ -127,11 +167,11 @@ def request_params(n: int, params: SamplingParams, extras_every: int) -> list[Sa
 
 async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: list[SamplingParams], spec: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for async_scheduling in (False, True):
+    for async_scheduling in (m == "async" for m in MODES):
         ref = None
         # none: no speculation; always: drafts every step; auto: the engine's SpecPolicy
         # (measures both, keeps drafting only while it is faster).
-        for use_spec in ("none", "always", "auto"):
+        for use_spec in SPEC_VARIANTS:
             sc = None if use_spec == "none" else dict(spec, auto=use_spec == "auto")
             cfg = EngineConfig.load(dict(base, async_scheduling=async_scheduling, speculative=sc))
             r = await run_once(cfg, prompts, params)
@@ -149,6 +189,8 @@ async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: lis
                   f"steps={r['steps']:5d}  accept={r['acceptance_rate']:.2f}  mean_len={r['mean_accepted_len']:.2f}  "
                   f"identical={r['identical_to_no_spec']} ({r['identical_requests']}/{len(toks)} requests, "
                   f"mean agreeing prefix {r['mean_agreeing_prefix']:.1f} tokens)", flush=True)
+            if "policy" in r:
+                print("  policy " + json.dumps(r["policy"]), flush=True)
     return rows
 
 
@@ -165,13 +207,21 @@ async def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--cpu-threads", type=int, default=None)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-model-len", type=int, default=None, help="cap the model's context (buffers sized by it)")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--modes", default="sync,async")
+    ap.add_argument("--variants", default="none,always,auto", help="none (first: the reference), always, auto")
+    ap.add_argument("--policy-log", action="store_true", help="auto rows: print what the SpecPolicy measured, per phase")
     args = ap.parse_args()
+    global POLICY_LOG, MODES, SPEC_VARIANTS
+    POLICY_LOG, MODES, SPEC_VARIANTS = args.policy_log, tuple(args.modes.split(",")), tuple(args.variants.split(","))
     spec = {"method": "ngram", "num_tokens": args.num_tokens, "ngram_min": args.ngram_min, "ngram_max": args.ngram_max}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     common: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     if args.cpu_threads:
         common["cpu_threads"] = args.cpu_threads
+    if args.max_model_len:
+        common["max_model_len"] = args.max_model_len
     rows: list[dict[str, Any]] = []
     wl = args.workloads.split(",")
     conc = [int(c) for c in args.requests.split(",")]

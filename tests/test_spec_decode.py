@@ -698,3 +698,32 @@ def test_propose_and_verify_at_a_padded_shape_equal_the_exact_shape() -> None:
     assert t0[2, 7:10].tolist() == [8, 5, 77] and t0[0, 10] == 55 and t0[1, 5] == 70
     assert torch.equal(d0, d1) and torch.equal(e0, e1) and torch.equal(n0, n1)
     assert torch.equal(t0[:12], t1[:12])  # (the scratch row holds what padding wrote)
+
+
+@pytest.mark.parametrize("lookback", [2, 4, 20])
+def test_the_proposer_reads_only_the_last_lookback_tokens(monkeypatch, lookback: int) -> None:
+    """A captured propose phase reads the whole buffer row (max_model_len wide), so the
+    proposer looks only at each request's last NGRAM_LOOKBACK tokens: the same drafts as
+    the exact proposer over exactly those tokens (a request shorter than the lookback:
+    the same drafts as over its whole history)."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from aiosched.executors.torch import spec_decode
+    from aiosched.executors.torch.spec_decode import SpecBuffers, propose_ngram, propose_step
+
+    monkeypatch.setattr(spec_decode, "NGRAM_LOOKBACK", lookback)
+    spec = SimpleNamespace(ngram_min=1, ngram_max=3)
+    batch, d, L = _staged_spec(torch, 12, 12, True)
+    bufs = SpecBuffers(batch.max_rows, batch.spec_k1, "cpu")
+    rows, ks, setv, _ = batch.spec_views(d, L)
+    lengths = torch.where(setv >= 0, setv, batch.num_tokens_dev[rows])
+    hists = [batch.tokens[r, :n].tolist() for r, n in zip(rows.tolist(), lengths.tolist())]
+    drafts = propose_step(batch, bufs, rows, ks, setv, batch.row_len, spec)
+    assert lookback < batch.row_len  # the bounded path
+    for q in range(3):  # the real requests
+        k = int(ks[q])
+        want = propose_ngram(hists[q][-lookback:], k, spec.ngram_min, spec.ngram_max) if k else []
+        assert [t for t in drafts[q].tolist() if t >= 0] == want[:k], (q, hists[q])
+    if lookback == 20:  # longer than every request here
+        assert drafts[0].tolist()[:3] == [8, 5, 6]  # "5 6 7" -> 8 5 6, as over the whole history
