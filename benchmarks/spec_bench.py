@@ -96,15 +96,10 @@ def random_prompts(n: int, vocab: int) -> list[list[int]]:
     return out
 
 
-POLICY_LOG = False  # --policy-log: what SpecPolicy saw (auto rows)
-MODES = ("sync", "async")  # --modes
-SPEC_VARIANTS = ("none", "always", "auto")  # --variants (none first: the reference output)
-
-
 def _log_policy(eng: AsyncEngine) -> list[tuple[str, bool, int, float, bool]] | None:
     """Record every observation the engine's SpecPolicy gets: (phase, drafting, tokens, ms, prompt work)."""
     pol = eng.spec_policy
-    if not POLICY_LOG or pol is None:
+    if pol is None:
         return None
     log: list[tuple[str, bool, int, float, bool]] = []
     orig = pol.observe
@@ -131,9 +126,9 @@ def _summarize_policy(log: list[tuple[str, bool, int, float, bool]], start: int)
             "first": [(ph.replace("measure-", "m-")[:6], int(d), t, round(ms, 2), int(pw)) for ph, d, t, ms, pw in log[start : start + 60]]}
 
 
-async def run_once(config: EngineConfig, prompts: list[Any], params: list[SamplingParams]) -> dict[str, Any]:
+async def run_once(config: EngineConfig, prompts: list[Any], params: list[SamplingParams], policy_log: bool = False) -> dict[str, Any]:
     async with AsyncEngine(config) as eng:
-        plog = _log_policy(eng)
+        plog = _log_policy(eng) if policy_log else None
         # Warm-up with the whole batch: the kernels' shape specialisations compile here, not in the timed run.
         await asyncio.gather(*[eng.generate(p, SamplingParams(max_tokens=8, temperature=0.0)) for p in prompts])
         s0 = dict(eng.stats())
@@ -146,17 +141,18 @@ async def run_once(config: EngineConfig, prompts: list[Any], params: list[Sampli
     steps = s1["steps"] - s0["steps"]
     draft = s1["spec_draft_tokens"] - s0["spec_draft_tokens"]
     acc = s1["spec_accepted_tokens"] - s0["spec_accepted_tokens"]
-    return {
+    row = {
         "tokens": [o.token_ids for o in outs],
         "out_tok_s": gen / wall, "wall_s": wall, "generated": gen, "steps": steps,
         "tokens_per_step": gen / steps if steps else 0.0,
         "acceptance_rate": acc / draft if draft else 0.0,
         "mean_accepted_len": s1["spec_mean_accepted_len"],
         "spec_auto": s1.get("spec_auto"),
-        **({"policy": dict(_summarize_policy(plog, warm), rates={str(k): round(v) for k, v in eng.spec_policy.rates.items()},
-                           rounds=eng.spec_policy.rounds)}
-           if plog is not None and eng.spec_policy is not None else {}),
     }
+    if plog is not None:
+        pol = eng.spec_policy
+        row["policy"] = dict(_summarize_policy(plog, warm), rates={str(k): round(v) for k, v in pol.rates.items()}, rounds=pol.rounds)
+    return row
 
 
 def request_params(n: int, params: SamplingParams, extras_every: int) -> list[SamplingParams]:
@@ -165,16 +161,17 @@ def request_params(n: int, params: SamplingParams, extras_every: int) -> list[Sa
     return [pen if extras_every and i % extras_every == extras_every - 1 else params for i in range(n)]
 
 
-async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: list[SamplingParams], spec: dict[str, Any]) -> list[dict[str, Any]]:
+async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: list[SamplingParams], spec: dict[str, Any],
+                args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for async_scheduling in (m == "async" for m in MODES):
+    for async_scheduling in (m == "async" for m in args.modes.split(",")):
         ref = None
         # none: no speculation; always: drafts every step; auto: the engine's SpecPolicy
         # (measures both, keeps drafting only while it is faster).
-        for use_spec in SPEC_VARIANTS:
+        for use_spec in args.variants.split(","):
             sc = None if use_spec == "none" else dict(spec, auto=use_spec == "auto")
             cfg = EngineConfig.load(dict(base, async_scheduling=async_scheduling, speculative=sc))
-            r = await run_once(cfg, prompts, params)
+            r = await run_once(cfg, prompts, params, args.policy_log)
             toks = r.pop("tokens")
             if ref is None:
                 ref = toks
@@ -213,8 +210,6 @@ async def main() -> None:
     ap.add_argument("--variants", default="none,always,auto", help="none (first: the reference), always, auto")
     ap.add_argument("--policy-log", action="store_true", help="auto rows: print what the SpecPolicy measured, per phase")
     args = ap.parse_args()
-    global POLICY_LOG, MODES, SPEC_VARIANTS
-    POLICY_LOG, MODES, SPEC_VARIANTS = args.policy_log, tuple(args.modes.split(",")), tuple(args.variants.split(","))
     spec = {"method": "ngram", "num_tokens": args.num_tokens, "ngram_min": args.ngram_min, "ngram_max": args.ngram_max}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     common: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
@@ -227,7 +222,7 @@ async def main() -> None:
     conc = [int(c) for c in args.requests.split(",")]
     if "code" in wl:
         for c in conc:
-            rows += await bench("code", dict(common, model=None), code_prompts(c), request_params(c, params, args.extras_every), spec)
+            rows += await bench("code", dict(common, model=None), code_prompts(c), request_params(c, params, args.extras_every), spec, args)
     if "random" in wl:
         with tempfile.TemporaryDirectory() as tmp:
             if args.random_weights:
@@ -242,7 +237,7 @@ async def main() -> None:
                 base = dict(common, model=str(d))
                 vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
             for c in conc:
-                rows += await bench("random", base, random_prompts(c, vocab), request_params(c, params, args.extras_every), spec)
+                rows += await bench("random", base, random_prompts(c, vocab), request_params(c, params, args.extras_every), spec, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -719,8 +719,8 @@ def test_the_proposer_reads_only_the_last_lookback_tokens(monkeypatch, lookback:
     rows, ks, setv, _ = batch.spec_views(d, L)
     lengths = torch.where(setv >= 0, setv, batch.num_tokens_dev[rows])
     hists = [batch.tokens[r, :n].tolist() for r, n in zip(rows.tolist(), lengths.tolist())]
-    drafts = propose_step(batch, bufs, rows, ks, setv, batch.row_len, spec)
     assert lookback < batch.row_len  # the bounded path
+    drafts = propose_step(batch, bufs, rows, ks, setv, batch.row_len, spec)
     for q in range(3):  # the real requests
         k = int(ks[q])
         want = propose_ngram(hists[q][-lookback:], k, spec.ngram_min, spec.ngram_max) if k else []

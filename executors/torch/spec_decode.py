@@ -234,8 +234,8 @@ def propose_step(batch: Any, bufs: SpecBuffers, rows: Any, ks: Any, setv: Any, W
     """The propose phase at a fixed shape: P request slots (padding: the scratch row, k 0).
     rows/ks/setv: [P] buffer rows, draft slots, host counts to set first (-1: the device
     count is exact; stale after a plain step). Drafts are proposed over the first W tokens
-    (W > NGRAM_LOOKBACK: the last NGRAM_LOOKBACK known tokens) of each row at its device count (`propose_ngram_batch`), kept for the first k of each
-    slot, written into the token buffer right after the known tokens (0 for none) and into
+    of each row at its device count (`propose_ngram_batch`; W > NGRAM_LOOKBACK: over its
+    last NGRAM_LOOKBACK known tokens), kept for the first k of each slot, written into the token buffer right after the known tokens (0 for none) and into
     bufs.drafts; returns that [P, K1] view. No host value is read, nothing is allocated
     by shape-dependent host logic: capturable."""
     import torch
