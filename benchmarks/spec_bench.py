@@ -167,9 +167,13 @@ async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: lis
     for async_scheduling in (m == "async" for m in args.modes.split(",")):
         ref = None
         # none: no speculation; always: drafts every step; auto: the engine's SpecPolicy
-        # (measures both, keeps drafting only while it is faster).
+        # (measures both, keeps drafting only while it is faster); off: speculation
+        # configured but never drafting (disable_by_batch_size=1): what plain steps cost
+        # in a speculative engine.
         for use_spec in args.variants.split(","):
             sc = None if use_spec == "none" else dict(spec, auto=use_spec == "auto")
+            if use_spec == "off":
+                sc = dict(spec, auto=False, disable_by_batch_size=1)
             cfg = EngineConfig.load(dict(base, async_scheduling=async_scheduling, speculative=sc))
             r = await run_once(cfg, prompts, params, args.policy_log)
             toks = r.pop("tokens")
@@ -207,7 +211,7 @@ async def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=None, help="cap the model's context (buffers sized by it)")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--modes", default="sync,async")
-    ap.add_argument("--variants", default="none,always,auto", help="none (first: the reference), always, auto")
+    ap.add_argument("--variants", default="none,always,auto", help="none (first: the reference), always, auto, off; repeat names to interleave repeats")
     ap.add_argument("--policy-log", action="store_true", help="auto rows: print what the SpecPolicy measured, per phase")
     args = ap.parse_args()
     spec = {"method": "ngram", "num_tokens": args.num_tokens, "ngram_min": args.ngram_min, "ngram_max": args.ngram_max}
