@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab specpol specprof structured hostcost families before beforedecode
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -24,7 +24,7 @@ make_venv() {
 # Stage `before`: the same decode/tpu/c256 stages on an older tree, in this call (host speed
 # differs between lent machines by up to 30%, so before/after is only fair on one machine).
 # Make the tree with `git archive REF -o .old/before.tar` and carry `.old`; results go to $OUT/before/.
-if [[ " ${*:-} " == *" before"* || " ${*:-} " == *" specab "* || " ${*:-} " == *" hostcost "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
+if [[ " ${*:-} " == *" before"* || " ${*:-} " == *" specab "* || " ${*:-} " == *" specwide "* || " ${*:-} " == *" hostcost "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
   rm -rf /tmp/before && mkdir -p /tmp/before && tar -xf .old/before.tar -C /tmp/before
   # A tar may leave out the embedded model's weights (the carry limit): the same file as here.
   m=aiosched/default_model/model.safetensors
@@ -115,6 +115,16 @@ if has specab; then
     mkdir -p "$OUT/before"
     (cd /tmp/before && /tmp/venv-before/bin/python benchmarks/spec_bench.py --device cuda --workloads code --requests ${SPEC_BEFORE_REQUESTS:-1,16} \
        --max-tokens 128 --json "$OUT/before/spec_code.json") 2>&1 | tee -a "$LOG"
+  fi
+fi
+if has specwide; then
+  say "speculation past max_num_seqs tokens (c64, c256): verify-step graphs (this tree) vs eager verify (before tree), async, runs interleaved"
+  python3 benchmarks/spec_bench.py --device cuda --workloads code --requests ${SPECWIDE_REQUESTS:-64,256} --modes async \
+    --variants none,always,none,always --max-tokens 128 --json "$OUT/spec_wide.json" 2>&1 | tee -a "$LOG"
+  if [ -x /tmp/venv-before/bin/python ]; then
+    mkdir -p "$OUT/before"
+    (cd /tmp/before && /tmp/venv-before/bin/python benchmarks/spec_bench.py --device cuda --workloads code --requests ${SPECWIDE_REQUESTS:-64,256} \
+       --modes async --variants none,always,none,always --max-tokens 128 --json "$OUT/before/spec_wide.json") 2>&1 | tee -a "$LOG"
   fi
 fi
 if has specpol; then

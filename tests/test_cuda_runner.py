@@ -128,6 +128,11 @@ async def test_speculative_verification_on_the_fast_path(make_engine, ckpt, asyn
     assert fast_stats.get("spec_steps", 0) > 0
     assert stats["spec_accepted_tokens"] > 0
     assert (fast_stats["mixed_graph_steps"] > 0) == padded
+    if padded:
+        # Speculative steps verifying more logits rows (1 + k per request) than a mixed
+        # step of their size has ran at a padded (graph) layout too, not eagerly.
+        assert fast_stats["spec_padded_steps"] > 0 and fast_stats["spec_rows_eager"] == 0
+        assert fast_stats["spec_max_logits_rows"] > 8  # (max_num_seqs): such steps did occur
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA sync debug mode")

@@ -71,17 +71,24 @@ class FastPath:
         self.argmax_workspace = fused_ops.argmax_workspace(batch.max_tokens, a.vocab_size, dev)
         self.num_heads, self.num_kv_heads = a.num_heads, a.num_kv_heads
         self.mixed_bq = tp.varlen_block_q(a.num_heads, a.num_kv_heads, 2)
+        sizes = mixed_sizes(min(cfg.max_num_batched_tokens, MIXED_MAX_TOKENS))
+        # Speculative steps beyond max_num_seqs tokens have more logits rows than a mixed
+        # step of their size (1 + k per verified request): their own graphs, at the verify
+        # layout (below that size both layouts are the same).
+        self.verify_sizes = [t for t in sizes if t > R] if runner.spec_bufs is not None else []
+        rows = max([R] + [self._layout(t, False, verify=True).S for t in self.verify_sizes])
         # What a graph replay leaves for the host side: one buffer for every graph (a
-        # padded step has at most max_num_seqs logits rows).
-        self.logits = torch.zeros((R, a.vocab_size), dtype=runner.model.embed_tokens.weight.dtype, device=dev)
-        self.sampled = torch.zeros(R, dtype=torch.int64, device=dev)
-        self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0, "spec_propose_graphs": 0,
-                      "spec_verify_graphs": 0}
+        # padded step has at most max_num_seqs logits rows, a verify step 1 + k per request).
+        self.logits = torch.zeros((rows, a.vocab_size), dtype=runner.model.embed_tokens.weight.dtype, device=dev)
+        self.sampled = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0, "spec_padded_steps": 0,
+                      "spec_max_logits_rows": 0, "spec_rows_eager": 0, "spec_propose_graphs": 0, "spec_verify_graphs": 0}
         self.idle_probe: list[tuple[Any, ...]] | None = None  # per step while measuring: CUDA events, host times, kind
         # tests: run the graphs' padded layouts (decode and mixed) without capturing them (no CUDA needed)
         self.padded_eager = False
         self.graphs: DecodeGraphs | None = None
         self.mixed: DecodeGraphs | None = None
+        self.verify_mixed: DecodeGraphs | None = None  # speculative steps' forward, sizes > max_num_seqs
         self.spec_graphs: tuple[DecodeGraphs, DecodeGraphs] | None = None  # (propose, greedy verify) by mixed size
         if use_graphs is None:
             use_graphs = dev.type == "cuda" and not cfg.enforce_eager and graphable(a)
@@ -91,16 +98,17 @@ class FastPath:
         if use_graphs:
             max_bs = min(cfg.cuda_graph_max_batch, R)
             self.graphs = self._capture(capture_sizes(max_bs), decode=True, name="decode")
-            sizes = mixed_sizes(min(cfg.max_num_batched_tokens, MIXED_MAX_TOKENS))
             if sizes:
                 self.mixed = self._capture(sizes, decode=False, name="mixed-step")
+                if self.verify_sizes:
+                    self.verify_mixed = self._capture(self.verify_sizes, decode=False, name="verify-step", verify=True)
                 if runner.spec_bufs is not None:
                     self.spec_graphs = (self._capture_phase(sizes, self._padded_propose, "spec-propose"),
                                         self._capture_phase(sizes, self._padded_verify, "spec-verify"))
 
     @property
     def num_graphs(self) -> int:
-        return sum(len(g.graphs) for g in (self.graphs, self.mixed, *(self.spec_graphs or ())) if g is not None)
+        return sum(len(g.graphs) for g in (self.graphs, self.mixed, self.verify_mixed, *(self.spec_graphs or ())) if g is not None)
 
     def block_q(self, step: ScheduledStep) -> int:
         """Query tokens per varlen attention tile of an eager step."""
@@ -108,8 +116,8 @@ class FastPath:
 
     # ------------------------------------------------------------ graphs
 
-    def _layout(self, size: int, decode: bool) -> Layout:
-        return self.batch.padded_layout(size, decode, self.mixed_bq)
+    def _layout(self, size: int, decode: bool, verify: bool = False) -> Layout:
+        return self.batch.padded_layout(size, decode, self.mixed_bq, verify)
 
     def _padded_step(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """The runner's step over the padded layout in the staging buffer: (logits, argmax tokens)."""
@@ -117,22 +125,22 @@ class FastPath:
         _, logits, tokens = self.r.model_step(inputs, argmax=True, logits_out=self.logits, tokens_out=self.sampled)
         return logits, tokens
 
-    def _capture(self, sizes: list[int], decode: bool, name: str) -> DecodeGraphs:
+    def _capture(self, sizes: list[int], decode: bool, name: str, verify: bool = False) -> DecodeGraphs:
         def prepare(size: int) -> None:  # all padding: harmless warm-up and capture inputs
-            self.batch.upload(None, self._layout(size, decode))
+            self.batch.upload(None, self._layout(size, decode, verify))
 
-        graphs = DecodeGraphs(lambda size: self._padded_step(self._layout(size, decode)), sizes[-1], self.r.device, sizes,
+        graphs = DecodeGraphs(lambda size: self._padded_step(self._layout(size, decode, verify)), sizes[-1], self.r.device, sizes,
                               prepare=prepare, name=name)
         with torch.inference_mode():
             graphs.capture()
         return graphs
 
     def _capture_phase(self, sizes: list[int], phase: Callable[[Layout], Any], name: str) -> DecodeGraphs:
-        """Graphs of one speculative phase at the mixed-step layouts (inputs: all padding)."""
+        """Graphs of one speculative phase at the verify layouts (inputs: all padding)."""
         def prepare(size: int) -> None:
-            self.batch.upload(None, self._layout(size, False))
+            self.batch.upload(None, self._layout(size, False, verify=True))
 
-        graphs = DecodeGraphs(lambda size: phase(self._layout(size, False)), sizes[-1], self.r.device, sizes,
+        graphs = DecodeGraphs(lambda size: phase(self._layout(size, False, verify=True)), sizes[-1], self.r.device, sizes,
                               prepare=prepare, name=name)
         with torch.inference_mode():
             graphs.capture()
@@ -180,8 +188,15 @@ class FastPath:
         size = self._padded_tokens(step.num_tokens)
         if size is None:
             return None
-        layout = self._layout(size, False)
-        return layout if len(step.logit_rows) <= layout.S else None
+        verify, n = step.verify is not None, len(step.logit_rows)
+        layout = self._layout(size, False, verify)
+        if verify:
+            self.stats["spec_max_logits_rows"] = max(self.stats["spec_max_logits_rows"], n)
+        if n > layout.S:
+            self.stats["spec_rows_eager"] += verify  # (never: a verify layout has room for 1 + k rows per request)
+            return None
+        self.stats["spec_padded_steps"] += verify
+        return layout
 
     def _padded_rows(self, B: int) -> int | None:
         if self.graphs is not None:
@@ -200,7 +215,8 @@ class FastPath:
 
     def replay(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the step already uploaded at `layout`: (logits, argmax tokens) of its logits rows."""
-        graphs = self.graphs if layout.decode else self.mixed
+        # (a layout with more logits rows than request slots is a verify step's: its own graphs)
+        graphs = self.graphs if layout.decode else self.verify_mixed if layout.S > self.batch.max_rows else self.mixed
         self.stats["graph_steps" if layout.decode else "mixed_graph_steps"] += 1
         if graphs is not None:
             return graphs.replay(layout.T)

@@ -130,7 +130,7 @@ class Layout:
     block_q: int
     decode: bool  # one query per request (the decode kernel)
     padded: bool
-    P: int = 0  # verified request slots of a speculative step (padded layouts: S)
+    P: int = 0  # verified request slots of a speculative step (padded layouts: min(T, max_rows))
 
     @property
     def o_rows(self) -> int:
@@ -367,16 +367,20 @@ class InputBatch:
         P = len(step.verify.rows) if step.verify is not None else 0
         return Layout(step.num_tokens, len(step.states), NT, len(step.logit_rows), block_q, decode=False, padded=False, P=P)
 
-    def padded_layout(self, T: int, decode: bool, block_q: int) -> Layout:
+    def padded_layout(self, T: int, decode: bool, block_q: int, verify: bool = False) -> Layout:
         """A CUDA graph's layout for T tokens: decode graphs have one request per token;
         mixed-step graphs have every request slot (+1, always padding) and the worst
-        tile count; the LM head runs on a fixed number of rows."""
+        tile count; the LM head runs on a fixed number of rows: one per request slot at
+        most (a prompt chunk samples its last token only).
+        verify: the layout of a speculative step, whose verified requests have 1 + k
+        logits rows each, so up to min(T, max_rows * (1 + k)) rows. Only steps with draft
+        slots take it: a prefill step on it would run the LM head on every token."""
         if decode:
             return Layout(T, T, 0, T, 1, decode=True, padded=True)
         R1 = self.max_rows + 1
-        S = min(T, self.max_rows)
-        # a speculative step of this size verifies at most S requests (one logits row each at least)
-        return Layout(T, R1, T // block_q + R1, S, block_q, decode=False, padded=True, P=S if self.spec_k1 else 0)
+        P = min(T, self.max_rows)  # a speculative step of this size verifies at most P requests
+        S = min(T, self.max_rows * self.spec_k1) if verify else P
+        return Layout(T, R1, T // block_q + R1, S, block_q, decode=False, padded=True, P=P if self.spec_k1 else 0)
 
     def upload(self, step: ScheduledStep | None, layout: Layout) -> torch.Tensor:
         """Pack the step (None: padding only, for graph capture), send it in one copy and
