@@ -129,10 +129,13 @@ async def trace(eng: AsyncEngine, prompts: list[Any], params: SamplingParams, ar
     kernels = sum(e.count for e in ka if e.device_type.name == "CUDA")
     ops = [(e.key, e.count, e.cpu_time_total) for e in ka if e.key.startswith("aten::")]
     top = sorted(ops, key=lambda x: -x[2])[:15]
+    dev = sorted(((e.key, e.count, e.device_time_total) for e in ka if e.device_type.name == "CUDA"), key=lambda x: -x[2])
     return {"steps_traced": steps, "device_kernels_per_step": round(kernels / steps, 1),
             "aten_ops_per_step": round(sum(c for _, c, _ in ops) / steps, 1),
             **phase_ops(prof),
-            "top_aten_ops (count/step, cpu us/step)": [(k, round(c / steps, 1), round(t / steps, 1)) for k, c, t in top]}
+            "top_aten_ops (count/step, cpu us/step)": [(k, round(c / steps, 1), round(t / steps, 1)) for k, c, t in top],
+            "device_us_per_step": round(sum(t for _, _, t in dev) / steps, 1),
+            "top_kernels (count/step, device us/step)": [(k[:80], round(c / steps, 1), round(t / steps, 1)) for k, c, t in dev[:25]]}
 
 
 def phase_ops(prof: Any) -> dict[str, float]:
