@@ -76,10 +76,10 @@ def test_measures_again_and_follows_a_change_in_the_workload() -> None:
 def test_measuring_backs_off_while_the_answer_holds() -> None:
     """The losing mode's share shrinks: each confirming round doubles the exploit stretch."""
     p = SpecPolicy(window=10, exploit=100, max_exploit=400, skip=2)
-    # A round: 12 outputs without drafts, then drafting cut after 2 skipped + 4 counted.
-    modes = feed(p, 18 + 100 + 18 + 200 + 18 + 400 + 18 + 400 + 18, rate_with=500.0, rate_without=1000.0)
+    # A round: 12 outputs without drafts, then drafting cut after 2 skipped + 2 counted.
+    modes = feed(p, 16 + 100 + 16 + 200 + 16 + 400 + 16 + 400 + 16, rate_with=500.0, rate_without=1000.0)
     assert p.rounds == 5 and not p.drafting
-    assert sum(modes) == 5 * 6  # drafting only while measuring: 6 outputs a round
+    assert sum(modes) == 5 * 4  # drafting only while measuring: 4 outputs a round
     assert p.switches == 2 * 5
 
 
