@@ -231,6 +231,33 @@ async def test_engine_stops_drafting_when_it_does_not_pay(make_engine, tmp_path,
         assert stats["spec_draft_tokens"] > 2 * measuring_drafts, stats
 
 
+@pytest.mark.parametrize("text", ["never copied", "repetitive"])
+async def test_engine_drafts_only_where_the_replay_says_drafts_would_be_accepted(make_engine, tmp_path, text) -> None:
+    """Output that never repeats its history (a whole-history hash over 64 ids): the
+    proposer finds drafts (a 1-gram recurs every few tokens) but the replay of the first
+    window's output says ~1 token per verify step, so the round ends off without one
+    drafting step, however cheap verifying is. A repetitive text (a 1-gram model over 48
+    ids falls into cycles) is measured, and drafts. The engine's own policy: its window of
+    24 outputs leaves the replay 26 tokens per request, past the first ones before a cycle."""
+    cfg = {"vocab_size": 64, "max_position_embeddings": 4096} if text == "never copied" else {
+        "vocab_size": 48, "max_position_embeddings": 4096, "fake_context_tokens": 1}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    prompts = [[(i * 5 + j % (3 + i % 4)) % 48 for j in range(12)] for i in range(6)]
+    greedy = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+    async with make_engine(runner="fake", model=str(tmp_path), async_scheduling=False, speculative={"num_tokens": 3}) as eng:
+        eng._clock = StepClock(eng, with_drafts=1.0, without=1.0)
+        await asyncio.gather(*[eng.generate(p, greedy) for p in prompts])
+        stats = eng.stats()
+    if text == "never copied":
+        assert stats["spec_draft_tokens"] == 0 and stats["spec_auto"] == "off", stats
+        assert stats["spec_auto_rounds_estimated"] == 1 and stats["spec_auto_estimate"] < 1.1, stats
+    else:
+        assert stats["spec_draft_tokens"] > 0 and stats["spec_auto"] == "on", stats
+        # Above the floor (the first tokens, before the cycle, weigh it down: 1.66 here), so measured.
+        floor = eng.spec_policy.verify_floor * eng.spec_policy.min_gain
+        assert stats["spec_auto_rounds_measured"] == 1 and stats["spec_auto_estimate"] > floor, stats
+
+
 async def test_disable_by_batch_size(make_engine, tmp_path) -> None:
     """No drafts while at least `disable_by_batch_size` requests run; drafts again below it."""
     model = _repetitive_model(tmp_path)
