@@ -30,7 +30,11 @@ measures every round as above):
   already generated (aiosched/draft_replay.py) gives E, the tokens a verify step would
   yield per request. A verify step never costs less than `verify_floor` plain steps on
   any machine measured, so with E below verify_floor x min_gain drafting cannot pay: the
-  round ends "off" at once, with no drafting window.
+  round ends "off" at once, with no drafting window. The replay sees the past only, and
+  the first decision comes early (about `window` tokens into a burst of requests, before
+  a model that later loops or starts copying does so: the CPU test model's E is 1.09 at
+  20 tokens, 1.7 at 96). Such a round cost nothing to decide, so the next one comes
+  after `recheck` outputs, not `exploit` (doubled as usual while the answer holds).
 - The machine's side, learned. A measured round gives r = T_verify / T_plain, the cost
   of a verify request-step in plain ones, at the round's batch size bucket (powers of
   two): r = E_measured / q, q = rate with drafts / rate without, E_measured = tokens per
@@ -87,6 +91,7 @@ class SpecPolicy:
     estimate: Callable[[], Estimate] | None = None
     min_steps: int = 16  # replayed request-steps below which an estimate says nothing
     verify_floor: float = 1.1  # a verify request-step costs at least this many plain ones (prior, every machine measured)
+    recheck: int = 48  # the first stretch after a round decided off by the floor (cheap to decide again)
     remeasure: int = 4  # every this-many-th round at a bucket measures r again ...
     drift: float = 1.5  # ... and any round whose E is this many times above or below the one r was measured at
     drafting: bool = False  # what the scheduler does now
@@ -157,7 +162,7 @@ class SpecPolicy:
         self.last_estimate, self.last_bucket = e, bucket(est.batch)
         self._probe = (self.last_bucket, e)
         if e < self.verify_floor * self.min_gain:
-            self._conclude(False, estimated=True)  # no verify step is cheap enough for so few tokens
+            self._conclude(False, estimated=True, base=self.recheck)  # no verify step is cheap enough for so few tokens
             return True
         cost = self.costs.get(self.last_bucket)
         if cost is None or cost.used + 1 >= self.remeasure or not 1 / self.drift <= e / cost.at <= self.drift:
@@ -175,14 +180,15 @@ class SpecPolicy:
             self.costs[self._probe[0]] = VerifyCost(ratio=e_measured / q, at=self._probe[1])
         self._conclude(self.rates[True] > self.rates[False] * self.min_gain, estimated=False)
 
-    def _conclude(self, drafting: bool, estimated: bool) -> None:
+    def _conclude(self, drafting: bool, estimated: bool, base: int | None = None) -> None:
+        """End a round: `drafting` for the next stretch, `base` outputs long unless the answer held."""
         self.rounds += 1
         self.rounds_estimated += estimated
         self.rounds_measured += not estimated
         # Measuring costs the losing mode's share of the round: as long as the answer stays
         # the same, measure half as often.
         same = self.rounds > 1 and drafting == self._last_choice
-        self._exploit_len = min(self._exploit_len * 2, self.max_exploit) if same else self.exploit
+        self._exploit_len = min(self._exploit_len * 2, self.max_exploit) if same else (base or self.exploit)
         self._last_choice = drafting
         self._probe = None
         self._enter("exploit", drafting=drafting)
