@@ -44,9 +44,9 @@ measures every round as above):
   with the batch's mix), so every `remeasure`-th round at a bucket measures again, and so
   does a round whose E moved by more than `drift` times from the one r was measured at.
 
-The estimate is consulted at most once per round (at its start, or at the end of the
-window without drafts when the requests had too little history then: `min_steps`),
-never per step. Pure Python and deterministic: the caller passes the time and the
+The estimate is consulted once per round, at its start (the first round: at the end of
+its window without drafts), and again at the end of that window only when the requests
+had too little history at the start (`min_steps`); never per step. Pure Python and deterministic: the caller passes the time and the
 estimate, so tests drive it with a fake clock.
 """
 from __future__ import annotations
