@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from aiosched import engine_log, preflight
+from aiosched import draft_replay, engine_log, preflight
 from aiosched.async_scheduler import AsyncScheduler
 from aiosched.config import EngineConfig
 from aiosched.detokenizer import IncrementalDetokenizer
@@ -34,7 +34,7 @@ from aiosched.request import Request, RequestStatus
 from aiosched.request_stream import RequestStream
 from aiosched.sampling_params import SamplingParams
 from aiosched.scheduler import Scheduler, StepUpdate
-from aiosched.spec_policy import SpecPolicy
+from aiosched.spec_policy import Estimate, SpecPolicy
 from aiosched.structured import validate_structured
 from aiosched.tokenizer import Tokenizer
 from aiosched.executors.base import Executor, create_executor
@@ -120,7 +120,7 @@ class AsyncEngine:
         self.timings = EngineTimings()
         # Speculative decoding: keep drafting only while measured throughput says it pays.
         spec = config.speculative
-        self.spec_policy: SpecPolicy | None = SpecPolicy() if spec is not None and spec.auto else None
+        self.spec_policy: SpecPolicy | None = SpecPolicy(estimate=self._spec_estimate) if spec is not None and spec.auto else None
         self._clock = time.perf_counter  # the policy's clock (tests drive it by hand)
         # on_request(request_id, prompt_ids, params) / on_output(RequestOutput): Prometheus
         # metrics and request logs (aiosched.metrics, aiosched.engine_log); empty: no cost.
@@ -410,9 +410,22 @@ class AsyncEngine:
         now, gen = self._clock(), sched.stats.generated_tokens
         if last is not None:
             prompt_work = any(not sr.sample or sr.num_tokens > 1 + sr.num_draft_slots for sr in so.scheduled)
-            policy.observe(gen - last[1], now - last[0], prompt_work)
+            # Without prompt work every scheduled request decoded (the count matters only then).
+            policy.observe(gen - last[1], now - last[0], prompt_work, len(so.scheduled))
             sched.drafting = policy.drafting
         return now, gen
+
+    def _spec_estimate(self) -> Estimate:
+        """What drafting would yield on the running requests' text (SpecPolicy.estimate):
+        the n-gram proposer replayed over the last generated tokens of at most
+        `draft_replay.REQUESTS` of them that may draft (aiosched/draft_replay.py). Called by
+        the policy once per measuring round, never per step."""
+        sched, spec = self.scheduler, self.config.speculative
+        assert sched is not None and spec is not None
+        picked = draft_replay.spread([r for r in sched.running if sched._uses_spec(r)])
+        steps, tokens = draft_replay.replay_batch(((r.all_token_ids, r.num_prompt_tokens) for r in picked),
+                                                  spec.num_tokens, spec.ngram_min, spec.ngram_max)
+        return Estimate(batch=len(sched.running), steps=steps, tokens=tokens)
 
     def _process(self, so: SchedulerOutput, out: RunnerOutput) -> None:
         """Apply one step's output: the scheduler's update, then each request's output.

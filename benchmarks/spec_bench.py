@@ -104,9 +104,9 @@ def _log_policy(eng: AsyncEngine) -> list[tuple[str, bool, int, float, bool]] | 
     log: list[tuple[str, bool, int, float, bool]] = []
     orig = pol.observe
 
-    def observe(tokens: int, seconds: float, prompt_work: bool = False) -> None:
+    def observe(tokens: int, seconds: float, prompt_work: bool = False, requests: int = 0) -> None:
         log.append((pol._phase, pol.drafting, tokens, seconds * 1e3, prompt_work))
-        orig(tokens, seconds, prompt_work)
+        orig(tokens, seconds, prompt_work, requests)
 
     pol.observe = observe  # type: ignore[method-assign]
     return log
@@ -151,7 +151,9 @@ async def run_once(config: EngineConfig, prompts: list[Any], params: list[Sampli
     }
     if plog is not None:
         pol = eng.spec_policy
-        row["policy"] = dict(_summarize_policy(plog, warm), rates={str(k): round(v) for k, v in pol.rates.items()}, rounds=pol.rounds)
+        row["policy"] = dict(_summarize_policy(plog, warm), rates={str(k): round(v) for k, v in pol.rates.items()}, rounds=pol.rounds,
+                             rounds_estimated=pol.rounds_estimated, estimate=round(pol.last_estimate, 2),
+                             verify_costs={str(b): round(c.ratio, 2) for b, c in pol.costs.items()})
     return row
 
 

@@ -339,7 +339,7 @@ class _Toggle:
     def __init__(self, every: int) -> None:
         self.every, self.seen, self.drafting, self.switches = every, 0, False, 0
 
-    def observe(self, tokens: int, seconds: float, prompt_work: bool = False) -> None:
+    def observe(self, tokens: int, seconds: float, prompt_work: bool = False, requests: int = 0) -> None:
         self.seen += 1
         if self.seen % self.every == 0:
             self.drafting, self.switches = not self.drafting, self.switches + 1

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from aiosched.sampling_params import SamplingParams
-from aiosched.spec_policy import SpecPolicy
+from aiosched.spec_policy import Estimate, SpecPolicy, bucket
 
 
 def feed(p: SpecPolicy, steps: int, rate_with: float, rate_without: float, tokens: int = 64) -> list[bool]:
@@ -76,11 +76,127 @@ def test_measures_again_and_follows_a_change_in_the_workload() -> None:
 def test_measuring_backs_off_while_the_answer_holds() -> None:
     """The losing mode's share shrinks: each confirming round doubles the exploit stretch."""
     p = SpecPolicy(window=10, exploit=100, max_exploit=400, skip=2)
-    # A round: 12 outputs without drafts, then drafting cut after 2 skipped + 4 counted.
-    modes = feed(p, 18 + 100 + 18 + 200 + 18 + 400 + 18 + 400 + 18, rate_with=500.0, rate_without=1000.0)
+    # A round: 12 outputs without drafts, then drafting cut after 2 skipped + 2 counted.
+    modes = feed(p, 16 + 100 + 16 + 200 + 16 + 400 + 16 + 400 + 16, rate_with=500.0, rate_without=1000.0)
     assert p.rounds == 5 and not p.drafting
-    assert sum(modes) == 5 * 6  # drafting only while measuring: 6 outputs a round
+    assert sum(modes) == 5 * 4  # drafting only while measuring: 4 outputs a round
     assert p.switches == 2 * 5
+
+
+# ---- with the replayed acceptance (Estimate) and a learned verify cost ----
+
+
+class Replayed:
+    """The engine's estimate, as a test sets it: E tokens per verify request-step, at a batch size."""
+
+    def __init__(self, e: float, batch: int = 16, steps: int = 400) -> None:
+        self.e, self.batch, self.steps, self.calls = e, batch, steps, 0
+
+    def __call__(self) -> Estimate:
+        self.calls += 1
+        return Estimate(batch=self.batch, steps=self.steps, tokens=round(self.e * self.steps))
+
+
+def decode(p: SpecPolicy, outputs: int, verify_cost: float, e: float, batch: int = 16, plain_s: float = 0.016) -> list[bool]:
+    """`outputs` step outputs of `batch` requests: a plain step yields a token per request
+    in `plain_s`, a verify step `e` per request in `verify_cost` plain steps; the modes seen."""
+    modes = []
+    for _ in range(outputs):
+        modes.append(p.drafting)
+        if p.drafting:
+            p.observe(round(e * batch), plain_s * verify_cost, requests=batch)
+        else:
+            p.observe(batch, plain_s, requests=batch)
+    return modes
+
+
+def test_a_low_estimate_decides_off_without_a_drafting_window() -> None:
+    """E = 1.05 (drafts hardly ever accepted): no verify step is cheap enough for it, so the
+    first round ends at the end of the window without drafts, and drafting never starts.
+    Such a round cost nothing to decide: the next comes after `recheck` outputs, doubled
+    while the answer holds, as for measured rounds."""
+    est = Replayed(1.05)
+    p = SpecPolicy(window=10, exploit=100, recheck=30, max_exploit=200, skip=2, estimate=est)
+    modes = decode(p, 12 + 30 + 60 + 120 + 200, verify_cost=3.5, e=1.05)
+    assert not any(modes) and p.switches == 0
+    assert p.rounds == 5 and p.rounds_estimated == 5 and p.rounds_measured == 0
+    assert est.calls == p.rounds  # once per round, never per step
+    assert p._exploit_len == 200
+    s = p.stats()
+    assert s["spec_auto"] == "off" and s["spec_auto_estimate"] == pytest.approx(1.05) and s["spec_auto_rounds_estimated"] == 5
+
+
+def test_acceptance_that_rises_after_an_early_off_is_found_at_the_recheck() -> None:
+    """A model that falls into loops later than the first decision: off by the floor at
+    first, E above it at the recheck, so that round is measured and drafting is kept."""
+    est = Replayed(1.05)
+    p = SpecPolicy(window=10, exploit=100, recheck=30, skip=2, estimate=est)
+    modes = decode(p, 12 + 29, verify_cost=4 / 3, e=1.05)
+    assert not any(modes) and p.rounds_estimated == 1
+    est.e = 2.0
+    modes = decode(p, 1 + 12 + 12, verify_cost=4 / 3, e=2.0)
+    assert modes == [False] * 13 + [True] * 12 and p.drafting and p.rounds_measured == 1
+
+
+def test_too_little_history_measures_as_without_an_estimate() -> None:
+    """Fewer replayed steps than `min_steps`: the estimate says nothing, the round is measured."""
+    p = SpecPolicy(window=10, exploit=100, skip=2, estimate=Replayed(1.05, steps=15))
+    modes = decode(p, 24, verify_cost=3.5, e=1.05)
+    assert modes[:12] == [False] * 12 and modes[12:16] == [True] * 4  # measured, cut early
+    assert p.rounds_measured == 1 and p.rounds_estimated == 0 and p.stats()["spec_auto_estimate"] == 0.0
+
+
+def test_a_measured_round_learns_the_verify_cost_and_later_rounds_decide_from_it() -> None:
+    """Round 1 measures q = 1.5 with E = 2: r = 2 / 1.5 = 1.33 plain steps per verify step at
+    batch 16. Round 2 starts with r known: E / r decides it, with no window in either mode."""
+    est = Replayed(2.0)
+    p = SpecPolicy(window=10, exploit=100, skip=2, estimate=est)
+    modes = decode(p, 24, verify_cost=4 / 3, e=2.0)
+    assert modes[:12] == [False] * 12 and p.drafting and p.rounds_measured == 1
+    assert p.costs[16].ratio == pytest.approx(4 / 3)
+    assert p.stats()["spec_auto_verify_cost"] == pytest.approx(4 / 3)
+    modes = decode(p, 100, verify_cost=4 / 3, e=2.0)
+    assert all(modes) and p.rounds == 2 and p.rounds_estimated == 1  # round 2: on, without switching off to measure
+    # Acceptance falls to E = 1.35: 1.35 / 1.33 is not worth it. Decided at round 3's start.
+    est.e = 1.35
+    modes = decode(p, 250, verify_cost=4 / 3, e=1.35)
+    assert modes[:200] == [True] * 200 and not any(modes[200:]) and p.rounds_estimated == 2
+
+
+def test_the_verify_cost_is_measured_again_every_fourth_round() -> None:
+    """r drifts (context length, the batch's mix): rounds 1 and 5 at a bucket measure, 2-4
+    decide from the estimate. Here verify steps got dearer after round 1: rounds 2-4 still
+    draft on the old r, round 5 measures r = 3.5 and switches drafting off."""
+    p = SpecPolicy(window=10, exploit=100, max_exploit=100, skip=2, estimate=Replayed(2.0))
+    decode(p, 24, verify_cost=4 / 3, e=2.0)
+    modes = decode(p, 3 * 100, verify_cost=3.5, e=2.0)
+    assert all(modes) and p.rounds == 4 and p.rounds_estimated == 3
+    modes = decode(p, 100 + 12 + 4, verify_cost=3.5, e=2.0)
+    assert modes[:100] == [True] * 100 and modes[100:112] == [False] * 12 and modes[112:] == [True] * 4
+    assert p.rounds == 5 and p.rounds_measured == 2 and not p.drafting
+    assert p.costs[16].ratio == pytest.approx(3.5)
+
+
+def test_an_estimate_far_from_the_one_r_was_measured_at_measures_again() -> None:
+    est = Replayed(2.0)
+    p = SpecPolicy(window=10, exploit=100, skip=2, drift=1.5, estimate=est)
+    decode(p, 24, verify_cost=4 / 3, e=2.0)
+    est.e = 3.5  # more than 1.5x the E of the measured round
+    modes = decode(p, 100 + 12 + 12, verify_cost=4 / 3, e=3.5)
+    assert modes[100:112] == [False] * 12 and modes[112:] == [True] * 12  # both windows again
+    assert p.rounds_measured == 2 and p.rounds_estimated == 0 and p.costs[16].at == pytest.approx(3.5)
+
+
+def test_the_verify_cost_is_kept_per_batch_size_bucket() -> None:
+    """r measured at 16 requests says nothing about 4 (a verify step's cost relative to a
+    plain one depends on the batch): at 4 the round is measured."""
+    est = Replayed(2.0, batch=16)
+    p = SpecPolicy(window=10, exploit=100, skip=2, estimate=est)
+    decode(p, 24, verify_cost=4 / 3, e=2.0)
+    est.batch = 5  # bucket 4
+    modes = decode(p, 100 + 12 + 12, verify_cost=4 / 3, e=2.0, batch=5)
+    assert modes[100:112] == [False] * 12 and p.rounds_measured == 2
+    assert set(p.costs) == {16, 4} and bucket(16) == 16 and bucket(31) == 16 and bucket(5) == 4
 
 
 # ---- through the engine: fake runner whose drafts are accepted, a clock the test controls ----
@@ -127,6 +243,34 @@ async def test_engine_stops_drafting_when_it_does_not_pay(make_engine, tmp_path,
         assert stats["spec_draft_tokens"] <= measuring_drafts, stats
     else:
         assert stats["spec_draft_tokens"] > 2 * measuring_drafts, stats
+
+
+@pytest.mark.parametrize("text", ["never copied", "repetitive"])
+async def test_engine_drafts_only_where_the_replay_says_drafts_would_be_accepted(make_engine, tmp_path, text) -> None:
+    """Output that never repeats its history (a whole-history hash over 64 ids): the
+    proposer finds drafts (a 1-gram recurs every few tokens) but the replay of the first
+    window's output says ~1 token per verify step, so the round ends off without one
+    drafting step, however cheap verifying is. A repetitive text (a 1-gram model over 48
+    ids falls into cycles) is measured, and drafts. The engine's own policy: its window of
+    24 outputs leaves the replay 26 tokens per request, past the first ones before a cycle."""
+    cfg = {"vocab_size": 64, "max_position_embeddings": 4096} if text == "never copied" else {
+        "vocab_size": 48, "max_position_embeddings": 4096, "fake_context_tokens": 1}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    prompts = [[(i * 5 + j % (3 + i % 4)) % 48 for j in range(12)] for i in range(6)]
+    greedy = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+    async with make_engine(runner="fake", model=str(tmp_path), async_scheduling=False, speculative={"num_tokens": 3}) as eng:
+        eng._clock = StepClock(eng, with_drafts=1.0, without=1.0)
+        await asyncio.gather(*[eng.generate(p, greedy) for p in prompts])
+        stats = eng.stats()
+    if text == "never copied":
+        assert stats["spec_draft_tokens"] == 0 and stats["spec_auto"] == "off", stats
+        assert stats["spec_auto_rounds_measured"] == 0 and stats["spec_auto_rounds_estimated"] >= 1, stats
+        assert stats["spec_auto_estimate"] < 1.1, stats
+    else:
+        assert stats["spec_draft_tokens"] > 0 and stats["spec_auto"] == "on", stats
+        # Above the floor (the first tokens, before the cycle, weigh it down: 1.66 here), so measured.
+        floor = eng.spec_policy.verify_floor * eng.spec_policy.min_gain
+        assert stats["spec_auto_rounds_measured"] == 1 and stats["spec_auto_estimate"] > floor, stats
 
 
 async def test_disable_by_batch_size(make_engine, tmp_path) -> None:
