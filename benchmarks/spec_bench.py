@@ -133,10 +133,16 @@ async def run_once(config: EngineConfig, prompts: list[Any], params: list[Sampli
         await asyncio.gather(*[eng.generate(p, SamplingParams(max_tokens=8, temperature=0.0)) for p in prompts])
         s0 = dict(eng.stats())
         warm = len(plog) if plog is not None else 0
+        tm = eng.timings
+        h0 = (tm.steps, tm.schedule_s, tm.submit_s, tm.update_s, tm.wait_s)
         t0 = time.perf_counter()
         outs = await asyncio.gather(*[eng.generate(p, sp) for p, sp in zip(prompts, params)])
         wall = time.perf_counter() - t0
         s1 = eng.stats()
+        # the engine loop's own time per step (schedule, submit, update) and its wait for the executor
+        n = max(1, tm.steps - h0[0])
+        host = {k: round(1e3 * (v - v0) / n, 3) for k, v, v0 in
+                zip(("schedule", "submit", "update", "wait"), (tm.schedule_s, tm.submit_s, tm.update_s, tm.wait_s), h0[1:])}
     gen = sum(len(o.token_ids) for o in outs)
     steps = s1["steps"] - s0["steps"]
     draft = s1["spec_draft_tokens"] - s0["spec_draft_tokens"]
@@ -148,6 +154,7 @@ async def run_once(config: EngineConfig, prompts: list[Any], params: list[Sampli
         "acceptance_rate": acc / draft if draft else 0.0,
         "mean_accepted_len": s1["spec_mean_accepted_len"],
         "spec_auto": s1.get("spec_auto"),
+        "loop_ms_per_step": host,
     }
     if plog is not None:
         pol = eng.spec_policy
@@ -191,7 +198,7 @@ async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: lis
             print(f"{name:7s} c={len(prompts):<3d} {r['mode']:5s} spec={use_spec:6s} {r['out_tok_s']:8.1f} tok/s  {r['tokens_per_step']:5.2f} tok/step  "
                   f"steps={r['steps']:5d}  accept={r['acceptance_rate']:.2f}  mean_len={r['mean_accepted_len']:.2f}  "
                   f"identical={r['identical_to_no_spec']} ({r['identical_requests']}/{len(toks)} requests, "
-                  f"mean agreeing prefix {r['mean_agreeing_prefix']:.1f} tokens)", flush=True)
+                  f"mean agreeing prefix {r['mean_agreeing_prefix']:.1f} tokens)  loop ms/step {r['loop_ms_per_step']}", flush=True)
             if "policy" in r:
                 print("  policy " + json.dumps(r["policy"]), flush=True)
     return rows
