@@ -34,8 +34,15 @@ from typing import TypeVar
 # The torch runner's proposer matches within each request's last this-many tokens
 # (executors/torch/spec_decode.py, NGRAM_LOOKBACK; a test checks that they agree).
 LOOKBACK = 1024
-POSITIONS = 256  # a request's last generated positions that are replayed
-REQUESTS = 16  # requests replayed per estimate (spread over the batch: `spread`)
+# What one estimate replays. It runs on the event loop, between two steps: 16 requests x
+# 256 positions over the full lookback cost 3-10 ms per call on the CPU (2026-12-04,
+# `benchmarks/replay_cost.py`), and on an H200 at concurrency 256 the auto policy that
+# made ~3 such calls per 128-token run lost 5% to "off" (never drafting); 8 x 128 over
+# the last ESTIMATE_LOOKBACK tokens costs 0.8-1.9 ms and still sees ~1000 request-steps
+# where nothing repeats.
+POSITIONS = 128  # a request's last generated positions that are replayed
+REQUESTS = 8  # requests replayed per estimate (spread over the batch: `spread`)
+ESTIMATE_LOOKBACK = 512  # matches older than this are left out of an estimate (the worker looks back LOOKBACK)
 
 T = TypeVar("T")
 

@@ -424,7 +424,8 @@ class AsyncEngine:
         assert sched is not None and spec is not None
         picked = draft_replay.spread([r for r in sched.running if sched._uses_spec(r)])
         steps, tokens = draft_replay.replay_batch(((r.all_token_ids, r.num_prompt_tokens) for r in picked),
-                                                  spec.num_tokens, spec.ngram_min, spec.ngram_max)
+                                                  spec.num_tokens, spec.ngram_min, spec.ngram_max,
+                                                  lookback=draft_replay.ESTIMATE_LOOKBACK)
         return Estimate(batch=len(sched.running), steps=steps, tokens=tokens)
 
     def _process(self, so: SchedulerOutput, out: RunnerOutput) -> None:

@@ -4,8 +4,9 @@ Fresh matcher states every step, as in a decode step: each of R matchers (the st
 bench's JSON schema, the synthetic byte-level vocab of `--vocab` tokens) consumes one allowed
 token (picked by a seeded RNG), then every mask is filled, by one thread (a loop of
 `unsafe_compute_mask_ptr`, which releases the GIL), by `LLExecutor(num_threads=t)` (llguidance's
-own batch fill), or by t Python threads over slices of the matchers. Prints one JSON line per
-(schema, rows, how, threads): wall us per step for the fill and for the consume.
+own batch fill and `consume_token_par`), or by t Python threads over slices of the matchers
+(their consume: a loop). Prints one JSON line per (schema, rows, how, threads): wall us per
+step for the fill and for the consume.
 
     python benchmarks/grammar_parallel.py --rows 16,64 --threads 1,2,4,8
 """
@@ -65,8 +66,11 @@ def run(llg: Any, tok: Any, schema: dict[str, Any], rows: int, how: str, threads
             allowed = np.flatnonzero(np.unpackbits(bm[i].view(np.uint8), bitorder="little")[:vocab])
             picks.append(int(allowed[rng.randrange(len(allowed))]))
         t2 = time.perf_counter()
-        for m, p in zip(ms, picks):
-            m.consume_token(p)
+        if ex is not None:  # llguidance's batch consume, as the engine's mask job uses it
+            ex.consume_token_par(list(zip(ms, picks)))
+        else:
+            for m, p in zip(ms, picks):
+                m.consume_token(p)
         t3 = time.perf_counter()
         if step >= 2:
             fill += t1 - t0

@@ -64,13 +64,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--positions", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--lookback", type=int, default=draft_replay.LOOKBACK)
     ap.add_argument("--naive", action="store_true")
     args = ap.parse_args()
     rng = random.Random(0)
     for kind in ("random", "repetitive"):
         for prompt in (64, draft_replay.LOOKBACK):
             hs = [(history(kind, prompt, args.positions, rng), prompt) for _ in range(args.requests)]
-            us, (steps, produced) = timed(lambda: draft_replay.replay_batch(hs, K, NMIN, NMAX, args.positions), args.repeat)
+            us, (steps, produced) = timed(lambda: draft_replay.replay_batch(hs, K, NMIN, NMAX, args.positions, args.lookback), args.repeat)
             line = f"{kind:10s} prompt={prompt:5d}  {args.requests} x {args.positions} positions: {us:9.0f} µs  E={produced / steps:.2f} ({steps} steps)"
             if args.naive:
                 nus, want = timed(lambda: (sum(naive_replay(h, max(p, len(h) - args.positions))[0] for h, p in hs), 0), 3)
