@@ -409,7 +409,7 @@ class AsyncEngine:
         whether the step computed prompt chunks, which the policy does not measure)."""
         now, gen = self._clock(), sched.stats.generated_tokens
         if last is not None:
-            prompt_work = any(not sr.sample or sr.num_tokens > 1 + sr.num_draft_slots for sr in so.scheduled)
+            prompt_work = policy.measuring and any(not sr.sample or sr.num_tokens > 1 + sr.num_draft_slots for sr in so.scheduled)
             # Without prompt work every scheduled request decoded (the count matters only then).
             policy.observe(gen - last[1], now - last[0], prompt_work, len(so.scheduled))
             sched.drafting = policy.drafting

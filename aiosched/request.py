@@ -55,6 +55,9 @@ class Request:
     # Kept by the KV cache manager: tokens its blocks hold (block table length x block
     # size; 0 when it holds none). A step that stays within it needs no allocation.
     num_kv_slots: int = field(init=False, default=0)
+    # Its sampling uses no feature the speculative verifier lacks: drafts may be verified
+    # for it (when speculation is configured). Read for every running request every step.
+    may_speculate: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -64,6 +67,11 @@ class Request:
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.max_total_tokens = self.num_prompt_tokens + self.sampling.max_tokens
         self.stop_token_set = frozenset(self.eos_token_ids) | frozenset(self.sampling.stop_token_ids)
+        sp = self.sampling
+        self.may_speculate = bool(
+            sp.speculative and sp.structured is None and sp.logprobs is None and sp.prompt_logprobs is None
+            and sp.min_tokens == 0 and not sp.logit_bias and not sp.bad_token_ids and sp.presence_penalty == 0.0
+            and sp.frequency_penalty == 0.0 and sp.repetition_penalty == 1.0)
 
     @property
     def num_output_tokens(self) -> int:

@@ -109,10 +109,7 @@ class Scheduler:
 
     def _uses_spec(self, req: Request) -> bool:
         # Speculative decoding on, and the request uses no feature the verifier lacks.
-        sp = req.sampling
-        return (self.config.speculative is not None and sp.speculative and sp.structured is None and sp.logprobs is None
-                and sp.prompt_logprobs is None and sp.min_tokens == 0 and not sp.logit_bias and not sp.bad_token_ids
-                and sp.presence_penalty == 0.0 and sp.frequency_penalty == 0.0 and sp.repetition_penalty == 1.0)
+        return self.config.speculative is not None and req.may_speculate
 
     def _draft_slots(self, req: Request, budget: int) -> int:
         # Draft slots for a decode step, counted against the upper bound of the
@@ -148,8 +145,9 @@ class Scheduler:
             if n > budget:
                 n = budget
             d = 0
-            if spec_on and n == 1 and self._uses_spec(req):
-                d = self._draft_slots(req, budget) if drafting else 0
+            if spec_on and n == 1:  # (only requests that may speculate ever have spec slack)
+                if drafting and req.may_speculate:
+                    d = self._draft_slots(req, budget)
                 if d == 0 and req.num_spec_slack:
                     n = 0  # its position is known only once its speculative step lands
                 n += d

@@ -113,6 +113,12 @@ class SpecPolicy:
     rounds_estimated: int = 0  # rounds decided from the estimate, without a drafting window
     rounds_measured: int = 0  # rounds decided by measuring both modes
 
+    @property
+    def measuring(self) -> bool:
+        """Whether an observation's prompt_work flag matters now (only while measuring:
+        the caller may skip finding it out, a pass over the step's requests)."""
+        return self._phase != "exploit"
+
     def observe(self, tokens: int, seconds: float, prompt_work: bool = False, requests: int = 0) -> None:
         """One step output: `tokens` produced for live requests, `seconds` since the last output,
         `requests` the requests it decoded (0: unknown; r is then not learned).

@@ -193,6 +193,9 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
     config = dict(runner="fake", async_scheduling=mode == "async", max_num_seqs=max(batch, 1),
                   max_num_batched_tokens=budget, num_kv_blocks=batch * blocks_per_req + 64,
                   max_model_len=max_len, model=_model_dir(max_len, tok), seed=0)
+    if args.speculative != "none":  # n-gram speculation configured: "off" never drafts, "auto" lets the policy decide
+        config["speculative"] = dict(method="ngram", num_tokens=4, auto=args.speculative == "auto",
+                                     disable_by_batch_size=1 if args.speculative == "off" else 0)
     engine = AsyncEngine.from_config(config)
     await engine.start()
     _time_submit(engine)
@@ -480,6 +483,8 @@ if __name__ == "__main__":
     p.add_argument("--output-len", default="128", help="output tokens per request (comma list)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: batch x input_len (one prefill step)")
     p.add_argument("--runner", choices=["light", "fake"], default="light")
+    p.add_argument("--speculative", choices=["none", "off", "auto"], default="none",
+                   help="n-gram speculation configured: off = never drafting (disable_by_batch_size=1), auto = the SpecPolicy")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     p.add_argument("--label", default="", help="first column of the table (e.g. old/new)")
     p.add_argument("--compare", default=None, metavar="REF", help="before/after: REF's code vs this checkout, alternating subprocesses")
