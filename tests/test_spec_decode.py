@@ -338,6 +338,7 @@ class _Toggle:
 
     def __init__(self, every: int) -> None:
         self.every, self.seen, self.drafting, self.switches = every, 0, False, 0
+        self.measuring = False  # (prompt work does not matter to it)
 
     def observe(self, tokens: int, seconds: float, prompt_work: bool = False, requests: int = 0) -> None:
         self.seen += 1
