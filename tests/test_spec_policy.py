@@ -1,6 +1,8 @@
 """The speculative-decoding policy keeps drafting only while it is measurably faster (issue 18).
 
-Driven with synthetic step outputs (tokens, seconds): no clock, no race."""
+Driven with synthetic step outputs (tokens, seconds): no clock, no race. The fake steps
+are perfectly steady, which would end every window after `min_window` outputs: tests of
+other rules set `steady=0.0` (windows of exactly `window` outputs)."""
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +24,7 @@ def feed(p: SpecPolicy, steps: int, rate_with: float, rate_without: float, token
 
 
 def test_slower_drafting_is_switched_off_after_one_round() -> None:
-    p = SpecPolicy(window=10, exploit=100, skip=2, cut=1.5)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, cut=1.5)
     modes = feed(p, 24, rate_with=800.0, rate_without=1000.0)
     assert modes[:12] == [False] * 12 and modes[12:] == [True] * 12  # measured off, then on (a whole window)
     assert not p.drafting and p.stats()["spec_auto"] == "off"
@@ -32,7 +34,7 @@ def test_slower_drafting_is_switched_off_after_one_round() -> None:
 def test_a_clearly_losing_drafting_window_ends_early() -> None:
     """Verify steps that cost several plain ones: drafting stops after `early` counted outputs,
     not a whole window (short runs would pay more for measuring than drafting could win)."""
-    p = SpecPolicy(window=10, exploit=100, skip=2, early=4, cut=1.5)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, early=4, cut=1.5)
     modes = feed(p, 24, rate_with=600.0, rate_without=1000.0)
     assert modes[:12] == [False] * 12 and modes[12:18] == [True] * 6 and modes[18:] == [False] * 6
     assert not p.drafting and p.rounds == 1
@@ -40,20 +42,20 @@ def test_a_clearly_losing_drafting_window_ends_early() -> None:
 
 
 def test_faster_drafting_is_kept() -> None:
-    p = SpecPolicy(window=10, exploit=100, skip=2)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2)
     feed(p, 24, rate_with=1500.0, rate_without=1000.0)
     assert p.drafting and p.stats()["spec_auto"] == "on"
 
 
 def test_a_gain_below_the_margin_is_not_worth_drafting() -> None:
-    p = SpecPolicy(window=10, exploit=100, skip=2, min_gain=1.05)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, min_gain=1.05)
     feed(p, 24, rate_with=1020.0, rate_without=1000.0)
     assert not p.drafting
 
 
 def test_outputs_just_after_a_switch_are_not_counted() -> None:
     """The first `skip` outputs after a switch belong to steps of the other mode."""
-    p = SpecPolicy(window=4, exploit=100, skip=2)
+    p = SpecPolicy(steady=0.0, window=4, exploit=100, skip=2)
     for _ in range(6):  # measure-off: 2 skipped, 4 counted
         p.observe(10, 2.0)
     assert p.drafting
@@ -65,7 +67,7 @@ def test_outputs_just_after_a_switch_are_not_counted() -> None:
 
 
 def test_measures_again_and_follows_a_change_in_the_workload() -> None:
-    p = SpecPolicy(window=10, exploit=50, skip=2)
+    p = SpecPolicy(steady=0.0, window=10, exploit=50, skip=2)
     feed(p, 24, rate_with=2000.0, rate_without=1000.0)
     assert p.drafting
     modes = feed(p, 50 + 12 + 6, rate_with=500.0, rate_without=1000.0)  # acceptance fell: drafting now loses
@@ -75,7 +77,7 @@ def test_measures_again_and_follows_a_change_in_the_workload() -> None:
 
 def test_measuring_backs_off_while_the_answer_holds() -> None:
     """The losing mode's share shrinks: each confirming round doubles the exploit stretch."""
-    p = SpecPolicy(window=10, exploit=100, max_exploit=400, skip=2)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, max_exploit=400, skip=2)
     # A round: 12 outputs without drafts, then drafting cut after 2 skipped + 2 counted.
     modes = feed(p, 16 + 100 + 16 + 200 + 16 + 400 + 16 + 400 + 16, rate_with=500.0, rate_without=1000.0)
     assert p.rounds == 5 and not p.drafting
@@ -116,7 +118,7 @@ def test_a_low_estimate_decides_off_without_a_drafting_window() -> None:
     Such a round cost nothing to decide: the next comes after `recheck` outputs, doubled
     while the answer holds, as for measured rounds."""
     est = Replayed(1.05)
-    p = SpecPolicy(window=10, exploit=100, recheck=30, max_exploit=200, skip=2, estimate=est)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, recheck=30, max_exploit=200, skip=2, estimate=est)
     modes = decode(p, 12 + 30 + 60 + 120 + 200, verify_cost=3.5, e=1.05)
     assert not any(modes) and p.switches == 0
     assert p.rounds == 5 and p.rounds_estimated == 5 and p.rounds_measured == 0
@@ -130,7 +132,7 @@ def test_acceptance_that_rises_after_an_early_off_is_found_at_the_recheck() -> N
     """A model that falls into loops later than the first decision: off by the floor at
     first, E above it at the recheck, so that round is measured and drafting is kept."""
     est = Replayed(1.05)
-    p = SpecPolicy(window=10, exploit=100, recheck=30, skip=2, estimate=est)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, recheck=30, skip=2, estimate=est)
     modes = decode(p, 12 + 29, verify_cost=4 / 3, e=1.05)
     assert not any(modes) and p.rounds_estimated == 1
     est.e = 2.0
@@ -140,7 +142,7 @@ def test_acceptance_that_rises_after_an_early_off_is_found_at_the_recheck() -> N
 
 def test_too_little_history_measures_as_without_an_estimate() -> None:
     """Fewer replayed steps than `min_steps`: the estimate says nothing, the round is measured."""
-    p = SpecPolicy(window=10, exploit=100, skip=2, estimate=Replayed(1.05, steps=15))
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, estimate=Replayed(1.05, steps=15))
     modes = decode(p, 24, verify_cost=3.5, e=1.05)
     assert modes[:12] == [False] * 12 and modes[12:16] == [True] * 4  # measured, cut early
     assert p.rounds_measured == 1 and p.rounds_estimated == 0 and p.stats()["spec_auto_estimate"] == 0.0
@@ -150,7 +152,7 @@ def test_a_measured_round_learns_the_verify_cost_and_later_rounds_decide_from_it
     """Round 1 measures q = 1.5 with E = 2: r = 2 / 1.5 = 1.33 plain steps per verify step at
     batch 16. Round 2 starts with r known: E / r decides it, with no window in either mode."""
     est = Replayed(2.0)
-    p = SpecPolicy(window=10, exploit=100, skip=2, estimate=est)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, estimate=est)
     modes = decode(p, 24, verify_cost=4 / 3, e=2.0)
     assert modes[:12] == [False] * 12 and p.drafting and p.rounds_measured == 1
     assert p.costs[16].ratio == pytest.approx(4 / 3)
@@ -167,7 +169,7 @@ def test_the_verify_cost_is_measured_again_every_fourth_round() -> None:
     """r drifts (context length, the batch's mix): rounds 1 and 5 at a bucket measure, 2-4
     decide from the estimate. Here verify steps got dearer after round 1: rounds 2-4 still
     draft on the old r, round 5 measures r = 3.5 and switches drafting off."""
-    p = SpecPolicy(window=10, exploit=100, max_exploit=100, skip=2, estimate=Replayed(2.0))
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, max_exploit=100, skip=2, estimate=Replayed(2.0))
     decode(p, 24, verify_cost=4 / 3, e=2.0)
     modes = decode(p, 3 * 100, verify_cost=3.5, e=2.0)
     assert all(modes) and p.rounds == 4 and p.rounds_estimated == 3
@@ -179,7 +181,7 @@ def test_the_verify_cost_is_measured_again_every_fourth_round() -> None:
 
 def test_an_estimate_far_from_the_one_r_was_measured_at_measures_again() -> None:
     est = Replayed(2.0)
-    p = SpecPolicy(window=10, exploit=100, skip=2, drift=1.5, estimate=est)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, drift=1.5, estimate=est)
     decode(p, 24, verify_cost=4 / 3, e=2.0)
     est.e = 3.5  # more than 1.5x the E of the measured round
     modes = decode(p, 100 + 12 + 12, verify_cost=4 / 3, e=3.5)
@@ -191,7 +193,7 @@ def test_the_verify_cost_is_kept_per_batch_size_bucket() -> None:
     """r measured at 16 requests says nothing about 4 (a verify step's cost relative to a
     plain one depends on the batch): at 4 the round is measured."""
     est = Replayed(2.0, batch=16)
-    p = SpecPolicy(window=10, exploit=100, skip=2, estimate=est)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, estimate=est)
     decode(p, 24, verify_cost=4 / 3, e=2.0)
     est.batch = 5  # bucket 4
     modes = decode(p, 100 + 12 + 12, verify_cost=4 / 3, e=2.0, batch=5)
@@ -231,7 +233,7 @@ async def test_engine_stops_drafting_when_it_does_not_pay(make_engine, tmp_path,
     async with make_engine(**kw) as eng:
         want = [o.token_ids for o in await asyncio.gather(*[eng.generate(p, greedy) for p in prompts])]
     async with make_engine(**kw, speculative={"num_tokens": 3}) as eng:
-        eng.spec_policy = SpecPolicy(window=6, exploit=1000)
+        eng.spec_policy = SpecPolicy(steady=0.0, window=6, exploit=1000)
         eng._clock = StepClock(eng, with_drafts=draft_cost, without=1.0)
         got = [o.token_ids for o in await asyncio.gather(*[eng.generate(p, greedy) for p in prompts])]
         stats = eng.stats()
@@ -289,7 +291,7 @@ def test_steps_with_prompt_work_are_not_measured() -> None:
     """A burst of arrivals: the first outputs are prefill steps (few tokens, long steps).
     Counted, they would make the window without drafts look slow and drafting win; left
     out, the policy compares decode steps only and switches slower drafting off."""
-    p = SpecPolicy(window=4, exploit=100, skip=2)
+    p = SpecPolicy(steady=0.0, window=4, exploit=100, skip=2)
     for _ in range(10):
         p.observe(2, 0.05, prompt_work=True)  # 40 tok/s: prefill, not a measure of either mode
     assert p.drafting is False and p.rounds == 0
@@ -305,10 +307,31 @@ def test_steps_with_prompt_work_are_not_measured() -> None:
 def test_outputs_without_tokens_are_not_measured() -> None:
     """Steps still in flight for requests that had ended yield no tokens but a whole step
     interval: counted, they would make the mode they fall into look slower."""
-    p = SpecPolicy(window=4, exploit=100, skip=2)
+    p = SpecPolicy(steady=0.0, window=4, exploit=100, skip=2)
     feed(p, 3, rate_with=800.0, rate_without=1000.0)  # measure-off: 2 skipped, 1 counted
     p.observe(0, 0.05)
     p.observe(0, 0.05)
     assert p._seen == 3  # the empty outputs did not advance the window
     feed(p, 9, rate_with=800.0, rate_without=1000.0)
     assert p.rounds == 1 and round(p.rates[False]) == 1000 and not p.drafting
+
+
+def test_a_steady_window_ends_after_min_window_outputs() -> None:
+    """Steps as steady as a GPU's: the window without drafts ends after min_window counted
+    outputs (not the whole window), and the drafting window that follows too."""
+    p = SpecPolicy(window=24, min_window=8, skip=2, exploit=100)
+    assert feed(p, 2 + 8, rate_with=3000.0, rate_without=1000.0) == [False] * 10
+    assert p.drafting  # measuring with drafts after 10 outputs, not 26
+    assert feed(p, 2 + 8, rate_with=3000.0, rate_without=1000.0) == [True] * 10
+    assert p.stats()["spec_auto"] == "on" and p.rounds == 1
+
+
+def test_a_noisy_window_measures_its_whole_length() -> None:
+    """Step times that swing 3x (a shared CPU) leave the rate uncertain: the window runs
+    its full length."""
+    p = SpecPolicy(window=24, min_window=8, skip=2, exploit=100)
+    for i in range(2 + 23):
+        assert not p.drafting
+        p.observe(64, 0.01 * (3 if i % 2 else 1))
+    p.observe(64, 0.01)
+    assert p.drafting  # the 24th counted output ended it
