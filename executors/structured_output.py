@@ -50,6 +50,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aiosched.structured")
 
+# A step's masks are filled by llguidance's thread pool from this many rows on, below it in
+# one thread. H200 host, 128k-token vocab, fresh states (benchmarks/grammar_parallel.py,
+# 2026-12-04): 16 masks 627 us alone vs 588 with 8 threads (and 1.27 vs 1.50 ms per step
+# inside the engine at 25% of 64 requests); 64 masks 2775 vs 1221 us.
+PARALLEL_FILL_ROWS = 32
+
 COMPILE_CACHE_SIZE = 256
 
 
@@ -208,6 +214,7 @@ class StructuredOutputManager:
         # Mask fills run on llguidance's own Rust pool; AIOSCHED_GRAMMAR_THREADS overrides the default.
         env = os.environ.get("AIOSCHED_GRAMMAR_THREADS")
         self._num_threads = num_threads or (int(env) if env else max(1, min(8, (os.cpu_count() or 2) - 1)))
+        self.parallel_fill_rows = PARALLEL_FILL_ROWS  # (tests lower it to run the pool on a few rows)
         self._executor: Any = None
         self.grammars: dict[str, RequestGrammar] = {}
         # Steps whose sampled ids are not on the host yet (async scheduling), oldest first.
@@ -434,10 +441,11 @@ class StructuredOutputManager:
         return rg
 
     def _consume(self, targets: Sequence[tuple[RequestGrammar, int]]) -> None:
-        """Advance each matcher to its position. One token each (the usual step) goes in one
-        batched call when there is a pool (Rust, no interpreter lock); catching up (a
-        resumed request, sync mode's first steps) token by token."""
-        single: list[RequestGrammar] = []
+        """Advance each matcher to its position, token by token, in this thread. (Not
+        llguidance's batched `consume_token_par`: on the H200 host it took 13.2 us per token
+        at 16 matchers and 5.8 at 64, against 2.5-3.5 for this loop; in the structured bench
+        at 25% of 64 requests the mask job's consume went 0.42 -> 0.04 ms per step;
+        benchmarks/grammar_parallel.py, 2026-12-04.)"""
         for rg, position in targets:
             start = rg.prompt_len + rg.num_consumed
             known = rg.prompt_len + len(rg.outputs)
@@ -446,20 +454,8 @@ class StructuredOutputManager:
                 # was drained above: anything else is a lifecycle bug, not a grammar matter.
                 raise RuntimeError(f"{rg.req_id}: asked to mask position {position}; the matcher is at {start}, "
                                    f"the host knows {known} tokens")
-            if position - start == 1 and self._num_threads > 1:
-                single.append(rg)
-                continue
             for t in rg.outputs[rg.num_consumed : position - rg.prompt_len]:
                 rg.accept_token(t)
-        if len(single) < 2:
-            for rg in single:
-                rg.accept_token(rg.outputs[rg.num_consumed])
-            return
-        oks = self._pool().consume_token_par([(rg.matcher, rg.outputs[rg.num_consumed]) for rg in single])
-        for rg, ok in zip(single, oks):
-            rg.num_consumed += 1
-            if not ok:
-                rg.note_rejected(rg.outputs[rg.num_consumed - 1])
 
     def _pool(self) -> Any:
         if self._executor is None:
@@ -493,8 +489,8 @@ class StructuredOutputManager:
         batch, words = bitmask.shape
         nbytes = words * 4
         ptr = bitmask.ctypes.data
-        if len(items) == 1 or self._num_threads <= 1:
-            # One row, or no spare core: in this thread (a pool's spinning workers would
+        if len(items) < self.parallel_fill_rows or self._num_threads <= 1:
+            # Few rows, or no spare core: in this thread (a pool's spinning workers would
             # compete with the model's own threads for the CPU). Each call releases the GIL.
             for matcher, row in items:
                 matcher.unsafe_compute_mask_ptr(ptr + row * nbytes, nbytes)

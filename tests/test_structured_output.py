@@ -232,6 +232,7 @@ def test_apply_token_bitmask_matches_reference(rows_mode: str) -> None:
 def test_batched_fill_equals_single_fill(gtok: GrammarTokenizer, hf_tok) -> None:
     specs = [SO(json_schema=json.dumps(SCHEMA)), SO(regex="[0-9]+"), SO(json_object=True), SO(grammar='root ::= "x"+')]
     mgr = StructuredOutputManager(gtok, num_threads=2)
+    mgr.parallel_fill_rows = 2  # the pool's batched fill, on 4 rows
     for i, s in enumerate(specs):
         mgr.add_request(NewRequestData(f"r{i}", [3], 1, SamplingParams(structured=s), 0))
     words = bitmask_words(gtok.vocab_size)

@@ -101,6 +101,7 @@ def _reference_mask(gtok: GrammarTokenizer, spec: SO, outputs: list[int]) -> np.
 def test_prefetch_runs_off_the_caller_and_equals_the_old_masks(gtok, hf_tok, num_threads: int) -> None:
     ex = GatedExecutor()
     mgr = StructuredOutputManager(gtok, num_threads=num_threads, mask_executor=ex)
+    mgr.parallel_fill_rows = 2  # "pool": llguidance's batched fill on these 3 rows
     specs = {"a": SO(json_schema=json.dumps(SCHEMA)), "b": SO(regex=r"[0-9]{1,3}-[a-z]+"), "c": SO(json_object=True)}
     for rid, spec in specs.items():
         mgr.add_request(_new(rid, spec))
