@@ -152,7 +152,7 @@ def test_a_measured_round_learns_the_verify_cost_and_later_rounds_decide_from_it
     """Round 1 measures q = 1.5 with E = 2: r = 2 / 1.5 = 1.33 plain steps per verify step at
     batch 16. Round 2 starts with r known: E / r decides it, with no window in either mode."""
     est = Replayed(2.0)
-    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, estimate=est)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, recheck=100, skip=2, estimate=est)
     modes = decode(p, 24, verify_cost=4 / 3, e=2.0)
     assert modes[:12] == [False] * 12 and p.drafting and p.rounds_measured == 1
     assert p.costs[16].ratio == pytest.approx(4 / 3)
@@ -165,11 +165,25 @@ def test_a_measured_round_learns_the_verify_cost_and_later_rounds_decide_from_it
     assert modes[:200] == [True] * 200 and not any(modes[200:]) and p.rounds_estimated == 2
 
 
+def test_after_a_measured_round_the_next_comes_soon_and_is_decided_from_the_estimate() -> None:
+    """Acceptance that rises within an answer (code: copying starts some tokens in): the
+    drafting window measured a loss at E = 1.2, so round 1 ends off; r is learned, so round 2
+    comes `recheck` outputs later (not `exploit`) and, E having risen to 1.7 (within `drift`
+    of the E r was measured at), drafts at once: 1.7 / r = 1.28."""
+    est = Replayed(1.2)
+    p = SpecPolicy(steady=0.0, window=10, exploit=400, recheck=30, skip=2, estimate=est)
+    modes = decode(p, 24, verify_cost=4 / 3, e=1.2)
+    assert modes[:12] == [False] * 12 and not p.drafting and p.rounds_measured == 1
+    est.e = 1.7
+    modes = decode(p, 31, verify_cost=4 / 3, e=1.7)
+    assert modes[:30] == [False] * 30 and modes[30] and p.rounds_estimated == 1
+
+
 def test_the_verify_cost_is_measured_again_every_fourth_round() -> None:
     """r drifts (context length, the batch's mix): rounds 1 and 5 at a bucket measure, 2-4
     decide from the estimate. Here verify steps got dearer after round 1: rounds 2-4 still
     draft on the old r, round 5 measures r = 3.5 and switches drafting off."""
-    p = SpecPolicy(steady=0.0, window=10, exploit=100, max_exploit=100, skip=2, estimate=Replayed(2.0))
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, recheck=100, max_exploit=100, skip=2, estimate=Replayed(2.0))
     decode(p, 24, verify_cost=4 / 3, e=2.0)
     modes = decode(p, 3 * 100, verify_cost=3.5, e=2.0)
     assert all(modes) and p.rounds == 4 and p.rounds_estimated == 3
@@ -181,7 +195,7 @@ def test_the_verify_cost_is_measured_again_every_fourth_round() -> None:
 
 def test_an_estimate_far_from_the_one_r_was_measured_at_measures_again() -> None:
     est = Replayed(2.0)
-    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, drift=1.5, estimate=est)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, recheck=100, skip=2, drift=1.5, estimate=est)
     decode(p, 24, verify_cost=4 / 3, e=2.0)
     est.e = 3.5  # more than 1.5x the E of the measured round
     modes = decode(p, 100 + 12 + 12, verify_cost=4 / 3, e=3.5)
@@ -193,7 +207,7 @@ def test_the_verify_cost_is_kept_per_batch_size_bucket() -> None:
     """r measured at 16 requests says nothing about 4 (a verify step's cost relative to a
     plain one depends on the batch): at 4 the round is measured."""
     est = Replayed(2.0, batch=16)
-    p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, estimate=est)
+    p = SpecPolicy(steady=0.0, window=10, exploit=100, recheck=100, skip=2, estimate=est)
     decode(p, 24, verify_cost=4 / 3, e=2.0)
     est.batch = 5  # bucket 4
     modes = decode(p, 100 + 12 + 12, verify_cost=4 / 3, e=2.0, batch=5)
