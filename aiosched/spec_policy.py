@@ -15,10 +15,11 @@ scheduled before it. Drafting is kept only when it beats no drafting by `min_gai
 speculation must never make things slower. Each round measures without drafts first, so
 that a drafting window which is clearly losing (below 1/`cut` of that rate after `early`
 outputs) ends at once: where a verify step costs several plain steps, a full window of
-drafting would cost more than the whole answer is worth on short runs. `early` is 2:
-step times within a mode are steady (H200: 13.94, 13.82, 13.76, 13.75 ms; a clear loss
-is 1.5x), so two outputs tell a loss as well as four, and the two saved are the most
-expensive steps of a losing round.
+drafting would cost more than the whole answer is worth on short runs. `early` is 4,
+not 2: step times within a mode are mostly steady (H200: 13.94, 13.82, 13.76, 13.75 ms),
+but the first drafting outputs after a switch can be slow, and on the H200 (code
+workload, 256 requests, 2026-12-04) two such outputs read as a 1.8x loss and ended a
+window that measured 1.2-1.3x faster in the same run's other rounds.
 
 The drafting window is itself the cost on short runs where drafts are rarely accepted
 (H200, 128 tokens, acceptance 0.08: auto at 0.69x of no speculation at 256 requests).
@@ -85,7 +86,7 @@ class SpecPolicy:
     max_exploit: int = 6400  # ... doubled while the measurements keep agreeing, up to this
     skip: int = 2  # outputs ignored after a switch (steps still in flight from the other mode)
     min_gain: float = 1.03  # drafting must be this much faster to be kept
-    early: int = 2  # counted drafting outputs after which a clear loss ends the window ...
+    early: int = 4  # counted drafting outputs after which a clear loss ends the window ...
     cut: float = 1.5  # ... clear: this many times slower than without drafts
     # The replayed acceptance of the running requests (engine: AsyncEngine._spec_estimate); None: measure always.
     estimate: Callable[[], Estimate] | None = None

@@ -78,10 +78,10 @@ def test_measures_again_and_follows_a_change_in_the_workload() -> None:
 def test_measuring_backs_off_while_the_answer_holds() -> None:
     """The losing mode's share shrinks: each confirming round doubles the exploit stretch."""
     p = SpecPolicy(steady=0.0, window=10, exploit=100, max_exploit=400, skip=2)
-    # A round: 12 outputs without drafts, then drafting cut after 2 skipped + 2 counted.
-    modes = feed(p, 16 + 100 + 16 + 200 + 16 + 400 + 16 + 400 + 16, rate_with=500.0, rate_without=1000.0)
+    # A round: 12 outputs without drafts, then drafting cut after 2 skipped + 4 counted.
+    modes = feed(p, 18 + 100 + 18 + 200 + 18 + 400 + 18 + 400 + 18, rate_with=500.0, rate_without=1000.0)
     assert p.rounds == 5 and not p.drafting
-    assert sum(modes) == 5 * 4  # drafting only while measuring: 4 outputs a round
+    assert sum(modes) == 5 * 6  # drafting only while measuring: 6 outputs a round
     assert p.switches == 2 * 5
 
 
@@ -144,7 +144,7 @@ def test_too_little_history_measures_as_without_an_estimate() -> None:
     """Fewer replayed steps than `min_steps`: the estimate says nothing, the round is measured."""
     p = SpecPolicy(steady=0.0, window=10, exploit=100, skip=2, estimate=Replayed(1.05, steps=15))
     modes = decode(p, 24, verify_cost=3.5, e=1.05)
-    assert modes[:12] == [False] * 12 and modes[12:16] == [True] * 4  # measured, cut early
+    assert modes[:12] == [False] * 12 and modes[12:18] == [True] * 6  # measured, cut early
     assert p.rounds_measured == 1 and p.rounds_estimated == 0 and p.stats()["spec_auto_estimate"] == 0.0
 
 
@@ -187,8 +187,8 @@ def test_the_verify_cost_is_measured_again_every_fourth_round() -> None:
     decode(p, 24, verify_cost=4 / 3, e=2.0)
     modes = decode(p, 3 * 100, verify_cost=3.5, e=2.0)
     assert all(modes) and p.rounds == 4 and p.rounds_estimated == 3
-    modes = decode(p, 100 + 12 + 4, verify_cost=3.5, e=2.0)
-    assert modes[:100] == [True] * 100 and modes[100:112] == [False] * 12 and modes[112:] == [True] * 4
+    modes = decode(p, 100 + 12 + 6, verify_cost=3.5, e=2.0)
+    assert modes[:100] == [True] * 100 and modes[100:112] == [False] * 12 and modes[112:] == [True] * 6
     assert p.rounds == 5 and p.rounds_measured == 2 and not p.drafting
     assert p.costs[16].ratio == pytest.approx(3.5)
 
