@@ -393,6 +393,23 @@ def test_padded_layout_pads_with_harmless_rows() -> None:
     assert inputs.dst.tolist()[2:] == [batch.scratch_slot]
 
 
+def test_a_verify_layout_has_room_for_every_draft_row() -> None:
+    """A speculative step verifies 1 + k logits rows per request: its padded layout has
+    min(T, max_rows * (1 + k)) logits rows and min(T, max_rows) request slots. Up to
+    max_rows tokens it is the mixed-step layout itself (one graph serves both); a prefill
+    step never takes it (its LM head would run on every token)."""
+    from aiosched.executors.torch.input_batch import InputBatch
+
+    batch = InputBatch(max_rows=4, row_len=40, block_size=BLOCK, max_tokens=32, device=torch.device("cpu"))
+    batch.spec_k1 = 4  # k = 3
+    for T in (2, 4):
+        assert batch.padded_layout(T, False, 4, verify=True) == batch.padded_layout(T, False, 4)
+    for T, S in ((8, 8), (16, 16), (32, 16)):
+        v, m = batch.padded_layout(T, False, 4, verify=True), batch.padded_layout(T, False, 4)
+        assert (v.S, v.P) == (S, 4) and (m.S, m.P) == (4, 4)
+        assert v.o_spec + 3 * v.P + v.S == v.end  # the speculative section: rows, k, set, then a slot per logits row
+
+
 def test_one_sampling_translation_with_min_tokens_bans() -> None:
     """SamplingParams -> device tensors once, for 1 + drafts rows per request: row j
     samples position num_tokens + j; the min_tokens ban covers the rows still short of it."""
