@@ -422,7 +422,7 @@ class AsyncEngine:
         the policy once per measuring round, never per step."""
         sched, spec = self.scheduler, self.config.speculative
         assert sched is not None and spec is not None
-        picked = draft_replay.spread([r for r in sched.running if sched._uses_spec(r)])
+        picked = draft_replay.spread([r for r in sched.running if r.may_speculate])
         steps, tokens = draft_replay.replay_batch(((r.all_token_ids, r.num_prompt_tokens) for r in picked),
                                                   spec.num_tokens, spec.ngram_min, spec.ngram_max,
                                                   lookback=draft_replay.ESTIMATE_LOOKBACK)

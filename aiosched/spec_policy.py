@@ -47,8 +47,9 @@ measures every round as above):
 
 The estimate is consulted once per round, at its start (the first round: at the end of
 its window without drafts), and again at the end of that window only when the requests
-had too little history at the start (`min_steps`); never per step. Pure Python and deterministic: the caller passes the time and the
-estimate, so tests drive it with a fake clock.
+had too little history at the start (`min_steps`); never per step. Pure Python and
+deterministic: the caller passes the time and the estimate, so tests drive it with a fake
+clock.
 """
 from __future__ import annotations
 
@@ -98,8 +99,7 @@ class SpecPolicy:
     min_window: int = 8  # a window may end after this many counted outputs ...
     steady: float = 0.03  # ... once its per-token time is known this closely (standard error / mean; 0: never)
     drafting: bool = False  # what the scheduler does now
-    _n: int = 0  # this window's counted outputs: how many, sum and sum of squares of seconds per token
-    _sy: float = 0.0
+    _sy: float = 0.0  # this window's counted outputs: sum and sum of squares of seconds per token
     _syy: float = 0.0
     # Measured tokens, seconds and request-steps of the current round, per mode.
     _tokens: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
@@ -150,11 +150,11 @@ class SpecPolicy:
         self._requests[self.drafting] += requests
         counted = self._seen - self.skip
         y = seconds / tokens
-        self._n, self._sy, self._syy = self._n + 1, self._sy + y, self._syy + y * y
+        self._sy, self._syy = self._sy + y, self._syy + y * y
         if self._phase == "measure-on" and counted >= self.early and self._rate(True) * self.cut < self._rate(False):
             self._decide()  # clearly losing: the rest of the window would only add to the loss
             return
-        if counted < self.window and not self._is_steady():
+        if counted < self.window and not self._is_steady(counted):
             return
         if self._phase == "measure-off":
             # The round's estimate, unless its start had one (once per round).
@@ -163,15 +163,14 @@ class SpecPolicy:
         else:
             self._decide()
 
-    def _is_steady(self) -> bool:
-        """The window has measured its mode closely enough to end early: at least
-        `min_window` outputs whose seconds per token have a standard error below `steady`
-        of their mean. GPU steps are steady (c16: 0.7-1.3 ms apart, 16 tokens each), so a
+    def _is_steady(self, n: int) -> bool:
+        """The window has measured its mode closely enough to end early: its n counted
+        outputs are at least `min_window`, and their seconds per token have a standard
+        error below `steady` of their mean. GPU steps are steady (c16: 0.7-1.3 ms apart, 16 tokens each), so a
         window there ends after ~8 outputs instead of 24: on a 128-token run each plain
         output of a round that then drafts is one at the slower rate (code c16 on an H200:
         auto 1.30x where always-on was 1.5x, with 26 plain outputs measured first). A noisy
         machine (a shared CPU) still measures the whole window."""
-        n = self._n
         if not self.steady or n < self.min_window:
             return False
         mean = self._sy / n
@@ -240,7 +239,7 @@ class SpecPolicy:
         assert drafting is not None
         self.switches += drafting != self.drafting
         self.drafting, self._phase, self._seen = drafting, phase, 0
-        self._n, self._sy, self._syy = 0, 0.0, 0.0
+        self._sy, self._syy = 0.0, 0.0
 
     def stats(self) -> dict[str, float | str]:
         return {

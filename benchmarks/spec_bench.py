@@ -180,9 +180,7 @@ async def bench(name: str, base: dict[str, Any], prompts: list[Any], params: lis
         # configured but never drafting (disable_by_batch_size=1): what plain steps cost
         # in a speculative engine.
         for use_spec in args.variants.split(","):
-            sc = None if use_spec == "none" else dict(spec, auto=use_spec == "auto")
-            if use_spec == "off":
-                sc = dict(spec, auto=False, disable_by_batch_size=1)
+            sc = None if use_spec == "none" else dict(spec, auto=use_spec == "auto", disable_by_batch_size=int(use_spec == "off"))
             cfg = EngineConfig.load(dict(base, async_scheduling=async_scheduling, speculative=sc))
             r = await run_once(cfg, prompts, params, args.policy_log)
             toks = r.pop("tokens")

@@ -103,8 +103,9 @@ class FastPath:
                 if self.verify_sizes:
                     self.verify_mixed = self._capture(self.verify_sizes, decode=False, name="verify-step", verify=True)
                 if runner.spec_bufs is not None:
-                    self.spec_graphs = (self._capture_phase(sizes, self._padded_propose, "spec-propose"),
-                                        self._capture_phase(sizes, self._padded_verify, "spec-verify"))
+                    # each speculative phase at the verify layouts
+                    self.spec_graphs = (self._capture(sizes, False, "spec-propose", True, self._padded_propose),
+                                        self._capture(sizes, False, "spec-verify", True, self._padded_verify))
 
     @property
     def num_graphs(self) -> int:
@@ -125,22 +126,15 @@ class FastPath:
         _, logits, tokens = self.r.model_step(inputs, argmax=True, logits_out=self.logits, tokens_out=self.sampled)
         return logits, tokens
 
-    def _capture(self, sizes: list[int], decode: bool, name: str, verify: bool = False) -> DecodeGraphs:
+    def _capture(self, sizes: list[int], decode: bool, name: str, verify: bool = False,
+                 run: Callable[[Layout], Any] | None = None) -> DecodeGraphs:
+        """One graph per size of `run` (default: the model's step) at the padded layouts."""
+        run = run or self._padded_step
+
         def prepare(size: int) -> None:  # all padding: harmless warm-up and capture inputs
             self.batch.upload(None, self._layout(size, decode, verify))
 
-        graphs = DecodeGraphs(lambda size: self._padded_step(self._layout(size, decode, verify)), sizes[-1], self.r.device, sizes,
-                              prepare=prepare, name=name)
-        with torch.inference_mode():
-            graphs.capture()
-        return graphs
-
-    def _capture_phase(self, sizes: list[int], phase: Callable[[Layout], Any], name: str) -> DecodeGraphs:
-        """Graphs of one speculative phase at the verify layouts (inputs: all padding)."""
-        def prepare(size: int) -> None:
-            self.batch.upload(None, self._layout(size, False, verify=True))
-
-        graphs = DecodeGraphs(lambda size: phase(self._layout(size, False, verify=True)), sizes[-1], self.r.device, sizes,
+        graphs = DecodeGraphs(lambda size: run(self._layout(size, decode, verify)), sizes[-1], self.r.device, sizes,
                               prepare=prepare, name=name)
         with torch.inference_mode():
             graphs.capture()

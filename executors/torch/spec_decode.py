@@ -64,8 +64,9 @@ def propose_ngram_batch(hist: Any, lengths: Any, k: int, ngram_min: int, ngram_m
     shapes (constants cached per (W, k, sizes): `_consts`), so the same ops run eagerly
     and inside a CUDA graph: eq[r, j, o] says whether the token o places before column j
     equals the one o places before the last; its running AND over o (N - 1 in-place
-    products, N = ngram_max) is the match length at j; the score n * W + j + 1 of every (size, end) that matches picks the largest n,
-    then the most recent end, as the reference's loop does."""
+    products, N = ngram_max) is the match length at j; the score n * W + j + 1 of every
+    (size, end) that matches picks the largest n, then the most recent end, as the
+    reference's loop does."""
     import torch
 
     R, W = hist.shape
@@ -239,8 +240,9 @@ def propose_step(batch: Any, bufs: SpecBuffers, rows: Any, ks: Any, setv: Any, W
     rows/ks/setv: [P] buffer rows, draft slots, host counts to set first (-1: the device
     count is exact; stale after a plain step). Drafts are proposed over the first W tokens
     of each row at its device count (`propose_ngram_batch`; W > NGRAM_LOOKBACK: over its
-    last NGRAM_LOOKBACK known tokens), kept for the first k of each slot, written into the token buffer right after the known tokens (0 for none) and into
-    bufs.drafts; returns that [P, K1] view. No host value is read, nothing is allocated
+    last NGRAM_LOOKBACK known tokens), kept for the first k of each slot, written into the
+    token buffer right after the known tokens (0 for none) and into bufs.drafts; returns
+    that [P, K1] view. No host value is read, nothing is allocated
     by shape-dependent host logic: capturable."""
     import torch
 
