@@ -72,35 +72,49 @@ class IncrementalDetokenizer:
         self.pending = ""  # decoded text not handed out yet (stop-string hold-back)
         self.stop_hit: str | None = None
         self._one: dict[int, str] = _per_tokenizer(_single, tokenizer, skip_special_tokens)
-        self._clean_text: dict[int, str | None] | None = (
+        self.clean: dict[int, str | None] | None = (
             _per_tokenizer(_clean, tokenizer, skip_special_tokens) if _is_byte_level(tokenizer) else None)
+        # At a character boundary of a byte-level tokenizer, a clean token's text is a dict
+        # lookup and the only state a later decode needs is that token (the prefix of the
+        # next decode): `fast` says the window is in that state, `last` holds the token
+        # (None: no clean token since the window was last used; `ids` is still current).
+        # The engine inlines this path: `if d.fast and (text := d.clean.get(t)) is not None: d.last = t`.
+        self.fast = self.clean is not None
+        self.last: int | None = None
 
     def _learn(self, t: int) -> str | None:
-        assert self._clean_text is not None
+        assert self.clean is not None
         text: str | None = self.tok.decode([t], self.skip_special)
         if "\ufffd" in text:
             text = None  # a partial character (or a real U+FFFD): the window path decides
-        self._clean_text[t] = text
+        self.clean[t] = text
         return text
 
     def push(self, t: int) -> str:
         """Append one token; return the new stable text (possibly empty). Without stop
         strings this is all of add_tokens([t]) (the engine's per-token hot path)."""
-        ids = self.ids
-        clean = self._clean_text
-        if clean is not None and self.read_offset == len(ids):  # at a character boundary
-            text = clean.get(t, _UNKNOWN)
-            if text is _UNKNOWN:
+        if self.fast:
+            clean = self.clean
+            assert clean is not None
+            text = clean.get(t)
+            if text is None and t not in clean:
                 text = self._learn(t)
             if text is not None:
-                if len(ids) >= _TRIM:
-                    del ids[:-1]
-                ids.append(t)
-                self.prefix_offset = len(ids) - 1
-                self.read_offset = len(ids)
-                return text  # type: ignore[return-value]
-        ids.append(t)
-        return self._decode_new()
+                self.last = t
+                return text
+            self._leave_fast()
+        self.ids.append(t)
+        text = self._decode_new()
+        self.fast = self.clean is not None and self.read_offset == len(self.ids)
+        return text
+
+    def _leave_fast(self) -> None:
+        """The window path takes over: the last clean token (if any) becomes the window."""
+        self.fast = False
+        if self.last is not None:
+            self.ids = [self.last]
+            self.prefix_offset, self.read_offset = 0, 1
+            self.last = None
 
     def _decode_new(self, final: bool = False) -> str:
         ids, start, read = self.ids, self.prefix_offset, self.read_offset

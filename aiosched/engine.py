@@ -44,7 +44,7 @@ log = logging.getLogger("aiosched")
 _FINISHED = RequestStatus.FINISHED
 
 
-@dataclass
+@dataclass(slots=True)  # attribute reads per request per step: no instance dict
 class _Group:
     """One generate() call: `n` parallel samples sharing a stream (and prompt blocks).
 
@@ -68,7 +68,7 @@ class _Group:
         return len(self.children) > self.n
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tracked:
     """Engine-side state of one live sample."""
 
@@ -126,6 +126,7 @@ class AsyncEngine:
         # metrics and request logs (aiosched.metrics, aiosched.engine_log); empty: no cost.
         self._observers: list[Any] = []
         self._log_task: asyncio.Task[None] | None = None
+        self.stats_logger: "engine_log.StatsLogger | None" = None  # the periodic stats line (log_stats_interval_s > 0)
 
     # ---- lifecycle ----
 
@@ -458,7 +459,11 @@ class AsyncEngine:
             hist, detok = tr.hist, tr.detok
             new_text = ""
             if detok is not None:
-                new_text = detok.push(t)
+                # IncrementalDetokenizer.push's first case, inlined: a clean token at a character boundary
+                if detok.fast and (new_text := detok.clean.get(t)) is not None:  # type: ignore[union-attr]
+                    detok.last = t
+                else:
+                    new_text = detok.push(t)
                 if new_text:
                     hist.add_text(new_text)
             hist.token_ids.append(t)
@@ -604,6 +609,7 @@ class AsyncEngine:
             "prefix_cache_hit_rate": s.kv.stats.hit_rate,
             "preemptions": s.stats.preemptions,
             "generated_tokens": s.stats.generated_tokens,
+            "prompt_tokens": s.stats.prompt_tokens,
             "discarded_tokens": s.stats.discarded_tokens,
             "steps": s.stats.steps,
             "spec_draft_tokens": s.stats.draft_tokens,

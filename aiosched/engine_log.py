@@ -101,8 +101,7 @@ def on_started(engine: "AsyncEngine", ready_s: float) -> "asyncio.Task[None] | N
         engine.add_observer(RequestLogger())
     if engine.config.log_stats_interval_s <= 0:
         return None
-    stats = StatsLogger(engine)
-    engine.add_observer(stats)
+    stats = engine.stats_logger = StatsLogger(engine)
     return asyncio.get_running_loop().create_task(stats.run(engine.config.log_stats_interval_s), name="aiosched-stats-log")
 
 
@@ -114,20 +113,17 @@ class StatsLogger:
 
     def __init__(self, engine: "AsyncEngine") -> None:
         self.engine = engine
-        self.prompt_tokens = 0  # prompt tokens computed (not cached), counted at each request's first token
         self._last_time = time.monotonic()
-        self._last_prompt = 0
+        self._last_prompt = self.prompt_tokens
         self._last_generated = self._generated()
         self._last_preemptions = 0
 
-    def on_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        pass
-
-    def on_output(self, out: RequestOutput) -> None:
-        c = out.outputs[0]
-        if c.index == 0 and c.num_tokens == len(c.new_token_ids) and c.new_token_ids:  # its first token: prefill done
-            cached = out.metrics.num_cached_prompt_tokens if out.metrics is not None else 0
-            self.prompt_tokens += len(out.prompt_token_ids) - cached
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens to compute (prefix-cache hits excluded) of every request admitted so far.
+        Read from the engine's counters: this logger is not an output observer, so it
+        adds nothing to the engine's per-output work."""
+        return int(self.engine.stats().get("prompt_tokens", 0))
 
     def _generated(self) -> int:
         return int(self.engine.stats().get("generated_tokens", 0))

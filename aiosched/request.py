@@ -18,7 +18,7 @@ class RequestStatus(enum.Enum):
 
 # eq=False: requests compare by identity, so removing one from the running/waiting
 # lists (finish, abort, preemption) does not compare every field of every request it passes.
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     req_id: str  # internal, unique for the engine's lifetime
     prompt_token_ids: list[int]

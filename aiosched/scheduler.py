@@ -25,6 +25,7 @@ class SchedulerStats:
     steps: int = 0
     preemptions: int = 0
     generated_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens to compute (not prefix-cache hits), counted when a request is first admitted
     discarded_tokens: int = 0  # sampled for requests that had already finished
     draft_tokens: int = 0
     accepted_tokens: int = 0
@@ -201,6 +202,7 @@ class Scheduler:
             if req.num_preemptions == 0:
                 self.kv.record_lookup(req.num_prompt_tokens, num_cached)
                 req.num_cached_prompt_tokens = num_cached
+                self.stats.prompt_tokens += req.num_prompt_tokens - num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             new_reqs.append(

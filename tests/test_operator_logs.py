@@ -58,7 +58,9 @@ async def test_request_logs_are_opt_in(make_engine, tok_dir: Path, caplog: pytes
 async def test_periodic_stats_line(make_engine, tok_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="aiosched")
     async with make_engine(**cfg(tok_dir, log_stats_interval_s=0.05)) as eng:
-        stats = next(o for o in eng._observers if isinstance(o, StatsLogger))
+        stats = eng.stats_logger
+        assert isinstance(stats, StatsLogger)
+        assert stats not in eng._observers  # it reads the engine's counters: no per-output call
         assert stats.line() is None  # idle: nothing to say
         await asyncio.gather(*[eng.generate([5, 6, 7, 8], P) for _ in range(3)])
         assert stats.prompt_tokens == 12
