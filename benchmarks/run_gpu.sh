@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -24,7 +24,7 @@ make_venv() {
 # Stage `before`: the same decode/tpu/c256 stages on an older tree, in this call (host speed
 # differs between lent machines by up to 30%, so before/after is only fair on one machine).
 # Make the tree with `git archive REF -o .old/before.tar` and carry `.old`; results go to $OUT/before/.
-if [[ " ${*:-} " == *" before"* || " ${*:-} " == *" specab "* || " ${*:-} " == *" specwide "* || " ${*:-} " == *" hostcost "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
+if [[ " ${*:-} " == *" before"* || " ${*:-} " == *" specab "* || " ${*:-} " == *" specwide "* || " ${*:-} " == *" hostcost "* || " ${*:-} " == *" c256ab "* ]] && [ -f .old/before.tar ] && [ ! -x /tmp/venv-before/bin/python ]; then
   rm -rf /tmp/before && mkdir -p /tmp/before && tar -xf .old/before.tar -C /tmp/before
   # A tar may leave out the embedded model's weights (the carry limit): the same file as here.
   m=aiosched/default_model/model.safetensors
@@ -155,6 +155,24 @@ if has hostcost; then
      $B $C256 --compare async --json "$OUT/before/bench_c256.json" &&
      if [ "${HOSTCOST_TPU:-1}" = 1 ]; then $B $TPU --compare sync,async --json "$OUT/before/bench_tpu.json"; fi) 2>&1 | tee -a "$LOG"
   fi
+fi
+if has c256ab; then
+  # The two trees alternate (A B A B), each with its own Triton cache: a tree's first run pays the
+  # kernels it compiles during the run (counted), its second run is warm. A before/after that runs
+  # one tree right after the other on a shared cache credits the second with the first's compiles.
+  say "c256 async, this tree (A) and the before tree (B) alternating, own Triton caches; kernels compiled per run"
+  mkdir -p "$OUT/before"
+  C256="--input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 --no-enable-prefix-caching --compare async"
+  for r in ${C256AB_ROUNDS:-1 2}; do
+    for t in A B; do
+      if [ $t = A ]; then dir=.; py=python3; json="$OUT/bench_c256_ab$r.json"; else dir=/tmp/before; py=/tmp/venv-before/bin/python; json="$OUT/before/bench_c256_ab$r.json"; fi
+      [ -x "$py" ] || [ "$py" = python3 ] || continue
+      cache=/tmp/triton-cache-$t; mkdir -p $cache; n0=$(find $cache -name '*.json' | wc -l)
+      (cd $dir && TRITON_CACHE_DIR=$cache $py -m aiosched.bench --random-weights $SHAPE --device cuda --disable-tqdm --ignore-eos --num-kv-blocks 8192 $C256 --json "$json") 2>&1 \
+        | grep -E "Output throughput|Mean step|schedule \(|update \(|wait on|Device idle|host was late|Engine steps" | sed "s/^/[$t$r] /" | tee -a "$LOG"
+      echo "[$t$r] Triton cache .json files added by this process (startup included): $(( $(find $cache -name '*.json' | wc -l) - n0 ))" | tee -a "$LOG"
+    done
+  done
 fi
 if has families; then
   say "model families on CUDA (Gemma 2/3, Phi-3, Qwen3-MoE vs HF)"

@@ -244,6 +244,21 @@ def test_step_inputs_gathers_ids_positions_and_slots(T) -> None:
     assert (got[2][pos < 0] == -1).all() and (got[1] >= 0).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts compiled kernels (the interpreter compiles none)")
+def test_step_inputs_compiles_one_kernel_for_every_step_size() -> None:
+    """A mixed step of any size (eager, past the captured graphs) must not compile a new
+    kernel in the middle of a run: the sizes and offsets are not specialised on."""
+    rows_n, row_len, page, max_blocks = 9, 200, 16, 13
+    tokens = torch.randint(0, 50_000, (rows_n, row_len), device=DEV)
+    bt = torch.randint(0, 4_000, (rows_n, max_blocks), device=DEV)
+    kernel = fused_ops._step_inputs_kernel
+    before = sum(len(c[0]) for c in kernel.device_caches.values())
+    for T in (1, 3, 16, 17, 255, 256, 1024, 1500, 2048):
+        d = torch.cat([torch.randint(0, rows_n, (T,), device=DEV), torch.randint(0, row_len, (T,), device=DEV)])
+        fused_ops.step_inputs(d, T, tokens, bt, page)
+    assert sum(len(c[0]) for c in kernel.device_caches.values()) - before <= 1
+
+
 def test_decode_and_varlen_read_block_tables_through_rows() -> None:
     """Persistent per-slot block tables: request b uses table row rows[b]."""
     rng = random.Random(11)

@@ -97,7 +97,9 @@ def step_inputs_ref(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: 
 
 if HAVE_TRITON:
 
-    @triton.jit
+    # The sizes and offsets change from step to step: not specialised (Triton would compile a
+    # variant per divisibility-by-16 / ==1 pattern of them, in the middle of a run).
+    @triton.jit(do_not_specialize=["T", "R", "o_rows", "o_seq"])
     def _step_inputs_kernel(d_ptr, tok_ptr, bt_ptr, ntok_ptr, ids_ptr, p_ptr, slot_ptr, T, R, o_rows, o_seq, row_len, stride_bt,
                             PAGE: tl.constexpr, BLOCK: tl.constexpr, REL: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -272,6 +274,9 @@ if HAVE_TRITON:
 # ---------------------------------------------------------------- wrappers
 
 
+_STEP_INPUTS_BLOCK = 256
+
+
 def step_inputs(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: torch.Tensor, block_size: int,
                 ntok: torch.Tensor | None = None, R: int = 0, o_rows: int = 0,
                 o_seq: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -283,7 +288,8 @@ def step_inputs(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: torc
     slots = torch.empty(T, dtype=block_table.dtype, device=d.device)
     rel = ntok is not None
     n = max(T, R) if rel else T
-    BLOCK = min(1024, _next_pow2(n))
+    # One tile size for every step size: one compiled kernel (per REL), none compiled mid-run.
+    BLOCK = _STEP_INPUTS_BLOCK
     _step_inputs_kernel[(triton.cdiv(n, BLOCK),)](d, tokens, block_table, ntok if rel else d, ids, p, slots, T, R if rel else 0,
                                                   o_rows, o_seq, tokens.stride(0), block_table.stride(0),
                                                   PAGE=block_size, BLOCK=BLOCK, REL=rel, num_warps=4)
