@@ -267,16 +267,36 @@ def test_skinny_linear_split_k(skinny_cfg, dtype, m, split, epilogue, norm) -> N
     ref = res.double() + y if epilogue == "residual" else y
     # the interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest): up to twice the error
     limit = tol(dtype) * (2 if INTERPRET and DEV == "cpu" and dtype == torch.bfloat16 else 1)
-    outs = []
+    outs, bufs = [], []
     for _ in range(2):
         out = res.clone() if epilogue == "residual" else torch.full((m, N), float("nan"), device=DEV, dtype=dtype)
         fused_ops.skinny_linear(x, w, out=out, norm_weight=lnw, eps=1e-5, epilogue=epilogue)
         assert rel_err(out, ref) < limit
         if split > 1:
-            cnt = fused_ops._SPLITK_WS[torch.device(DEV)][1]
+            part, cnt = fused_ops._SPLITK_WS[torch.device(DEV)]
             assert int(cnt.abs().sum()) == 0, "split-K arrival counters not reset"
+            bufs.append((part.data_ptr(), cnt.data_ptr()))
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
+    assert len(set(bufs)) <= 1, "the second call allocated a new workspace"
+
+
+def test_skinny_split_k_workspace_grows_without_freeing(skinny_cfg) -> None:
+    """A larger split-K call grows the workspace; the smaller pair stays alive (a captured
+    graph may still point at it) and both shapes stay correct afterwards."""
+    dev = torch.device(DEV)
+    fused_ops._SPLITK_WS.pop(dev, None)
+    shapes = [(64, 256), (512, 1024), (64, 256)]  # (N, K): small, large (grows), small again
+    for n, k in shapes:
+        skinny_cfg(n, k, 0, (16, 64, 4, 2, 4))
+        x = torch.randn(2, k, device=DEV)
+        w = torch.randn(n, k, device=DEV) * 0.05
+        out = fused_ops.skinny_linear(x, w)
+        assert rel_err(out, x.double() @ w.double().T) < tol(torch.float32)
+    part, cnt = fused_ops._SPLITK_WS[dev]
+    assert part.numel() >= 4 * 2 * 512 and cnt.numel() >= 512 // 16
+    old = fused_ops._SPLITK_RETIRED[-1]
+    assert old[0].numel() < part.numel() and int(old[1].abs().sum()) == 0 and int(cnt.abs().sum()) == 0
 
 
 def test_skinny_config_has_a_split_field(skinny_cfg) -> None:

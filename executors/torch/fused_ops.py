@@ -14,6 +14,10 @@ memory) by one pass:
   launch (about ten small torch kernels otherwise, each a few microseconds of a decode step);
   with `ntok`, relative (speculative) rows get their positions and attention lengths
   from each row's token count on the device.
+- `skinny_linear(x, w, out, norm_weight, epilogue)`: y = rms_norm?(x) @ w.T for a few rows
+  (decode), the norm as prologue and store / residual add / SiLU*up as epilogue; per shape
+  (`skinny_config`) a column tile and a K split (split-K: the last split of a tile to
+  finish sums the fp32 partials in a preallocated workspace and applies the epilogue).
 
 The Triton versions are used when the tensors are on a CUDA device and Triton is
 importable (or TRITON_INTERPRET=1 for tests on CPU); `*_ref` are the torch versions.
@@ -444,8 +448,11 @@ def set_skinny_config(n: int, k: int, epi: int, cfg: SkinnyConfig) -> None:
 # Split-K scratch per device: fp32 partial tiles and one int32 arrival counter per column
 # tile. Launches on one stream run one after another, so every projection (and every graph
 # replay) shares them; the kernel leaves the counters at zero. Grown only eagerly (the
-# warm-up before a CUDA graph capture runs the same shapes), never inside a capture.
+# warm-up before a CUDA graph capture runs the same shapes), never inside a capture; a
+# grown-out pair is kept alive, not freed, since captured graphs and queued launches may
+# still use it (each launch resets its own counters, so either pair stays consistent).
 _SPLITK_WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_SPLITK_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def _splitk_workspace(device: torch.device, n_partial: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,11 +462,12 @@ def _splitk_workspace(device: torch.device, n_partial: int, n_tiles: int) -> tup
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"skinny split-K workspace too small ({n_partial} partials, {n_tiles} counters) inside a CUDA "
                            "graph capture: run the same call eagerly first (a warm-up) so it is allocated outside")
-    if ws is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)  # the old buffers may still be in use by queued launches
-    n_partial = max(n_partial, ws[0].numel() if ws is not None else 0)
-    n_tiles = max(n_tiles, ws[1].numel() if ws is not None else 0)
-    ws = (torch.empty(n_partial, dtype=torch.float32, device=device), torch.zeros(n_tiles, dtype=torch.int32, device=device))
+    if ws is not None:
+        _SPLITK_RETIRED.append(ws)
+        n_partial, n_tiles = max(n_partial, ws[0].numel()), max(n_tiles, ws[1].numel())
+    # powers of two: a few shapes of one model grow it at most a few times
+    ws = (torch.empty(_next_pow2(n_partial), dtype=torch.float32, device=device),
+          torch.zeros(_next_pow2(n_tiles), dtype=torch.int32, device=device))
     _SPLITK_WS[device] = ws
     return ws
 
