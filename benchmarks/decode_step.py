@@ -214,7 +214,7 @@ def split_k_candidates(n_out: int, K: int, sms: int) -> list[tuple[int, int, int
         if tiles >= 4 * sms:
             continue
         for bk in (128, 256, 512):
-            if bn * bk > 16384:  # 64 x 512 bf16 tiles: too little shared memory for 2 stages of W (and up)
+            if bn * bk > 16384:  # 64 x 512: 64 KiB of W per stage (128 with gate_up's up): one program per SM at best
                 continue
             for s in SPLITS:
                 if s <= -(-K // bk) and sms < tiles * s <= 8 * sms:
