@@ -14,6 +14,12 @@ events (median of --iters replays after warm-up). Also measures the two ceilings
 (device-to-device copy bandwidth, bf16 matmul rate) and prints the floor: weights +
 KV bytes / bandwidth.
 
+--tune first sweeps the skinny GEMM per projection (qkv with its norm prologue, o and
+down with the residual epilogue, gate_up with norm + SiLU, the LM head): split-1 tiles
+and split-K configs at 1 row, a shortlist at 3 rows, each against cuBLAS; the step is
+then timed with each projection's best one-row config (--skinny-from applies the choice
+of an earlier run's --json instead).
+
     python benchmarks/decode_step.py --shape llama-3.2-1b --batch-sizes 1,3,256 --ctx 300 --json decode.json
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -138,6 +145,21 @@ class Bench:
             dst.copy_(src)
 
 
+def check_logits(bench: Bench, variants: list[str], rows: int, result: dict, suffix: str = "") -> None:
+    """Each variant's logits vs the unfused forward on the same cache (`rows` rows)."""
+    with torch.inference_mode():
+        snap = bench.kv_snapshot()
+        ref = bench.eager(rows, fused=False)()[1].float()
+        for v in variants:
+            bench.kv_restore(snap)
+            with skinny_max_rows(VARIANTS[v] or 0):
+                lg = bench.eager(rows, fused=VARIANTS[v] is not None)()[1].float()
+            err = ((lg - ref).norm() / ref.norm()).item()
+            result[f"{v}_vs_torch_logits_rel_err{suffix}"] = err
+            print(f"{v} vs torch{suffix}: logits rel err {err:.2e}", flush=True)
+        bench.kv_restore(snap)
+
+
 def time_fn(fn, iters: int, warmup: int = 5) -> dict:
     for _ in range(warmup):
         fn()
@@ -167,73 +189,182 @@ def graph_time(fn, reps: int = 20) -> float:
     return time_fn(g.replay, reps, 3)["median_ms"]
 
 
-def tune_skinny(bench: Bench) -> dict:
-    """Per projection of the model: time each skinny-GEMM tile config and cuBLAS, each as
-    a graph of one launch per layer (distinct weights: no L2 reuse); keep the best config
-    (`fused_ops.set_skinny_config`, which the model's skinny GEMMs then use) and report
-    whether skinny beats cuBLAS at one row."""
+# Split-1 tiles (BLOCK_N, BLOCK_K, num_warps, num_stages): the sweep as before split-K.
+TILE_CANDS = [(16, 128, 4, 4), (16, 256, 4, 3), (16, 256, 4, 5), (16, 512, 4, 3), (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 4, 3),
+              (32, 256, 8, 4), (64, 128, 4, 3), (64, 128, 8, 4), (64, 256, 8, 3), (16, 1024, 8, 2),
+              (16, 128, 2, 6), (16, 256, 2, 4), (32, 128, 4, 6), (32, 512, 8, 2), (16, 512, 8, 4), (64, 64, 4, 6)]
+SPLITS = (2, 4, 8, 16)
+SHORTLIST = 6  # configs re-timed at 3 rows: the best few at one row (and the shape's default)
+
+
+def _split_tile_launch(bn: int, bk: int) -> tuple[int, int]:
+    """(num_warps, num_stages) for a split-K tile: each split loops over few K blocks, so
+    deep pipelines buy little; wider tiles get 8 warps."""
+    return (4 if bn * bk <= 8192 else 8), {128: 4, 256: 3, 512: 2}[bk]
+
+
+def split_k_candidates(n_out: int, K: int, sms: int) -> list[tuple[int, int, int, int, int]]:
+    """Split-K configs worth timing for an [n_out, K] projection: BLOCK_N 16/32/64 x BLOCK_K
+    128/256/512 x splits 2/4/8/16, kept only where the split adds parallelism the column tiles
+    lack (fewer than 4 waves of tiles), gives more than one program per SM and at most 8,
+    and leaves every split at least one K block (a clamped split would repeat a config)."""
+    out = []
+    for bn in (16, 32, 64):
+        tiles = -(-n_out // bn)
+        if tiles >= 4 * sms:
+            continue
+        for bk in (128, 256, 512):
+            if bn * bk > 16384:  # 64 x 512: 64 KiB of W per stage (128 with gate_up's up): one program per SM at best
+                continue
+            for s in SPLITS:
+                if s <= -(-K // bk) and sms < tiles * s <= 8 * sms:
+                    out.append((bn, bk, *_split_tile_launch(bn, bk), s))
+    return out
+
+
+def skinny_candidates(n_out: int, K: int, sms: int, split_k: bool = True) -> list[tuple[int, int, int, int, int]]:
+    """The split-1 tiles, then (unless the projection is wide enough already) split-K configs."""
+    return [(*c, 1) for c in TILE_CANDS] + (split_k_candidates(n_out, K, sms) if split_k else [])
+
+
+def time_skinny(ws: list[torch.Tensor], x: torch.Tensor, o: torch.Tensor, epi: str, lnw: torch.Tensor | None,
+                cfg: tuple[int, int, int, int, int]) -> tuple[float, float] | str:
+    """(ms per launch of `cfg`, a graph of one launch per weight; its relative error), or why it failed to run."""
+    n_out, K = o.shape[1], ws[0].shape[1]
+    fused_ops.set_skinny_config(n_out, K, _EPI[epi], cfg)
+    try:
+        err = check_skinny(ws[0], x, epi, lnw)
+        t = graph_time(lambda: [fused_ops.skinny_linear(x, w, out=o, norm_weight=lnw, eps=1e-5, epilogue=epi) for w in ws])
+    except Exception as ex:  # does not fit (shared memory) or does not compile: skip
+        return repr(ex)[:60]
+    return t / len(ws), err
+
+
+def check_skinny(w: torch.Tensor, x: torch.Tensor, epi: str, lnw: torch.Tensor | None, calls: int = 3) -> float:
+    """Relative error of the skinny GEMM (the shape's current config) against float32 torch:
+    the worst of `calls` back-to-back launches, which must also agree bit for bit (split-K:
+    the counters reset between launches and the partials are summed in a fixed order);
+    on the device, where the interpreter's tests cannot race the splits."""
+    h = fused_ops.rms_norm_ref(x, lnw, 1e-5).float() if lnw is not None else x.float()
+    y = F.linear(h, w.float())
+    n = y.shape[1] // 2 if epi == "silu_mul" else y.shape[1]
+    base = torch.randn(x.shape[0], n, device=x.device).to(x.dtype)
+    ref = fused_ops.silu_and_mul_ref(y) if epi == "silu_mul" else (base.float() + y if epi == "residual" else y)
+    outs = []
+    for _ in range(calls):
+        outs.append(base.clone() if epi == "residual" else torch.full_like(base, float("nan")))
+        fused_ops.skinny_linear(x, w, out=outs[-1], norm_weight=lnw, eps=1e-5, epilogue=epi)
+    if any(not torch.equal(outs[0], o) for o in outs[1:]):
+        return float("inf")
+    return ((outs[0].float() - ref).norm() / ref.norm()).item()
+
+
+def time_cublas(ws: list[torch.Tensor], x: torch.Tensor, o: torch.Tensor, epi: str, lnw: torch.Tensor | None) -> tuple[float, float]:
+    """ms per layer: cuBLAS with the separate norm / activation / add kernels, and the GEMM alone."""
+    def with_extras() -> None:
+        for w in ws:
+            h = fused_ops.rms_norm(x, lnw, 1e-5) if lnw is not None else x
+            y = F.linear(h, w)
+            if epi == "silu_mul":
+                fused_ops.silu_and_mul(y, out=o)
+            elif epi == "residual":
+                o.add_(y)
+
+    return graph_time(with_extras) / len(ws), graph_time(lambda: [F.linear(x, w) for w in ws]) / len(ws)
+
+
+_EPI = {"store": 0, "residual": 1, "silu_mul": 2}
+
+
+def tune_skinny(bench: Bench, rows: tuple[int, ...] = (1, 3), sms: int | None = None) -> dict:
+    """Per projection of the model and row count: time each skinny-GEMM config (split-1 tiles
+    and split-K) and cuBLAS, each as a graph of one launch per layer (distinct weights: no
+    L2 reuse); keep the best one-row config (`fused_ops.set_skinny_config`, which the
+    model's skinny GEMMs then use; the table is per shape, not per row count) and report
+    whether skinny beats cuBLAS. Rows after the first re-time only a shortlist (each
+    config compiles once per row specialisation: compiling dominates the sweep's time)."""
     m = bench.runner.model
     a = m.args
     layers = list(m.layers)
     H, I = a.hidden_size, a.intermediate_size
-    dev, dt = "cuda", torch.bfloat16
-    x_h = torch.randn(1, H, device=dev, dtype=dt)
-    x_o = torch.randn(1, a.num_heads * a.head_dim, device=dev, dtype=dt)
-    x_i = torch.randn(1, I, device=dev, dtype=dt)
-    o_qkv = torch.empty(1, layers[0].self_attn.qkv_proj.weight.shape[0], device=dev, dtype=dt)
-    o_h = torch.zeros(1, H, device=dev, dtype=dt)
-    o_i = torch.empty(1, I, device=dev, dtype=dt)
-    o_v = torch.empty(1, a.vocab_size, device=dev, dtype=dt)
     lnw = layers[0].input_layernorm.weight
+    dev, dt = lnw.device, lnw.dtype
+    if sms is None:  # the split-K candidates depend on it (programs per SM)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     lm = m.embed_tokens.weight if m.lm_head is None else m.lm_head.weight
-    cases = {  # name: (weights per launch, x, out, epilogue, norm)
-        "qkv": ([l.self_attn.qkv_proj.weight for l in layers], x_h, o_qkv, "store", True),
-        "o": ([l.self_attn.o_proj.weight for l in layers], x_o, o_h, "residual", False),
-        "gate_up": ([l.mlp.gate_up_proj.weight for l in layers], x_h, o_i, "silu_mul", True),
-        "down": ([l.mlp.down_proj.weight for l in layers], x_i, o_h, "residual", False),
-        "lm_head": ([lm] * 4, x_h, o_v, "store", True),
+    cases = {  # name: (weights per launch, in features, out features, epilogue, norm, split-K, row counts)
+        "qkv": ([l.self_attn.qkv_proj.weight for l in layers], H, layers[0].self_attn.qkv_proj.weight.shape[0], "store", True, True, rows),
+        "o": ([l.self_attn.o_proj.weight for l in layers], a.num_heads * a.head_dim, H, "residual", False, True, rows),
+        "gate_up": ([l.mlp.gate_up_proj.weight for l in layers], H, I, "silu_mul", True, True, rows),
+        "down": ([l.mlp.down_proj.weight for l in layers], I, H, "residual", False, True, rows),
+        "lm_head": ([lm] * 4, H, a.vocab_size, "store", True, False, rows[:1]),  # 2000+ column tiles: no split
     }
-    cands = [(16, 128, 4, 4), (16, 256, 4, 3), (16, 256, 4, 5), (16, 512, 4, 3), (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 4, 3),
-             (32, 256, 8, 4), (64, 128, 4, 3), (64, 128, 8, 4), (64, 256, 8, 3), (16, 1024, 8, 2),
-             (16, 128, 2, 6), (16, 256, 2, 4), (32, 128, 4, 6), (32, 512, 8, 2), (16, 512, 8, 4), (64, 64, 4, 6)]
-    out = {}
-    for name, (ws, x, o, epi, norm) in cases.items():
-        n_out, K = o.shape[1], ws[0].shape[1]
-        e = {"store": 0, "residual": 1, "silu_mul": 2}[epi]
-        res = {}
-        best = None
-        for c in cands:
-            fused_ops.set_skinny_config(n_out, K, e, c)
-            try:
-                t = graph_time(lambda: [fused_ops.skinny_linear(x, w, out=o, norm_weight=lnw if norm else None, epilogue=epi) for w in ws])
-            except Exception as ex:  # does not fit (shared memory): skip
-                res[str(c)] = repr(ex)[:60]
-                continue
-            t /= len(ws)
-            res[str(c)] = t
-            if best is None or t < best[1]:
-                best = (c, t)
-        assert best is not None
-        fused_ops.set_skinny_config(n_out, K, e, best[0])
-
-        def cublas() -> None:
-            for w in ws:
-                h = fused_ops.rms_norm(x, lnw, 1e-5) if norm else x
-                y = F.linear(h, w)
-                if epi == "silu_mul":
-                    fused_ops.silu_and_mul(y, out=o)
-                elif epi == "residual":
-                    o.add_(y)
-
-        tc = graph_time(cublas) / len(ws)
-        tg = graph_time(lambda: [F.linear(x, w) for w in ws]) / len(ws)
+    out: dict = {}
+    t0, timed = time.perf_counter(), 0
+    for name, (ws, k_in, n_out, epi, norm, split_k, rcounts) in cases.items():
+        K = ws[0].shape[1]
+        e = _EPI[epi]
         wbytes = ws[0].numel() * ws[0].element_size()
-        out[name] = {"best": list(best[0]), "skinny_us": best[1] * 1e3, "skinny_TBps": wbytes / (best[1] * 1e-3) / 1e12,
-                     "cublas_with_extras_us": tc * 1e3, "cublas_gemm_only_us": tg * 1e3, "cublas_TBps": wbytes / (tg * 1e-3) / 1e12,
-                     "skinny_wins": best[1] < tc, "all_ms": res}
-        print(f"{name:8s} N={n_out:6d} K={K:5d}: skinny {best[0]} {best[1] * 1e3:6.1f} us ({out[name]['skinny_TBps']:.2f} TB/s) | "
-              f"cuBLAS {tg * 1e3:6.1f} us ({out[name]['cublas_TBps']:.2f} TB/s), with norm/act/add {tc * 1e3:6.1f} us", flush=True)
+        default = fused_ops.skinny_config(n_out, K, e)
+        cands = skinny_candidates(n_out, K, sms, split_k)
+        cands += [default] if default not in cands else []
+        chosen = default
+        for r in rcounts:
+            x = torch.randn(r, k_in, device=dev, dtype=dt)
+            o = torch.zeros(r, n_out, device=dev, dtype=dt)
+            res: dict[str, float | str] = {}
+            errs: dict[str, float] = {}
+            ok: list[tuple[float, tuple[int, int, int, int, int]]] = []
+            for c in cands:
+                got = time_skinny(ws, x, o, epi, lnw if norm else None, c)
+                if isinstance(got, str):
+                    res[str(c)] = got
+                    continue
+                t, err = got
+                res[str(c)], errs[str(c)] = t, err
+                bad = err > 3e-2  # bf16 rounding of the normed x / gate / up stays well below; a split race does not
+                if not bad:  # a wrong config never wins
+                    ok.append((t, c))
+                print(f"  {name:8s} m={r} {str(c):26s} {t * 1e3:7.1f} us {wbytes / (t * 1e-3) / 1e12:5.2f} TB/s  "
+                      f"rel err {err:.1e}{'  WRONG' if bad else ''}", flush=True)
+            timed += len(cands)
+            assert ok, f"{name}: no skinny config ran"
+            ok.sort()
+            t_best, best = ok[0]
+            if r == rcounts[0]:  # the model's row count; later ones re-time this one's shortlist and the default
+                chosen = best
+                cands = [c for _, c in ok[:SHORTLIST]]
+                cands += [default] if default not in cands else []
+            fused_ops.set_skinny_config(n_out, K, e, chosen)
+            tc, tg = time_cublas(ws, x, o, epi, lnw if norm else None)
+            t_def = res.get(str(default))
+            out.setdefault(name, {})[f"m{r}"] = rec = {
+                "best": list(best), "skinny_us": t_best * 1e3, "skinny_TBps": wbytes / (t_best * 1e-3) / 1e12,
+                "default": list(default), "default_us": t_def * 1e3 if isinstance(t_def, float) else None,
+                "cublas_with_extras_us": tc * 1e3, "cublas_gemm_only_us": tg * 1e3, "cublas_TBps": wbytes / (tg * 1e-3) / 1e12,
+                "skinny_wins": t_best < tc, "configs_timed": len(res), "all_ms": res, "rel_err": errs,
+                "max_rel_err": max(errs.values(), default=None)}
+            print(f"{name:8s} m={r} N={n_out:6d} K={K:5d}: skinny {best} {t_best * 1e3:6.1f} us ({rec['skinny_TBps']:.2f} TB/s; "
+                  f"split-1 default {rec['default_us'] or float('nan'):.1f} us) | cuBLAS {tg * 1e3:6.1f} us ({rec['cublas_TBps']:.2f} TB/s), "
+                  f"with norm/act/add {tc * 1e3:6.1f} us -> {'skinny' if rec['skinny_wins'] else 'cuBLAS'}", flush=True)
+        out[name]["chosen"] = list(chosen)
+        out[name]["key"] = [n_out, K, e]  # fused_ops.set_skinny_config(*key, chosen); --skinny-from applies it
+    out["sweep"] = {"configs_timed": timed, "seconds": time.perf_counter() - t0, "sms": sms}
+    print(f"skinny sweep: {timed} configs timed in {out['sweep']['seconds']:.0f} s", flush=True)
     return out
+
+
+def apply_skinny_tune(path: str) -> dict:
+    """Set each projection's chosen config from an earlier run's JSON (its "skinny_tune")."""
+    with open(path) as f:
+        tune = json.load(f)["skinny_tune"]
+    applied = {}
+    for name, rec in tune.items():
+        if "chosen" in rec:
+            fused_ops.set_skinny_config(*rec["key"], tuple(rec["chosen"]))
+            applied[name] = rec["chosen"]
+            print(f"skinny {name}: {tuple(rec['chosen'])} (from {path})", flush=True)
+    return applied
 
 
 def kernel_profile(fn, reps: int = 10) -> dict:
@@ -294,7 +425,10 @@ def main() -> int:
     p.add_argument("--page", type=int, default=16)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--variants", default="best,skinny,fused,torch")
-    p.add_argument("--tune", action="store_true", help="sweep skinny-GEMM tile configs per projection first")
+    p.add_argument("--tune", action="store_true",
+                   help="sweep skinny-GEMM configs (tiles, split-K) per projection at 1 and 3 rows first; the step then uses the best")
+    p.add_argument("--skinny-from", default=None, metavar="JSON",
+                   help="apply the chosen skinny configs of an earlier --tune run's --json output instead of sweeping")
     p.add_argument("--kernel-profile", action="store_true", help="per-kernel time of one graph replay (torch profiler)")
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--json", default=None)
@@ -311,21 +445,13 @@ def main() -> int:
     print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     bench = Bench(cfg, max(bss), args.ctx, args.page)
     result["param_bytes"] = bench.param_bytes
-    # correctness: each variant's logits vs the unfused forward on the same cache (3 rows)
-    with torch.inference_mode():
-        snap = bench.kv_snapshot()
-        ref = bench.eager(min(3, max(bss)), fused=False)()[1].float()
-        for v in variants:
-            bench.kv_restore(snap)
-            with skinny_max_rows(VARIANTS[v] or 0):
-                lg = bench.eager(min(3, max(bss)), fused=VARIANTS[v] is not None)()[1].float()
-            err = ((lg - ref).norm() / ref.norm()).item()
-            result[f"{v}_vs_torch_logits_rel_err"] = err
-            print(f"{v} vs torch: logits rel err {err:.2e}", flush=True)
-        bench.kv_restore(snap)
-        del snap
-    if args.tune:
-        result["skinny_tune"] = tune_skinny(bench)
+    check_logits(bench, variants, min(3, max(bss)), result)
+    if args.tune or args.skinny_from:
+        if args.tune:
+            result["skinny_tune"] = tune_skinny(bench)
+        else:
+            result["skinny_from"] = apply_skinny_tune(args.skinny_from)
+        check_logits(bench, variants, min(3, max(bss)), result, "_tuned")  # the step with the chosen (split-K) configs
     rows = []
     for variant in variants:
         fused = VARIANTS[variant] is not None

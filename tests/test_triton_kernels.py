@@ -29,6 +29,22 @@ if INTERPRET and not torch.cuda.is_available():
 
     _ti._patch_lang_tensor = _patch_lang_tensor
 
+    # the interpreter keeps bfloat16 as its uint16 bits and its tl.dot multiplies those
+    # integers; widen bf16 operands to float32 first (exact), as the hardware MMA does
+    import numpy as _np
+
+    _orig_dot = _ti.InterpreterBuilder.create_dot
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # type: ignore[no-untyped-def]
+        def widen(h):  # type: ignore[no-untyped-def]
+            if h.dtype.scalar != triton.language.bfloat16:
+                return h
+            return _ti.TensorHandle((h.data.astype(_np.uint32) << 16).view(_np.float32), triton.language.float32)
+
+        return _orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    _ti.InterpreterBuilder.create_dot = _create_dot
+
 from aiosched.executors.torch import fused_ops  # noqa: E402
 from aiosched.executors.torch.attention import triton_paged as tp  # noqa: E402
 
@@ -213,6 +229,81 @@ def test_skinny_linear(dtype, m, epilogue, norm) -> None:
         out = torch.full((m, N), float("nan"), device=DEV, dtype=dtype)
     fused_ops.skinny_linear(x, w, out=out, norm_weight=lnw, eps=1e-5, epilogue=epilogue)
     assert rel_err(out, ref) < tol(dtype)
+
+
+@pytest.fixture
+def skinny_cfg():
+    """Set skinny-GEMM configs for a test; the module's table is restored afterwards."""
+    saved = dict(fused_ops._SKINNY_CFG)
+    yield fused_ops.set_skinny_config
+    fused_ops._SKINNY_CFG.clear()
+    fused_ops._SKINNY_CFG.update(saved)
+
+
+SPLITK_DTYPES = [torch.bfloat16, torch.float16] if DEV == "cuda" else [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", SPLITK_DTYPES)
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("split", [1, 2, 4, 3, 16])
+@pytest.mark.parametrize("epilogue,norm", [("store", True), ("store", False), ("residual", False), ("silu_mul", True)])
+def test_skinny_linear_split_k(skinny_cfg, dtype, m, split, epilogue, norm) -> None:
+    """Split-K against the float64 reference: K = 600 is 10 blocks of 64 (the last one partial),
+    so splits 4 and 3 cut it unevenly and 16 is clamped to one block per split; N = 80 leaves
+    the last 32-column tile half masked. The same call runs twice (as a graph replays): the
+    arrival counters must be back at zero and the result bit-identical."""
+    K, N = 600, 80
+    epi = {"store": 0, "residual": 1, "silu_mul": 2}[epilogue]
+    skinny_cfg(N, K, epi, (32, 64, 4, 2, split))
+    x = torch.randn(m, K, device=DEV).to(dtype)
+    w = (torch.randn(2 * N if epilogue == "silu_mul" else N, K, device=DEV) * 0.05).to(dtype)
+    lnw = (torch.rand(K, device=DEV) + 0.5).to(dtype) if norm else None
+    # rounded to the weights' dtype where the kernel rounds: the normed x, gate and up
+    h = fused_ops.rms_norm_ref(x.double(), lnw.double(), 1e-5).to(dtype).double() if norm else x.double()
+    y = h @ w.double().T
+    if epilogue == "silu_mul":
+        y = fused_ops.silu_and_mul_ref(y.to(dtype).double())
+    res = torch.randn(m, N, device=DEV).to(dtype)
+    ref = res.double() + y if epilogue == "residual" else y
+    # the interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest): up to twice the error
+    limit = tol(dtype) * (2 if INTERPRET and DEV == "cpu" and dtype == torch.bfloat16 else 1)
+    outs, bufs = [], []
+    for _ in range(2):
+        out = res.clone() if epilogue == "residual" else torch.full((m, N), float("nan"), device=DEV, dtype=dtype)
+        fused_ops.skinny_linear(x, w, out=out, norm_weight=lnw, eps=1e-5, epilogue=epilogue)
+        assert rel_err(out, ref) < limit
+        if split > 1:
+            part, cnt = fused_ops._SPLITK_WS[torch.device(DEV)]
+            assert int(cnt.abs().sum()) == 0, "split-K arrival counters not reset"
+            bufs.append((part.data_ptr(), cnt.data_ptr()))
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert len(set(bufs)) <= 1, "the second call allocated a new workspace"
+
+
+def test_skinny_split_k_workspace_grows_without_freeing(skinny_cfg) -> None:
+    """A larger split-K call grows the workspace; the smaller pair stays alive (a captured
+    graph may still point at it) and both shapes stay correct afterwards."""
+    dev = torch.device(DEV)
+    fused_ops._SPLITK_WS.pop(dev, None)
+    shapes = [(64, 256), (512, 1024), (64, 256)]  # (N, K): small, large (grows), small again
+    for n, k in shapes:
+        skinny_cfg(n, k, 0, (16, 64, 4, 2, 4))
+        x = torch.randn(2, k, device=DEV)
+        w = torch.randn(n, k, device=DEV) * 0.05
+        out = fused_ops.skinny_linear(x, w)
+        assert rel_err(out, x.double() @ w.double().T) < tol(torch.float32)
+    part, cnt = fused_ops._SPLITK_WS[dev]
+    assert part.numel() >= 4 * 2 * 512 and cnt.numel() >= 512 // 16
+    old = fused_ops._SPLITK_RETIRED[-1]
+    assert old[0].numel() < part.numel() and int(old[1].abs().sum()) == 0 and int(cnt.abs().sum()) == 0
+
+
+def test_skinny_config_has_a_split_field(skinny_cfg) -> None:
+    assert all(len(fused_ops.skinny_config(n, k, e)) == 5 and fused_ops.skinny_config(n, k, e)[4] == 1
+               for n, k, e in [(2048, 2048, 1), (2048, 8192, 1), (8192, 2048, 2), (3072, 2048, 0), (128256, 2048, 0)])
+    with pytest.raises(ValueError):
+        skinny_cfg(2048, 2048, 1, (16, 512, 4, 3))
 
 
 @pytest.mark.parametrize("m,n", [(1, 128256), (5, 1000), (3, 4096)])

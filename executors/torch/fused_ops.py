@@ -14,6 +14,10 @@ memory) by one pass:
   launch (about ten small torch kernels otherwise, each a few microseconds of a decode step);
   with `ntok`, relative (speculative) rows get their positions and attention lengths
   from each row's token count on the device.
+- `skinny_linear(x, w, out, norm_weight, epilogue)`: y = rms_norm?(x) @ w.T for a few rows
+  (decode), the norm as prologue and store / residual add / SiLU*up as epilogue; per shape
+  (`skinny_config`) a column tile and a K split (split-K: the last split of a tile to
+  finish sums the fp32 partials in a preallocated workspace and applies the epilogue).
 
 The Triton versions are used when the tensors are on a CUDA device and Triton is
 importable (or TRITON_INTERPRET=1 for tests on CPU); `*_ref` are the torch versions.
@@ -196,14 +200,33 @@ if HAVE_TRITON:
                 tl.store(vc + HALF, tl.load(vp + HALF, mask=mk[:, None], other=0.0).to(vc_ptr.dtype.element_ty), mask=mk[:, None])
 
     @triton.jit
-    def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, lnw_ptr, M, N, K, stride_xm, stride_wn, stride_om, eps,
+    def _skinny_epilogue(acc, acc2, out_ptr, o_ptrs, omask, EPI: tl.constexpr):
+        """Write the tile's fp32 result: EPI 0 store, 1 add into out (in place), 2 silu(acc) * acc2."""
+        if EPI == 1:
+            r = tl.load(o_ptrs, mask=omask, other=0.0).to(tl.float32)
+            y = r + acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        elif EPI == 2:
+            g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            y = g / (1.0 + tl.exp(-g)) * acc2.to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            y = acc
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+    @triton.jit
+    def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, lnw_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_om, eps,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            NORM: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr):
+                            NORM: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr, SPLIT_K: tl.constexpr):
         """out = f(rms_norm?(x) @ W.T) for few rows (M <= BLOCK_M, padded to 16 for the MMA).
 
         NORM: x rows are RMS-normalised (times lnw) in the prologue (each program recomputes
-        the row statistics: cheap next to its weight tile). EPI 0: store; 1: out += y (the
-        residual stream, in place); 2: W is [gate; up] stacked, out = silu(gate) * up (N = rows / 2)."""
+        the row statistics over all of K: cheap next to its weight tile). EPI 0: store; 1: out += y
+        (the residual stream, in place); 2: W is [gate; up] stacked, out = silu(gate) * up (N = rows / 2).
+
+        SPLIT_K > 1 (grid axis 1): program (n, s) takes the s-th of SPLIT_K near-equal runs of
+        K blocks, writes its fp32 partial tile(s) to part_ptr [SPLIT_K, M, 2N or N] and bumps
+        tile n's counter; the split that arrives last sums the partials in split order (the
+        same result whichever arrives last), applies the epilogue and zeroes the counter, so
+        the workspace is ready for the next launch (a CUDA graph replay) without a memset."""
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         mmask = offs_m < M
@@ -217,12 +240,20 @@ if HAVE_TRITON:
                 xk = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mmask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0).to(tl.float32)
                 ss += tl.sum(xk * xk, 1)
             rstd = tl.rsqrt(ss / K + eps)
+        if SPLIT_K == 1:
+            k_lo = 0
+            k_hi = K
+        else:  # this split's run of K blocks: [s * nb / S, (s + 1) * nb / S) (may be empty when S > nb)
+            nblk = tl.cdiv(K, BLOCK_K)
+            k_lo = (tl.program_id(1) * nblk // SPLIT_K) * BLOCK_K
+            k_hi = tl.minimum(((tl.program_id(1) + 1) * nblk // SPLIT_K) * BLOCK_K, K)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc2 = acc  # the up half's accumulator (EPI 2 only)
         if EPI == 2:
             u_rows = w_ptr + (offs_n + N)[:, None].to(tl.int64) * stride_wn
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
             kmask = kk < K
             xk = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
@@ -238,15 +269,29 @@ if HAVE_TRITON:
                 acc2 += tl.dot(xk, tl.trans(u), input_precision=PREC)
         o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         omask = mmask[:, None] & nmask[None, :]
-        if EPI == 1:
-            r = tl.load(o_ptrs, mask=omask, other=0.0).to(tl.float32)
-            y = r + acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        elif EPI == 2:
-            g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-            y = g / (1.0 + tl.exp(-g)) * acc2.to(out_ptr.dtype.element_ty).to(tl.float32)
+        if SPLIT_K == 1:
+            _skinny_epilogue(acc, acc2, out_ptr, o_ptrs, omask, EPI)
         else:
-            y = acc
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
+            NW = 2 * N if EPI == 2 else N  # partial row length: gate then up for EPI 2
+            p_tile = part_ptr + offs_m[:, None] * NW + offs_n[None, :]
+            split_stride = M * NW
+            p_own = p_tile + tl.program_id(1) * split_stride
+            tl.store(p_own, acc, mask=omask)
+            if EPI == 2:
+                tl.store(p_own + N, acc2, mask=omask)
+            # every thread's partial stores before the (one-thread) release increment
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # the last split: the others' partials are visible
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc2 = acc
+                for s in range(SPLIT_K):  # fixed order: deterministic sums
+                    # .cg: read from L2, never a stale L1 line of another SM's write
+                    acc += tl.load(p_tile + s * split_stride, mask=omask, other=0.0, cache_modifier=".cg")
+                    if EPI == 2:
+                        acc2 += tl.load(p_tile + s * split_stride + N, mask=omask, other=0.0, cache_modifier=".cg")
+                _skinny_epilogue(acc, acc2, out_ptr, o_ptrs, omask, EPI)
+                tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch
 
 
     @triton.jit
@@ -381,25 +426,56 @@ SKINNY_MAX_M = 16  # rows handled by `skinny_linear`; larger batches go to cuBLA
 # Where the skinny kernel beats cuBLAS + separate norm/act/add kernels (H100, Llama-3.2-1B shape,
 # benchmarks/decode_step.py): one row (decode step 1.26 vs 1.39 ms); at 3 rows they tie.
 SKINNY_PREFERRED_MAX_M = 2
-_SKINNY_CFG: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+SkinnyConfig = tuple[int, int, int, int, int]  # (BLOCK_N, BLOCK_K, num_warps, num_stages, split_k)
+_SKINNY_CFG: dict[tuple[int, int, int], SkinnyConfig] = {}
 
 
-def skinny_config(n: int, k: int, epi: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Defaults are the H100 sweep's winners
+def skinny_config(n: int, k: int, epi: int) -> SkinnyConfig:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, split_k). Defaults are the H100 sweep's winners
     (decode_step.py --tune): gate_up+SiLU (64, 128, 8, 4), LM head (64, 256, 8, 3),
-    o / down projections (16, 512, 4, 3)."""
+    o / down projections (16, 512, 4, 3); split_k 1 (one program per column tile) until a
+    GPU sweep shows a split wins for a shape."""
     cfg = _SKINNY_CFG.get((n, k, epi))
     if cfg is not None:
         return cfg
     if epi == 2:
-        return (64, 128 if k >= 128 else _next_pow2(k), 8, 4)
+        return (64, 128 if k >= 128 else _next_pow2(k), 8, 4, 1)
     if n >= 32768:
-        return (64, 256 if k >= 256 else _next_pow2(k), 8, 3)
-    return (16, 512 if k >= 512 else _next_pow2(k), 4, 3)
+        return (64, 256 if k >= 256 else _next_pow2(k), 8, 3, 1)
+    return (16, 512 if k >= 512 else _next_pow2(k), 4, 3, 1)
 
 
-def set_skinny_config(n: int, k: int, epi: int, cfg: tuple[int, int, int, int]) -> None:
-    _SKINNY_CFG[(n, k, epi)] = cfg
+def set_skinny_config(n: int, k: int, epi: int, cfg: SkinnyConfig) -> None:
+    if len(cfg) != 5 or cfg[4] < 1:
+        raise ValueError(f"skinny config {cfg}: want (BLOCK_N, BLOCK_K, num_warps, num_stages, split_k >= 1)")
+    _SKINNY_CFG[(n, k, epi)] = tuple(cfg)  # type: ignore[assignment]
+
+
+# Split-K scratch per device: fp32 partial tiles and one int32 arrival counter per column
+# tile. Launches on one stream run one after another, so every projection (and every graph
+# replay) shares them; the kernel leaves the counters at zero. Grown only eagerly (the
+# warm-up before a CUDA graph capture runs the same shapes), never inside a capture; a
+# grown-out pair is kept alive, not freed, since captured graphs and queued launches may
+# still use it (each launch resets its own counters, so either pair stays consistent).
+_SPLITK_WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_SPLITK_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _splitk_workspace(device: torch.device, n_partial: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ws = _SPLITK_WS.get(device)
+    if ws is not None and ws[0].numel() >= n_partial and ws[1].numel() >= n_tiles:
+        return ws
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"skinny split-K workspace too small ({n_partial} partials, {n_tiles} counters) inside a CUDA "
+                           "graph capture: run the same call eagerly first (a warm-up) so it is allocated outside")
+    if ws is not None:
+        _SPLITK_RETIRED.append(ws)
+        n_partial, n_tiles = max(n_partial, ws[0].numel()), max(n_tiles, ws[1].numel())
+    # powers of two: a few shapes of one model grow it at most a few times
+    ws = (torch.empty(_next_pow2(n_partial), dtype=torch.float32, device=device),
+          torch.zeros(_next_pow2(n_tiles), dtype=torch.int32, device=device))
+    _SPLITK_WS[device] = ws
+    return ws
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
@@ -407,7 +483,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = N
     """y = rms_norm?(x) @ w.T for x [M <= 16, K], w [N, K] (contiguous rows), one Triton kernel.
 
     epilogue "store": out = y; "residual": out += y (in place); "silu_mul": w is [gate; up]
-    ([2N, K]) and out = silu(gate) * up. With `norm_weight`, x is RMS-normalised first."""
+    ([2N, K]) and out = silu(gate) * up. With `norm_weight`, x is RMS-normalised first.
+    The shape's `skinny_config` picks the tile and the K split (split > 1: see the kernel)."""
     M, K = x.shape
     epi = {"store": 0, "residual": 1, "silu_mul": 2}[epilogue]
     N = w.shape[0] // 2 if epi == 2 else w.shape[0]
@@ -423,12 +500,18 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = N
     if out is None:
         assert epi != 1, "the residual epilogue needs `out`"
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bn, bk, nw, ns = skinny_config(N, K, epi)
-    _skinny_gemm_kernel[(triton.cdiv(N, bn),)](x, w, out, norm_weight if norm_weight is not None else w, M, N, K,
-                                               x.stride(0), w.stride(0), out.stride(0), eps,
-                                               BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, NORM=norm_weight is not None, EPI=epi,
-                                               PREC="ieee" if w.dtype == torch.float32 else "tf32",
-                                               num_warps=nw, num_stages=ns)
+    bn, bk, nw, ns, split = skinny_config(N, K, epi)
+    split = min(split, triton.cdiv(K, bk))  # more splits than K blocks would only add empty programs
+    tiles = triton.cdiv(N, bn)
+    if split > 1:
+        part, cnt = _splitk_workspace(x.device, split * M * w.shape[0], tiles)
+    else:
+        part = cnt = w  # unused (SPLIT_K == 1 compiles today's kernel)
+    _skinny_gemm_kernel[(tiles, split)](x, w, out, norm_weight if norm_weight is not None else w, part, cnt, M, N, K,
+                                        x.stride(0), w.stride(0), out.stride(0), eps,
+                                        BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, NORM=norm_weight is not None, EPI=epi,
+                                        PREC="ieee" if w.dtype == torch.float32 else "tf32", SPLIT_K=split,
+                                        num_warps=nw, num_stages=ns)
     return out
 
 
