@@ -29,8 +29,8 @@ the engine's share is not hidden behind the runner's. Either way this is the CPU
 of the engine with a near-zero-cost model, not a GPU throughput figure.
 
 Window: per-step costs are measured over the *late decode window*: the steps while
-every request holds between L-K and L output tokens (L = --output-len, K = min(L/2,
-128)), all at full batch; prompts are admitted in one step (the token budget defaults
+every request holds between L-K and L-1 output tokens (L = --output-len, K = min(L/2,
+128)), all at full batch, up to the step before the one where they all finish; prompts are admitted in one step (the token budget defaults
 to batch x input_len), so the requests decode in lockstep and the window is K steps.
 At L = 4096 this is the cost per step at 4k tokens of history, comparable with L = 128.
 Every length of one run uses the same configuration, sized for the longest: a copy of
@@ -223,7 +223,10 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
                     marks["start"] = _snapshot(engine)
                     if prof is not None:
                         prof.enable()
-            if got == output_len and "end" not in marks:  # the first request to finish
+            # The window ends one step before the last: in lockstep every request finishes in
+            # that step, and freeing their blocks (O(blocks) once per request, amortised O(1)
+            # per token) would be charged to the window's K steps, O(L) per step at L = 4096.
+            if got >= output_len - 1 and "end" not in marks:
                 marks["end"] = _snapshot(engine)
                 if prof is not None:
                     prof.disable()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -54,6 +54,11 @@ fi
 if has decode; then
   say decode-step microbench
   python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best,fused,torch --kernel-profile --json "$OUT/decode.json" 2>&1 | tee -a "$LOG"
+fi
+if has tune; then
+  say "decode step with the skinny-GEMM sweep (split-K included): default configs, then the sweep's best per projection"
+  python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best --kernel-profile --json "$OUT/decode_default.json" 2>&1 | tee -a "$LOG"
+  python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best --tune --kernel-profile --json "$OUT/decode_tuned.json" 2>&1 | tee -a "$LOG" "$OUT/tune.log"
 fi
 if has hf; then
   say HF transformers generate baseline
@@ -141,7 +146,7 @@ fi
 if has structured; then
   say "structured output, concurrency 64, async: 25% and 100% constrained, mask threads ${GRAMMAR_THREADS:-8,15}"
   python3 benchmarks/structured_bench.py --device cuda --random-weights "$SHAPE" --concurrency 64 --num-requests 128 --output-len 128 \
-    --repeats 1 --modes async --fracs 0.25,1.0 --grammar-threads ${GRAMMAR_THREADS:-8,15} --validate 64 2>&1 | tee -a "$LOG" "$OUT/structured.log"
+    --repeats ${STRUCT_REPEATS:-1} --modes async --fracs 0.25,1.0 --grammar-threads ${GRAMMAR_THREADS:-8,15} --validate 64 2>&1 | tee -a "$LOG" "$OUT/structured.log"
 fi
 if has hostcost; then
   say "engine host cost (issue 17): tpu (sync, async) and c256 (async), this tree then the before tree, same machine"

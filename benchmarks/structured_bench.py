@@ -296,7 +296,8 @@ async def main_async(args: argparse.Namespace) -> None:
         threads = args.grammar_threads.split(",") if args.grammar_threads else [""]
         for path in args.grammar_paths.split(","):
             for th in threads:
-                tag = ", ".join(x for x in (path, f"{th} mask threads" if th else "") if x)
+                n, _, rows = th.partition("/")
+                tag = ", ".join(x for x in (path, f"{n} mask threads" if n else "", f"pool from {rows} rows" if rows else "") if x)
                 workloads += [(f"{int(f * 100)}% structured" + (f" [{tag}]" if tag else ""), f, (path, th)) for f in fracs]
         # Interleaved repeats, best wall time kept: a shared machine's noise only ever adds time.
         for rep in range(args.repeats):
@@ -306,10 +307,12 @@ async def main_async(args: argparse.Namespace) -> None:
                     # "before": the old path (masks filled on the launch thread), only for this comparison
                     path, th = path or ("", "")
                     os.environ["AIOSCHED_GRAMMAR_PREFETCH"] = "0" if path == "before" else "1"
-                    if th:
-                        os.environ["AIOSCHED_GRAMMAR_THREADS"] = th
-                    else:
-                        os.environ.pop("AIOSCHED_GRAMMAR_THREADS", None)
+                    n, _, rows = th.partition("/")
+                    for var, val in (("AIOSCHED_GRAMMAR_THREADS", n), ("AIOSCHED_GRAMMAR_PARALLEL_ROWS", rows)):
+                        if val:
+                            os.environ[var] = val
+                        else:
+                            os.environ.pop(var, None)
                     r = await run_one(cfg, args, frac)
                     r.update(mode=mode, workload=label, repeat=rep)
                     print(json.dumps(r), flush=True)
@@ -347,7 +350,8 @@ def main() -> None:
     ap.add_argument("--modes", default="sync,async")
     ap.add_argument("--fracs", default=None, help="constrained fractions to compare with 0%%, e.g. 0.25,1.0 (default: --structured-frac)")
     ap.add_argument("--grammar-paths", default="", help="'before,after': issue 18's old launch-thread masks vs prefetched ones, in one run")
-    ap.add_argument("--grammar-threads", default="", help="mask-fill threads to compare, e.g. 8,15 (AIOSCHED_GRAMMAR_THREADS; default: the manager's)")
+    ap.add_argument("--grammar-threads", default="", help="mask-fill threads to compare, e.g. 8,15 (AIOSCHED_GRAMMAR_THREADS; default: the manager's); "
+                    "THREADS/ROWS also sets the row count from which the pool fills (AIOSCHED_GRAMMAR_PARALLEL_ROWS), e.g. 8/32,8/2")
     ap.add_argument("--gil-probe", action="store_true", help="first, measure whether the mask fill releases the GIL")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each config; the best is reported")
     ap.add_argument("--validate", type=int, default=0, metavar="N",

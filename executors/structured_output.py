@@ -214,7 +214,8 @@ class StructuredOutputManager:
         # Mask fills run on llguidance's own Rust pool; AIOSCHED_GRAMMAR_THREADS overrides the default.
         env = os.environ.get("AIOSCHED_GRAMMAR_THREADS")
         self._num_threads = num_threads or (int(env) if env else max(1, min(8, (os.cpu_count() or 2) - 1)))
-        self.parallel_fill_rows = PARALLEL_FILL_ROWS  # (tests lower it to run the pool on a few rows)
+        # (tests lower it to run the pool on a few rows; AIOSCHED_GRAMMAR_PARALLEL_ROWS: benchmarks/structured_bench.py)
+        self.parallel_fill_rows = int(os.environ.get("AIOSCHED_GRAMMAR_PARALLEL_ROWS") or PARALLEL_FILL_ROWS)
         self._executor: Any = None
         self.grammars: dict[str, RequestGrammar] = {}
         # Steps whose sampled ids are not on the host yet (async scheduling), oldest first.
