@@ -352,7 +352,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
 async def inline_workload(batch: int, output_len: int, tok: bool, input_len: int) -> None:
     """The engine loop's host work on one thread: `schedule()`, `_process()` with a runner
     output made inline (one random token per sampled request; no runner thread, so no
-    GIL hand-offs), `batch` consumer tasks streaming with `async for`, the stats observer.
+    GIL hand-offs), `batch` consumer tasks streaming with `async for` (older trees: and the stats observer).
     Same code paths as the engine loop in async mode (two steps in flight)."""
     import random as _random
 
@@ -370,7 +370,8 @@ async def inline_workload(batch: int, output_len: int, tok: bool, input_len: int
     e.info = WorkerInfo(1, cfg.num_kv_blocks, 16, 8192, max_len, "cpu", "none", "fake", features=["logprobs"])
     e.scheduler = AsyncScheduler(cfg, cfg.num_kv_blocks, max_len)
     e._running = True
-    e.add_observer(engine_log.StatsLogger(e))
+    if hasattr(engine_log.StatsLogger, "on_output"):  # older trees: the stats logger observed every output
+        e.add_observer(engine_log.StatsLogger(e))
     rng = _random.Random(1)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
 
