@@ -342,6 +342,15 @@ def compute_metrics(results: list[RequestResult], duration: float) -> dict[str, 
 # ---------------------------------------------------------------- offline driver
 
 
+def _triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one directory per compiled kernel); 0 without Triton."""
+    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    try:
+        return sum(1 for e in os.scandir(cache) if e.is_dir())
+    except OSError:
+        return 0
+
+
 def _timings_snapshot(engine: Any) -> dict[str, float]:
     t = engine.timings
     return {"steps": t.steps, "schedule_s": t.schedule_s, "update_s": t.update_s, "wait_s": t.wait_s}
@@ -442,6 +451,7 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
         if fast is not None and hasattr(fast, "idle_report") and profile_dir is None:
             fast.idle_probe = []  # CUDA path: device idle between steps, from events (untraced)
         stats0 = engine.stats()
+        jit0 = _triton_cache_entries() if fast is not None else None
         t_before = _timings_snapshot(engine)
         results, duration = await run_workload(send, len(workload.prompts), args.request_rate, args.max_concurrency, args.seed,
                                                progress=not args.disable_tqdm, desc=label)
@@ -473,6 +483,10 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
             if idle is not None:
                 metrics["engine"]["device_idle_share"] = idle["idle_share"]
                 metrics["engine"]["device_idle_host_late_share"] = idle["host_late_ms"] / idle["span_ms"] if idle["span_ms"] else 0.0
+        if jit0 is not None:
+            # Kernels Triton compiled inside the timed run (each costs the launch thread ~0.1-1 s):
+            # a shape or specialisation that start-up and warm-up did not meet.
+            metrics["engine"]["triton_compiled"] = _triton_cache_entries() - jit0
         if fast is not None and getattr(fast, "stats", None):
             metrics["engine"]["runner_steps"] = dict(fast.stats)  # CUDA path: graph replays vs eager steps (all runs)
         if profile_dir is not None:
@@ -752,6 +766,8 @@ def _fmt_table(runs: dict[str, dict[str, Any]], ratios: dict[str, float] | None)
         if any("device_idle_share" in r.get("engine", {}) for r in runs.values()):
             add("Device idle between steps (events)", "device_idle_share", "{:.1%}", "engine")
             add("  of which the host was late", "device_idle_host_late_share", "{:.1%}", "engine")
+        if any("triton_compiled" in r.get("engine", {}) for r in runs.values()):
+            add("Triton kernels compiled in the run", "triton_compiled", "{:d}", "engine")
     if any("profile" in r for r in runs.values()):
         add("Accelerator idle share (trace)", "idle_share", "{:.1%}", "profile")
         add("  in gaps > 20 us", "long_gap_idle_share", "{:.1%}", "profile")

@@ -174,7 +174,7 @@ if has c256ab; then
       [ -x "$py" ] || [ "$py" = python3 ] || continue
       cache=/tmp/triton-cache-$t; mkdir -p $cache; n0=$(find $cache -name '*.json' | wc -l)
       (cd $dir && TRITON_CACHE_DIR=$cache $py -m aiosched.bench --random-weights $SHAPE --device cuda --disable-tqdm --ignore-eos --num-kv-blocks 8192 $C256 --json "$json") 2>&1 \
-        | grep -E "Output throughput|Mean step|schedule \(|update \(|wait on|Device idle|host was late|Engine steps" | sed "s/^/[$t$r] /" | tee -a "$LOG"
+        | grep -E "Output throughput|Mean step|schedule \(|update \(|wait on|Device idle|host was late|Engine steps|Triton kernels" | sed "s/^/[$t$r] /" | tee -a "$LOG"
       echo "[$t$r] Triton cache .json files added by this process (startup included): $(( $(find $cache -name '*.json' | wc -l) - n0 ))" | tee -a "$LOG"
     done
   done

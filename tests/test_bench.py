@@ -328,3 +328,15 @@ async def test_missing_httpx_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "httpx2", None)
     with pytest.raises(ValueError, match=r"needs httpx: pip install 'aiosched\[bench\]'"):
         await bench.run_bench(parse("--base-url", "http://127.0.0.1:9", "--num-prompts", "1"))
+
+
+def test_triton_cache_entries_count_compiled_kernels(tmp_path, monkeypatch) -> None:
+    """The bench's count of kernels compiled during a run: one directory per kernel in Triton's cache."""
+    from aiosched.bench import _triton_cache_entries
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert _triton_cache_entries() == 0  # no cache yet
+    for name in ("a1", "b2"):
+        (tmp_path / "cache" / name).mkdir(parents=True)
+    (tmp_path / "cache" / "lock").write_text("")  # files are not kernels
+    assert _triton_cache_entries() == 2
