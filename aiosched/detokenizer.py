@@ -25,7 +25,6 @@ from aiosched.tokenizer import Tokenizer
 _WINDOW = 6  # tokens of context before the unread ones (byte-level BPE merges span few tokens)
 _TRIM = 64  # drop window tokens that no decode can read any more once there are this many
 
-_UNKNOWN = object()
 
 # Text of single tokens, per tokenizer and skip_special_tokens. Decoding is a pure function
 # of (ids, skip_special_tokens), and once a request is decoding, every step decodes the
