@@ -20,6 +20,10 @@ and split-K configs at 1 row, a shortlist at 3 rows, each against cuBLAS; the st
 then timed with each projection's best one-row config (--skinny-from applies the choice
 of an earlier run's --json instead).
 
+--pdl turns on Programmatic Dependent Launch for the decode-path Triton kernels
+(`fused_ops.set_pdl`, as AIOSCHED_PDL=1) before the model and its graphs are built;
+run once with and once without to compare (benchmarks/run_gpu.sh stage `pdl`).
+
     python benchmarks/decode_step.py --shape llama-3.2-1b --batch-sizes 1,3,256 --ctx 300 --json decode.json
 """
 from __future__ import annotations
@@ -431,9 +435,13 @@ def main() -> int:
                    help="apply the chosen skinny configs of an earlier --tune run's --json output instead of sweeping")
     p.add_argument("--kernel-profile", action="store_true", help="per-kernel time of one graph replay (torch profiler)")
     p.add_argument("--no-eager", action="store_true")
+    p.add_argument("--pdl", action="store_true",
+                   help="launch the decode-path Triton kernels with Programmatic Dependent Launch (Hopper+; fused_ops.set_pdl)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = "cuda"
+    if args.pdl:  # before anything is compiled or captured: graphs keep the launches they captured
+        fused_ops.set_pdl(True)
     cfg = load_shape(args.shape)
     bss = [int(x) for x in args.batch_sizes.split(",")]
     variants = args.variants.split(",")
@@ -441,6 +449,8 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     result: dict = {"shape": args.shape, "ctx": args.ctx, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result["pdl"] = bool(fused_ops.pdl_kwargs(torch.device(dev)))  # on and effective (an sm_90+ device)
+    print(f"PDL launches: {'on' if result['pdl'] else 'off'}", flush=True)
     result["ceilings"] = ceil = ceilings(dev)
     print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     bench = Bench(cfg, max(bss), args.ctx, args.page)

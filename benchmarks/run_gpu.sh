@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode pdl
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -59,6 +59,16 @@ if has tune; then
   say "decode step with the skinny-GEMM sweep (split-K included): default configs, then the sweep's best per projection"
   python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best --kernel-profile --json "$OUT/decode_default.json" 2>&1 | tee -a "$LOG"
   python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best --tune --kernel-profile --json "$OUT/decode_tuned.json" 2>&1 | tee -a "$LOG" "$OUT/tune.log"
+fi
+if has pdl; then
+  # issue 21: Programmatic Dependent Launch of the decode-path Triton kernels, off then on (two
+  # processes: each compiles and captures its own graphs), the batch-1 step is the target
+  say "decode step without, then with PDL (--pdl), kernel profile"
+  for mode in off on; do
+    flag=; [ $mode = on ] && flag=--pdl
+    python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best --kernel-profile $flag \
+      --json "$OUT/decode_pdl_$mode.json" 2>&1 | tee -a "$LOG"
+  done
 fi
 if has hf; then
   say HF transformers generate baseline

@@ -490,3 +490,124 @@ def test_window_and_softcap_decode_and_varlen(dtype, window, softcap) -> None:
     for splits in (1, 4):
         out_d = tp.paged_decode_attention(qd, kc, vc, bt, seq, scale, num_splits=splits, window=window, softcap=softcap)
         assert rel_err(out_d, ref_d) < tol(dtype)
+
+
+# ---------------------------------------------------------------- opt-in PDL (issue 21)
+
+PDL_KERNELS = {
+    fused_ops: ["_step_inputs_kernel", "_rms_norm_kernel", "_silu_mul_kernel", "_rope_cache_kernel",
+                "_skinny_gemm_kernel", "_argmax_partial_kernel", "_argmax_final_kernel"],
+    tp: ["_decode_kernel", "_decode_reduce_kernel"],
+}
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kw)` records (name, kw), runs nothing."""
+
+    def __init__(self, name: str, calls: list[tuple[str, dict]]) -> None:
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+        return lambda *args, **kw: self.calls.append((self.name, kw))
+
+
+def _every_decode_launch() -> None:
+    """One call of each wrapper whose kernel is on the decode path (outputs unused)."""
+    f32 = torch.float32
+    d = torch.tensor([0, 1, 1, 5, 7, -1], device=DEV)
+    fused_ops.step_inputs(d, 3, torch.zeros(2, 16, dtype=torch.long, device=DEV), torch.zeros(2, 4, dtype=torch.long, device=DEV), 4)
+    x, w = torch.randn(3, 64, device=DEV), torch.ones(64, device=DEV)
+    fused_ops.rms_norm(x, w, 1e-5)
+    fused_ops.add_rms_norm(x, x.clone(), w, 1e-5)
+    fused_ops.silu_and_mul(torch.randn(3, 128, device=DEV))
+    q, k = torch.randn(3, 4, 32, device=DEV), torch.randn(3, 2, 32, device=DEV)
+    _, kc, vc = make_cache(4, 8, 2, 32, f32, False)
+    fused_ops.rope_and_cache(q, k, k.clone(), torch.arange(3, device=DEV), torch.randn(16, 32, device=DEV), kc, vc,
+                             torch.arange(3, device=DEV))
+    fused_ops.skinny_linear(torch.randn(1, 64, device=DEV), torch.randn(32, 64, device=DEV))
+    fused_ops.argmax_rows(torch.randn(2, 5000, device=DEV))
+    bt = torch.zeros(3, 2, dtype=torch.int32, device=DEV)
+    tp.paged_decode_attention(q, kc, vc, bt, torch.full((3,), 9, dtype=torch.int32, device=DEV), 0.2, num_splits=2)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_pdl_switch_sets_launch_pdl_and_the_constexpr_on_every_decode_kernel(monkeypatch, on) -> None:
+    """Switch on (on a Hopper device, outside the interpreter): every decode-path kernel is
+    launched with PDL=True and launch_pdl=True; off: with neither (today's launch)."""
+    calls: list[tuple[str, dict]] = []
+    for mod, names in PDL_KERNELS.items():
+        for name in names:
+            monkeypatch.setattr(mod, name, _LaunchRecorder(name, calls))
+    monkeypatch.setattr(fused_ops, "_INTERPRET", False)  # what a GPU run sees
+    monkeypatch.setattr(fused_ops, "use_triton", lambda t: True)
+    monkeypatch.setattr(fused_ops, "_pdl_capable", lambda device: True)
+    monkeypatch.setattr(fused_ops, "_PDL", False)
+    fused_ops.set_pdl(on)
+    assert fused_ops.pdl_enabled() is on
+    _every_decode_launch()
+    assert {n for n, _ in calls} == {n for names in PDL_KERNELS.values() for n in names}
+    for name, kw in calls:
+        if on:
+            assert kw.get("PDL") is True and kw.get("launch_pdl") is True, name
+        else:
+            assert "PDL" not in kw and "launch_pdl" not in kw, name
+
+
+def test_pdl_needs_hopper(monkeypatch) -> None:
+    """griddepcontrol is sm_90 PTX: other devices (and the CPU) keep today's launch."""
+    monkeypatch.setattr(fused_ops, "_INTERPRET", False)
+    monkeypatch.setattr(fused_ops, "_PDL", True)
+    assert fused_ops.pdl_kwargs(torch.device("cpu")) == {}
+    monkeypatch.setattr(fused_ops, "_pdl_capable", lambda device: True)
+    assert fused_ops.pdl_kwargs(torch.device("cpu")) == {"PDL": True, "launch_pdl": True}
+
+
+def test_pdl_switch_reads_the_environment_once() -> None:
+    import subprocess
+    import sys
+
+    code = "from aiosched.executors.torch import fused_ops as f; print(f._PDL)"
+    for val, want in (("1", "True"), ("0", "False")):
+        env = {**os.environ, "AIOSCHED_PDL": val}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        assert out.strip() == want
+
+
+def _decode_path_results() -> list[torch.Tensor]:
+    """Outputs of the covered kernels on fixed inputs (split-K skinny GEMM and split decode included)."""
+    torch.manual_seed(5)  # make_cache draws from the global generator too
+    dt = DTYPES[0]
+    rnd = lambda *s: torch.randn(*s, device=DEV).to(dt)  # noqa: E731
+    x, w = rnd(3, 256), rnd(256).abs() + 0.5
+    out = [fused_ops.rms_norm(x, w, 1e-5)]
+    xa, ra = x.clone(), rnd(3, 256)
+    out += list(fused_ops.add_rms_norm(xa, ra, w, 1e-5))
+    out.append(fused_ops.silu_and_mul(rnd(3, 512)))
+    saved = dict(fused_ops._SKINNY_CFG)
+    try:
+        fused_ops.set_skinny_config(64, 512, 1, (16, 64, 4, 2, 3))  # three K splits
+        res = rnd(2, 64)
+        out.append(fused_ops.skinny_linear(rnd(2, 512), rnd(64, 512), out=res, epilogue="residual"))
+    finally:
+        fused_ops._SKINNY_CFG.clear()
+        fused_ops._SKINNY_CFG.update(saved)
+    out.append(fused_ops.argmax_rows(rnd(2, 9000)))
+    lens = [20, 9]
+    _, kc, vc = make_cache(8, 8, 2, 32, dt, False)
+    bt = random_tables(lens, 8, 8, random.Random(2))
+    out.append(tp.paged_decode_attention(rnd(2, 4, 32), kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device=DEV), 0.2,
+                                         num_splits=3))
+    return out
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's forced-off switch")
+def test_pdl_is_forced_off_under_the_interpreter(monkeypatch) -> None:
+    """The interpreter has no griddepcontrol (inline asm): with the switch set, nothing
+    changes; the kernels run as today and give the same bits."""
+    monkeypatch.setattr(fused_ops, "_pdl_capable", lambda device: True)  # even where the device would allow it
+    monkeypatch.setattr(fused_ops, "_PDL", False)
+    off = _decode_path_results()
+    fused_ops.set_pdl(True)
+    assert not fused_ops.pdl_enabled() and fused_ops.pdl_kwargs(torch.device(DEV)) == {}
+    on = _decode_path_results()
+    assert all(torch.equal(a, b) for a, b in zip(off, on))

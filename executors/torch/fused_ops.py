@@ -22,6 +22,10 @@ memory) by one pass:
 The Triton versions are used when the tensors are on a CUDA device and Triton is
 importable (or TRITON_INTERPRET=1 for tests on CPU); `*_ref` are the torch versions.
 Statistics are computed in float32 whatever the input dtype.
+
+Opt-in Programmatic Dependent Launch (Hopper+, off by default): AIOSCHED_PDL=1 or
+`set_pdl(True)`; every decode-path kernel here and in attention/triton_paged.py is then
+compiled with PDL=True and launched with launch_pdl=True (`pdl_kwargs`, see the switch).
 """
 from __future__ import annotations
 
@@ -44,6 +48,73 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def use_triton(t: torch.Tensor) -> bool:
     return HAVE_TRITON and (t.is_cuda or _INTERPRET)
+
+
+# ---------------------------------------------------------------- Programmatic Dependent Launch (issue 21)
+#
+# With the switch on, each decode-path Triton kernel is launched with launch_pdl=True
+# (Triton 3.6: the CUDA option `launch_pdl` puts CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+# on its cuLaunchKernelEx, triton/backends/nvidia/driver.py) and compiled with the constexpr
+# PDL=True, which makes it run `_pdl_prologue` before it touches global memory:
+# - griddepcontrol.wait (`gdc_wait`) blocks until the prerequisite grid (the previous kernel
+#   in the stream) has completed and its memory is visible (PTX ISA, griddepcontrol; CUDA
+#   Programming Guide 4.5, "Programmatic Dependent Launch and Synchronization",
+#   docs.nvidia.com/cuda/cuda-programming-guide/04-special-topics/programmatic-dependent-launch.html).
+#   It waits for completion, not for the trigger, so where a kernel triggers never affects
+#   what the next one reads. When the kernel was not launched early (no PDL predecessor)
+#   the wait returns at once; Triton's gdc.py: "safe to execute when programmatic dependent
+#   launch is disabled".
+# - griddepcontrol.launch_dependents (`gdc_launch_dependents`) lets the next PDL-launched
+#   kernel be scheduled once every program of this one has issued it or exited; a kernel
+#   that never issues it (cuBLAS, torch's own kernels) triggers implicitly at completion.
+#   So the attribute on a launch after a non-PDL kernel only allows an overlap "if that
+#   kernel requests the overlap" (CUDA driver API, CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION):
+#   a cuBLAS GEMM between two Triton kernels just breaks the chain, the next launch behaves
+#   like a normal one.
+#   Completion is transitive: every kernel here waits before its first global access (reads
+#   and writes: a write before the wait could clobber what the previous kernel still reads),
+#   so kernel N's wait returning implies N-1 completed, which implied N-2 completed, etc.
+# - CUDA graphs (executors/torch/cuda_graphs.py captures these launches): stream capture
+#   keeps the attribute as a programmatic dependency edge between the two kernel nodes
+#   (CUDA >= 12.3: graph edge data, cudaGraphKernelNodePortProgrammatic /
+#   cudaGraphDependencyTypeProgrammatic; CUDA Programming Guide 4.2 "CUDA Graphs", edge
+#   data: "the only use for non-default edge data is enabling Programmatic Dependent
+#   Launch"; and the PDL section's "use in CUDA Graphs", via stream capture or edge data).
+#   Not verified on a GPU here: benchmarks/decode_step.py --pdl measures it.
+# griddepcontrol is sm_90+ PTX, so devices before Hopper never get PDL=True; the
+# interpreter has no inline asm (NotImplementedError), so TRITON_INTERPRET=1 forces the
+# switch off. PDL=False compiles exactly the kernels of before.
+_PDL = os.environ.get("AIOSCHED_PDL") == "1"
+
+
+def set_pdl(on: bool) -> None:
+    """Turn PDL launches on or off (before building graphs: captured graphs keep their launches)."""
+    global _PDL
+    _PDL = bool(on)
+
+
+def pdl_enabled() -> bool:
+    """The switch as it applies: never under the interpreter."""
+    return _PDL and HAVE_TRITON and not _INTERPRET
+
+
+_PDL_CAPABLE: dict[int, bool] = {}
+
+
+def _pdl_capable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_CAPABLE:
+        _PDL_CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_CAPABLE[idx]
+
+
+def pdl_kwargs(device: torch.device) -> dict[str, bool]:
+    """Extra launch keywords of a decode-path kernel on `device`: {} (today's launch) or PDL."""
+    if not (pdl_enabled() and _pdl_capable(device)):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
 
 
 def _next_pow2(n: int) -> int:
@@ -100,12 +171,24 @@ def step_inputs_ref(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: 
 # ---------------------------------------------------------------- kernels
 
 if HAVE_TRITON:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _pdl_prologue(PDL: tl.constexpr):
+        """First statement of a decode-path kernel (see `pdl_kwargs`). The wait comes before any
+        global read or write. The trigger right after it only lets the next kernel's programs be
+        scheduled (they wait for this grid's completion themselves): they then fill the SMs
+        this grid's last wave leaves idle, instead of starting only after it drains."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     # The sizes and offsets change from step to step: not specialised (Triton would compile a
     # variant per divisibility-by-16 / ==1 pattern of them, in the middle of a run).
     @triton.jit(do_not_specialize=["T", "R", "o_rows", "o_seq"])
     def _step_inputs_kernel(d_ptr, tok_ptr, bt_ptr, ntok_ptr, ids_ptr, p_ptr, slot_ptr, T, R, o_rows, o_seq, row_len, stride_bt,
-                            PAGE: tl.constexpr, BLOCK: tl.constexpr, REL: tl.constexpr):
+                            PAGE: tl.constexpr, BLOCK: tl.constexpr, REL: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_prologue(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < T
         row = tl.load(d_ptr + offs, mask=m, other=0)
@@ -131,7 +214,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
-                         BLOCK: tl.constexpr, ADD: tl.constexpr):
+                         BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
@@ -148,7 +232,8 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -162,7 +247,8 @@ if HAVE_TRITON:
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                            stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
                            HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                           HALF: tl.constexpr, PAGE: tl.constexpr, WRITE_CACHE: tl.constexpr):
+                           HALF: tl.constexpr, PAGE: tl.constexpr, WRITE_CACHE: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_prologue(PDL)
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         offs_d = tl.arange(0, HALF)
@@ -215,7 +301,8 @@ if HAVE_TRITON:
     @triton.jit
     def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, lnw_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_om, eps,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            NORM: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr, SPLIT_K: tl.constexpr):
+                            NORM: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr, SPLIT_K: tl.constexpr,
+                            PDL: tl.constexpr = False):
         """out = f(rms_norm?(x) @ W.T) for few rows (M <= BLOCK_M, padded to 16 for the MMA).
 
         NORM: x rows are RMS-normalised (times lnw) in the prologue (each program recomputes
@@ -226,7 +313,14 @@ if HAVE_TRITON:
         K blocks, writes its fp32 partial tile(s) to part_ptr [SPLIT_K, M, 2N or N] and bumps
         tile n's counter; the split that arrives last sums the partials in split order (the
         same result whichever arrives last), applies the epilogue and zeroes the counter, so
-        the workspace is ready for the next launch (a CUDA graph replay) without a memset."""
+        the workspace is ready for the next launch (a CUDA graph replay) without a memset.
+
+        PDL: the wait precedes every access (x, out, the split-K partials and counters: the
+        previous skinny GEMM's last split may still be summing and resetting them). The early
+        trigger is safe with split-K: no program ever waits for another (the last to arrive
+        does the epilogue), so the next kernel's programs spinning in their own wait cannot
+        starve this grid, and they read nothing before it has completed."""
+        _pdl_prologue(PDL)
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         mmask = offs_m < M
@@ -295,7 +389,9 @@ if HAVE_TRITON:
 
 
     @triton.jit
-    def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, N, stride_x, NUM_CHUNKS, BLOCK: tl.constexpr):
+    def _argmax_partial_kernel(x_ptr, val_ptr, idx_ptr, N, stride_x, NUM_CHUNKS, BLOCK: tl.constexpr,
+                               PDL: tl.constexpr = False):
+        _pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         offs = c * BLOCK + tl.arange(0, BLOCK)
@@ -306,7 +402,8 @@ if HAVE_TRITON:
         tl.store(idx_ptr + row * NUM_CHUNKS + c, i)
 
     @triton.jit
-    def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, NUM_CHUNKS, BLOCK_C: tl.constexpr):
+    def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, NUM_CHUNKS, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_C)
         mask = offs < NUM_CHUNKS
@@ -337,7 +434,8 @@ def step_inputs(d: torch.Tensor, T: int, tokens: torch.Tensor, block_table: torc
     BLOCK = _STEP_INPUTS_BLOCK
     _step_inputs_kernel[(triton.cdiv(n, BLOCK),)](d, tokens, block_table, ntok if rel else d, ids, p, slots, T, R if rel else 0,
                                                   o_rows, o_seq, tokens.stride(0), block_table.stride(0),
-                                                  PAGE=block_size, BLOCK=BLOCK, REL=rel, num_warps=4)
+                                                  PAGE=block_size, BLOCK=BLOCK, REL=rel, num_warps=4,
+                                                  **pdl_kwargs(d.device))
     return ids, p, slots
 
 
@@ -349,7 +447,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | N
     o = torch.empty_like(x2) if out is None else out.view(-1, x.shape[-1])
     N = x2.shape[1]
     _rms_norm_kernel[(x2.shape[0],)](x2, x2, w, o, x2.stride(0), x2.stride(0), o.stride(0), N, eps,
-                                     BLOCK=_next_pow2(N), ADD=False, num_warps=_norm_warps(N))
+                                     BLOCK=_next_pow2(N), ADD=False, num_warps=_norm_warps(N), **pdl_kwargs(x.device))
     return o.view(x.shape)
 
 
@@ -363,7 +461,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: 
     N = x.shape[-1]
     x2, r2 = x.view(-1, N), residual.view(-1, N)
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, w, x2, x2.stride(0), r2.stride(0), x2.stride(0), N, eps,
-                                     BLOCK=_next_pow2(N), ADD=True, num_warps=_norm_warps(N))
+                                     BLOCK=_next_pow2(N), ADD=True, num_warps=_norm_warps(N), **pdl_kwargs(x.device))
     return x, residual
 
 
@@ -379,7 +477,8 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
     N = x2.shape[1] // 2
     o = torch.empty(x2.shape[0], N, dtype=gate_up.dtype, device=gate_up.device) if out is None else out.view(-1, N)
     BLOCK = 1024
-    _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, o, x2.stride(0), o.stride(0), N, BLOCK=BLOCK, num_warps=4)
+    _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, o, x2.stride(0), o.stride(0), N, BLOCK=BLOCK, num_warps=4,
+                                                           **pdl_kwargs(gate_up.device))
     return o.view(*gate_up.shape[:-1], N)
 
 
@@ -417,7 +516,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     _rope_cache_kernel[(T,)](q, k, v, positions, cos_sin, kc, vc, sl,
                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
                              *skc, *svc, HQ=Hq, HKV=Hkv, BLOCK_HQ=_next_pow2(Hq), BLOCK_HKV=_next_pow2(Hkv), HALF=D // 2,
-                             PAGE=page, WRITE_CACHE=write, num_warps=4)
+                             PAGE=page, WRITE_CACHE=write, num_warps=4, **pdl_kwargs(q.device))
 
 
 # ---------------------------------------------------------------- skinny GEMM (decode at small batch)
@@ -516,7 +615,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = N
                                         x.stride(0), w.stride(0), out.stride(0), eps,
                                         BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, NORM=norm_weight is not None, EPI=epi,
                                         PREC="ieee" if w.dtype == torch.float32 else "tf32", SPLIT_K=split,
-                                        num_warps=nw, num_stages=ns)
+                                        num_warps=nw, num_stages=ns, **pdl_kwargs(x.device))
     return out
 
 
@@ -545,6 +644,8 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None,
         vals, idxs = workspace
     else:
         vals, idxs = argmax_workspace(M, N, x.device)
-    _argmax_partial_kernel[(M, chunks)](x, vals, idxs, N, x.stride(0), chunks, BLOCK=_ARGMAX_BLOCK, num_warps=8)
-    _argmax_final_kernel[(M,)](vals, idxs, out, chunks, BLOCK_C=_next_pow2(chunks), num_warps=1)
+    _argmax_partial_kernel[(M, chunks)](x, vals, idxs, N, x.stride(0), chunks, BLOCK=_ARGMAX_BLOCK, num_warps=8,
+                                        **pdl_kwargs(x.device))
+    _argmax_final_kernel[(M,)](vals, idxs, out, chunks, BLOCK_C=_next_pow2(chunks), num_warps=1,
+                                      **pdl_kwargs(x.device))
     return out

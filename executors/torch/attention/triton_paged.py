@@ -18,13 +18,17 @@ K and V interleaved on the head axis); only their strides are used.
   request times the G heads of one KV head. The tile -> request map is built on the
   host from the query lengths (`varlen_tiles`).
 
-Kernels accumulate in float32; inputs may be fp16/bf16/fp32.
+Kernels accumulate in float32; inputs may be fp16/bf16/fp32. The two decode kernels
+follow fused_ops' opt-in PDL switch (`fused_ops.pdl_kwargs`); the varlen kernel does not
+(mixed steps run eagerly, where launch latency is not the cost).
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import torch
+
+from aiosched.executors.torch.fused_ops import pdl_kwargs
 
 try:
     import triton
@@ -49,6 +53,7 @@ def num_decode_splits(batch: int, num_kv_heads: int, num_sms: int = 132, max_spl
 
 
 if HAVE_TRITON:
+    from aiosched.executors.torch.fused_ops import _pdl_prologue
 
     @triton.jit
     def _softcap(s, cap):
@@ -67,7 +72,9 @@ if HAVE_TRITON:
         G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, PREC: tl.constexpr,
         HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, HEADS_FAST: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
+        _pdl_prologue(PDL)  # before the first read (q, lens: the previous kernels' outputs)
         if HEADS_FAST:  # grid (kv heads, requests, splits): neighbours read neighbouring heads of the same tokens
             kvh = tl.program_id(0)
             b = tl.program_id(1)
@@ -134,7 +141,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_reduce_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
-                              D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                              D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_prologue(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         nh = tl.num_programs(1)
@@ -294,11 +302,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), *sk, *sv, block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, BLOCK_H=max(16, _next_pow2(G)), D=D, BLOCK_N=cfg.block_n, PAGE=page, NUM_SPLITS=num_splits,
         HAS_ROWS=rows is not None, PREC=_prec(q), HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
-        HEADS_FAST=cfg.heads_fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEADS_FAST=cfg.heads_fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), D=D, NUM_SPLITS=num_splits,
-                                       BLOCK_S=_next_pow2(num_splits), num_warps=1)
+                                       BLOCK_S=_next_pow2(num_splits), num_warps=1,
+                                       **pdl_kwargs(q.device))
     return out
 
 
