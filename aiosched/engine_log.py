@@ -113,9 +113,10 @@ class StatsLogger:
 
     def __init__(self, engine: "AsyncEngine") -> None:
         self.engine = engine
+        s = engine.stats()
         self._last_time = time.monotonic()
-        self._last_prompt = self.prompt_tokens
-        self._last_generated = self._generated()
+        self._last_prompt = int(s.get("prompt_tokens", 0))
+        self._last_generated = int(s.get("generated_tokens", 0))
         self._last_preemptions = 0
 
     @property
@@ -125,19 +126,16 @@ class StatsLogger:
         adds nothing to the engine's per-output work."""
         return int(self.engine.stats().get("prompt_tokens", 0))
 
-    def _generated(self) -> int:
-        return int(self.engine.stats().get("generated_tokens", 0))
-
     def line(self) -> str | None:
         """The line for the interval since the previous call; None when the engine was idle."""
         s = self.engine.stats()
         now = time.monotonic()
         dt = max(now - self._last_time, 1e-9)
-        generated = int(s.get("generated_tokens", 0))
+        prompt, generated = int(s.get("prompt_tokens", 0)), int(s.get("generated_tokens", 0))
         preemptions = int(s.get("preemptions", 0))
-        d_prompt, d_gen = self.prompt_tokens - self._last_prompt, generated - self._last_generated
+        d_prompt, d_gen = prompt - self._last_prompt, generated - self._last_generated
         d_preempt = preemptions - self._last_preemptions
-        self._last_time, self._last_prompt, self._last_generated, self._last_preemptions = now, self.prompt_tokens, generated, preemptions
+        self._last_time, self._last_prompt, self._last_generated, self._last_preemptions = now, prompt, generated, preemptions
         running, waiting = int(s.get("num_running", 0)), int(s.get("num_waiting", 0))
         if not (d_prompt or d_gen or running or waiting):
             return None

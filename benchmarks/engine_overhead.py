@@ -30,8 +30,9 @@ of the engine with a near-zero-cost model, not a GPU throughput figure.
 
 Window: per-step costs are measured over the *late decode window*: the steps while
 every request holds between L-K and L-1 output tokens (L = --output-len, K = min(L/2,
-128)), all at full batch, up to the step before the one where they all finish; prompts are admitted in one step (the token budget defaults
-to batch x input_len), so the requests decode in lockstep and the window is K steps.
+128)), all at full batch, up to the step before the one where they all finish; prompts
+are admitted in one step (the token budget defaults to batch x input_len), so the
+requests decode in lockstep and the window is about K steps.
 At L = 4096 this is the cost per step at 4k tokens of history, comparable with L = 128.
 Every length of one run uses the same configuration, sized for the longest: a copy of
 the embedded model's directory whose config.json allows input + longest output
@@ -267,7 +268,7 @@ _KEYS = ["schedule_us", "submit_us", "update_us", "engine_us", "wait_us", "loop_
 STAT = "median"  # --stat: how repeats combine
 
 
-def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Each figure's median over the repeats, or with --stat best its best value (lowest
     cost, highest rate): on a shared machine interference only ever adds time."""
     out = dict(runs[0])
@@ -347,7 +348,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
                 runs[(i, label)].append(_child(trees[label], cfg, args))
     results = []
     for i in range(len(configs)):
-        med = {label: _median(runs[(i, label)]) for label in trees}
+        med = {label: _combine(runs[(i, label)]) for label in trees}
         for label in ("old", "new"):
             print(_row(med[label], label), flush=True)
             results.append(dict(med[label], label=label, runs=runs[(i, label)]))
@@ -479,7 +480,7 @@ async def main(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         for i, (tok, batch, n, mode) in enumerate(configs):
             runs[i].append(await run_one(batch, mode, tok, n, args))
-    results = [_median(r) for r in runs]
+    results = [_combine(r) for r in runs]
     for r in results:
         print(_row(r, args.label), flush=True)
     if args.json:
@@ -498,7 +499,7 @@ if __name__ == "__main__":
     p.add_argument("--runner", choices=["light", "fake"], default="light")
     p.add_argument("--speculative", choices=["none", "off", "auto"], default="none",
                    help="n-gram speculation configured: off = never drafting (disable_by_batch_size=1), auto = the SpecPolicy")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (combined by --stat)")
     p.add_argument("--stat", choices=["median", "best"], default="median", help="combine repeats by median or best value")
     p.add_argument("--label", default="", help="first column of the table (e.g. old/new)")
     p.add_argument("--compare", default=None, metavar="REF", help="before/after: REF's code vs this checkout, alternating subprocesses")

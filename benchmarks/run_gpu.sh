@@ -172,9 +172,9 @@ if has hostcost; then
   fi
 fi
 if has c256ab; then
-  # The two trees alternate (A B A B), each with its own Triton cache: a tree's first run pays the
-  # kernels it compiles during the run (counted), its second run is warm. A before/after that runs
-  # one tree right after the other on a shared cache credits the second with the first's compiles.
+  # The two trees alternate (A B A B), each with its own Triton cache (kernels compiled counted per
+  # run): on the H200 (2026-12-06) each run of the same work was slower than the one before it, by
+  # as much as the change under test, so one tree run after the other is not a comparison.
   say "c256 async, this tree (A) and the before tree (B) alternating, own Triton caches; kernels compiled per run"
   mkdir -p "$OUT/before"
   C256="--input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 --no-enable-prefix-caching --compare async"
