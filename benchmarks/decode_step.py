@@ -277,7 +277,7 @@ def time_cublas(ws: list[torch.Tensor], x: torch.Tensor, o: torch.Tensor, epi: s
     return graph_time(with_extras) / len(ws), graph_time(lambda: [F.linear(x, w) for w in ws]) / len(ws)
 
 
-_EPI = {"store": 0, "residual": 1, "silu_mul": 2}
+_EPI = fused_ops.SKINNY_EPILOGUES
 
 
 def tune_skinny(bench: Bench, rows: tuple[int, ...] = (1, 3), sms: int | None = None) -> dict:

@@ -253,7 +253,7 @@ def test_skinny_linear_split_k(skinny_cfg, dtype, m, split, epilogue, norm) -> N
     the last 32-column tile half masked. The same call runs twice (as a graph replays): the
     arrival counters must be back at zero and the result bit-identical."""
     K, N = 600, 80
-    epi = {"store": 0, "residual": 1, "silu_mul": 2}[epilogue]
+    epi = fused_ops.SKINNY_EPILOGUES[epilogue]
     skinny_cfg(N, K, epi, (32, 64, 4, 2, split))
     x = torch.randn(m, K, device=DEV).to(dtype)
     w = (torch.randn(2 * N if epilogue == "silu_mul" else N, K, device=DEV) * 0.05).to(dtype)

@@ -525,6 +525,8 @@ SKINNY_MAX_M = 16  # rows handled by `skinny_linear`; larger batches go to cuBLA
 # Where the skinny kernel beats cuBLAS + separate norm/act/add kernels (H100, Llama-3.2-1B shape,
 # benchmarks/decode_step.py): one row (decode step 1.26 vs 1.39 ms); at 3 rows they tie.
 SKINNY_PREFERRED_MAX_M = 2
+# skinny_linear's epilogue names -> the kernel's EPI constexpr (and the config table's key)
+SKINNY_EPILOGUES = {"store": 0, "residual": 1, "silu_mul": 2}
 SkinnyConfig = tuple[int, int, int, int, int]  # (BLOCK_N, BLOCK_K, num_warps, num_stages, split_k)
 _SKINNY_CFG: dict[tuple[int, int, int], SkinnyConfig] = {}
 
@@ -590,7 +592,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = N
     ([2N, K]) and out = silu(gate) * up. With `norm_weight`, x is RMS-normalised first.
     The shape's `skinny_config` picks the tile and the K split (split > 1: see the kernel)."""
     M, K = x.shape
-    epi = {"store": 0, "residual": 1, "silu_mul": 2}[epilogue]
+    epi = SKINNY_EPILOGUES[epilogue]
     N = w.shape[0] // 2 if epi == 2 else w.shape[0]
     if not use_triton(x) or M > SKINNY_MAX_M:
         h = rms_norm_ref(x, norm_weight, eps) if norm_weight is not None else x
