@@ -28,7 +28,7 @@ from aiosched.async_scheduler import AsyncScheduler
 from aiosched.config import EngineConfig
 from aiosched.detokenizer import IncrementalDetokenizer
 from aiosched.errors import EngineDeadError, EngineNotRunningError, EngineOverloadedError
-from aiosched.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleHistory, TokenLogprob
+from aiosched.outputs import PIECES_PER_CHUNK, CompletionOutput, RequestMetrics, RequestOutput, SampleHistory, TokenLogprob
 from aiosched.protocol import Logprobs, RunnerOutput, SchedulerOutput, WorkerInfo
 from aiosched.request import Request, RequestStatus
 from aiosched.request_stream import RequestStream
@@ -464,8 +464,12 @@ class AsyncEngine:
                     detok.last = t
                 else:
                     new_text = detok.push(t)
-                if new_text:
-                    hist.add_text(new_text)
+                if new_text:  # SampleHistory.add_text, inlined
+                    tail = hist.pieces
+                    tail.append(new_text)
+                    hist.num_chars += len(new_text)
+                    if len(tail) >= PIECES_PER_CHUNK:
+                        hist.join_pieces()
             hist.token_ids.append(t)
             group = tr.group
             comp = CompletionOutput(0, new_text, new_ids, None, None, None, hist, len(hist.token_ids), hist.num_chars, -1)

@@ -31,33 +31,41 @@ class TokenLogprob(msgspec.Struct, gc=False, array_like=True):
     top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
+PIECES_PER_CHUNK = 256  # text pieces joined into one chunk: bounds what text nobody reads holds
+
+
 class SampleHistory:
     """Append-only cumulative state of one sample (engine side). Every output of the
     sample is a view of a prefix of it, so building an output costs O(new tokens), not
     a copy of everything so far; the cumulative lists and text are built only when read."""
 
-    __slots__ = ("token_ids", "logprobs", "num_chars", "_chunks", "_tail")
+    __slots__ = ("token_ids", "logprobs", "num_chars", "_chunks", "pieces")
 
     def __init__(self) -> None:
         self.token_ids = TokenIds()  # one buffer, nothing inside for the GC to visit
         self.logprobs: list[TokenLogprob] = []
         self.num_chars = 0
         self._chunks: list[str] = []  # joined text; all of it becomes one string when read
-        self._tail: list[str] = []  # text pieces since the last join
+        self.pieces: list[str] = []  # text pieces since the last join (the engine appends here)
 
     def add_text(self, text: str) -> None:
-        tail = self._tail
+        tail = self.pieces
         tail.append(text)
         self.num_chars += len(text)
-        if len(tail) >= 256:  # bound the piece count of text nobody reads (O(1) per piece)
-            self._chunks.append("".join(tail))
-            tail.clear()
+        if len(tail) >= PIECES_PER_CHUNK:  # O(1) per piece
+            self.join_pieces()
+
+    def join_pieces(self) -> None:
+        """The pieces since the last join become one chunk (the engine's one-pass path
+        appends to `pieces` itself and calls this at the same bound as `add_text`)."""
+        self._chunks.append("".join(self.pieces))
+        self.pieces.clear()
 
     def text(self, num_chars: int) -> str:
         chunks = self._chunks
-        if self._tail:
-            chunks.append("".join(self._tail))
-            self._tail.clear()
+        if self.pieces:
+            chunks.append("".join(self.pieces))
+            self.pieces.clear()
         if len(chunks) > 1:
             chunks[:] = ["".join(chunks)]
         whole = chunks[0] if chunks else ""

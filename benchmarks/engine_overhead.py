@@ -47,6 +47,7 @@ alternating old/new (old, new, new, old, ...); medians and new/old ratios.
     .venv/bin/python benchmarks/engine_overhead.py --batch 64,256 --output-len 128,4096 --modes async \
         --tokenizer tok --compare main --repeats 3                       # issue 17: before/after
     .venv/bin/python benchmarks/engine_overhead.py --batch 256 --modes async --tokenizer tok --profile
+    .venv/bin/python benchmarks/engine_overhead.py --batch 64,256 --modes async --tokenizer tok --loop uvloop   # the CLI's loop
     .venv/bin/python benchmarks/engine_overhead.py --instructions --batch 64,256 --tokenizer tok --compare main
 
 `--instructions` counts instructions under valgrind (callgrind) instead of timing: the
@@ -301,6 +302,16 @@ HEADER = ("| code | batch | mode | detok | output len | window steps | schedule 
           "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
+def run_loop(coro: Any, loop: str) -> Any:
+    """Run `coro` on the chosen event loop (uvloop: its C call_soon and futures make each
+    consumer's wake-up cheaper than the stock loop's Python ones)."""
+    if loop == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
 def _configs(args: argparse.Namespace) -> list[tuple[bool, int, int, str]]:
     return [(t == "tok", int(b), int(n), m) for t in args.tokenizer.split(",") for b in args.batch.split(",")
             for n in args.output_len.split(",") for m in args.modes.split(",")]
@@ -325,7 +336,7 @@ def _child(tree: str, cfg: tuple[bool, int, int, str], args: argparse.Namespace)
     cmd = [sys.executable, os.path.abspath(__file__),
            "--child", "--batch", str(batch), "--output-len", str(n), "--modes", mode, "--tokenizer", "tok" if tok else "ids",
            "--input-len", str(args.input_len), "--runner", args.runner,
-           "--size-for", str(max(int(x) for x in args.output_len.split(",")))]
+           "--size-for", str(max(int(x) for x in args.output_len.split(","))), "--loop", args.loop]
     if args.max_num_batched_tokens:
         cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     env = dict(os.environ, PYTHONPATH=tree)
@@ -505,6 +516,8 @@ if __name__ == "__main__":
     p.add_argument("--compare", default=None, metavar="REF", help="before/after: REF's code vs this checkout, alternating subprocesses")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size-for", type=int, default=None, help=argparse.SUPPRESS)  # the run's longest output
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="the event loop (uvloop: what the CLI's serve/bench and uvicorn --loop uvloop run)")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="cProfile the event-loop thread over the window")
     p.add_argument("--instructions", action="store_true",
@@ -529,4 +542,4 @@ if __name__ == "__main__":
     else:
         if not (args.child or args.child_inline):
             print(HEADER, flush=True)
-        asyncio.run(main(args))
+        run_loop(main(args), args.loop)

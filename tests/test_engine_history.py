@@ -143,3 +143,26 @@ async def test_streamed_deltas_add_up_and_match_the_reference(make_engine, async
     for i, c in enumerate(last.outputs):
         assert c.token_ids == reference_tokens(PROMPT, 24, vocab_size=8192, seed=3 + i, greedy=False)
         assert c.text == tok.decode(c.token_ids)
+
+
+async def test_text_pieces_are_joined_on_the_fast_path_and_every_output_keeps_its_prefix(make_engine, monkeypatch) -> None:
+    """The one-pass path appends each token's text to the history itself: it joins the
+    pieces at the same bound as `SampleHistory.add_text` (here 4), so a long output holds
+    a few chunks, and every output read later still sees exactly its own prefix."""
+    from aiosched import engine as engine_mod, outputs
+
+    monkeypatch.setattr(engine_mod, "PIECES_PER_CHUNK", 4)
+    monkeypatch.setattr(outputs, "PIECES_PER_CHUNK", 4)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    async with _text_engine(make_engine) as eng:
+        outs, most_pieces = [], 0
+        async for out in eng.generate(PROMPT, params, request_id="p"):
+            outs.append(out)
+            for tr in eng._live.values():
+                most_pieces = max(most_pieces, len(tr.hist.pieces))
+        tok = eng.tokenizer
+    assert most_pieces < 4
+    assert "".join(o.new_text for o in outs) == outs[-1].text == tok.decode(outs[-1].token_ids)
+    texts = [tok.decode(o.token_ids) for o in outs]
+    for o, want in zip(outs, texts):  # read after the stream ended: each its own prefix
+        assert o.text == want
