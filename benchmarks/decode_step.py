@@ -437,11 +437,18 @@ def main() -> int:
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--pdl", action="store_true",
                    help="launch the decode-path Triton kernels with Programmatic Dependent Launch (Hopper+; fused_ops.set_pdl)")
+    p.add_argument("--attn-all-heads", type=int, default=None, metavar="MIN_BATCH",
+                   help="decode attention with every kv head of a request in one program from this batch size on "
+                        "(triton_paged.set_all_heads_min_batch, as AIOSCHED_ATTN_ALL_HEADS)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = "cuda"
     if args.pdl:  # before anything is compiled or captured: graphs keep the launches they captured
         fused_ops.set_pdl(True)
+    if args.attn_all_heads is not None:
+        from aiosched.executors.torch.attention import triton_paged
+
+        triton_paged.set_all_heads_min_batch(args.attn_all_heads)
     cfg = load_shape(args.shape)
     bss = [int(x) for x in args.batch_sizes.split(",")]
     variants = args.variants.split(",")

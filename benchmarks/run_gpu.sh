@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode pdl
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode pdl attn
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -68,6 +68,17 @@ if has pdl; then
     flag=; [ $mode = on ] && flag=--pdl
     python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best --kernel-profile $flag \
       --json "$OUT/decode_pdl_$mode.json" 2>&1 | tee -a "$LOG"
+  done
+fi
+if has attn; then
+  # issue 21: the decode attention kernel's launch shapes, per-kv-head programs vs all kv heads of a request in one program
+  say "decode attention: the per-kv-head defaults vs the all-heads grid, batch ${ATTN_BATCHES:-1,64,256} at 300 tokens"
+  python3 benchmarks/attention_tune.py --batch-sizes ${ATTN_BATCHES:-1,64,256} --ctx 300 --quick --json "$OUT/attn.json" 2>&1 | tee -a "$LOG"
+  say "decode step, attention per kv head (default) then all heads per program from batch ${ALL_HEADS_FROM:-64} (ALL_HEADS_FROM)"
+  for mode in off on; do
+    flag=; [ $mode = on ] && flag="--attn-all-heads ${ALL_HEADS_FROM:-64}"
+    python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,256 --ctx 300 --variants best --no-eager $flag \
+      --json "$OUT/decode_allheads_$mode.json" 2>&1 | tee -a "$LOG"
   done
 fi
 if has hf; then

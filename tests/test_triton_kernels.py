@@ -6,6 +6,7 @@ fresh random inputs and poisons the output first, so unwritten elements fail.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -130,6 +131,60 @@ def test_decode_attention_any_launch_config(cfg, splits) -> None:
                                     num_splits=splits, config=cfg)
     ref = tp.reference_paged_attention(q, kc, vc, bt, lens, [1] * 5, 0.125)
     assert rel_err(out, ref) < tol(DTYPES[0])
+
+
+@pytest.mark.parametrize("batch,hq,hkv,d,page,interleaved", [(1, 32, 8, 64, 16, False), (3, 8, 2, 64, 16, True), (5, 4, 4, 32, 8, False),
+                                                             (2, 14, 2, 128, 16, False), (3, 12, 3, 64, 16, False)])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_decode_attention_all_heads_in_one_program(batch, hq, hkv, d, page, interleaved, splits, block_n) -> None:
+    """The all-heads launch (every kv head of a request in one program, one batched dot over
+    the kv-head axis) computes the same attention, GQA groups and kv-head counts that are
+    not powers of two included, on the runner's layout and on an interleaved K/V one."""
+    rng = random.Random(batch * 31 + hq + d + splits)
+    lens = [rng.randint(1, 120) for _ in range(batch)]
+    lens[0] = 1
+    num_blocks = sum((n + page - 1) // page for n in lens) + 5
+    _, kc, vc = make_cache(num_blocks, page, hkv, d, DTYPES[0], interleaved)
+    bt = random_tables(lens, page, num_blocks, rng)
+    q = torch.randn(batch, hq, d, device=DEV).to(DTYPES[0])
+    out = torch.full_like(q, float("nan"))
+    tp.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device=DEV), d ** -0.5, out=out,
+                              num_splits=splits, config=tp.DecodeConfig(block_n, 4, 2, all_heads=True))
+    ref = tp.reference_paged_attention(q, kc, vc, bt, lens, [1] * batch, d ** -0.5)
+    assert rel_err(out, ref) < tol(DTYPES[0])
+
+
+def test_all_heads_switch_picks_the_kernel_and_its_split_count_by_batch_size(monkeypatch) -> None:
+    """From the switch's batch size on, a launch without a config takes the all-heads grid
+    (requests, splits) with the splits of one program per request; below it, and with the
+    switch off, the per-kv-head grid. Both compute the same attention."""
+    launches: list[tuple[str, tuple]] = []
+
+    def spy(name: str, kernel):  # type: ignore[no-untyped-def]
+        class Spy:
+            def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+                launches.append((name, tuple(grid)))
+                return kernel[grid]
+        return Spy()
+
+    monkeypatch.setattr(tp, "_decode_kernel", spy("one_head", tp._decode_kernel))
+    monkeypatch.setattr(tp, "_decode_all_heads_kernel", spy("all_heads", tp._decode_all_heads_kernel))
+    rng = random.Random(11)
+    for min_batch, batch, want in ((None, 3, "one_head"), (4, 3, "one_head"), (3, 3, "all_heads")):
+        monkeypatch.setattr(tp, "_ALL_HEADS_MIN_BATCH", None)
+        tp.set_all_heads_min_batch(min_batch)
+        lens = [rng.randint(1, 90) for _ in range(batch)]
+        num_blocks = sum((n + 15) // 16 for n in lens) + 2
+        _, kc, vc = make_cache(num_blocks, 16, 2, 64, DTYPES[0], False)
+        bt = random_tables(lens, 16, num_blocks, rng)
+        q = torch.randn(batch, 8, 64, device=DEV).to(DTYPES[0])
+        launches.clear()
+        out = tp.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device=DEV), 0.125)
+        sms = tp._num_sms(q.device)
+        assert launches == [(want, (batch, tp.num_decode_splits(batch, 1, sms)) if want == "all_heads"
+                             else (batch, 2, tp.num_decode_splits(batch, 2, sms)))]
+        assert rel_err(out, tp.reference_paged_attention(q, kc, vc, bt, lens, [1] * batch, 0.125)) < tol(DTYPES[0])
 
 
 def test_decode_workspace_is_reused() -> None:
@@ -500,9 +555,9 @@ def test_window_and_softcap_decode_and_varlen(dtype, window, softcap) -> None:
     last = [sum(qlens[:r + 1]) - 1 for r in range(len(lens))]
     qd = q[last].contiguous()
     ref_d = tp.reference_paged_attention(qd, kc, vc, bt, lens, [1] * len(lens), scale, window=window, softcap=softcap)
-    for splits in (1, 4):
-        out_d = tp.paged_decode_attention(qd, kc, vc, bt, seq, scale, num_splits=splits, window=window, softcap=softcap)
-        assert rel_err(out_d, ref_d) < tol(dtype)
+    for splits, cfg in itertools.product((1, 4), (None, tp.DecodeConfig(16, 4, 2, all_heads=True))):
+        out_d = tp.paged_decode_attention(qd, kc, vc, bt, seq, scale, num_splits=splits, window=window, softcap=softcap, config=cfg)
+        assert rel_err(out_d, ref_d) < tol(dtype), (splits, cfg)
 
 
 # ---------------------------------------------------------------- opt-in PDL (issue 21)
@@ -510,7 +565,7 @@ def test_window_and_softcap_decode_and_varlen(dtype, window, softcap) -> None:
 PDL_KERNELS = {
     fused_ops: ["_step_inputs_kernel", "_rms_norm_kernel", "_silu_mul_kernel", "_rope_cache_kernel",
                 "_skinny_gemm_kernel", "_argmax_partial_kernel", "_argmax_final_kernel"],
-    tp: ["_decode_kernel", "_decode_reduce_kernel"],
+    tp: ["_decode_kernel", "_decode_all_heads_kernel", "_decode_reduce_kernel"],
 }
 
 
@@ -541,6 +596,8 @@ def _every_decode_launch() -> None:
     fused_ops.argmax_rows(torch.randn(2, 5000, device=DEV))
     bt = torch.zeros(3, 2, dtype=torch.int32, device=DEV)
     tp.paged_decode_attention(q, kc, vc, bt, torch.full((3,), 9, dtype=torch.int32, device=DEV), 0.2, num_splits=2)
+    tp.paged_decode_attention(q, kc, vc, bt, torch.full((3,), 9, dtype=torch.int32, device=DEV), 0.2, num_splits=1,
+                              config=tp.DecodeConfig(16, 4, 2, all_heads=True))
 
 
 @pytest.mark.parametrize("on", [False, True])

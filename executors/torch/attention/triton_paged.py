@@ -24,6 +24,7 @@ follow fused_ops' opt-in PDL switch (`fused_ops.pdl_kwargs`); the varlen kernel 
 """
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -140,6 +141,88 @@ if HAVE_TRITON:
             tl.store(ml_ptr + row * 2 + 1, l_i, mask=hmask)
 
     @triton.jit
+    def _decode_all_heads_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, rows_ptr, out_ptr, part_ptr, ml_ptr,
+        sm_scale, window, softcap,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_bt,
+        stride_ob, stride_oh,
+        HKV: tl.constexpr, BLOCK_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, PREC: tl.constexpr,
+        HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False, PDL: tl.constexpr = False,
+    ):
+        """`_decode_kernel` with every kv head of a request in one program (grid (requests,
+        splits)): a tile loads BLOCK_N tokens' whole K (and V) rows, all kv heads side by
+        side ([kv heads, D, tokens]: one contiguous Hkv * D run per token in the runner's
+        layout, against one D-long run per program there), and the scores of each kv
+        head's G query heads are one batched `tl.dot` over the kv-head axis. Same online
+        softmax, same partials layout for the merge kernel."""
+        _pdl_prologue(PDL)
+        b = tl.program_id(0)
+        sp = tl.program_id(1)
+        seq_len = tl.load(lens_ptr + b)
+        if HAS_ROWS:
+            bt_row = tl.load(rows_ptr + b).to(tl.int64)
+        else:
+            bt_row = b
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = sp * chunk
+        end = tl.minimum(start + chunk, seq_len)
+        if HAS_WINDOW:
+            start = tl.maximum(start, seq_len - window)
+
+        offs_kv = tl.arange(0, BLOCK_KV)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, D)
+        kvmask = offs_kv < HKV
+        heads = offs_kv[:, None] * G + offs_g[None, :]  # [BLOCK_KV, BLOCK_G] query head numbers
+        hmask = kvmask[:, None] & (offs_g < G)[None, :]
+        q = tl.load(q_ptr + b * stride_qb + heads[:, :, None] * stride_qh + offs_d[None, None, :], mask=hmask[:, :, None], other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+
+        m_i = tl.full([BLOCK_KV, BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_KV, BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_KV, BLOCK_G, D], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            blk = tl.load(bt_ptr + bt_row * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            off = offs_n % PAGE
+            kmask = kvmask[:, None, None] & nmask[None, None, :]
+            k = tl.load(k_ptr + (blk * stride_kb + off * stride_kt)[None, None, :] + offs_kv[:, None, None] * stride_kh
+                        + offs_d[None, :, None], mask=kmask, other=0.0)  # [BLOCK_KV, D, BLOCK_N]
+            if SOFTCAP:
+                s = _softcap(tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * sm_scale, softcap) * 1.4426950408889634
+            else:
+                s = tl.dot(q, k.to(q.dtype), input_precision=PREC).to(tl.float32) * qk_scale  # [BLOCK_KV, BLOCK_G, BLOCK_N]
+            s = tl.where(nmask[None, None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 2))
+            if HAS_WINDOW:
+                m_new_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            else:
+                m_new_safe = m_new
+            alpha = tl.exp2(m_i - m_new_safe)
+            p = tl.exp2(s - m_new_safe[:, :, None])
+            l_i = l_i * alpha + tl.sum(p, 2)
+            vmask = kvmask[:, None, None] & nmask[None, :, None]
+            v = tl.load(v_ptr + (blk * stride_vb + off * stride_vt)[None, :, None] + offs_kv[:, None, None] * stride_vh
+                        + offs_d[None, None, :], mask=vmask, other=0.0)  # [BLOCK_KV, BLOCK_N, D]
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PREC).to(tl.float32)
+            m_i = m_new
+
+        if NUM_SPLITS == 1:
+            o = acc / l_i[:, :, None]
+            tl.store(out_ptr + b * stride_ob + heads[:, :, None] * stride_oh + offs_d[None, None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=hmask[:, :, None])
+        else:
+            row = (b * (G * HKV) + heads) * NUM_SPLITS + sp  # the merge kernel's layout, as `_decode_kernel`
+            tl.store(part_ptr + row[:, :, None] * D + offs_d[None, None, :], acc, mask=hmask[:, :, None])
+            tl.store(ml_ptr + row * 2, m_i, mask=hmask)
+            tl.store(ml_ptr + row * 2 + 1, l_i, mask=hmask)
+
+    @triton.jit
     def _decode_reduce_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
                               D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
         _pdl_prologue(PDL)
@@ -252,6 +335,23 @@ class DecodeConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 2
     heads_fast: bool = False  # grid (kv heads, requests, splits) instead of (requests, kv heads, splits)
+    all_heads: bool = False  # grid (requests, splits): every kv head of a request in one program (`heads_fast` unused)
+
+
+# The all-heads grid (one program per request and split) from this batch size on; None: never
+# (the default until a device measurement shows it wins). AIOSCHED_ATTN_ALL_HEADS=N, or
+# `set_all_heads_min_batch(N)` before graphs are captured (a graph keeps the launch it captured).
+_ALL_HEADS_MIN_BATCH: int | None = int(os.environ["AIOSCHED_ATTN_ALL_HEADS"]) if os.environ.get("AIOSCHED_ATTN_ALL_HEADS") else None
+ALL_HEADS_CONFIG = DecodeConfig(32, 8, 2, all_heads=True)
+
+
+def set_all_heads_min_batch(n: int | None) -> None:
+    global _ALL_HEADS_MIN_BATCH
+    _ALL_HEADS_MIN_BATCH = n
+
+
+def uses_all_heads(batch: int) -> bool:
+    return _ALL_HEADS_MIN_BATCH is not None and batch >= _ALL_HEADS_MIN_BATCH
 
 
 def default_decode_config(num_splits: int) -> DecodeConfig:
@@ -282,8 +382,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     G = Hq // Hkv
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    if num_splits is None:
-        num_splits = num_decode_splits(B, Hkv, _num_sms(q.device))
+    all_heads = config.all_heads if config is not None else uses_all_heads(B)
+    if num_splits is None:  # a function of the batch size only: a captured graph stays valid
+        num_splits = num_decode_splits(B, 1 if all_heads else Hkv, _num_sms(q.device))
     sk = _kv_strides(k_cache)
     sv = _kv_strides(v_cache)
     if num_splits > 1:
@@ -294,7 +395,32 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             ml = torch.empty(B * Hq * num_splits * 2, dtype=torch.float32, device=q.device)
     else:
         part = ml = out  # unused
-    cfg = config or default_decode_config(num_splits)
+    cfg = config or (ALL_HEADS_CONFIG if all_heads else default_decode_config(num_splits))
+    if cfg.all_heads:
+        _decode_all_heads_kernel[(B, num_splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, rows if rows is not None else seq_lens, out, part, ml, scale,
+            window or 0, softcap or 1.0,
+            q.stride(0), q.stride(1), *sk, *sv, block_tables.stride(0), out.stride(0), out.stride(1),
+            HKV=Hkv, BLOCK_KV=_next_pow2(Hkv), G=G, BLOCK_G=max(16, _next_pow2(G)), D=D, BLOCK_N=cfg.block_n, PAGE=page,
+            NUM_SPLITS=num_splits, HAS_ROWS=rows is not None, PREC=_prec(q), HAS_WINDOW=window is not None,
+            SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
+        )
+    else:
+        _decode_one_head(q, k_cache, v_cache, block_tables, seq_lens, rows, out, part, ml, scale, window, softcap, sk, sv,
+                         G, D, page, num_splits, cfg)
+    if num_splits > 1:
+        _decode_reduce_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), D=D, NUM_SPLITS=num_splits,
+                                       BLOCK_S=_next_pow2(num_splits), num_warps=1,
+                                       **pdl_kwargs(q.device))
+    return out
+
+
+def _decode_one_head(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor, part: torch.Tensor, ml: torch.Tensor,
+                     scale: float, window: int | None, softcap: float | None, sk: tuple[int, int, int], sv: tuple[int, int, int],
+                     G: int, D: int, page: int, num_splits: int, cfg: DecodeConfig) -> None:
+    """`_decode_kernel`'s launch: one program per (request, kv head, split)."""
+    B, Hkv = q.shape[0], k_cache.shape[2]
     grid = (Hkv, B, num_splits) if cfg.heads_fast else (B, Hkv, num_splits)
     _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, rows if rows is not None else seq_lens, out, part, ml, scale,
@@ -304,11 +430,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HAS_ROWS=rows is not None, PREC=_prec(q), HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
         HEADS_FAST=cfg.heads_fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(q.device),
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(B, Hq)](part, ml, out, out.stride(0), out.stride(1), D=D, NUM_SPLITS=num_splits,
-                                       BLOCK_S=_next_pow2(num_splits), num_warps=1,
-                                       **pdl_kwargs(q.device))
-    return out
 
 
 def varlen_tiles(query_lens: list[int], block_q: int) -> list[int]:
