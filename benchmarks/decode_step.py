@@ -20,9 +20,9 @@ and split-K configs at 1 row, a shortlist at 3 rows, each against cuBLAS; the st
 then timed with each projection's best one-row config (--skinny-from applies the choice
 of an earlier run's --json instead).
 
---pdl turns on Programmatic Dependent Launch for the decode-path Triton kernels
-(`fused_ops.set_pdl`, as AIOSCHED_PDL=1) before the model and its graphs are built;
-run once with and once without to compare (benchmarks/run_gpu.sh stage `pdl`).
+--no-pdl / --pdl turn Programmatic Dependent Launch of the decode-path Triton kernels off / on
+(`fused_ops.set_pdl`; on is the default, AIOSCHED_PDL=0 is off) before the model and its
+graphs are built; run once with each to compare (benchmarks/run_gpu.sh stage `pdl`).
 
     python benchmarks/decode_step.py --shape llama-3.2-1b --batch-sizes 1,3,256 --ctx 300 --json decode.json
 """
@@ -436,15 +436,16 @@ def main() -> int:
     p.add_argument("--kernel-profile", action="store_true", help="per-kernel time of one graph replay (torch profiler)")
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--pdl", action="store_true",
-                   help="launch the decode-path Triton kernels with Programmatic Dependent Launch (Hopper+; fused_ops.set_pdl)")
+                   help="launch the decode-path Triton kernels with Programmatic Dependent Launch (Hopper+; fused_ops.set_pdl; the default)")
+    p.add_argument("--no-pdl", action="store_true", help="launch them without PDL (AIOSCHED_PDL=0)")
     p.add_argument("--attn-all-heads", type=int, default=None, metavar="MIN_BATCH",
                    help="decode attention with every kv head of a request in one program from this batch size on "
                         "(triton_paged.set_all_heads_min_batch, as AIOSCHED_ATTN_ALL_HEADS)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = "cuda"
-    if args.pdl:  # before anything is compiled or captured: graphs keep the launches they captured
-        fused_ops.set_pdl(True)
+    if args.pdl or args.no_pdl:  # before anything is compiled or captured: graphs keep the launches they captured
+        fused_ops.set_pdl(not args.no_pdl)
     if args.attn_all_heads is not None:
         from aiosched.executors.torch.attention import triton_paged
 

@@ -65,7 +65,7 @@ if has pdl; then
   # processes: each compiles and captures its own graphs), the batch-1 step is the target
   say "decode step without, then with PDL (--pdl), kernel profile"
   for mode in off on; do
-    flag=; [ $mode = on ] && flag=--pdl
+    flag=--no-pdl; [ $mode = on ] && flag=--pdl
     python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3,256 --ctx 300 --variants best --kernel-profile $flag \
       --json "$OUT/decode_pdl_$mode.json" 2>&1 | tee -a "$LOG"
   done

@@ -638,10 +638,26 @@ def test_pdl_switch_reads_the_environment_once() -> None:
     import sys
 
     code = "from aiosched.executors.torch import fused_ops as f; print(f._PDL)"
-    for val, want in (("1", "True"), ("0", "False")):
-        env = {**os.environ, "AIOSCHED_PDL": val}
+    for val, want in (("1", "True"), ("0", "False"), (None, "True")):  # on unless turned off
+        env = {k: v for k, v in os.environ.items() if k != "AIOSCHED_PDL"}
+        if val is not None:
+            env["AIOSCHED_PDL"] = val
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
         assert out.strip() == want
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="PDL launches need a Hopper (sm_90+) device")
+def test_pdl_launches_compute_the_same_bits_on_the_gpu(monkeypatch) -> None:
+    """PDL only moves when a kernel may start: every decode-path kernel gives the same bits
+    with it on and off (split-K partial sums and split decode merges included)."""
+    monkeypatch.setattr(fused_ops, "_PDL", False)
+    with torch.random.fork_rng():
+        off = _decode_path_results()
+        fused_ops.set_pdl(True)
+        assert fused_ops.pdl_kwargs(torch.device(DEV)) == {"PDL": True, "launch_pdl": True}
+        on = _decode_path_results()
+    assert all(torch.equal(a, b) for a, b in zip(off, on))
 
 
 def _decode_path_results() -> list[torch.Tensor]:
