@@ -438,6 +438,8 @@ def main() -> int:
     p.add_argument("--pdl", action="store_true",
                    help="launch the decode-path Triton kernels with Programmatic Dependent Launch (Hopper+; fused_ops.set_pdl; the default)")
     p.add_argument("--no-pdl", action="store_true", help="launch them without PDL (AIOSCHED_PDL=0)")
+    p.add_argument("--skinny-qkv", action="store_true",
+                   help="qkv of 1-2 rows as a skinny GEMM with the input norm as prologue (layers.set_skinny_qkv, AIOSCHED_SKINNY_QKV=1)")
     p.add_argument("--attn-all-heads", type=int, default=None, metavar="MIN_BATCH",
                    help="decode attention with every kv head of a request in one program from this batch size on "
                         "(triton_paged.set_all_heads_min_batch, as AIOSCHED_ATTN_ALL_HEADS)")
@@ -446,6 +448,10 @@ def main() -> int:
     dev = "cuda"
     if args.pdl or args.no_pdl:  # before anything is compiled or captured: graphs keep the launches they captured
         fused_ops.set_pdl(not args.no_pdl)
+    if args.skinny_qkv:
+        from aiosched.executors.torch import layers
+
+        layers.set_skinny_qkv(True)
     if args.attn_all_heads is not None:
         from aiosched.executors.torch.attention import triton_paged
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode pdl attn
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode pdl attn qkv
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -79,6 +79,15 @@ if has attn; then
     flag=; [ $mode = on ] && flag="--attn-all-heads ${ALL_HEADS_FROM:-64}"
     python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,256 --ctx 300 --variants best --no-eager $flag \
       --json "$OUT/decode_allheads_$mode.json" 2>&1 | tee -a "$LOG"
+  done
+fi
+if has qkv; then
+  # issue 21: with PDL on (the default), does the qkv GEMV with the input norm as its skinny prologue beat norm + cuBLAS?
+  say "decode step: qkv on cuBLAS after a norm kernel (default), then the skinny GEMM with the norm prologue, kernel profile"
+  for mode in off on; do
+    flag=; [ $mode = on ] && flag=--skinny-qkv
+    python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,3 --ctx 300 --variants best --no-eager --kernel-profile $flag \
+      --json "$OUT/decode_qkv_$mode.json" 2>&1 | tee -a "$LOG"
   done
 fi
 if has hf; then

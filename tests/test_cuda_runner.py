@@ -95,6 +95,40 @@ async def test_fast_path_under_preemption_and_sampling(make_engine, ckpt) -> Non
     assert a.token_ids == b.token_ids and len(a.token_ids) == 10
 
 
+async def test_skinny_qkv_with_the_norm_prologue_matches_the_reference(make_engine, ckpt, monkeypatch) -> None:
+    """The skinny-qkv switch (layers.set_skinny_qkv): decode steps of 1-2 rows take the qkv
+    projection as one skinny GEMM with the input norm as prologue, same greedy tokens."""
+    from aiosched.executors.torch import fused_ops, layers
+
+    async def run(fast: bool) -> list[list[int]]:
+        eng = make_engine(model=ckpt, device=DEV, dtype="float32", max_num_seqs=2, cuda_graph_max_batch=8)
+        async with eng:
+            runner = eng._executor.runner
+            if not fast:
+                runner.fast = None
+            elif not CUDA:
+                from aiosched.executors.torch.cuda_path import FastPath
+
+                runner.fast = FastPath(runner, use_graphs=False)
+            greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+            outs = await asyncio.gather(*[eng.generate(p, greedy) for p in prompts()[:3]])
+        return [o.token_ids for o in outs]
+
+    ref = await run(fast=False)
+    qkv_out = 4 * 32 + 2 * 2 * 32  # the checkpoint's q + k + v features
+    seen: list[bool] = []
+    real = fused_ops.skinny_linear
+
+    def spy(x, w, *a, **k):  # type: ignore[no-untyped-def]
+        seen.append(w.shape[0] == qkv_out and k.get("norm_weight") is not None)
+        return real(x, w, *a, **k)
+
+    monkeypatch.setattr(fused_ops, "skinny_linear", spy)
+    monkeypatch.setattr(layers, "_SKINNY_QKV", True)
+    assert await run(fast=True) == ref
+    assert any(seen)  # the qkv projections did take the skinny kernel
+
+
 def repetitive_prompts() -> list[list[int]]:
     """Prompts with repeated phrases, so the n-gram proposer finds drafts."""
     return [([(i * 17 + j * 5) % 350 + 3 for j in range(4 + i % 5)] * 6)[: 20 + 3 * i] for i in range(8)]

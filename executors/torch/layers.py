@@ -94,6 +94,23 @@ class Residual:
         return h
 
 
+# The qkv projection of 1-2 rows as a skinny GEMM with the input norm as its prologue (one
+# kernel instead of a norm kernel and a cuBLAS GEMV). Off: without PDL it lost on the H200
+# (10.3 vs 8.3 us per layer, 2026-12-03); with PDL the skinny kernels' start overlaps the
+# previous kernel's drain, which is what it lost on. AIOSCHED_SKINNY_QKV=1 or
+# `set_skinny_qkv(True)` before graphs are captured; benchmarks/decode_step.py --skinny-qkv.
+_SKINNY_QKV = os.environ.get("AIOSCHED_SKINNY_QKV") == "1"
+
+
+def set_skinny_qkv(on: bool) -> None:
+    global _SKINNY_QKV
+    _SKINNY_QKV = bool(on)
+
+
+def skinny_qkv_enabled() -> bool:
+    return _SKINNY_QKV
+
+
 def skinny_rows(x: torch.Tensor, fused: bool, tp: TPGroup = SINGLE) -> bool:
     """Whether a projection of x's rows takes the skinny Triton GEMM: 1-2 rows, where it
     beats cuBLAS on the H100 (benchmarks/decode_step.py --tune), on one device."""

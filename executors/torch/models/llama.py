@@ -24,8 +24,10 @@ from torch import nn
 
 from aiosched.executors.model_config import ModelConfig
 from aiosched.executors.torch.attention.torch_paged import AttentionMetadata, paged_attention
+from aiosched.executors.torch import fused_ops
 from aiosched.executors.torch.layers import (GatedMLP, Linear, PackedWeight, Residual, RMSNorm, RotaryAt, RowParallelLinear,
-                                             linear, rope_and_store, rope_cos_sin, scale_embedding, softcap)
+                                             linear, rope_and_store, rope_cos_sin, scale_embedding, skinny_qkv_enabled,
+                                             skinny_rows, softcap)
 from aiosched.executors.torch.parallel import SINGLE, TPGroup, all_gather, all_reduce_, shard_range
 
 
@@ -97,6 +99,18 @@ class Attention(nn.Module):
         """stream += o_proj(attention(x)); x is the normed stream."""
         self._attend(self.qkv_proj(x), rope, meta, k_cache, v_cache, stream)
 
+    def forward_normed(self, norm: RMSNorm, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, stream: Residual) -> None:
+        """stream += o_proj(attention(norm(stream))). With the skinny-qkv switch, for 1-2 rows on
+        a fused step, the norm is the qkv GEMM's prologue (layers.skinny_qkv_enabled)."""
+        x = stream.x
+        if (skinny_qkv_enabled() and self.qkv_proj.bias is None and not norm.unit_offset and stream.pending is None
+                and skinny_rows(x, stream.fused, self.tp)):
+            qkv = fused_ops.skinny_linear(x, self.qkv_proj.weight, norm_weight=norm.weight, eps=norm.eps)
+        else:
+            qkv = self.qkv_proj(stream.normed(norm))
+        self._attend(qkv, rope, meta, k_cache, v_cache, stream)
+
     def _attend(self, qkv: torch.Tensor, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, stream: Residual) -> None:
         T = qkv.shape[0]
@@ -124,7 +138,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, stream: Residual, rope: RotaryAt, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> None:
-        self.self_attn(stream.normed(self.input_layernorm), rope, meta, k_cache, v_cache, stream)
+        self.self_attn.forward_normed(self.input_layernorm, rope, meta, k_cache, v_cache, stream)
         self.mlp.add_into(stream, self.post_attention_layernorm)
 
 
