@@ -427,7 +427,10 @@ def _instructions(tree: str, batch: int, output_len: int, tok: bool, args: argpa
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__),
                "--child-inline", "--batch", str(batch), "--output-len", str(output_len), "--tokenizer", "tok" if tok else "ids",
                "--input-len", str(args.input_len)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=tree), cwd=tempfile.gettempdir())
+        # A fixed hash seed: start-up (the tokenizer's dicts, set orders) then costs the same in both runs of a pair, and
+        # cancels in their difference (with a random seed it moved the per-request-step count by up to 4%).
+        env = dict(os.environ, PYTHONPATH=tree, PYTHONHASHSEED="0")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
         if r.returncode != 0:
             raise RuntimeError(f"valgrind run failed ({tree}): {r.stderr[-2000:]}")
         with open(out) as f:
