@@ -428,8 +428,11 @@ def _instructions(tree: str, batch: int, output_len: int, tok: bool, args: argpa
                "--child-inline", "--batch", str(batch), "--output-len", str(output_len), "--tokenizer", "tok" if tok else "ids",
                "--input-len", str(args.input_len)]
         # A fixed hash seed: start-up (the tokenizer's dicts, set orders) then costs the same in both runs of a pair, and
-        # cancels in their difference (with a random seed it moved the per-request-step count by up to 4%).
-        env = dict(os.environ, PYTHONPATH=tree, PYTHONHASHSEED="0")
+        # cancels in their difference.
+        # One thread in every pool (the Rust tokenizer, OpenBLAS): valgrind serialises threads, and a pool's spin-waits count as
+        # instructions in whatever amount the thread interleaving gives.
+        env = dict(os.environ, PYTHONPATH=tree, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false", RAYON_NUM_THREADS="1",
+                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
         if r.returncode != 0:
             raise RuntimeError(f"valgrind run failed ({tree}): {r.stderr[-2000:]}")
