@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from aiosched import draft_replay, engine_log, preflight
+from aiosched import detokenizer, draft_replay, engine_log, preflight
 from aiosched.async_scheduler import AsyncScheduler
 from aiosched.config import EngineConfig
 from aiosched.detokenizer import IncrementalDetokenizer
@@ -145,6 +145,7 @@ class AsyncEngine:
         model_dir = None if fake_without_model else self.config.resolved_model
         if model_dir is not None and os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
             self.tokenizer = Tokenizer(model_dir)
+            detokenizer.warm(self.tokenizer)  # every token's text known before the first output (the default skip_special_tokens)
         self._executor = create_executor(self.config)
         try:
             self.info = await self._executor.start()

@@ -68,5 +68,9 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, seqs: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """decode() of each sequence, in one call into the Rust side."""
+        return self._tok.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+
     def id_to_token(self, tid: int) -> str | None:
         return self._tok.id_to_token(tid)

@@ -146,3 +146,37 @@ async def test_engine_output_text_is_the_decode_of_its_tokens_after_a_partial_pr
         streamed = [o async for o in eng.generate(prompt, params)]
     assert final.text == t.decode(final.token_ids)
     assert "".join(o.new_text for o in streamed) == t.decode(streamed[-1].token_ids) == final.text
+
+
+def test_warm_fills_every_tokens_text_as_the_lazy_path_would(tok: Tokenizer) -> None:
+    """detokenizer.warm: one batched decode gives each token the text (and clean / partial
+    verdict) that a first appearance would have learned, for the whole vocabulary; streams
+    through the warm tables decode as before."""
+    from aiosched import detokenizer
+
+    fresh = tok
+    detokenizer._clean.pop(fresh, None)
+    detokenizer._single.pop(fresh, None)
+    lazy = IncrementalDetokenizer(fresh, [], [])
+    learned = {t: lazy._learn(t) for t in range(fresh.vocab_size)}
+    detokenizer._clean.pop(fresh, None)
+    detokenizer._single.pop(fresh, None)
+    detokenizer.warm(fresh)
+    d = IncrementalDetokenizer(fresh, [], [])
+    assert d.clean == learned and len(learned) == fresh.vocab_size
+    assert any(v is None for v in learned.values()) and any(v for v in learned.values())  # both kinds present
+    assert d._one == {t: fresh.decode([t]) for t in range(fresh.vocab_size)}
+    pieces, _ = _stream(fresh, fresh.encode(TEXT))
+    assert "".join(pieces) == fresh.decode(fresh.encode(TEXT))
+
+
+async def test_engine_start_warms_the_token_texts(make_engine) -> None:
+    """After start, a token the engine never emitted is already a dict hit (no decode on
+    the loop at its first appearance)."""
+    import aiosched
+    from aiosched import detokenizer
+
+    model = pathlib.Path(aiosched.__file__).parent / "default_model"
+    async with make_engine(runner="fake", model=str(model)) as eng:
+        table = detokenizer._clean[eng.tokenizer][True]
+        assert len(table) == eng.tokenizer.vocab_size
