@@ -52,8 +52,13 @@ def warm(tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
     texts = tokenizer.decode_batch([[t] for t in range(tokenizer.vocab_size)], skip_special_tokens)
     _per_tokenizer(_single, tokenizer, skip_special_tokens).update(enumerate(texts))
     if _is_byte_level(tokenizer):
-        _per_tokenizer(_clean, tokenizer, skip_special_tokens).update(
-            (t, None if "\ufffd" in text else text) for t, text in enumerate(texts))
+        _per_tokenizer(_clean, tokenizer, skip_special_tokens).update((t, _clean_text(text)) for t, text in enumerate(texts))
+
+
+def _clean_text(text: str) -> str | None:
+    """A single token's text as the fast path keeps it: None for a partial character (or a
+    real U+FFFD), which the window path decides."""
+    return None if "\ufffd" in text else text
 
 
 def _is_byte_level(tok: Tokenizer) -> bool:
@@ -96,10 +101,7 @@ class IncrementalDetokenizer:
 
     def _learn(self, t: int) -> str | None:
         assert self.clean is not None
-        text: str | None = self.tok.decode([t], self.skip_special)
-        if "\ufffd" in text:
-            text = None  # a partial character (or a real U+FFFD): the window path decides
-        self.clean[t] = text
+        text = self.clean[t] = _clean_text(self.tok.decode([t], self.skip_special))
         return text
 
     def push(self, t: int) -> str:

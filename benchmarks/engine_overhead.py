@@ -377,7 +377,7 @@ async def inline_workload(batch: int, output_len: int, tok: bool, input_len: int
     Same code paths as the engine loop in async mode (two steps in flight)."""
     import random as _random
 
-    from aiosched import engine_log
+    from aiosched import detokenizer, engine_log
     from aiosched.async_scheduler import AsyncScheduler
     from aiosched.config import EngineConfig
     from aiosched.protocol import RunnerOutput, WorkerInfo
@@ -388,8 +388,6 @@ async def inline_workload(batch: int, output_len: int, tok: bool, input_len: int
                                  num_kv_blocks=batch * (max_len // 16 + 2) + 64, max_model_len=max_len, seed=0))
     e = AsyncEngine(cfg)
     e.tokenizer = Tokenizer(DEFAULT_MODEL) if tok else None
-    from aiosched import detokenizer
-
     if tok and hasattr(detokenizer, "warm"):  # as AsyncEngine.start does (trees that have it)
         detokenizer.warm(e.tokenizer)
     e.info = WorkerInfo(1, cfg.num_kv_blocks, 16, 8192, max_len, "cpu", "none", "fake", features=["logprobs"])

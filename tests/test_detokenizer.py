@@ -154,20 +154,19 @@ def test_warm_fills_every_tokens_text_as_the_lazy_path_would(tok: Tokenizer) -> 
     through the warm tables decode as before."""
     from aiosched import detokenizer
 
-    fresh = tok
-    detokenizer._clean.pop(fresh, None)
-    detokenizer._single.pop(fresh, None)
-    lazy = IncrementalDetokenizer(fresh, [], [])
-    learned = {t: lazy._learn(t) for t in range(fresh.vocab_size)}
-    detokenizer._clean.pop(fresh, None)
-    detokenizer._single.pop(fresh, None)
-    detokenizer.warm(fresh)
-    d = IncrementalDetokenizer(fresh, [], [])
-    assert d.clean == learned and len(learned) == fresh.vocab_size
+    detokenizer._clean.pop(tok, None)
+    detokenizer._single.pop(tok, None)
+    lazy = IncrementalDetokenizer(tok, [], [])
+    learned = {t: lazy._learn(t) for t in range(tok.vocab_size)}
+    detokenizer._clean.pop(tok, None)
+    detokenizer._single.pop(tok, None)
+    detokenizer.warm(tok)
+    d = IncrementalDetokenizer(tok, [], [])
+    assert d.clean == learned and len(learned) == tok.vocab_size
     assert any(v is None for v in learned.values()) and any(v for v in learned.values())  # both kinds present
-    assert d._one == {t: fresh.decode([t]) for t in range(fresh.vocab_size)}
-    pieces, _ = _stream(fresh, fresh.encode(TEXT))
-    assert "".join(pieces) == fresh.decode(fresh.encode(TEXT))
+    assert d._one == {t: tok.decode([t]) for t in range(tok.vocab_size)}
+    pieces, _ = _stream(tok, tok.encode(TEXT))
+    assert "".join(pieces) == tok.decode(tok.encode(TEXT))
 
 
 async def test_engine_start_warms_the_token_texts(make_engine) -> None:
