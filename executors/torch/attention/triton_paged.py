@@ -62,6 +62,23 @@ if HAVE_TRITON:
         return cap * (2.0 * tl.sigmoid(2.0 * s / cap) - 1.0)
 
     @triton.jit
+    def _split_bounds(lens_ptr, rows_ptr, b, sp, window, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                      HAS_ROWS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+        """Request b's block-table row and split sp's key range [start, end): the context in
+        NUM_SPLITS chunks of whole BLOCK_N tiles, computed on the device from its length."""
+        seq_len = tl.load(lens_ptr + b)
+        if HAS_ROWS:  # block-table row of each request (persistent tables indexed by request slot)
+            bt_row = tl.load(rows_ptr + b).to(tl.int64)
+        else:
+            bt_row = b
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = sp * chunk
+        end = tl.minimum(start + chunk, seq_len)
+        if HAS_WINDOW:  # the query (at seq_len - 1) sees keys >= seq_len - window only; a split may see none
+            start = tl.maximum(start, seq_len - window)
+        return bt_row, start, end
+
+    @triton.jit
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, rows_ptr, out_ptr, part_ptr, ml_ptr,
         sm_scale, window, softcap,
@@ -83,16 +100,7 @@ if HAVE_TRITON:
             b = tl.program_id(0)
             kvh = tl.program_id(1)
         sp = tl.program_id(2)
-        seq_len = tl.load(lens_ptr + b)
-        if HAS_ROWS:  # block-table row of each request (persistent tables indexed by request slot)
-            bt_row = tl.load(rows_ptr + b).to(tl.int64)
-        else:
-            bt_row = b
-        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = sp * chunk
-        end = tl.minimum(start + chunk, seq_len)
-        if HAS_WINDOW:  # the query (at seq_len - 1) sees keys >= seq_len - window only; a split may see none
-            start = tl.maximum(start, seq_len - window)
+        bt_row, start, end = _split_bounds(lens_ptr, rows_ptr, b, sp, window, BLOCK_N, NUM_SPLITS, HAS_ROWS, HAS_WINDOW)
 
         offs_h = tl.arange(0, BLOCK_H)
         hmask = offs_h < G
@@ -162,16 +170,7 @@ if HAVE_TRITON:
         _pdl_prologue(PDL)
         b = tl.program_id(0)
         sp = tl.program_id(1)
-        seq_len = tl.load(lens_ptr + b)
-        if HAS_ROWS:
-            bt_row = tl.load(rows_ptr + b).to(tl.int64)
-        else:
-            bt_row = b
-        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = sp * chunk
-        end = tl.minimum(start + chunk, seq_len)
-        if HAS_WINDOW:
-            start = tl.maximum(start, seq_len - window)
+        bt_row, start, end = _split_bounds(lens_ptr, rows_ptr, b, sp, window, BLOCK_N, NUM_SPLITS, HAS_ROWS, HAS_WINDOW)
 
         offs_kv = tl.arange(0, BLOCK_KV)
         offs_g = tl.arange(0, BLOCK_G)
