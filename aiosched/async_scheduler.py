@@ -8,15 +8,11 @@ Everything else (budget, preemption, prefix caching, stop checks) is inherited.
 from __future__ import annotations
 
 from aiosched.request import Request
-from aiosched.scheduler import Scheduler
+from aiosched.scheduler import Scheduler, lookahead_new_tokens
 
 
 class AsyncScheduler(Scheduler):
-    def _num_new_tokens(self, req: Request) -> int:
-        total = len(req.all_token_ids) + req.num_output_placeholders + req.num_spec_slack  # upper bound
-        if total >= req.stop_length:
-            return 0  # the last token it may produce is already in flight
-        return total - req.num_computed_tokens
+    _num_new_tokens = lookahead_new_tokens  # (inlined in `schedule`)
 
     def _can_admit(self, req: Request) -> bool:
         # Preempted with a step in flight: wait until that token is known.

@@ -47,6 +47,16 @@ class StepUpdate(msgspec.Struct, gc=False):
     new_token_ids: list[int] = msgspec.field(default_factory=list)
 
 
+def lookahead_new_tokens(self: "Scheduler", req: Request) -> int:
+    """Tokens a request could compute now when the scheduler runs one step ahead: its
+    known tokens plus those in flight (placeholders, draft slack) are an upper bound on
+    its length. `AsyncScheduler._num_new_tokens`; `Scheduler.schedule` inlines it."""
+    total = len(req.all_token_ids) + req.num_output_placeholders + req.num_spec_slack  # upper bound
+    if total >= req.stop_length:
+        return 0  # the last token it may produce is already in flight
+    return total - req.num_computed_tokens
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int) -> None:
         self.config = config
@@ -59,6 +69,7 @@ class Scheduler:
         self._step_id = 0
         self.stats = SchedulerStats()
         self.drafting = True  # speculative drafts in the next steps (the engine's SpecPolicy turns it off)
+        self._inline_lookahead = type(self)._num_new_tokens is lookahead_new_tokens
 
     # ---- requests in and out ----
 
@@ -129,6 +140,9 @@ class Scheduler:
         # inside its last block (no `allocate`) and no block of it becomes full (no
         # `cache_full_blocks`), so it costs a few attribute updates and one ScheduledRequest.
         running = self.running
+        # The one-step-ahead count (`lookahead_new_tokens`) inlined when the class uses it;
+        # any other `_num_new_tokens` (the sync scheduler's, a subclass's) is called.
+        inline_count = self._inline_lookahead
         num_new_tokens = self._num_new_tokens
         allocate = self.kv.allocate
         cache_full_blocks = self.kv.cache_full_blocks
@@ -139,10 +153,16 @@ class Scheduler:
         drafting = spec_on and self.drafting and not (0 < self.config.speculative.disable_by_batch_size <= len(running))
         append = scheduled.append
 
-        i = 0
-        while i < len(running) and budget > 0:
-            req = running[i]
-            n = num_new_tokens(req)
+        # A for loop over the list: preemption removes requests only from its back (and
+        # stops at the current one), which the list iterator sees as a shorter list.
+        for req in running:
+            if budget <= 0:
+                break
+            if inline_count:
+                n = len(req.all_token_ids) + req.num_output_placeholders + req.num_spec_slack
+                n = 0 if n >= req.stop_length else n - req.num_computed_tokens
+            else:
+                n = num_new_tokens(req)
             if n > budget:
                 n = budget
             d = 0
@@ -153,7 +173,6 @@ class Scheduler:
                     n = 0  # its position is known only once its speculative step lands
                 n += d
             if n <= 0:
-                i += 1
                 continue
             start = req.num_computed_tokens
             end = start + n
@@ -183,7 +202,6 @@ class Scheduler:
                 cache_full_blocks(req)
             append(ScheduledRequest(req.req_id, n, start, new_blocks, sample, _NO_IDS, d))
             budget -= n
-            i += 1
 
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]

@@ -137,3 +137,32 @@ def test_a_loop_with_its_own_futures_makes_the_waits() -> None:
         loop.close()
     assert _CountingLoop.created >= 3
     assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_schedule_inlines_only_the_lookahead_count() -> None:
+    """`schedule` inlines the one-step-ahead token count for the schedulers that use it;
+    a subclass with its own `_num_new_tokens` (or the sync scheduler's) is still called."""
+    from aiosched.scheduler import Scheduler
+
+    calls: list[str] = []
+
+    class Capped(AsyncScheduler):  # at most 2 tokens per request per step
+        def _num_new_tokens(self, req: Request) -> int:
+            calls.append(req.req_id)
+            return min(2, super()._num_new_tokens(req))
+
+    cfg = EngineConfig.load(dict(runner="fake", block_size=4, max_num_batched_tokens=64, max_num_seqs=4))
+    for cls in (AsyncScheduler, Scheduler, Capped):
+        sched = cls(cfg, num_kv_blocks=64, max_model_len=128)
+        assert sched._inline_lookahead is (cls is AsyncScheduler)
+        sched.add_request(Request("a", list(range(1, 10)), SamplingParams(max_tokens=5, ignore_eos=True), 0, []))
+        so = sched.schedule()  # the prompt: admitted from the waiting queue
+        assert [sr.num_tokens for sr in so.scheduled] == [9]
+        if cls is Capped:
+            sched.requests["a"].num_computed_tokens = 5  # as if only 5 prompt tokens were computed
+            calls.clear()
+            so = sched.schedule()
+            assert calls == ["a"] and [sr.num_tokens for sr in so.scheduled] == [2]
+        elif cls is AsyncScheduler:
+            so = sched.schedule()  # one step ahead: the placeholder's position
+            assert [(sr.num_tokens, sr.sample) for sr in so.scheduled] == [(1, True)]
