@@ -33,7 +33,7 @@ from aiosched.protocol import Logprobs, RunnerOutput, SchedulerOutput, WorkerInf
 from aiosched.request import Request, RequestStatus
 from aiosched.request_stream import RequestStream
 from aiosched.sampling_params import SamplingParams
-from aiosched.scheduler import Scheduler, StepUpdate
+from aiosched.scheduler import Scheduler
 from aiosched.spec_policy import Estimate, SpecPolicy
 from aiosched.structured import validate_structured
 from aiosched.tokenizer import Tokenizer
@@ -307,7 +307,7 @@ class AsyncEngine:
         req = self.scheduler.requests.get(internal)
         self.scheduler.finish_request(internal, "abort")
         if req is not None:
-            self._emit(StepUpdate(req), final_text="")
+            self._emit(req, [], final_text="")
         else:
             self._forget(internal)
 
@@ -446,15 +446,15 @@ class AsyncEngine:
             self._add_prompt_logprobs(so, out.prompt_logprobs)
         emit, live, observers = self._emit, self._live, self._observers
         one_pass = self._stream_interval == 1
-        for upd in self.scheduler.update_from_output(so, out):
-            req, new_ids = upd.req, upd.new_token_ids
+        ups = self.scheduler.update_from_output(so, out)
+        for req, new_ids in zip(ups.reqs, ups.new_token_ids):
             if req.first_token_time is None and new_ids:
                 req.first_token_time = now
             tr = live.get(req.req_id)
             if tr is None:
                 continue
             if not (one_pass and tr.plain and len(new_ids) == 1 and req.status is not _FINISHED):
-                emit(upd, None, lps.get(req.req_id) if lps else None, now)
+                emit(req, new_ids, None, lps.get(req.req_id) if lps else None, now)
                 continue
             t = new_ids[0]
             hist, detok = tr.hist, tr.detok
@@ -479,10 +479,16 @@ class AsyncEngine:
             ro = RequestOutput(group.user_id, group.prompt, req.prompt_token_ids, [comp], False, metrics, None)
             for obs in observers:
                 obs.on_output(ro)
-            try:
-                group.stream.put(ro)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass  # the consumer left; the request was aborted
+            # RequestStream.put, inlined for an output that is not the final one; a stream
+            # whose consumer left (the request is being aborted) takes nothing.
+            stream = group.stream
+            if not (stream._closed or stream._left):
+                stream._items.append(ro)
+                w = stream._waiter
+                if w is not None:
+                    stream._waiter = None
+                    if not w.done():
+                        w.set_result(None)
 
     def _add_prompt_logprobs(self, so: SchedulerOutput, plp: dict[str, Logprobs]) -> None:
         """A chunk [start, end) of the prompt gives the logprobs of prompt tokens start+1 ..
@@ -499,14 +505,13 @@ class AsyncEngine:
                     break
                 store[pos] = TokenLogprob(prompt[pos], v, list(zip(lp.top_token_ids[i], lp.top_logprobs[i])))
 
-    def _emit(self, upd: StepUpdate, final_text: str | None = None, logprobs: Logprobs | None = None, now: float | None = None) -> None:
+    def _emit(self, req: Request, new_ids: list[int], final_text: str | None = None, logprobs: Logprobs | None = None,
+              now: float | None = None) -> None:
         """Turn a request's new tokens into a RequestOutput on its stream: O(new tokens)."""
         assert self.scheduler is not None
-        req = upd.req
         tr = self._live.get(req.req_id)
         if tr is None:
             return
-        new_ids = upd.new_token_ids
         new_text = ""
         detok = tr.detok
         if detok is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -40,11 +41,31 @@ _NO_IDS: tuple[int, ...] = ()
 
 
 class StepUpdate(msgspec.Struct, gc=False):
-    """What one step's output did to one request (one per request per step: not tracked
-    by the cyclic GC, which it would otherwise wake more often)."""
+    """What one step's output did to one request (not tracked by the cyclic GC)."""
 
     req: Request
     new_token_ids: list[int] = msgspec.field(default_factory=list)
+
+
+class StepUpdates:
+    """What one step's output did, as two parallel lists: the requests that received
+    tokens, in output order, and each one's new tokens. No object per request per step;
+    iterating (or indexing) gives `StepUpdate`s, built then."""
+
+    __slots__ = ("reqs", "new_token_ids")
+
+    def __init__(self) -> None:
+        self.reqs: list[Request] = []
+        self.new_token_ids: list[list[int]] = []
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def __iter__(self) -> Iterator[StepUpdate]:
+        return map(StepUpdate, self.reqs, self.new_token_ids)
+
+    def __getitem__(self, i: int) -> StepUpdate:
+        return StepUpdate(self.reqs[i], self.new_token_ids[i])
 
 
 def lookahead_new_tokens(self: "Scheduler", req: Request) -> int:
@@ -277,13 +298,14 @@ class Scheduler:
 
     # ---- outputs ----
 
-    def update_from_output(self, so: SchedulerOutput, out: RunnerOutput) -> list[StepUpdate]:
-        """Resolve placeholders with real tokens; apply stop conditions."""
-        updates: list[StepUpdate] = []
+    def update_from_output(self, so: SchedulerOutput, out: RunnerOutput) -> StepUpdates:
+        """Resolve placeholders with real tokens; apply stop conditions. Returns each
+        request that received tokens (finished ones included) with its new tokens."""
+        updates = StepUpdates()
         slots = {sr.req_id: sr.num_draft_slots for sr in so.scheduled if sr.num_draft_slots} if self.config.speculative else None
         # Hot loop (every sampled request, every step): lookups hoisted, the common case
         # (one token that stops nothing and fills no block) without a function call.
-        requests, stats, append = self.requests, self.stats, updates.append
+        requests, stats, append_req, append_ids = self.requests, self.stats, updates.reqs.append, updates.new_token_ids.append
         check_stop, cache_full_blocks = self._check_stop, self.kv.cache_full_blocks
         caching = self.kv.enable_caching
         running = RequestStatus.RUNNING
@@ -332,7 +354,8 @@ class Scheduler:
                 c, known = req.num_computed_tokens, len(all_ids)
                 if (c if c < known else known) >= req.next_full_block_at:
                     cache_full_blocks(req)
-            append(StepUpdate(req, new_ids))
+            append_req(req)
+            append_ids(new_ids)
         stats.generated_tokens += generated
         stats.draft_tokens += out.num_draft_tokens
         stats.accepted_tokens += out.num_accepted_tokens

@@ -166,3 +166,22 @@ def test_schedule_inlines_only_the_lookahead_count() -> None:
         elif cls is AsyncScheduler:
             so = sched.schedule()  # one step ahead: the placeholder's position
             assert [(sr.num_tokens, sr.sample) for sr in so.scheduled] == [(1, True)]
+
+
+def test_step_updates_are_parallel_lists() -> None:
+    """update_from_output returns the requests and their new tokens as two parallel lists
+    (no object per request per step); iterating or indexing gives StepUpdates."""
+    from aiosched.protocol import RunnerOutput
+    from aiosched.scheduler import StepUpdate
+
+    cfg = EngineConfig.load(dict(runner="fake", block_size=4, max_num_batched_tokens=64, max_num_seqs=4))
+    sched = AsyncScheduler(cfg, num_kv_blocks=64, max_model_len=128)
+    reqs = [Request(f"r{i}", list(range(1, 6 + i)), SamplingParams(max_tokens=2, ignore_eos=True), 0, []) for i in range(3)]
+    for r in reqs:
+        sched.add_request(r)
+    so = sched.schedule()
+    ups = sched.update_from_output(so, RunnerOutput(so.step_id, ["r0", "gone", "r2", "r1"], [[7], [8], [9], [10]]))
+    assert ups.reqs == [reqs[0], reqs[2], reqs[1]] and ups.new_token_ids == [[7], [9], [10]] and len(ups) == 3
+    assert list(ups) == [StepUpdate(reqs[0], [7]), StepUpdate(reqs[2], [9]), StepUpdate(reqs[1], [10])]
+    assert ups[1] == StepUpdate(reqs[2], [9])
+    assert sched.stats.discarded_tokens == 1
