@@ -82,9 +82,10 @@ class ScheduledStep:
     num_logits: list[int]  # per sampler: logits rows (1 + its draft slots)
     logit_rows: list[int]  # flat token index of every logits row
     dst: list[int]  # per logits row: where its argmax goes in the token buffer (scratch when verifying)
-    flat_offsets: dict[str, int]  # flat index of each request's first token
     upd_idx: list[int]  # device block-table deltas (flat index, block id)
     upd_val: list[int]
+    # Every request computes one token and samples it (set by InputBatch.schedule; None: not known)
+    one_each: bool | None = None
     # Speculative requests (relative rows: positions from the device count), in batch
     # order: their index in `samplers` and their draft slots k (1 + k query rows each).
     spec: list[int] = field(default_factory=list)
@@ -99,7 +100,20 @@ class ScheduledStep:
     @property
     def decode_only(self) -> bool:
         """Every request computes one token and samples it (no drafts)."""
-        return not self.spec and all(n == 1 for n in self.qlens) and len(self.samplers) == len(self.states)
+        if self.spec:
+            return False
+        if self.one_each is not None:
+            return self.one_each
+        return all(n == 1 for n in self.qlens) and len(self.samplers) == len(self.states)
+
+    @property
+    def flat_offsets(self) -> dict[str, int]:
+        """Flat index of each request's first token (prompt logprobs only: built when asked)."""
+        out, flat = {}, 0
+        for st, n in zip(self.states, self.qlens):
+            out[st.data.req_id] = flat
+            flat += n
+        return out
 
 
 @dataclass
@@ -204,6 +218,11 @@ class _Staging:
         return self.dev
 
 
+def _not_greedy(st: ReqState) -> bool:
+    """The request may not take the plain argmax at some step (InputBatch.greedy)."""
+    return st.data.sampling.temperature != 0.0 or bool(st.ban_ids)
+
+
 def _tensor(vals: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(vals, dtype=dtype).to(device, non_blocking=True)
 
@@ -226,6 +245,7 @@ class InputBatch:
         self.fused_host_lists = True
         self.free_rows = list(range(max_rows - 1, -1, -1))
         self.reqs: dict[str, ReqState] = {}
+        self.num_not_greedy = 0  # live requests with a temperature or min_tokens bans (greedy())
         # Sampling parameters by row, written once when a request arrives and gathered
         # per step by row index (one small host->device copy per step, not one per field).
         self.row_f = torch.zeros((max_rows, 3), dtype=torch.float32, device=device)  # temperature, top_p, min_p
@@ -259,6 +279,7 @@ class InputBatch:
         self.row_i[row] = torch.tensor([max(sp.top_k, 0), new.seed], dtype=torch.int64).to(dev, non_blocking=True)
         ban = sorted(set(new.eos_token_ids) | set(sp.stop_token_ids)) if sp.min_tokens else []
         st = self.reqs[new.req_id] = ReqState(row, new.prompt_len, n, new, ban)
+        self.num_not_greedy += _not_greedy(st)
         return st
 
     def free(self, req_id: str) -> bool:
@@ -266,6 +287,7 @@ class InputBatch:
         if st is None:
             return False
         self.free_rows.append(st.row)
+        self.num_not_greedy -= _not_greedy(st)
         return True
 
     # ---- a step, host side ----
@@ -288,7 +310,7 @@ class InputBatch:
         has_spec: whether any request has draft slots, when the caller knows already."""
         assert not drafts, "drafts are proposed on the device (spec_decode.propose_step)"
         bs, mb, row_len = self.block_size, self.max_blocks, self.row_len
-        step = ScheduledStep(so, [], [], [], [], [], [], [], {}, [], [])
+        step = ScheduledStep(so, [], [], [], [], [], [], [], [], [])
         # A step with speculative rows samples all its rows after the forward (verified):
         # no row's token is written by the forward's argmax.
         if has_spec is None:
@@ -297,15 +319,24 @@ class InputBatch:
             step.rel = []
         flat = 0
         n_spec = 0
+        # Hot loop (every request, every step): lists hoisted; a plain row appends to the
+        # per-row lists only (its one logits row is counted at the end when no row drafts).
+        reqs, scratch = self.reqs, self.scratch_slot
+        states, starts, qlens, samplers = step.states, step.starts, step.qlens, step.samplers
+        logit_rows, dst = step.logit_rows, step.dst
+        one_each = True
         for sr in so.scheduled:
-            st = self.reqs[sr.req_id]
-            st.block_table.extend(sr.new_block_ids)
+            st = reqs[sr.req_id]
+            if sr.new_block_ids:
+                st.block_table.extend(sr.new_block_ids)
             have, n_bt = st.device_blocks, len(st.block_table)
             if n_bt > have:  # the device table gets every entry it lacks
                 step.upd_idx.extend(range(st.row * mb + have, st.row * mb + n_bt))
                 step.upd_val.extend(st.block_table[have:n_bt])
                 st.device_blocks = n_bt
-            end = sr.num_computed_tokens + sr.num_tokens
+            n = sr.num_tokens
+            start = sr.num_computed_tokens
+            end = start + n
             k = sr.num_draft_slots
             if k:
                 # The scheduler's bound: the true start is at most num_computed_tokens, so
@@ -320,10 +351,9 @@ class InputBatch:
                     k = min(k, spec_rows[n_spec])
                 n_spec += 1
                 step.rel.append(True)
-                step.states.append(st)
-                step.starts.append(sr.num_computed_tokens)  # an upper bound: the device knows the start
-                step.qlens.append(1 + k)
-                step.flat_offsets[sr.req_id] = flat
+                states.append(st)
+                starts.append(sr.num_computed_tokens)  # an upper bound: the device knows the start
+                qlens.append(1 + k)
                 flat += 1 + k
                 step.spec.append(len(step.samplers))
                 step.spec_k.append(k)
@@ -338,18 +368,25 @@ class InputBatch:
                 raise RuntimeError(f"{sr.req_id}: step needs tokens up to {end} but the worker has {st.num_tokens}")
             if has_spec:
                 step.rel.append(False)
-            step.states.append(st)
-            step.starts.append(sr.num_computed_tokens)
-            step.qlens.append(sr.num_tokens)
-            step.flat_offsets[sr.req_id] = flat
-            flat += sr.num_tokens
+            states.append(st)
+            starts.append(start)
+            qlens.append(n)
+            flat += n
             if sr.sample:
                 if end != st.num_tokens:
                     raise RuntimeError(f"{sr.req_id}: sampling at {end} but the worker has {st.num_tokens} tokens")
-                step.samplers.append(st)
-                step.num_logits.append(1)
-                step.logit_rows.append(flat - 1)
-                step.dst.append(self.scratch_slot if has_spec else st.row * row_len + st.num_tokens)
+                samplers.append(st)
+                if has_spec:
+                    step.num_logits.append(1)
+                logit_rows.append(flat - 1)
+                dst.append(scratch if has_spec else st.row * row_len + end)
+                if n != 1:
+                    one_each = False
+            else:
+                one_each = False
+        if not has_spec:
+            step.num_logits = [1] * len(samplers)
+        step.one_each = one_each and not step.spec
         return step
 
     def settle(self, st: ReqState) -> None:
@@ -409,18 +446,26 @@ class InputBatch:
         qlens = step.qlens if step is not None else []
         R, T = len(states), sum(qlens)
         rel = step.rel if step is not None else None
-        t = 0
-        for st, start, n in zip(states, starts, qlens):  # per query token: its buffer row and position
-            buf[t:t + n] = st.row
-            buf[L.T + t:L.T + t + n] = np.arange(start, start + n)
-            t += n
+        # Per query token its buffer row and position, in whole-array operations (a loop of
+        # slice writes cost ~1 us per request per step on the launch thread).
+        rows = np.fromiter([st.row for st in states], dtype=np.int64, count=R)
+        start = np.fromiter(starts, dtype=np.int64, count=R)
+        if T == R:  # one token each (decode)
+            buf[:T] = rows
+            buf[L.T:L.T + T] = start
+        elif R:
+            q = np.fromiter(qlens, dtype=np.int64, count=R)
+            buf[:T] = np.repeat(rows, q)
+            # token j of request i sits at start_i + j: the flat index minus the request's first flat index
+            first = np.cumsum(q) - q
+            buf[L.T:L.T + T] = np.arange(T) + np.repeat(start - first, q)
         buf[T:L.T] = self.scratch_row
         buf[L.T + T:2 * L.T] = -1  # no KV write
         o = L.o_rows
-        buf[o:o + R] = [st.row for st in states]
+        buf[o:o + R] = rows
         buf[o + R:o + L.R] = self.scratch_row
         o = L.o_seq
-        buf[o:o + R] = [s + n for s, n in zip(starts, qlens)]
+        buf[o:o + R] = start + (1 if T == R else np.fromiter(qlens, dtype=np.int64, count=R))
         if rel is not None:
             # Relative rows (speculative requests): position -2 - j is query j at
             # num_tokens_dev[row] - 1 + j; attention length -n is num_tokens_dev[row] - 1 + n.
@@ -570,7 +615,10 @@ class InputBatch:
         )
 
     def greedy(self, states: list[ReqState]) -> bool:
-        """Every row takes the plain argmax (no temperature, no min_tokens ban)."""
+        """Every row takes the plain argmax (no temperature, no min_tokens ban). O(1) while
+        every live request is greedy without bans (counted at add/free), else one walk."""
+        if not self.num_not_greedy:
+            return True
         return all(st.data.sampling.temperature == 0.0 and not st.bans_now(st.num_tokens) for st in states)
 
     def write_tokens(self, dst: torch.Tensor | list[int], tokens: torch.Tensor | list[int]) -> None:
