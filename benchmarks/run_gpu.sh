@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured hostcost families before beforedecode pdl attn qkv
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured gramprocs hostcost families before beforedecode pdl attn qkv
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -177,6 +177,12 @@ if has structured; then
   say "structured output, concurrency 64, async: 25% and 100% constrained, mask threads ${GRAMMAR_THREADS:-8,15}"
   python3 benchmarks/structured_bench.py --device cuda --random-weights "$SHAPE" --concurrency 64 --num-requests 128 --output-len 128 \
     --repeats ${STRUCT_REPEATS:-1} --modes async --fracs 0.25,1.0 --grammar-threads ${GRAMMAR_THREADS:-8,15} --validate 64 2>&1 | tee -a "$LOG" "$OUT/structured.log"
+fi
+if has gramprocs; then
+  # issue 18: does the mask fill scale with processes (own tokenizer and matchers each) where llguidance's threads stop?
+  say "llguidance fill: one thread, LLExecutor threads, worker processes (16 and 64 masks, deep in the document)"
+  python3 benchmarks/grammar_parallel.py --rows 16,64 --threads ${GRAM_THREADS:-1,4,8,15} --hows serial,executor,procs --skip 28 --steps 60 \
+    2>&1 | tee -a "$LOG" "$OUT/grammar_parallel.log"
 fi
 if has hostcost; then
   say "engine host cost (issue 17): tpu (sync, async) and c256 (async), this tree then the before tree, same machine"

@@ -296,19 +296,22 @@ async def main_async(args: argparse.Namespace) -> None:
         threads = args.grammar_threads.split(",") if args.grammar_threads else [""]
         for path in args.grammar_paths.split(","):
             for th in threads:
-                n, _, rows = th.partition("/")
-                tag = ", ".join(x for x in (path, f"{n} mask threads" if n else "", f"pool from {rows} rows" if rows else "") if x)
-                workloads += [(f"{int(f * 100)}% structured" + (f" [{tag}]" if tag else ""), f, (path, th)) for f in fracs]
+                for sl in args.slices.split(","):
+                    n, _, rows = th.partition("/")
+                    tag = ", ".join(x for x in (path, f"{n} mask threads" if n else "", f"pool from {rows} rows" if rows else "",
+                                                f"{sl} slices" if sl else "") if x)
+                    workloads += [(f"{int(f * 100)}% structured" + (f" [{tag}]" if tag else ""), f, (path, th, sl)) for f in fracs]
         # Interleaved repeats, best wall time kept: a shared machine's noise only ever adds time.
         for rep in range(args.repeats):
             for mode in args.modes.split(","):
                 for label, frac, path in workloads:
                     cfg = dict(base, async_scheduling=(mode == "async"))
                     # "before": the old path (masks filled on the launch thread), only for this comparison
-                    path, th = path or ("", "")
+                    path, th, sl = path or ("", "", "")
                     os.environ["AIOSCHED_GRAMMAR_PREFETCH"] = "0" if path == "before" else "1"
                     n, _, rows = th.partition("/")
-                    for var, val in (("AIOSCHED_GRAMMAR_THREADS", n), ("AIOSCHED_GRAMMAR_PARALLEL_ROWS", rows)):
+                    for var, val in (("AIOSCHED_GRAMMAR_THREADS", n), ("AIOSCHED_GRAMMAR_PARALLEL_ROWS", rows),
+                                     ("AIOSCHED_LLG_SLICES", sl)):
                         if val:
                             os.environ[var] = val
                         else:
@@ -352,6 +355,8 @@ def main() -> None:
     ap.add_argument("--grammar-paths", default="", help="'before,after': issue 18's old launch-thread masks vs prefetched ones, in one run")
     ap.add_argument("--grammar-threads", default="", help="mask-fill threads to compare, e.g. 8,15 (AIOSCHED_GRAMMAR_THREADS; default: the manager's); "
                     "THREADS/ROWS also sets the row count from which the pool fills (AIOSCHED_GRAMMAR_PARALLEL_ROWS), e.g. 8/32,8/2")
+    ap.add_argument("--slices", default="", help="'default,ours': llguidance's own token slices vs the worker's STRING_SLICES "
+                    "(AIOSCHED_LLG_SLICES), in one run")
     ap.add_argument("--gil-probe", action="store_true", help="first, measure whether the mask fill releases the GIL")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each config; the best is reported")
     ap.add_argument("--validate", type=int, default=0, metavar="N",

@@ -244,6 +244,40 @@ def test_batched_fill_equals_single_fill(gtok: GrammarTokenizer, hf_tok) -> None
         assert np.array_equal(single[0], batched[5 - i])
 
 
+@pytest.mark.parametrize("max_length", [5, 12, None])
+def test_string_slices_change_no_mask_bit(gtok: GrammarTokenizer, model_dir: pathlib.Path, max_length: int | None) -> None:
+    """The worker's tokenizer classifies string-safe tokens by length (STRING_SLICES: a mask
+    inside a bounded string skips the trie walk); along seeded random walks through a schema
+    every mask equals the one llguidance's default slices give."""
+    import random
+
+    import llguidance
+
+    from aiosched.executors.structured_output import STRING_SLICES
+
+    assert gtok.slices == STRING_SLICES
+    ref_tok = llguidance.LLTokenizer((model_dir / "tokenizer.json").read_text(encoding="utf-8"), eos_token=gtok.eos_token_ids)
+    assert ref_tok.vocab_size == gtok.vocab_size
+    name: dict = {"type": "string"} if max_length is None else {"type": "string", "maxLength": max_length}
+    schema = {"type": "object", "properties": {"name": name, "tags": {"type": "array", "items": name, "maxItems": 4}},
+              "required": ["name", "tags"], "additionalProperties": False}
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    words = bitmask_words(gtok.vocab_size)
+    got, want = np.zeros(words, dtype=np.int32), np.zeros(words, dtype=np.int32)
+    for seed in range(4):
+        rng = random.Random(seed)
+        ours, ref = llguidance.LLMatcher(gtok.tok, grammar, log_level=0), llguidance.LLMatcher(ref_tok, grammar, log_level=0)
+        for _ in range(60):
+            ours.unsafe_compute_mask_ptr(got.ctypes.data, words * 4)
+            ref.unsafe_compute_mask_ptr(want.ctypes.data, words * 4)
+            assert np.array_equal(got, want)
+            allowed = allowed_token_ids(got, gtok.vocab_size)
+            if ours.is_stopped() or not len(allowed):
+                break
+            t = int(allowed[rng.randrange(len(allowed))])
+            assert ours.consume_token(t) and ref.consume_token(t)
+
+
 # ---- engine end to end (fake runner: same manager, same batched fill) ----
 
 
