@@ -483,6 +483,7 @@ async def _offline_run(config: EngineConfig, args: argparse.Namespace, workload:
             if idle is not None:
                 metrics["engine"]["device_idle_share"] = idle["idle_share"]
                 metrics["engine"]["device_idle_host_late_share"] = idle["host_late_ms"] / idle["span_ms"] if idle["span_ms"] else 0.0
+                metrics["engine"]["device_idle_or_waiting_share"] = idle["idle_or_waiting_share"]
         if jit0 is not None:
             # Kernels Triton compiled inside the timed run (each costs the launch thread ~0.1-1 s):
             # a shape or specialisation that start-up and warm-up did not meet.
@@ -766,6 +767,8 @@ def _fmt_table(runs: dict[str, dict[str, Any]], ratios: dict[str, float] | None)
         if any("device_idle_share" in r.get("engine", {}) for r in runs.values()):
             add("Device idle between steps (events)", "device_idle_share", "{:.1%}", "engine")
             add("  of which the host was late", "device_idle_host_late_share", "{:.1%}", "engine")
+        if any("device_idle_or_waiting_share" in r.get("engine", {}) for r in runs.values()):
+            add("  + waiting inside steps for the replay", "device_idle_or_waiting_share", "{:.1%}", "engine")
         if any("triton_compiled" in r.get("engine", {}) for r in runs.values()):
             add("Triton kernels compiled in the run", "triton_compiled", "{:d}", "engine")
     if any("profile" in r for r in runs.values()):

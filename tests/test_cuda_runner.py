@@ -214,6 +214,10 @@ async def test_idle_probe_reports_the_gaps_between_steps(make_engine, ckpt) -> N
     assert rep["host_late_ms"] > 0.5 * rep["idle_ms"]
     decode = rep["by_kind"]["graph_steps"]
     assert decode["steps"] >= 4 and decode["launch_ms_mean"] > 0 and decode["device_ms_mean"] > 0
+    # Each step's start event runs at once on the idle device, which then waits inside the
+    # step for the host to lay it out and replay its graph: measured apart from the gaps.
+    assert decode["before_replay_ms"] > 0 and rep["before_replay_ms"] >= decode["before_replay_ms"]
+    assert rep["idle_or_waiting_share"] > rep["idle_share"]
     assert fast.idle_probe is None  # reporting ends the measurement
 
 

@@ -84,6 +84,7 @@ class FastPath:
         self.stats = {"graph_steps": 0, "eager_steps": 0, "mixed_graph_steps": 0, "spec_steps": 0, "spec_padded_steps": 0,
                       "spec_max_logits_rows": 0, "spec_rows_eager": 0, "spec_propose_graphs": 0, "spec_verify_graphs": 0}
         self.idle_probe: list[tuple[Any, ...]] | None = None  # per step while measuring: CUDA events, host times, kind
+        self._replay_mark: Any = None  # while probing: an event recorded right before the step's graph replay
         # tests: run the graphs' padded layouts (decode and mixed) without capturing them (no CUDA needed)
         self.padded_eager = False
         self.graphs: DecodeGraphs | None = None
@@ -212,6 +213,9 @@ class FastPath:
         # (a layout with more logits rows than request slots is a verify step's: its own graphs)
         graphs = self.graphs if layout.decode else self.verify_mixed if layout.S > self.batch.max_rows else self.mixed
         self.stats["graph_steps" if layout.decode else "mixed_graph_steps"] += 1
+        if self.idle_probe is not None:
+            self._replay_mark = torch.cuda.Event(enable_timing=True)
+            self._replay_mark.record()
         if graphs is not None:
             return graphs.replay(layout.T)
         return self._padded_step(layout)  # padded_eager
@@ -228,11 +232,12 @@ class FastPath:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
+        self._replay_mark = None
         pending = run(*args)
         end.record()
         t1 = time.perf_counter()
         kind = ",".join(k for k, v in self.stats.items() if v != before.get(k)) or "other"
-        self.idle_probe.append((start, end, t0, t1, add_s, kind))
+        self.idle_probe.append((start, end, t0, t1, add_s, kind, self._replay_mark))
         return pending
 
     def idle_report(self) -> dict[str, Any] | None:
@@ -244,7 +249,14 @@ class FastPath:
         before them, their device time and the host's launch time. A gap is `host_late`
         when the host entered the next step's launch after the device had finished the
         step before (host and device clocks aligned at the first step, when the device
-        is idle): the device then waited for the engine's own work, not for a launch."""
+        is idle): the device then waited for the engine's own work, not for a launch.
+
+        A step's busy time starts when the device reaches its first op, which the host
+        enqueues before it builds the step: the device may then wait *inside* the step
+        for the launch thread to enqueue the graph. `before_replay_ms` (graph steps: from
+        the step's start to an event recorded right before the replay; the input copy
+        and block-table update, microseconds, are in it too) is that wait, and
+        `idle_or_waiting_share` counts it with the gaps."""
         ev, self.idle_probe = self.idle_probe, None
         if not ev or len(ev) < 2:
             return None
@@ -255,11 +267,16 @@ class FastPath:
         h0 = ev[0][2]
         late = [(ev[i + 1][2] - h0) * 1e3 >= ev[0][0].elapsed_time(ev[i][1]) for i in range(len(ev) - 1)]
         by_kind: dict[str, dict[str, float]] = {}
-        for i, (_, _, t0, t1, add_s, kind) in enumerate(ev):
+        before_replay = 0.0
+        for i, (start, _, t0, t1, add_s, kind, mark) in enumerate(ev):
             k = by_kind.setdefault(kind, {"steps": 0, "device_ms": 0.0, "launch_ms": 0.0, "add_ms": 0.0, "gap_before_ms": 0.0,
-                                          "host_late_gaps": 0, "host_late_ms": 0.0})
+                                          "host_late_gaps": 0, "host_late_ms": 0.0, "before_replay_ms": 0.0})
             k["steps"] += 1
             k["device_ms"] += busy_of[i]
+            if mark is not None:
+                w = max(0.0, start.elapsed_time(mark))
+                k["before_replay_ms"] += w
+                before_replay += w
             k["launch_ms"] += (t1 - t0) * 1e3
             k["add_ms"] += add_s * 1e3
             if i:
@@ -272,6 +289,7 @@ class FastPath:
             k["device_ms_mean"], k["launch_ms_mean"], k["add_ms_mean"] = k["device_ms"] / n, k["launch_ms"] / n, k["add_ms"] / n
         cadence = [(ev[i + 1][2] - ev[i][2]) * 1e3 for i in range(len(ev) - 1)]
         return {"steps": len(ev), "span_ms": span, "busy_ms": sum(busy_of), "idle_ms": sum(gaps),
-                "idle_share": sum(gaps) / span if span else 0.0, "max_gap_ms": max(gaps), "gaps_over_50us": sum(g > 0.05 for g in gaps),
+                "idle_share": sum(gaps) / span if span else 0.0, "before_replay_ms": before_replay,
+                "idle_or_waiting_share": (sum(gaps) + before_replay) / span if span else 0.0, "max_gap_ms": max(gaps), "gaps_over_50us": sum(g > 0.05 for g in gaps),
                 "host_late_ms": sum(g for g, l in zip(gaps, late) if l), "host_cadence_ms_mean": sum(cadence) / len(cadence),
                 "by_kind": by_kind}
