@@ -5,10 +5,18 @@ each step's tokens to reach the host and resolves the asyncio future through
 `call_soon_threadsafe`. So the event loop never blocks on model compute, and on a GPU
 step N+1 is launched while step N's tokens are still being copied back.
 The same protocol Structs are passed as-is: no encoding in process.
+
+The three threads share one interpreter lock. On a GPU the launch of a step is the
+critical path (the device runs out of queued work while the launch thread waits for
+the lock behind the event loop's output fan-out), so `submit` hands the lock over:
+when the launch thread is idle it holds its caller (waiting releases the lock) until
+the runner reports the step's forward queued (`ModelRunner.on_launched`), at most
+`HANDOFF_TIMEOUT_S`. Runners that compute in `execute` (CPU) are never waited for.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 from typing import Any
@@ -20,6 +28,8 @@ from aiosched.executors.base import Executor
 from aiosched.executors.runner import ModelRunner, PendingOutput, create_runner
 
 _STOP = object()
+
+HANDOFF_TIMEOUT_S = 0.002  # the longest submit waits for a launch (a long prefill step's layout)
 
 
 async def run_in_thread(fn: Any, *args: Any) -> Any:
@@ -57,11 +67,18 @@ class InprocExecutor(Executor):
         self._result_q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
+        self._launch_idle = False  # the launch thread waits for a step (only submit puts one)
+        self._launched = threading.Event()
+        self._handoff = False
+        self.handoff_timeout_s = HANDOFF_TIMEOUT_S
 
     async def start(self) -> WorkerInfo:
         self._loop = asyncio.get_running_loop()
         self.runner = create_runner(self.config)
         info = await run_in_thread(self.runner.load)
+        # AIOSCHED_LAUNCH_HANDOFF=0: submit never waits (the before/after measurement)
+        self._handoff = self.runner.launch_handoff and os.environ.get("AIOSCHED_LAUNCH_HANDOFF", "1") != "0"
+        self.runner.on_launched = self._launched.set
         self._threads = [
             threading.Thread(target=self._launch_loop, name="aiosched-launch", daemon=True),
             threading.Thread(target=self._result_loop, name="aiosched-results", daemon=True),
@@ -75,13 +92,22 @@ class InprocExecutor(Executor):
         fut: asyncio.Future[RunnerOutput] = self._loop.create_future()
         if self._error is not None:
             fut.set_exception(EngineDeadError(f"model runner failed: {self._error!r}"))
+        elif self._handoff and self._launch_idle:
+            self._launched.clear()
+            self._launch_q.put((output, fut))
+            self._launched.wait(self.handoff_timeout_s)  # the lock is the launch thread's until its forward is queued
         else:
             self._launch_q.put((output, fut))
         return fut
 
     def _launch_loop(self) -> None:
         assert self.runner is not None
-        while (item := self._launch_q.get()) is not _STOP:
+        while True:
+            self._launch_idle = True
+            item = self._launch_q.get()
+            self._launch_idle = False
+            if item is _STOP:
+                break
             so, fut = item
             if self._error is not None:
                 self._result_q.put((None, fut))
@@ -91,6 +117,7 @@ class InprocExecutor(Executor):
             except BaseException as e:  # a runner error leaves worker state unknown: fatal
                 self._error = e
                 pending = None
+            self._launched.set()  # (also for a step the runner did not report: empty, failed)
             self._result_q.put((pending, fut))
         self._result_q.put(_STOP)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from aiosched.config import EngineConfig
 from aiosched.protocol import RunnerOutput, SchedulerOutput, WorkerInfo
@@ -30,10 +31,16 @@ class ReadyOutput(PendingOutput):
 
 
 class ModelRunner(ABC):
+    # True when `execute` queues the step on an accelerator and calls `on_launched` once the
+    # forward is queued: an in-process executor may then hold its caller until that moment
+    # (InprocExecutor: the launch is the critical path; CPU runners compute in `execute`).
+    launch_handoff = False
+
     def __init__(self, config: EngineConfig, rank: int = 0, world_size: int = 1) -> None:
         self.config = config
         self.rank = rank
         self.world_size = world_size
+        self.on_launched: Callable[[], None] | None = None  # set by the executor; called on the launch thread
 
     @abstractmethod
     def load(self) -> WorkerInfo:

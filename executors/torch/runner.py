@@ -168,6 +168,7 @@ class TorchModelRunner(ModelRunner):
         self.row_len = self.max_model_len + _SPARE_TOKENS
         self.batch = InputBatch(cfg.max_num_seqs, self.row_len, self.block_size, cfg.max_num_batched_tokens, self.device)
         self.is_cuda = self.device.type == "cuda"
+        self.launch_handoff = self.is_cuda  # execute queues the step and returns; on_launched marks the forward queued
         # Speculative rows: on a GPU always 1 + k (their drafts are found on the device
         # while the previous step may still run); on the CPU the device is the host, so the
         # step lays out only the drafts found (no wasted rows, nothing to wait for).
@@ -277,6 +278,8 @@ class TorchModelRunner(ModelRunner):
         else:
             greedy = not extras_on and self.batch.greedy(step.samplers)
         fwd = self._forward(step, greedy, eager_only=extras_on and bool(self.prompt_lp_reqs), spec=spec)
+        if self.on_launched is not None:  # the forward is queued: the executor's caller may go on
+            self.on_launched()
         if spec is not None:
             return self._verify(step, fwd, extras_on, out, spec)
         return self._sample(step, fwd, extras_on, out)
