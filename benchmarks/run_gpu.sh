@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA fast-path table in one device call (issue 4). Run from the repo root:
-#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured gramprocs hostcost families before beforedecode pdl attn qkv
+#   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured structslices gramprocs handoff hostcost families before beforedecode pdl attn qkv
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
 set -uo pipefail
@@ -177,6 +177,23 @@ if has structured; then
   say "structured output, concurrency 64, async: 25% and 100% constrained, mask threads ${GRAMMAR_THREADS:-8,15}"
   python3 benchmarks/structured_bench.py --device cuda --random-weights "$SHAPE" --concurrency 64 --num-requests 128 --output-len 128 \
     --repeats ${STRUCT_REPEATS:-1} --modes async --fracs 0.25,1.0 --grammar-threads ${GRAMMAR_THREADS:-8,15} --validate 64 2>&1 | tee -a "$LOG" "$OUT/structured.log"
+fi
+if has structslices; then
+  # issue 18: llguidance's default token slices vs the worker's STRING_SLICES (AIOSCHED_LLG_SLICES), same run
+  say "structured output, concurrency 64, async: 25% and 100% constrained, default slices vs ours"
+  python3 benchmarks/structured_bench.py --device cuda --random-weights "$SHAPE" --concurrency 64 --num-requests 128 --output-len 128 \
+    --repeats ${STRUCT_REPEATS:-1} --modes async --fracs 0.25,1.0 --slices default,ours --validate 64 2>&1 | tee -a "$LOG" "$OUT/structslices.log"
+fi
+if has handoff; then
+  # issue 17: the inproc executor's launch handoff (AIOSCHED_LAUNCH_HANDOFF) off and on, alternating, c256 async
+  say "c256 async, launch handoff off / on alternating (${HANDOFF_ROUNDS:-1 2})"
+  C256="--input-len 230 --output-len 120 --num-prompts 1000 --max-concurrency 256 --max-num-seqs 256 --max-num-batched-tokens 2048 --no-enable-prefix-caching --compare async"
+  for r in ${HANDOFF_ROUNDS:-1 2}; do
+    for h in 0 1; do
+      AIOSCHED_LAUNCH_HANDOFF=$h $BENCH $C256 --json "$OUT/bench_c256_handoff${h}_r$r.json" 2>&1 \
+        | grep -E "Output throughput|Mean step|schedule \(|update \(|wait on|Device idle|host was late|waiting inside|Engine steps" | sed "s/^/[handoff=$h r$r] /" | tee -a "$LOG"
+    done
+  done
 fi
 if has gramprocs; then
   # issue 18: does the mask fill scale with processes (own tokenizer and matchers each) where llguidance's threads stop?

@@ -8,10 +8,11 @@ The same protocol Structs are passed as-is: no encoding in process.
 
 The three threads share one interpreter lock. On a GPU the launch of a step is the
 critical path (the device runs out of queued work while the launch thread waits for
-the lock behind the event loop's output fan-out), so `submit` hands the lock over:
-when the launch thread is idle it holds its caller (waiting releases the lock) until
-the runner reports the step's forward queued (`ModelRunner.on_launched`), at most
-`HANDOFF_TIMEOUT_S`. Runners that compute in `execute` (CPU) are never waited for.
+the lock behind the event loop's output fan-out), so `submit` can hand the lock over
+(opt-in, `AIOSCHED_LAUNCH_HANDOFF=1`, not yet measured on a GPU): when the launch
+thread is idle it holds its caller (waiting releases the lock) until the runner reports
+the step's forward queued (`ModelRunner.on_launched`), at most `HANDOFF_TIMEOUT_S`.
+Runners that compute in `execute` (CPU) are never waited for.
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ class InprocExecutor(Executor):
         self._loop = asyncio.get_running_loop()
         self.runner = create_runner(self.config)
         info = await run_in_thread(self.runner.load)
-        # AIOSCHED_LAUNCH_HANDOFF=0: submit never waits (the before/after measurement)
-        self._handoff = self.runner.launch_handoff and os.environ.get("AIOSCHED_LAUNCH_HANDOFF", "1") != "0"
+        # Opt-in (AIOSCHED_LAUNCH_HANDOFF=1) until a GPU has measured it (benchmarks/run_gpu.sh handoff)
+        self._handoff = self.runner.launch_handoff and os.environ.get("AIOSCHED_LAUNCH_HANDOFF", "0") == "1"
         self.runner.on_launched = self._launched.set
         self._threads = [
             threading.Thread(target=self._launch_loop, name="aiosched-launch", daemon=True),

@@ -1,6 +1,7 @@
-"""The in-process executor's launch handoff: on an accelerator the launch thread's work is
-the critical path, so `submit` holds the event loop (the interpreter lock released) until
-the runner reports the step's forward queued, and no longer than that."""
+"""The in-process executor's launch handoff (opt-in, AIOSCHED_LAUNCH_HANDOFF=1): on an
+accelerator the launch thread's work is the critical path, so `submit` holds the event loop
+(the interpreter lock released) until the runner reports the step's forward queued, and no
+longer than that."""
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,10 @@ def _step(i: int, new: bool) -> SchedulerOutput:
     return SchedulerOutput(i, reqs, [ScheduledRequest("r", 3 if new else 1, 0 if new else 3, [0] if new else [], True)], [], 3)
 
 
-async def _started(monkeypatch: pytest.MonkeyPatch, runner_cls: type, env: str | None = None) -> inproc.InprocExecutor:
-    if env is not None:
+async def _started(monkeypatch: pytest.MonkeyPatch, runner_cls: type, env: str | None = "1") -> inproc.InprocExecutor:
+    if env is None:
+        monkeypatch.delenv("AIOSCHED_LAUNCH_HANDOFF", raising=False)
+    else:
         monkeypatch.setenv("AIOSCHED_LAUNCH_HANDOFF", env)
     monkeypatch.setattr(inproc, "create_runner", lambda cfg: runner_cls(cfg))
     ex = inproc.InprocExecutor(EngineConfig(model="", runner="fake", num_kv_blocks=16))
@@ -73,12 +76,12 @@ async def test_submit_waits_for_the_launch_not_for_the_step(monkeypatch: pytest.
         await ex.shutdown()
 
 
-@pytest.mark.parametrize("case", ["cpu runner", "switched off"])
+@pytest.mark.parametrize("case", ["cpu runner", "switched off", "not switched on"])
 async def test_no_handoff_for_runners_that_compute_in_execute(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     if case == "cpu runner":
         ex = await _started(monkeypatch, FakeModelRunner)
     else:
-        ex = await _started(monkeypatch, _LaunchingRunner, env="0")
+        ex = await _started(monkeypatch, _LaunchingRunner, env="0" if case == "switched off" else None)
         ex.runner.release.set()
     try:
         assert not ex._handoff
