@@ -440,9 +440,9 @@ def main() -> int:
     p.add_argument("--no-pdl", action="store_true", help="launch them without PDL (AIOSCHED_PDL=0)")
     p.add_argument("--skinny-qkv", action="store_true",
                    help="qkv of 1-2 rows as a skinny GEMM with the input norm as prologue (layers.set_skinny_qkv, AIOSCHED_SKINNY_QKV=1)")
-    p.add_argument("--attn-all-heads", type=int, default=None, metavar="MIN_BATCH",
-                   help="decode attention with every kv head of a request in one program from this batch size on "
-                        "(triton_paged.set_all_heads_min_batch, as AIOSCHED_ATTN_ALL_HEADS)")
+    p.add_argument("--attn-all-heads", default=None, metavar="MIN_BATCH|off",
+                   help="decode attention with every kv head of a request in one program from this batch size on, or never "
+                        "(triton_paged.set_all_heads_min_batch, as AIOSCHED_ATTN_ALL_HEADS; default: the module's)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = "cuda"
@@ -455,7 +455,7 @@ def main() -> int:
     if args.attn_all_heads is not None:
         from aiosched.executors.torch.attention import triton_paged
 
-        triton_paged.set_all_heads_min_batch(args.attn_all_heads)
+        triton_paged.set_all_heads_min_batch(triton_paged._all_heads_from_env(args.attn_all_heads))
     cfg = load_shape(args.shape)
     bss = [int(x) for x in args.batch_sizes.split(",")]
     variants = args.variants.split(",")

@@ -74,9 +74,9 @@ if has attn; then
   # issue 21: the decode attention kernel's launch shapes, per-kv-head programs vs all kv heads of a request in one program
   say "decode attention: the per-kv-head defaults vs the all-heads grid, batch ${ATTN_BATCHES:-1,64,256} at 300 tokens"
   python3 benchmarks/attention_tune.py --batch-sizes ${ATTN_BATCHES:-1,64,256} --ctx 300 --quick --json "$OUT/attn.json" 2>&1 | tee -a "$LOG"
-  say "decode step, attention per kv head (default) then all heads per program from batch ${ALL_HEADS_FROM:-64} (ALL_HEADS_FROM)"
+  say "decode step, attention per kv head then all heads per program from batch ${ALL_HEADS_FROM:-160} (ALL_HEADS_FROM; the default)"
   for mode in off on; do
-    flag=; [ $mode = on ] && flag="--attn-all-heads ${ALL_HEADS_FROM:-64}"
+    flag="--attn-all-heads off"; [ $mode = on ] && flag="--attn-all-heads ${ALL_HEADS_FROM:-160}"
     python3 benchmarks/decode_step.py --shape "$SHAPE" --batch-sizes 1,256 --ctx 300 --variants best --no-eager $flag \
       --json "$OUT/decode_allheads_$mode.json" 2>&1 | tee -a "$LOG"
   done

@@ -146,3 +146,19 @@ def test_shared_prefix_blocks_written_in_the_same_step(attn: AttnFn) -> None:
     out = attn(q, kc, vc, meta, 0.25)
     kb, vb = torch.cat([prefix_k, b_tail_k]), torch.cat([prefix_v, b_tail_v])
     torch.testing.assert_close(out[9:], _dense(q[9:], kb, vb, 0.25), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value, want", [(None, "default"), ("", "default"), ("off", None), ("never", None), ("64", 64)])
+def test_all_heads_switch_reads_a_batch_size_or_off(value: str | None, want: object) -> None:
+    """AIOSCHED_ATTN_ALL_HEADS: unset means the measured default (one program per request
+    from the batch where it runs one split), a number moves it, "off" turns it off."""
+    from aiosched.executors.torch.attention import triton_paged as tp
+
+    assert tp._all_heads_from_env(value) == (tp.ALL_HEADS_DEFAULT_MIN_BATCH if want == "default" else want)
+
+
+def test_all_heads_switch_rejects_other_values() -> None:
+    from aiosched.executors.torch.attention import triton_paged as tp
+
+    with pytest.raises(ValueError, match="AIOSCHED_ATTN_ALL_HEADS"):
+        tp._all_heads_from_env("sometimes")

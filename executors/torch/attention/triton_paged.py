@@ -337,10 +337,28 @@ class DecodeConfig(NamedTuple):
     all_heads: bool = False  # grid (requests, splits): every kv head of a request in one program (`heads_fast` unused)
 
 
-# The all-heads grid (one program per request and split) from this batch size on; None: never
-# (the default until a device measurement shows it wins). AIOSCHED_ATTN_ALL_HEADS=N, or
-# `set_all_heads_min_batch(N)` before graphs are captured (a graph keeps the launch it captured).
-_ALL_HEADS_MIN_BATCH: int | None = int(os.environ["AIOSCHED_ATTN_ALL_HEADS"]) if os.environ.get("AIOSCHED_ATTN_ALL_HEADS") else None
+# The all-heads grid (one program per request and split) from this batch size on; None: never.
+# Measured on two H100s (attention_tune --quick, 300-token context): at batch 256 one program
+# per request reads the KV at 2.76-2.78 TB/s against 2.55-2.65 per kv head (0.92-0.96x per
+# layer call; the decode step 2.518 -> 2.446 ms, 2026-12-08), at batch 64 (four splits) it
+# loses (21.6 vs 19.5 us). From 160 on it runs one split (programs = requests >= the SMs), the
+# regime measured at 256. Not yet measured on an H200. AIOSCHED_ATTN_ALL_HEADS=N (or "off"),
+# or `set_all_heads_min_batch(N)` before graphs are captured (a graph keeps the launch it captured).
+ALL_HEADS_DEFAULT_MIN_BATCH = 160
+
+
+def _all_heads_from_env(value: str | None) -> int | None:
+    if value is None or value == "":
+        return ALL_HEADS_DEFAULT_MIN_BATCH
+    if value.lower() in ("off", "none", "never"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"AIOSCHED_ATTN_ALL_HEADS: a batch size or 'off', got {value!r}") from None
+
+
+_ALL_HEADS_MIN_BATCH: int | None = _all_heads_from_env(os.environ.get("AIOSCHED_ATTN_ALL_HEADS"))
 ALL_HEADS_CONFIG = DecodeConfig(16, 4, 3, all_heads=True)  # attention_tune --quick, H100, batch 256: 57.2 us vs 59.5 per kv head
 
 
