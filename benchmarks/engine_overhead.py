@@ -50,6 +50,12 @@ alternating old/new (old, new, new, old, ...); medians and new/old ratios.
     .venv/bin/python benchmarks/engine_overhead.py --batch 64,256 --modes async --tokenizer tok --loop uvloop   # the CLI's loop
     .venv/bin/python benchmarks/engine_overhead.py --instructions --batch 64,256 --tokenizer tok --compare main
 
+`--runner sim --device-ms X` puts the light model on a simulated GPU: the launch thread does the
+torch runner's real host work for each step (InputBatch.schedule + upload on the CPU) and the
+step then "runs" for X ms after the previous one (its output is ready when it ends), so the
+engine loop, the launch thread and the result thread share the interpreter lock as on a GPU;
+the row adds the simulated device's idle share (AIOSCHED_LAUNCH_HANDOFF=1 applies).
+
 `--instructions` counts instructions under valgrind (callgrind) instead of timing: the
 engine loop's host work on one thread (the runner output made inline, the consumers and
 the stats observer included), per request per decode step. Timings on a shared 2-core
@@ -80,11 +86,14 @@ from aiosched.sampling_params import SamplingParams
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(sys.modules["aiosched"].__file__)), "default_model")
 
 
-def _install_light_runner() -> None:
-    """Point runner "fake" at the fake model without its KV-cache read-back (same tokens)."""
+def _install_light_runner(sim_device_ms: float | None = None) -> None:
+    """Point runner "fake" at the fake model without its KV-cache read-back (same tokens);
+    with `sim_device_ms`, at that model on a simulated GPU (`--runner sim`)."""
+    import torch
+
     import aiosched.executors.runner as runners
     from aiosched.protocol import RunnerOutput
-    from aiosched.executors.runner import ReadyOutput
+    from aiosched.executors.runner import PendingOutput, ReadyOutput
     from aiosched.executors.fake_runner import FakeModelRunner, _State
 
     class LightFakeRunner(FakeModelRunner):
@@ -106,6 +115,68 @@ def _install_light_runner() -> None:
 
     sys.modules[__name__].LightFakeRunner = LightFakeRunner  # type: ignore[attr-defined]
     runners._RUNNERS["fake"] = f"{__name__}:LightFakeRunner"
+    if sim_device_ms is None:
+        return
+
+    from aiosched.executors.torch.input_batch import InputBatch
+
+    class _SimPending(PendingOutput):
+        def __init__(self, out: RunnerOutput, done_at: float) -> None:
+            self.out, self.done_at = out, done_at
+
+        def result(self) -> RunnerOutput:
+            wait = self.done_at - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)  # the device finishing the step (the interpreter lock released, as in an event wait)
+            return self.out
+
+    class SimGpuRunner(LightFakeRunner):
+        """`light` on a simulated GPU: `execute` does the torch runner's real launch-thread
+        Python (InputBatch.schedule + upload on the CPU, the sampled rows' bookkeeping), reports
+        the launch (`on_launched`), and the step then 'runs' for `sim_device_ms` after the
+        previous one; its output is ready when it ends. Device idle: the time the simulated
+        device had finished every queued step before the next was launched."""
+
+        launch_handoff = True
+
+        def load(self):  # type: ignore[no-untyped-def]
+            info = super().load()
+            self.batch = InputBatch(self.config.max_num_seqs, self.max_model_len + 64, self.bs, self.config.max_num_batched_tokens,
+                                    torch.device("cpu"))
+            self.device_s, self.done_at, self.idle_s, self.first_launch = sim_device_ms / 1e3, 0.0, 0.0, None
+            return info
+
+        def execute(self, so):  # type: ignore[override]
+            for rid in so.freed_req_ids:
+                self.batch.free(rid)
+            for new in so.new_requests:
+                self.batch.add(new)
+            if so.scheduled:
+                step = self.batch.schedule(so, has_spec=False)
+                self.batch.greedy(step.samplers)
+                layout = (self.batch.padded_layout(len(step.states), True, 1) if step.decode_only
+                          else self.batch.exact_layout(step, 1, tiles=False))
+                self.batch.upload(step, layout)
+                for st in step.samplers:
+                    st.num_tokens += 1
+            if self.on_launched is not None:
+                self.on_launched()
+            if not so.scheduled:
+                return ReadyOutput(RunnerOutput(step_id=so.step_id, req_ids=[], sampled_token_ids=[]))
+            # The tokens come from the device on a GPU: no per-request host work for them here
+            # (the light model's hash would be launch-thread Python a GPU runner does not have).
+            ids = [sr.req_id for sr in so.scheduled if sr.sample]
+            out = RunnerOutput(step_id=so.step_id, req_ids=ids, sampled_token_ids=[[(so.step_id * 7 + i) % 997 + 1] for i in range(len(ids))])
+            now = time.perf_counter()
+            if self.first_launch is None:
+                self.first_launch = now
+            elif now > self.done_at:
+                self.idle_s += now - self.done_at  # the device ran dry: it waited for this launch
+            self.done_at = max(now, self.done_at) + self.device_s
+            return _SimPending(out, self.done_at)
+
+    sys.modules[__name__].SimGpuRunner = SimGpuRunner  # type: ignore[attr-defined]
+    runners._RUNNERS["fake"] = f"{__name__}:SimGpuRunner"
 
 
 class _GCTimer:
@@ -132,7 +203,8 @@ def _snapshot(engine: AsyncEngine) -> dict[str, float]:
     t = engine.timings
     return {"steps": t.steps, "schedule": t.schedule_s, "submit": getattr(t, "submit_s", 0.0), "update": t.update_s,
             "wait": t.wait_s, "wall": time.perf_counter(), "loop_cpu": time.thread_time(), "proc_cpu": time.process_time(),
-            "gc": _gc_timer.total, "gc0": _gc_timer.count[0], "gc1": _gc_timer.count[1], "gc2": _gc_timer.count[2]}
+            "gc": _gc_timer.total, "gc0": _gc_timer.count[0], "gc1": _gc_timer.count[1], "gc2": _gc_timer.count[2],
+            "sim_idle": getattr(getattr(engine._executor, "runner", None), "idle_s", 0.0)}  # --runner sim
 
 
 def _time_full_gc(repeats: int = 3) -> float:
@@ -255,6 +327,7 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
            "gc_per_100_steps": [round(100 * (b[f"gc{g}"] - a[f"gc{g}"]) / max(steps, 1), 1) for g in range(3)],
            "steps_per_s": steps / max(b["wall"] - a["wall"], 1e-9), "tok_per_s": steps * batch / max(b["wall"] - a["wall"], 1e-9)}
     res["engine_us"] = res["schedule_us"] + res["submit_us"] + res["update_us"]
+    res["sim_idle_share"] = (b["sim_idle"] - a["sim_idle"]) / max(b["wall"] - a["wall"], 1e-9)  # --runner sim: device ran dry
     if prof is not None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats(args.sort).print_stats(args.profile_lines)
@@ -263,7 +336,7 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
 
 
 _KEYS = ["schedule_us", "submit_us", "update_us", "engine_us", "wait_us", "loop_cpu_us", "proc_cpu_us", "gc_us", "full_gc_us",
-         "steps_per_s", "tok_per_s"]
+         "steps_per_s", "tok_per_s", "sim_idle_share"]
 
 
 STAT = "median"  # --stat: how repeats combine
@@ -285,7 +358,8 @@ def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _row(r: dict[str, Any], label: str) -> str:
     return (f"| {label} | {r['batch']} | {r['mode']} | {r['detok']} | {r['output_len']} | {r['steps']} | {r['schedule_us']:.0f} "
             f"| {r['submit_us']:.0f} | {r['update_us']:.0f} | {r['engine_us']:.0f} | {r['loop_cpu_us']:.0f} "
-            f"| {r['proc_cpu_us']:.0f} | {r['gc_us']:.0f} | {r['full_gc_us']:.0f} | {r['steps_per_s']:.0f} | {r['tok_per_s']:.0f} |")
+            f"| {r['proc_cpu_us']:.0f} | {r['gc_us']:.0f} | {r['full_gc_us']:.0f} | {r['steps_per_s']:.0f} | {r['tok_per_s']:.0f} |"
+            + (f" simulated device idle {r['sim_idle_share']:.1%} |" if r.get("sim_idle_share") else ""))
 
 
 def _ratio_row(new: dict[str, Any], old: dict[str, Any]) -> str:
@@ -475,6 +549,8 @@ def instructions(args: argparse.Namespace) -> list[dict[str, Any]]:
 async def main(args: argparse.Namespace) -> None:
     if args.runner == "light":
         _install_light_runner()
+    elif args.runner == "sim":
+        _install_light_runner(args.device_ms)
     if args.child_inline:
         tok, batch, n, _ = _configs(args)[0]
         gc.freeze()
@@ -515,7 +591,10 @@ if __name__ == "__main__":
     p.add_argument("--input-len", type=int, default=230)
     p.add_argument("--output-len", default="128", help="output tokens per request (comma list)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: batch x input_len (one prefill step)")
-    p.add_argument("--runner", choices=["light", "fake"], default="light")
+    p.add_argument("--runner", choices=["light", "fake", "sim"], default="light",
+                   help="sim: light on a simulated GPU (--device-ms per step; the launch thread does the torch runner's "
+                        "host work; AIOSCHED_LAUNCH_HANDOFF applies)")
+    p.add_argument("--device-ms", type=float, default=2.5, help="--runner sim: the simulated device's time per step")
     p.add_argument("--speculative", choices=["none", "off", "auto"], default="none",
                    help="n-gram speculation configured: off = never drafting (disable_by_batch_size=1), auto = the SpecPolicy")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (combined by --stat)")
