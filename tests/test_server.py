@@ -95,34 +95,25 @@ class StepGate:
         owners = {o for rid in out.req_ids for o in self.sent if rid.startswith(o)}
         return any(self.rule(o, self.sent[o]) for o in owners)
 
-    def count(self, engine: AsyncEngine) -> Callable[..., Any]:
-        """A `generate` for `engine` that counts the tokens put on tracked streams."""
-        generate = engine.generate
+    # An engine observer (engine.add_observer): it sees every output the engine puts on a
+    # stream, on the engine's loop, whichever path built it.
+    def on_request(self, request_id: str, prompt_token_ids: Any, params: Any) -> None:
+        pass
 
-        def counting(prompt: Any, params: Any = None, request_id: str | None = None) -> Any:
-            stream = generate(prompt, params, request_id=request_id)
-            if request_id in self.sent:
-                put = stream.put
-
-                def counted(output: Any) -> None:
-                    self.sent[request_id] += sum(len(c.new_token_ids) for c in output.outputs)
-                    put(output)
-
-                stream.put = counted
-            return stream
-
-        return counting
+    def on_output(self, output: Any) -> None:
+        if output.request_id in self.sent:
+            self.sent[output.request_id] += sum(len(c.new_token_ids) for c in output.outputs)
 
 
 @contextmanager
 def gated(gate: StepGate, engine: AsyncEngine) -> Iterator[StepGate]:
     SlowInprocExecutor.hold = gate
-    engine.generate = gate.count(engine)  # type: ignore[method-assign]
+    engine.add_observer(gate)
     try:
         yield gate
     finally:
         SlowInprocExecutor.hold = None
-        del engine.generate
+        engine._observers.remove(gate)
 
 
 def inflight(s: ServerThread) -> set[str]:
