@@ -43,6 +43,15 @@ def schemas() -> dict[str, dict[str, Any]]:
     return {"bounded": SCHEMA, "unbounded": unbounded}
 
 
+def _picks(bm: np.ndarray, vocab: int, rng: random.Random) -> list[int]:
+    """One allowed token per row of the bitmask, drawn by the seeded RNG (the step's "sample")."""
+    picks = []
+    for row in bm:
+        allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little")[:vocab])
+        picks.append(int(allowed[rng.randrange(len(allowed))]))
+    return picks
+
+
 def run(llg: Any, tok: Any, schema: dict[str, Any], rows: int, how: str, threads: int, steps: int, vocab: int,
         skip: int = 2) -> dict[str, Any]:
     grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
@@ -81,10 +90,7 @@ def run(llg: Any, tok: Any, schema: dict[str, Any], rows: int, how: str, threads
         else:
             part(0) if threads == 1 else None
         t1 = time.perf_counter()
-        picks = []
-        for i in range(rows):
-            allowed = np.flatnonzero(np.unpackbits(bm[i].view(np.uint8), bitorder="little")[:vocab])
-            picks.append(int(allowed[rng.randrange(len(allowed))]))
+        picks = _picks(bm, vocab, rng)
         t2 = time.perf_counter()
         if ex is not None:  # llguidance's batch consume, as the engine's mask job uses it
             ex.consume_token_par(list(zip(ms, picks)))
@@ -158,10 +164,7 @@ def run_procs(schema: dict[str, Any], rows: int, procs: int, steps: int, vocab: 
         for a in pipes:
             a.recv()
         t1 = time.perf_counter()
-        picks = []
-        for i in range(rows):
-            allowed = np.flatnonzero(np.unpackbits(bm[i].view(np.uint8), bitorder="little")[:vocab])
-            picks.append(int(allowed[rng.randrange(len(allowed))]))
+        picks = _picks(bm, vocab, rng)
         t2 = time.perf_counter()
         for k, a in enumerate(pipes):
             a.send(picks[k::procs])
