@@ -3,6 +3,8 @@
 #   bash benchmarks/run_gpu.sh [stage ...]      stages: env tests decode tune hf tpu c256 c256ab profile c256big c256prof mp c256si8 spec specab specwide specpol specprof structured structslices gramprocs handoff hostcost families before beforedecode pdl attn qkv
 #   (default: env tests decode hf tpu c256 profile; `beforedecode`: the older tree's decode-step kernel profile)
 # Writes JSON and logs under $OUT (default /tmp/aiosched-gpu). Needs the wheels in .whl/ (msgspec, pyzmq, pytest-asyncio, llguidance).
+# TAR_TO=FILE: also pack all of $OUT into FILE when the script ends, killed by a timeout included (the device
+# tool returns at most 8 files of a call: run it with OUT=/tmp/o TAR_TO=$OUT/results.tgz).
 set -uo pipefail
 OUT=${OUT:-/tmp/aiosched-gpu}
 mkdir -p "$OUT"
@@ -37,6 +39,9 @@ STAGES=${*:-env tests decode hf tpu c256 profile}
 SHAPE=${SHAPE:-llama-3.2-1b}
 LOG="$OUT/run.log"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+pack() { [ -n "${TAR_TO:-}" ] && tar czf "$TAR_TO" -C "$OUT" . 2>/dev/null; }
+trap 'pack' EXIT
+trap 'exit 143' TERM
 say() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
 BENCH="python3 -m aiosched.bench --random-weights $SHAPE --device cuda --disable-tqdm --ignore-eos --num-kv-blocks 8192"
 
