@@ -204,7 +204,7 @@ def _snapshot(engine: AsyncEngine) -> dict[str, float]:
     return {"steps": t.steps, "schedule": t.schedule_s, "submit": getattr(t, "submit_s", 0.0), "update": t.update_s,
             "wait": t.wait_s, "wall": time.perf_counter(), "loop_cpu": time.thread_time(), "proc_cpu": time.process_time(),
             "gc": _gc_timer.total, "gc0": _gc_timer.count[0], "gc1": _gc_timer.count[1], "gc2": _gc_timer.count[2],
-            "sim_idle": getattr(getattr(engine._executor, "runner", None), "idle_s", 0.0)}  # --runner sim
+            "sim_idle": getattr(getattr(engine._executor, "runner", None), "idle_s", None)}  # --runner sim
 
 
 def _time_full_gc(repeats: int = 3) -> float:
@@ -327,7 +327,9 @@ async def run_one(batch: int, mode: str, tok: bool, output_len: int, args: argpa
            "gc_per_100_steps": [round(100 * (b[f"gc{g}"] - a[f"gc{g}"]) / max(steps, 1), 1) for g in range(3)],
            "steps_per_s": steps / max(b["wall"] - a["wall"], 1e-9), "tok_per_s": steps * batch / max(b["wall"] - a["wall"], 1e-9)}
     res["engine_us"] = res["schedule_us"] + res["submit_us"] + res["update_us"]
-    res["sim_idle_share"] = (b["sim_idle"] - a["sim_idle"]) / max(b["wall"] - a["wall"], 1e-9)  # --runner sim: device ran dry
+    res["sim"] = b["sim_idle"] is not None
+    # --runner sim: the share of the window the simulated device had run dry
+    res["sim_idle_share"] = (b["sim_idle"] - a["sim_idle"]) / max(b["wall"] - a["wall"], 1e-9) if res["sim"] else 0.0
     if prof is not None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats(args.sort).print_stats(args.profile_lines)
@@ -359,7 +361,7 @@ def _row(r: dict[str, Any], label: str) -> str:
     return (f"| {label} | {r['batch']} | {r['mode']} | {r['detok']} | {r['output_len']} | {r['steps']} | {r['schedule_us']:.0f} "
             f"| {r['submit_us']:.0f} | {r['update_us']:.0f} | {r['engine_us']:.0f} | {r['loop_cpu_us']:.0f} "
             f"| {r['proc_cpu_us']:.0f} | {r['gc_us']:.0f} | {r['full_gc_us']:.0f} | {r['steps_per_s']:.0f} | {r['tok_per_s']:.0f} |"
-            + (f" simulated device idle {r['sim_idle_share']:.1%} |" if r.get("sim_idle_share") else ""))
+            + (f" simulated device idle {r['sim_idle_share']:.1%} |" if r.get("sim") else ""))
 
 
 def _ratio_row(new: dict[str, Any], old: dict[str, Any]) -> str:
