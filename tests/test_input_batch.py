@@ -85,3 +85,52 @@ def test_greedy_is_every_row_plain_argmax(other: SamplingParams) -> None:
     assert ib.num_not_greedy == 0 and ib.greedy([a])
     ib.free("a")
     assert ib.num_not_greedy == 0
+
+
+def _device_row(ib: InputBatch, rid: str) -> tuple[list[int], int, list[float], list[int]]:
+    st = ib.reqs[rid]
+    n = st.num_tokens
+    return (ib.tokens[st.row, :n].tolist(), int(ib.num_tokens_dev[st.row]), [round(x, 4) for x in ib.row_f[st.row].tolist()],
+            ib.row_i[st.row].tolist())
+
+
+def test_new_requests_reach_the_device_with_the_step_upload() -> None:
+    """add() writes nothing on the device (each small copy cost the launch thread ~0.1 ms on a
+    GPU host); the step's upload carries every new request's tokens, count and sampling
+    parameters in the same copy."""
+    hot = SamplingParams(max_tokens=8, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05)
+    ib = _batch({"a": 5, "b": 3}, {"b": hot})
+    a, b = ib.reqs["a"], ib.reqs["b"]
+    assert ib.tokens[a.row].abs().sum() == 0 and ib.tokens[b.row].abs().sum() == 0  # nothing written yet
+    so = SchedulerOutput(1, [], [ScheduledRequest("a", 5, 0, _blocks(5, 0), True), ScheduledRequest("b", 3, 0, _blocks(3, 10), True)], [], 8)
+    step = ib.schedule(so)
+    ib.upload(step, ib.exact_layout(step, 1, tiles=False))
+    assert _device_row(ib, "a") == ([1, 2, 3, 4, 5], 5, [0.0, 1.0, 0.0], [0, 0])
+    assert _device_row(ib, "b") == ([1, 2, 3], 3, [0.7, 0.9, 0.05], [5, 0])
+
+
+def test_a_row_freed_before_the_upload_takes_only_its_next_request() -> None:
+    ib = _batch({"a": 4})
+    row = ib.reqs["a"].row
+    ib.free("a")
+    ib.add(NewRequestData("c", [7, 8], 2, GREEDY, 3, [0]))
+    assert ib.reqs["c"].row == row  # the same row, reused in the same step
+    so = SchedulerOutput(1, [], [ScheduledRequest("c", 2, 0, _blocks(2, 0), True)], [], 2)
+    step = ib.schedule(so)
+    ib.upload(step, ib.exact_layout(step, 1, tiles=False))
+    assert _device_row(ib, "c") == ([7, 8], 2, [0.0, 1.0, 0.0], [0, 3])
+    assert ib.tokens[row, 2:4].tolist() == [0, 0]  # a's tokens 3 and 4 were never written
+
+
+def test_a_history_longer_than_the_staging_room_is_written_in_its_own_copies() -> None:
+    ib = InputBatch(max_rows=2, row_len=8192, block_size=BLOCK, max_tokens=16, device=torch.device("cpu"))
+    n = ib.stage.capacity  # more tokens than the whole staging buffer holds
+    ib.add(NewRequestData("long", [(i % 500) + 1 for i in range(n)], 10, GREEDY, 1, [0]))
+    ib.add(NewRequestData("short", [9, 9], 2, GREEDY, 2, [0]))
+    so = SchedulerOutput(1, [], [ScheduledRequest("short", 2, 0, _blocks(2, 0), True)], [], 2)
+    step = ib.schedule(so)
+    ib.upload(step, ib.exact_layout(step, 1, tiles=False))
+    toks, count, _, ints = _device_row(ib, "long")
+    assert toks == [(i % 500) + 1 for i in range(n)] and count == n and ints == [0, 1]
+    assert _device_row(ib, "short")[:2] == ([9, 9], 2)
+    assert not ib._new

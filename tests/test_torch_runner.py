@@ -419,6 +419,7 @@ def test_one_sampling_translation_with_min_tokens_bans() -> None:
     hot = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_tokens=2, stop_token_ids=[4])
     a = batch.add(NewRequestData("a", [9, 9, 9], 3, hot, 77, [2]))
     b = batch.add(NewRequestData("b", [8, 8], 2, GREEDY, 5))
+    batch.flush_new()  # (a step's upload writes them)
     sb = batch.sampling_batch([a, b], [3, 1], lambda rid: False)
     assert sb.positions.tolist() == [3, 4, 5, 2]
     assert sb.seeds.tolist() == [77, 77, 77, 5] and sb.top_k.tolist() == [5, 5, 5, 0]

@@ -267,6 +267,7 @@ class TorchModelRunner(ModelRunner):
     def _step(self, so: SchedulerOutput, out: RunnerOutput) -> PendingOutput:
         spec = self._plan_spec(so) if any(sr.num_draft_slots for sr in so.scheduled) else None
         if spec is not None and self.trim_draft_rows:
+            self.batch.flush_new()  # the proposer reads the token buffer before the step's upload
             self._propose(spec, None, None)  # before the layout: it lays out only the drafts found
         step = self.batch.schedule(so, spec_rows=spec.trimmed if spec is not None else None, has_spec=spec is not None)
         out.req_ids = [sr.req_id for sr in so.scheduled if sr.sample]
