@@ -12,7 +12,9 @@ context, with a block boundary crossed every 16 steps as in a real run.
     .venv/bin/python benchmarks/launch_host_cost.py --batch 64,256
     .venv/bin/python benchmarks/launch_host_cost.py --batch 256 --profile
 
-Prints us per step (best and median of --repeats timed windows of --steps steps each).
+Prints us per step (best and median of --repeats timed windows of --steps steps each), then
+the same for a prefill step with --arrivals new requests of --prompt-len tokens (their
+`InputBatch.add`, the step's schedule and upload: what reaches the device for them).
 """
 from __future__ import annotations
 
@@ -76,6 +78,29 @@ def launch(ib: InputBatch, so: SchedulerOutput) -> None:
         st.dev_exact = False
 
 
+def arrivals(k: int, prompt_len: int, repeats: int) -> float:
+    """Best time of k arrivals + their prefill step (add, schedule, upload), over `repeats` steps."""
+    ib = InputBatch(max_rows=max(256, k), row_len=4096, block_size=BLOCK, max_tokens=max(2048, k * prompt_len), device=torch.device("cpu"))
+    sp = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    nb = -(-prompt_len // BLOCK)
+    best = float("inf")
+    for rep in range(repeats + 1):
+        news = [NewRequestData(f"a{rep}-{i}", list(range(prompt_len)), prompt_len, sp, i) for i in range(k)]
+        so = SchedulerOutput(rep + 1, [], [ScheduledRequest(n.req_id, prompt_len, 0, list(range(nb)), True) for n in news], [],
+                             k * prompt_len)
+        t0 = time.perf_counter()
+        for n in news:
+            ib.add(n)
+        step = ib.schedule(so, has_spec=False)
+        ib.upload(step, ib.exact_layout(step, 1, tiles=False))
+        t = time.perf_counter() - t0
+        if rep:
+            best = min(best, t)
+        for n in news:
+            ib.free(n.req_id)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", default="64,256")
@@ -83,6 +108,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--arrivals", type=int, default=8, help="new requests in the prefill step timed last (0: none)")
+    ap.add_argument("--prompt-len", type=int, default=230)
     args = ap.parse_args()
     torch.set_num_threads(1)
     for batch in (int(b) for b in args.batch.split(",")):
@@ -111,6 +138,10 @@ def main() -> None:
               f"({args.repeats} windows of {args.steps} steps; {1e9 * min(per_step) / batch:.0f} ns per request)", flush=True)
         if prof is not None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    if args.arrivals:
+        t = arrivals(args.arrivals, args.prompt_len, 4 * args.repeats)
+        print(f"prefill step with {args.arrivals} arrivals of {args.prompt_len} tokens: {1e6 * t:.0f} us best "
+              f"({1e6 * t / args.arrivals:.1f} per arrival)", flush=True)
 
 
 if __name__ == "__main__":

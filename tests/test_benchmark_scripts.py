@@ -20,8 +20,9 @@ def _run(script: str, *args: str) -> str:
 
 
 def test_launch_host_cost_times_the_decode_launch() -> None:
-    out = _run("launch_host_cost.py", "--batch", "2,4", "--steps", "4", "--repeats", "1")
+    out = _run("launch_host_cost.py", "--batch", "2,4", "--steps", "4", "--repeats", "1", "--arrivals", "2", "--prompt-len", "8")
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("batch")] == ["batch 2", "batch 4"]
+    assert out.splitlines()[-1].startswith("prefill step with 2 arrivals of 8 tokens:")
 
 
 def test_engine_overhead_on_the_simulated_gpu() -> None:
