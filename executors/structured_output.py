@@ -87,15 +87,17 @@ class GrammarTokenizer:
 
         self._llg = llguidance
         eos = list(eos_token_ids) or None
-        self.tok = llguidance.LLTokenizer(tokenizer_json, eos_token=eos)
-        if vocab_size is not None and vocab_size > self.tok.vocab_size:
-            # The model's vocab is padded past the tokenizer's: padded ids are never allowed.
-            self.tok = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
-        self.vocab_size = self.tok.vocab_size
-        self.eos_token_ids = list(self.tok.eos_tokens)
         # AIOSCHED_LLG_SLICES=default: llguidance's own slices (the before/after measurement only)
         self.slices = llguidance.LLTokenizer.general_slices() if os.environ.get("AIOSCHED_LLG_SLICES") == "default" else STRING_SLICES
-        self.tok = self.tok.with_slices(self.slices)
+        n_vocab = None
+        if vocab_size is not None:
+            # The model's vocab may be padded past the tokenizer's (padded ids are never
+            # allowed): a first build without slices reads the tokenizer's own size.
+            own = llguidance.LLTokenizer(tokenizer_json, eos_token=eos, slices=[]).vocab_size
+            n_vocab = vocab_size if vocab_size > own else None
+        self.tok = llguidance.LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=eos, slices=self.slices)  # the slicer, once
+        self.vocab_size = self.tok.vocab_size
+        self.eos_token_ids = list(self.tok.eos_tokens)
         h = hashlib.sha256(tokenizer_json.encode())
         h.update(f"|{self.vocab_size}|{self.eos_token_ids}".encode())
         self.key = h.hexdigest()[:16]
