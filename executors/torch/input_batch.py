@@ -321,22 +321,21 @@ class InputBatch:
             # (pageable sources: the copy has read them when it returns, as the former per-request copies)
             self._write_new(*(torch.from_numpy(a).to(self.device, non_blocking=True) for a in self._new_arrays()))
 
-    def _stage_new(self, buf: np.ndarray, o: int) -> int:
-        """Stage the queued requests' writes at buf[o:] when they fit (returns the new end),
-        else write them in their own copies (returns o)."""
+    def _stage_new(self, buf: np.ndarray, o: int) -> list[int]:
+        """Stage the queued requests' writes (`_new_arrays`, in order) at buf[o:] when they
+        fit and return their lengths; else write them in their own copies (returns [])."""
         if not self._new:
-            return o
-        idx, ids, rows, counts, ints, floats = self._new_arrays()
-        N, k = len(idx), len(rows)
-        if o + 2 * N + 7 * k > self.stage.capacity:  # a long resumed history: its own copies
+            return []
+        parts = self._new_arrays()
+        sizes = [len(a) for a in parts]
+        if o + sum(sizes) > self.stage.capacity:  # a long resumed history: its own copies
             self.flush_new()
-            return o
-        parts = (idx, ids, rows, counts, ints)
-        for a in parts:
-            buf[o:o + len(a)] = a
-            o += len(a)
-        buf[o:o + 3 * k].view(np.float64)[:] = floats  # float64 bits in the int64 staging buffer
-        return o + 3 * k
+            return []
+        for a, n in zip(parts[:-1], sizes):
+            buf[o:o + n] = a
+            o += n
+        buf[o:o + sizes[-1]].view(np.float64)[:] = parts[-1]  # float64 bits in the int64 staging buffer
+        return sizes
 
     # ---- a step, host side ----
 
@@ -480,14 +479,13 @@ class InputBatch:
         buf[o:o + staged] = upd_idx[:staged]
         buf[o + staged:o + 2 * staged] = upd_val[:staged]
         o_new = o + 2 * staged
-        k = len(self._new)
-        end = self._stage_new(buf, o_new)
+        sizes = self._stage_new(buf, o_new)
+        end = o_new + sum(sizes)
         dev = self.stage.upload(end)
-        if end > o_new:  # the new requests' rows, counts and sampling parameters, from the same copy
-            N = (end - o_new - 7 * k) // 2
-            d = dev[o_new:end]
-            self._write_new(d[:N], d[N:2 * N], d[2 * N:2 * N + k], d[2 * N + k:2 * N + 2 * k], d[2 * N + 2 * k:2 * N + 4 * k],
-                            d[2 * N + 4 * k:].view(torch.float64))
+        if sizes:  # the new requests' rows, counts and sampling parameters, from the same copy
+            bounds = list(itertools.accumulate(sizes, initial=o_new))
+            *parts, floats = (dev[a:b] for a, b in itertools.pairwise(bounds))
+            self._write_new(*parts, floats.view(torch.float64))
         if staged:
             self.block_table.view(-1).index_copy_(0, dev[o:o + staged], dev[o + staged:o + 2 * staged])
         elif U:  # more deltas than the staging room (a long resumed request): a direct copy
