@@ -119,6 +119,7 @@ def _install_light_runner(sim_device_ms: float | None = None) -> None:
         return
 
     from aiosched.executors.torch.input_batch import InputBatch
+    from launch_host_cost import launch  # (benchmarks/: the script's directory)
 
     class _SimPending(PendingOutput):
         def __init__(self, out: RunnerOutput, done_at: float) -> None:
@@ -132,7 +133,7 @@ def _install_light_runner(sim_device_ms: float | None = None) -> None:
 
     class SimGpuRunner(LightFakeRunner):
         """`light` on a simulated GPU: `execute` does the torch runner's real launch-thread
-        Python (InputBatch.schedule + upload on the CPU, the sampled rows' bookkeeping), reports
+        Python (`launch_host_cost.launch`: InputBatch.schedule + upload on the CPU, the bookkeeping), reports
         the launch (`on_launched`), and the step then 'runs' for `sim_device_ms` after the
         previous one; its output is ready when it ends. Device idle: the time the simulated
         device had finished every queued step before the next was launched."""
@@ -152,13 +153,7 @@ def _install_light_runner(sim_device_ms: float | None = None) -> None:
             for new in so.new_requests:
                 self.batch.add(new)
             if so.scheduled:
-                step = self.batch.schedule(so, has_spec=False)
-                self.batch.greedy(step.samplers)
-                layout = (self.batch.padded_layout(len(step.states), True, 1) if step.decode_only
-                          else self.batch.exact_layout(step, 1, tiles=False))
-                self.batch.upload(step, layout)
-                for st in step.samplers:
-                    st.num_tokens += 1
+                launch(self.batch, so)
             if self.on_launched is not None:
                 self.on_launched()
             if not so.scheduled:

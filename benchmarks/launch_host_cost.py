@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from aiosched.protocol import NewRequestData, ScheduledRequest, SchedulerOutput  # noqa: E402
 from aiosched.sampling_params import SamplingParams  # noqa: E402
-from aiosched.executors.torch.input_batch import InputBatch  # noqa: E402
+from aiosched.executors.torch.input_batch import InputBatch, ScheduledStep  # noqa: E402
 
 BLOCK = 16
 
@@ -66,16 +66,18 @@ def step_output(step_id: int, batch: int, tables: list[list[int]], lens: list[in
     return SchedulerOutput(step_id, [], scheduled, [], batch)
 
 
-def launch(ib: InputBatch, so: SchedulerOutput) -> None:
-    """What the runner does on the host for a decode step before its graph replay."""
+def launch(ib: InputBatch, so: SchedulerOutput) -> ScheduledStep:
+    """What the torch runner does on the host for a step (no drafts) around its forward: the
+    layout, the greedy check, the upload (a decode step's padded graph layout, else the exact
+    one) and the sampled rows' bookkeeping (TorchModelRunner._sample)."""
     step = ib.schedule(so, has_spec=False)
-    assert step.decode_only
     ib.greedy(step.samplers)
-    layout = ib.padded_layout(len(step.states), True, 1)
+    layout = ib.padded_layout(len(step.states), True, 1) if step.decode_only else ib.exact_layout(step, 1, tiles=False)
     ib.upload(step, layout)
-    for st in step.samplers:  # the runner's bookkeeping after sampling (TorchModelRunner._sample)
+    for st in step.samplers:
         st.num_tokens += 1
         st.dev_exact = False
+    return step
 
 
 def arrivals(k: int, prompt_len: int, repeats: int) -> float:
@@ -91,8 +93,7 @@ def arrivals(k: int, prompt_len: int, repeats: int) -> float:
         t0 = time.perf_counter()
         for n in news:
             ib.add(n)
-        step = ib.schedule(so, has_spec=False)
-        ib.upload(step, ib.exact_layout(step, 1, tiles=False))
+        launch(ib, so)
         t = time.perf_counter() - t0
         if rep:
             best = min(best, t)
@@ -128,7 +129,8 @@ def main() -> None:
                 prof.enable()
             t0 = time.perf_counter()
             for so in sos:
-                launch(ib, so)
+                step = launch(ib, so)
+            assert step.decode_only
             t = time.perf_counter() - t0
             if prof is not None and rep:
                 prof.disable()
